@@ -173,10 +173,12 @@ async fn drive<A: Actor>(
     let reason = loop {
         lifecycle.busy.store(false, Ordering::Relaxed);
         let received = tokio::select! {
+            // Stop requests come first: the drain below still handles everything queued, and
+            // a busy actor would otherwise never get round to passivating.
             biased;
-            received = mailbox.recv_many(&mut batch, max_batch) => received,
             () = inner.shutdown.cancelled() => break StopReason::Shutdown,
             () = lifecycle.passivate.cancelled() => break StopReason::Requested,
+            received = mailbox.recv_many(&mut batch, max_batch) => received,
             () = idle(inner.config.idle_timeout) => {
                 // A message that raced with the timer keeps the actor going.
                 if mailbox.is_empty() {
@@ -236,14 +238,15 @@ async fn handle<A: Actor>(
     let outcome = AssertUnwindSafe(actor.handle(batch)).catch_unwind().await;
     // Dropping the leftovers drops their reply senders: their askers get `ActorFailed`.
     batch.clear();
-    lifecycle
-        .last_active
-        .store(inner.tick(), Ordering::Relaxed);
+    lifecycle.last_active.store(inner.tick(), Ordering::Relaxed);
     if outcome.is_ok() {
         return Some(actor);
     }
     Counters::add(&inner.counters.restarts, 1);
-    warn!(?key, generation, "actor panicked while handling a batch; restarting");
+    warn!(
+        ?key,
+        generation, "actor panicked while handling a batch; restarting"
+    );
     // The state may be half-updated: never let it see another message.
     drop(actor);
     activate::<A>(inner, key, generation, lifecycle).await
@@ -268,19 +271,25 @@ async fn activate<A: Actor>(
         {
             Ok(actor) => {
                 Counters::add(&inner.counters.activations, 1);
-                lifecycle
-                    .last_active
-                    .store(inner.tick(), Ordering::Relaxed);
+                lifecycle.last_active.store(inner.tick(), Ordering::Relaxed);
                 debug!(?key, generation, "actor activated");
                 return Some(actor);
             }
             Err(_) => {
                 Counters::add(&inner.counters.restarts, 1);
                 if inner.shutdown.is_cancelled() {
-                    warn!(?key, generation, "actor activation panicked during shutdown; giving up");
+                    warn!(
+                        ?key,
+                        generation, "actor activation panicked during shutdown; giving up"
+                    );
                     return None;
                 }
-                warn!(?key, generation, ?backoff, "actor activation panicked; retrying");
+                warn!(
+                    ?key,
+                    generation,
+                    ?backoff,
+                    "actor activation panicked; retrying"
+                );
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     () = inner.shutdown.cancelled() => {}

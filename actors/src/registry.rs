@@ -197,7 +197,11 @@ impl<A: Actor> Registry<A> {
     /// message that meets a mailbox closed by passivation is re-routed to the key's next
     /// activation, so once this returns `Ok` the message will be handled. Messages sent one after
     /// another by one caller are handled in order.
-    pub async fn send(&self, key: A::Key, message: A::Message) -> Result<(), SendError<A::Message>> {
+    pub async fn send(
+        &self,
+        key: A::Key,
+        message: A::Message,
+    ) -> Result<(), SendError<A::Message>> {
         let mut message = message;
         loop {
             if self.is_shutting_down() {
@@ -278,12 +282,7 @@ impl<A: Actor> Registry<A> {
     pub fn stats(&self) -> RegistryStats {
         let mut stats = self.inner.counters.snapshot();
         stats.live_actors = self.live_count() as u64;
-        stats.mailbox_depth = self
-            .inner
-            .map
-            .iter()
-            .map(|slot| slot.depth() as u64)
-            .sum();
+        stats.mailbox_depth = self.inner.map.iter().map(|slot| slot.depth() as u64).sum();
         stats
     }
 
@@ -402,7 +401,10 @@ impl<A: Actor> Registry<A> {
             .filter(|slot| slot.is_evictable())
             .map(|slot| {
                 let lifecycle = &slot.lifecycle;
-                (lifecycle.last_active.load(Ordering::Relaxed), Arc::clone(lifecycle))
+                (
+                    lifecycle.last_active.load(Ordering::Relaxed),
+                    Arc::clone(lifecycle),
+                )
             })
             .collect();
         if idle.len() > excess {
