@@ -1,1 +1,62 @@
-//! placeholder
+//! # soloist
+//!
+//! A single-writer, actor-per-session engine that chat servers link in to keep their
+//! conversations safe under concurrent load. Each live session is owned by one tokio task fed
+//! through a bounded mailbox: it assigns sequence numbers in memory, batches what queued up while
+//! its previous write was in flight, and answers each command only after the transaction holding
+//! it committed. Across processes, the database's unique constraints and a per-session version
+//! check catch every interleaving, and the engine resolves them by reloading and restaging:
+//! callers never see a raw constraint error.
+//!
+//! ```no_run
+//! # async fn demo() -> soloist::Result<()> {
+//! use soloist::{Engine, NewMessage};
+//!
+//! let engine = Engine::connect("sqlite://chat.db").await?;
+//! let session = engine.session("alice", uuid::Uuid::now_v7());
+//! session.create(Some("Trip planning".into()), None).await?;
+//! let sequences = session
+//!     .append(vec![NewMessage::user("Where should we go?")])
+//!     .await?;
+//! assert_eq!(sequences, vec![0]);
+//! let page = session.get(None, None).await?;
+//! assert_eq!(page.messages.len(), 1);
+//! engine.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Layout
+//! - [`engine`]: the [`Engine`] facade and [`SessionHandle`].
+//! - [`command`]: the message-passing API, commands as data and their replies.
+//! - [`model`]: the chat data model (messages, sessions, usage).
+//! - [`config`]: [`EngineConfig`] and input [`Limits`].
+//! - [`error`]: the one public [`Error`] type.
+//! - [`stats`]: counters for a server to export.
+//! - `session`: the session actor, the only code that changes a session.
+//! - `writer`: the writer stage that combines many sessions' batches into one transaction.
+//! - `store`: the SQLite and PostgreSQL backends and their migrations.
+//!
+//! The generic actor runtime (activation, mailboxes, passivation, supervision, drain) is the
+//! `soloist-actors` crate.
+
+pub mod command;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod model;
+mod session;
+pub mod stats;
+mod store;
+mod writer;
+
+pub use command::{
+    AddUsage, AppendMessages, Appended, Command, CreateSession, Created, DeleteSession, GetSession,
+    ListSessions, Reply, SessionCursor, SessionList, SessionPage, UpdateSession,
+};
+pub use config::{EngineConfig, Limits, SqliteSync};
+pub use engine::{Engine, SessionHandle};
+pub use error::{Error, Result, StorageError};
+pub use model::{Message, NewMessage, Role, SessionId, SessionInfo, Usage};
+pub use stats::Stats;
+pub use uuid;

@@ -1,0 +1,110 @@
+//! Engine configuration: where the data lives, the input limits, and the knobs of the actor
+//! runtime and the writer stage.
+
+use std::time::Duration;
+
+/// How durable an SQLite commit is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SqliteSync {
+    /// `synchronous=FULL`: an acknowledged append survives power loss (the default).
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: faster in WAL mode; an acknowledged append survives a process
+    /// crash but the last commits may be lost on power loss.
+    Normal,
+}
+
+/// Size limits checked before a command reaches its session; a command over any of them is
+/// refused whole with [`Error::TooLarge`](crate::Error::TooLarge) and changes nothing.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Bytes of `content` (and of `refusal`) per message. Default 64 KiB.
+    pub max_content_bytes: usize,
+    /// Messages per append call. Default 256.
+    pub max_messages_per_append: usize,
+    /// Serialized bytes of a JSON field (`tool_calls`, `function_call`, session metadata).
+    /// Default 64 KiB.
+    pub max_json_bytes: usize,
+    /// Bytes of a title, a name, a tool call id or a user id. Default 1 KiB.
+    pub max_text_bytes: usize,
+    /// Messages a read returns at most. Default 1000.
+    pub max_page_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_content_bytes: 64 * 1024,
+            max_messages_per_append: 256,
+            max_json_bytes: 64 * 1024,
+            max_text_bytes: 1024,
+            max_page_size: 1000,
+        }
+    }
+}
+
+/// Configuration of an [`Engine`](crate::Engine).
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Database URL: `sqlite://path/to/file.db` (created if missing), `sqlite::memory:` (a
+    /// private in-memory database shared by the engine's connections), or
+    /// `postgres://user@host/db`.
+    pub database_url: String,
+    /// SQLite durability (ignored on PostgreSQL).
+    pub sqlite_sync: SqliteSync,
+    /// How long an SQLite connection waits for a lock held by another process.
+    pub busy_timeout: Duration,
+    /// Connections for reads (activation, older pages, listings).
+    pub read_pool_size: u32,
+    /// PostgreSQL: how many combined write transactions may be in flight at once (each on its
+    /// own connection). SQLite always has exactly one writer connection.
+    pub writer_connections: u32,
+    /// Sessions combined into one write transaction at most.
+    pub max_sessions_per_flush: usize,
+    /// Message rows written in one transaction at most (a larger batch is split).
+    pub max_rows_per_flush: usize,
+    /// Mailbox capacity per session.
+    pub mailbox_capacity: usize,
+    /// How long a command waits for room in a full mailbox before failing with
+    /// [`Error::Overloaded`](crate::Error::Overloaded); `None` waits as long as it takes.
+    pub send_timeout: Option<Duration>,
+    /// A session actor idle this long passivates (its memory is freed; the next command
+    /// reloads it).
+    pub idle_timeout: Duration,
+    /// Live session actors at most; beyond it the least recently used idle ones passivate.
+    pub max_live_sessions: Option<usize>,
+    /// Newest messages kept in memory per live session; older pages are read from the database.
+    pub cached_messages: usize,
+    /// Attempts to resolve a conflict with another process before answering
+    /// [`Error::Conflict`](crate::Error::Conflict).
+    pub max_conflict_retries: u32,
+    /// Answer [`Error::NotFound`](crate::Error::NotFound) rather than
+    /// [`Error::Forbidden`](crate::Error::Forbidden) to a user who does not own the session, so
+    /// that session ids cannot be probed. Default `true`.
+    pub hide_foreign_sessions: bool,
+    /// Input limits.
+    pub limits: Limits,
+}
+
+impl EngineConfig {
+    /// The defaults, on the given database.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            sqlite_sync: SqliteSync::Full,
+            busy_timeout: Duration::from_secs(5),
+            read_pool_size: 4,
+            writer_connections: 4,
+            max_sessions_per_flush: 256,
+            max_rows_per_flush: 4096,
+            mailbox_capacity: 256,
+            send_timeout: None,
+            idle_timeout: Duration::from_secs(300),
+            max_live_sessions: Some(100_000),
+            cached_messages: 1000,
+            max_conflict_retries: 8,
+            hide_foreign_sessions: true,
+            limits: Limits::default(),
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! The engine facade: configuration, lifecycle, and the typed entry points of the
+//! message-passing API.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use soloist_actors::{AskError, Registry, RegistryConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span};
+use uuid::Uuid;
+
+use crate::command::{
+    AddUsage, AppendMessages, Appended, Command, CreateSession, Created, DEFAULT_SESSION_PAGE,
+    DeleteSession, GetSession, ListSessions, Reply, SessionCursor, SessionList, SessionPage,
+    UpdateSession, check_user, encode_json, validate_messages, validate_page, validate_title,
+};
+use crate::config::EngineConfig;
+use crate::error::{Error, Result};
+use crate::model::{NewMessage, SessionId, SessionInfo, Usage};
+use crate::session::{
+    AppendRequest, CreateRequest, Respond, SessionActor, SessionRequest, Shared, UpdateRequest,
+};
+use crate::stats::{EngineStats, Stats};
+use crate::store::Store;
+use crate::writer::Writer;
+
+/// The session engine. Cheap to clone; every clone drives the same sessions.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry<SessionActor>,
+    shared: Arc<Shared>,
+    /// The writer tasks, waited for at shutdown.
+    writers: TaskTracker,
+    /// Tells the writer tasks to stop once their queue is empty.
+    stop_writers: CancellationToken,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field(
+                "database_url",
+                &redact(&self.inner.shared.config.database_url),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Engine {
+    /// Starts an engine on `database_url` with the default configuration.
+    pub async fn connect(database_url: &str) -> Result<Engine> {
+        Self::start(EngineConfig::new(database_url)).await
+    }
+
+    /// Connects to the database, runs the migrations and starts the writer stage.
+    pub async fn start(config: EngineConfig) -> Result<Engine> {
+        let store = Store::connect(&config).await?;
+        let stats = Arc::new(EngineStats::default());
+        let writers = TaskTracker::new();
+        let stop_writers = CancellationToken::new();
+        let writer = Writer::start(
+            store.clone(),
+            &config,
+            stats.clone(),
+            &writers,
+            stop_writers.clone(),
+        );
+        writers.close();
+        let runtime = RegistryConfig {
+            mailbox_capacity: config.mailbox_capacity.max(1),
+            max_batch: config.mailbox_capacity.max(1),
+            idle_timeout: Some(config.idle_timeout),
+            send_timeout: config.send_timeout,
+            max_live_actors: config.max_live_sessions,
+        };
+        let shared = Arc::new(Shared {
+            store,
+            writer,
+            stats,
+            config,
+        });
+        info!(database = %redact(&shared.config.database_url), "soloist engine started");
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                registry: Registry::new(shared.clone(), runtime),
+                shared,
+                writers,
+                stop_writers,
+            }),
+        })
+    }
+
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.shared.config
+    }
+
+    /// A handle on one session, acting as `user_id`. Cheap; clone it freely.
+    pub fn session(&self, user_id: impl Into<String>, session_id: SessionId) -> SessionHandle {
+        SessionHandle {
+            engine: self.clone(),
+            user_id: user_id.into(),
+            session_id,
+        }
+    }
+
+    /// Runs any command; the typed methods below do the same with typed replies.
+    pub async fn execute(&self, command: Command) -> Result<Reply> {
+        Ok(match command {
+            Command::CreateSession(create) => {
+                Reply::SessionCreated(self.create_session(create).await?)
+            }
+            Command::AppendMessages(append) => Reply::MessagesAppended(self.append(append).await?),
+            Command::GetSession(get) => Reply::Session(self.get_session(get).await?),
+            Command::ListSessions(list) => Reply::Sessions(self.list_sessions(list).await?),
+            Command::UpdateSession(update) => {
+                Reply::SessionUpdated(self.update_session(update).await?)
+            }
+            Command::AddUsage(add) => Reply::UsageAdded(self.add_usage(add).await?),
+            Command::DeleteSession(delete) => {
+                self.delete_session(delete).await?;
+                Reply::SessionDeleted
+            }
+        })
+    }
+
+    /// Creates a session (idempotent on its id).
+    pub async fn create_session(&self, command: CreateSession) -> Result<Created> {
+        let limits = &self.config().limits;
+        check_user(&command.user_id, limits)?;
+        validate_title(&command.title, limits)?;
+        let metadata = command
+            .metadata
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        let metadata_json = encode_json("metadata", &metadata, true, limits)?;
+        let session_id = command.session_id.unwrap_or_else(Uuid::now_v7);
+        let request = Box::new(CreateRequest {
+            user_id: command.user_id,
+            title: command.title,
+            metadata,
+            metadata_json,
+        });
+        self.ask(session_id, "create_session", |respond| {
+            SessionRequest::Create(request, respond)
+        })
+        .await
+    }
+
+    /// Appends messages; answers with their sequences once they are committed.
+    pub async fn append(&self, command: AppendMessages) -> Result<Appended> {
+        let limits = &self.config().limits;
+        check_user(&command.user_id, limits)?;
+        let messages = validate_messages(command.messages, limits)?;
+        let request = Box::new(AppendRequest {
+            user_id: command.user_id,
+            messages,
+        });
+        self.ask(command.session_id, "append", |respond| {
+            SessionRequest::Append(request, respond)
+        })
+        .await
+    }
+
+    /// Reads a session's metadata and a page of its messages.
+    pub async fn get_session(&self, command: GetSession) -> Result<SessionPage> {
+        check_user(&command.user_id, &self.config().limits)?;
+        let session_id = command.session_id;
+        self.ask(session_id, "get_session", |respond| {
+            SessionRequest::Get(Box::new(command), respond)
+        })
+        .await
+    }
+
+    /// Lists a user's sessions, newest first. Served by the database, which holds every
+    /// acknowledged change.
+    pub async fn list_sessions(&self, command: ListSessions) -> Result<SessionList> {
+        let limits = &self.config().limits;
+        check_user(&command.user_id, limits)?;
+        let limit = validate_page(command.limit, DEFAULT_SESSION_PAGE, limits);
+        let span = info_span!("list_sessions", user_id = %command.user_id);
+        let sessions = self
+            .inner
+            .shared
+            .store
+            .list_sessions(&command.user_id, command.before, limit)
+            .instrument(span)
+            .await?;
+        let next_before = if sessions.len() == limit && limit > 0 {
+            sessions.last().map(|last| SessionCursor {
+                created_at_micros: last.created_at.timestamp_micros(),
+                id: last.id,
+            })
+        } else {
+            None
+        };
+        Ok(SessionList {
+            sessions,
+            next_before,
+        })
+    }
+
+    /// Changes a session's title and/or metadata.
+    pub async fn update_session(&self, command: UpdateSession) -> Result<SessionInfo> {
+        let limits = &self.config().limits;
+        check_user(&command.user_id, limits)?;
+        validate_title(&command.title, limits)?;
+        let metadata = command
+            .metadata
+            .map(|value| encode_json("metadata", &value, true, limits).map(|json| (value, json)))
+            .transpose()?;
+        let request = Box::new(UpdateRequest {
+            user_id: command.user_id,
+            title: command.title,
+            metadata,
+        });
+        self.ask(command.session_id, "update_session", |respond| {
+            SessionRequest::Update(request, respond)
+        })
+        .await
+    }
+
+    /// Adds token usage deltas; answers with the new totals.
+    pub async fn add_usage(&self, command: AddUsage) -> Result<Usage> {
+        check_user(&command.user_id, &self.config().limits)?;
+        let session_id = command.session_id;
+        self.ask(session_id, "add_usage", |respond| {
+            SessionRequest::AddUsage(Box::new(command), respond)
+        })
+        .await
+    }
+
+    /// Deletes a session and its messages.
+    pub async fn delete_session(&self, command: DeleteSession) -> Result<()> {
+        check_user(&command.user_id, &self.config().limits)?;
+        let session_id = command.session_id;
+        self.ask(session_id, "delete_session", |respond| {
+            SessionRequest::Delete(Box::new(command), respond)
+        })
+        .await
+    }
+
+    /// A snapshot of the engine's counters.
+    pub fn stats(&self) -> Stats {
+        self.inner
+            .shared
+            .stats
+            .snapshot(self.inner.registry.stats())
+    }
+
+    /// Stops taking commands, lets every session finish what is queued, waits for the final
+    /// writes, and closes the database. Commands sent afterwards get
+    /// [`Error::ShuttingDown`].
+    pub async fn shutdown(&self) {
+        self.inner.registry.shutdown().await;
+        self.inner.stop_writers.cancel();
+        self.inner.writers.wait().await;
+        self.inner.shared.store.close().await;
+        info!("soloist engine stopped");
+    }
+
+    async fn ask<T: Send + 'static>(
+        &self,
+        session_id: SessionId,
+        command: &'static str,
+        make: impl FnOnce(Respond<T>) -> SessionRequest,
+    ) -> Result<T> {
+        let span = info_span!("command", command, session_id = %session_id);
+        let answer = self
+            .inner
+            .registry
+            .ask(session_id, make)
+            .instrument(span)
+            .await;
+        match answer {
+            Ok(result) => result,
+            Err(AskError::Overloaded) => Err(Error::Overloaded(
+                self.config().send_timeout.unwrap_or_default(),
+            )),
+            Err(AskError::ShuttingDown) => Err(Error::ShuttingDown),
+            Err(AskError::ActorFailed) => Err(Error::ActorFailed),
+        }
+    }
+}
+
+/// A handle on one session acting as one user: the engine's commands with the ids filled in.
+/// Cheap to clone and to share between tasks.
+#[derive(Clone, Debug)]
+pub struct SessionHandle {
+    engine: Engine,
+    user_id: String,
+    session_id: SessionId,
+}
+
+impl SessionHandle {
+    /// The session's id.
+    pub fn id(&self) -> SessionId {
+        self.session_id
+    }
+
+    /// Creates the session (idempotent).
+    pub async fn create(&self, title: Option<String>, metadata: Option<Value>) -> Result<Created> {
+        self.engine
+            .create_session(CreateSession {
+                user_id: self.user_id.clone(),
+                session_id: Some(self.session_id),
+                title,
+                metadata,
+            })
+            .await
+    }
+
+    /// Appends messages; answers with their sequences once committed.
+    pub async fn append(&self, messages: Vec<NewMessage>) -> Result<Vec<i64>> {
+        self.engine
+            .append(AppendMessages {
+                user_id: self.user_id.clone(),
+                session_id: self.session_id,
+                messages,
+            })
+            .await
+            .map(|appended| appended.sequences)
+    }
+
+    /// Reads metadata and up to `limit` messages after `after_seq`.
+    pub async fn get(&self, after_seq: Option<i64>, limit: Option<usize>) -> Result<SessionPage> {
+        self.engine
+            .get_session(GetSession {
+                user_id: self.user_id.clone(),
+                session_id: self.session_id,
+                after_seq,
+                limit,
+                fresh: false,
+            })
+            .await
+    }
+
+    /// Changes the title and/or metadata.
+    pub async fn update(
+        &self,
+        title: Option<String>,
+        metadata: Option<Value>,
+    ) -> Result<SessionInfo> {
+        self.engine
+            .update_session(UpdateSession {
+                user_id: self.user_id.clone(),
+                session_id: self.session_id,
+                title,
+                metadata,
+            })
+            .await
+    }
+
+    /// Adds token usage.
+    pub async fn add_usage(&self, prompt_tokens: u32, completion_tokens: u32) -> Result<Usage> {
+        self.engine
+            .add_usage(AddUsage {
+                user_id: self.user_id.clone(),
+                session_id: self.session_id,
+                prompt_tokens,
+                completion_tokens,
+            })
+            .await
+    }
+
+    /// Deletes the session.
+    pub async fn delete(&self) -> Result<()> {
+        self.engine
+            .delete_session(DeleteSession {
+                user_id: self.user_id.clone(),
+                session_id: self.session_id,
+            })
+            .await
+    }
+}

@@ -1,0 +1,165 @@
+//! The one public error type. Each variant maps to one HTTP status class, and no variant carries
+//! a driver type in its public fields: storage failures are wrapped so callers see what happened,
+//! not which library noticed it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `Result` with soloist's [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything a soloist command can fail with.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The session does not exist, was deleted, or (by default) belongs to another user: the
+    /// answer is the same so that session ids cannot be probed. HTTP 404.
+    #[error("session not found")]
+    NotFound,
+    /// The session belongs to another user. Only returned when
+    /// [`EngineConfig::hide_foreign_sessions`](crate::EngineConfig::hide_foreign_sessions) is
+    /// off. HTTP 403.
+    #[error("session belongs to another user")]
+    Forbidden,
+    /// A field of the command is invalid. HTTP 400.
+    #[error("invalid {field}: {reason}")]
+    InvalidInput {
+        /// The offending field, as a path such as `messages[2].role`.
+        field: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A field or the whole command is over a configured limit. HTTP 413.
+    #[error("{field} is too large: {size} > limit {limit}")]
+    TooLarge {
+        /// The offending field, as a path such as `messages[0].content`.
+        field: String,
+        /// Its size (bytes or items, as the limit states).
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// Another writer kept changing the session and the engine gave up after its bounded
+    /// retries, or a session id is already taken by another user. HTTP 409.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The session's mailbox stayed full past the configured send timeout. HTTP 429/503.
+    #[error("overloaded: the session's mailbox stayed full for {0:?}")]
+    Overloaded(Duration),
+    /// The engine is shutting down and takes no new commands. HTTP 503.
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    /// The actor handling the command failed (it panicked) before answering; the command may or
+    /// may not have been applied, so retry with the same message ids. HTTP 503.
+    #[error("the session actor failed while handling the command; retry with the same message ids")]
+    ActorFailed,
+    /// The database failed or could not be reached. The command was not acknowledged; retrying
+    /// with the same message ids is safe. HTTP 503.
+    #[error("storage error: {0}")]
+    Storage(#[source] StorageError),
+}
+
+/// A database failure, kept opaque so that driver types do not become part of soloist's API.
+/// The driver error stays reachable through [`std::error::Error::source`].
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StorageError {
+    message: String,
+    /// The database's error code (SQLSTATE on PostgreSQL, the extended result code on SQLite).
+    code: Option<String>,
+    #[source]
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl StorageError {
+    /// A storage error with a message and no underlying cause.
+    pub fn msg(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code: None,
+            source: None,
+        }
+    }
+
+    /// The database's error code, if the database reported one (SQLSTATE on PostgreSQL, the
+    /// extended result code on SQLite).
+    pub fn code(&self) -> Option<&str> {
+        self.code.as_deref()
+    }
+}
+
+impl From<sqlx::Error> for StorageError {
+    fn from(error: sqlx::Error) -> Self {
+        let code = error
+            .as_database_error()
+            .and_then(|database| database.code())
+            .map(|code| code.into_owned());
+        Self {
+            message: error.to_string(),
+            code,
+            source: Some(Arc::new(error)),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StorageError {
+    fn from(error: sqlx::migrate::MigrateError) -> Self {
+        Self {
+            message: format!("migration failed: {error}"),
+            code: None,
+            source: Some(Arc::new(error)),
+        }
+    }
+}
+
+impl From<StorageError> for Error {
+    fn from(error: StorageError) -> Self {
+        Error::Storage(error)
+    }
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidInput`].
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The HTTP status a server should answer with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Error::NotFound => 404,
+            Error::Forbidden => 403,
+            Error::InvalidInput { .. } => 400,
+            Error::TooLarge { .. } => 413,
+            Error::Conflict(_) => 409,
+            Error::Overloaded(_) => 429,
+            Error::ShuttingDown | Error::ActorFailed | Error::Storage(_) => 503,
+        }
+    }
+
+    /// A short stable code for the error, e.g. for a JSON error body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::NotFound => "not_found",
+            Error::Forbidden => "forbidden",
+            Error::InvalidInput { .. } => "invalid_input",
+            Error::TooLarge { .. } => "too_large",
+            Error::Conflict(_) => "conflict",
+            Error::Overloaded(_) => "overloaded",
+            Error::ShuttingDown => "shutting_down",
+            Error::ActorFailed => "actor_failed",
+            Error::Storage(_) => "storage",
+        }
+    }
+
+    /// Whether retrying the same command (with the same message ids) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::Conflict(_) | Error::Overloaded(_) | Error::ActorFailed | Error::Storage(_)
+        )
+    }
+}

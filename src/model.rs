@@ -1,0 +1,201 @@
+//! The chat data model: OpenAI-compatible messages and session metadata.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::error::Error;
+
+/// Identifies a session. Not a secret: every command is checked against the session's owner.
+pub type SessionId = Uuid;
+
+/// The author of a chat message, as in the OpenAI chat format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Instructions that frame the conversation.
+    System,
+    /// The human end user.
+    #[default]
+    User,
+    /// The model.
+    Assistant,
+    /// The result of a tool call; carries `tool_call_id`.
+    Tool,
+    /// The result of a legacy function call; carries `name`.
+    Function,
+}
+
+impl Role {
+    /// The role's wire name (`"user"`, ...), as stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+            Role::Function => "function",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "system" => Role::System,
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            "tool" => Role::Tool,
+            "function" => Role::Function,
+            other => {
+                return Err(Error::invalid(
+                    "role",
+                    format!(
+                        "unknown role {other:?}; expected system, user, assistant, tool or function"
+                    ),
+                ));
+            }
+        })
+    }
+}
+
+/// A message to append. `id` is the idempotency key: sending the same id again returns the
+/// sequence the message got the first time instead of storing it twice.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NewMessage {
+    /// Client-supplied message id (idempotency key); generated (UUIDv7) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Uuid>,
+    /// Who wrote the message.
+    pub role: Role,
+    /// The text. May be absent for an assistant message that only calls tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// Participant or function name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Tool calls made by an assistant message (a JSON array).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    /// The tool call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A legacy function call made by an assistant message (a JSON object).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function_call: Option<Value>,
+    /// The model's refusal text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+}
+
+impl NewMessage {
+    /// A message with `role` and text `content`, and nothing else.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: Some(content.into()),
+            ..Self::default()
+        }
+    }
+
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new(Role::User, content)
+    }
+
+    /// An assistant message.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new(Role::Assistant, content)
+    }
+
+    /// Sets the idempotency key.
+    pub fn with_id(mut self, id: Uuid) -> Self {
+        self.id = Some(id);
+        self
+    }
+}
+
+/// A stored message: what was appended, plus its place in the session.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// Position in the session: 0, 1, 2, ... without gaps.
+    pub seq: i64,
+    /// The message id (idempotency key).
+    pub id: Uuid,
+    /// Who wrote the message.
+    pub role: Role,
+    /// The text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// Participant or function name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Tool calls (JSON array).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    /// The tool call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A legacy function call (JSON object).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function_call: Option<Value>,
+    /// The model's refusal text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<String>,
+    /// When the message was stored.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Token usage counters of a session; they only move by deltas.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Prompt (input) tokens.
+    pub prompt_tokens: i64,
+    /// Completion (output) tokens.
+    pub completion_tokens: i64,
+}
+
+/// A session's metadata: everything but its messages.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// The session id.
+    pub id: SessionId,
+    /// The owner; every command must carry it.
+    pub user_id: String,
+    /// Optional title.
+    pub title: Option<String>,
+    /// Free JSON metadata (always an object).
+    pub metadata: Value,
+    /// Token usage totals.
+    pub usage: Usage,
+    /// Number of messages, which is also the next sequence.
+    pub message_count: i64,
+    /// Bumped by every committed write; lets a reader tell whether it is current.
+    pub version: i64,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Time of the last committed write.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Converts stored microseconds since the Unix epoch to a timestamp.
+pub(crate) fn from_micros(micros: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(micros).unwrap_or_default()
+}
+
+/// The current time in microseconds since the Unix epoch, the unit timestamps are stored in.
+pub(crate) fn now_micros() -> i64 {
+    Utc::now().timestamp_micros()
+}

@@ -1,0 +1,151 @@
+//! Counters a server can export: the engine's own plus the actor runtime's.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+use soloist_actors::RegistryStats;
+
+/// Upper bounds of the histogram buckets of [`Stats::flush_sessions`] and
+/// [`Stats::batch_commands`]; the last bucket counts everything above the last bound.
+pub const BATCH_BUCKETS: [u64; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+
+/// A fixed-bucket histogram that many tasks update without a lock.
+#[derive(Debug, Default)]
+pub(crate) struct Histogram {
+    counts: [AtomicU64; BATCH_BUCKETS.len() + 1],
+}
+
+impl Histogram {
+    fn record(&self, value: u64) {
+        let bucket = BATCH_BUCKETS
+            .iter()
+            .position(|&bound| value <= bound)
+            .unwrap_or(BATCH_BUCKETS.len());
+        self.counts[bucket].fetch_add(1, Relaxed);
+    }
+
+    fn snapshot(&self) -> Vec<u64> {
+        self.counts
+            .iter()
+            .map(|count| count.load(Relaxed))
+            .collect()
+    }
+}
+
+/// The engine's live counters.
+#[derive(Debug, Default)]
+pub(crate) struct EngineStats {
+    commands: AtomicU64,
+    command_errors: AtomicU64,
+    flushes: AtomicU64,
+    flushed_sessions: AtomicU64,
+    rows: AtomicU64,
+    conflicts: AtomicU64,
+    conflict_retries: AtomicU64,
+    transient_retries: AtomicU64,
+    storage_errors: AtomicU64,
+    loads: AtomicU64,
+    flush_sessions: Histogram,
+    batch_commands: Histogram,
+}
+
+impl EngineStats {
+    pub fn record_command(&self, ok: bool) {
+        self.commands.fetch_add(1, Relaxed);
+        if !ok {
+            self.command_errors.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn record_flush(&self, sessions: usize, rows: usize, conflicts: usize) {
+        self.flushes.fetch_add(1, Relaxed);
+        self.flushed_sessions.fetch_add(sessions as u64, Relaxed);
+        self.rows.fetch_add(rows as u64, Relaxed);
+        self.conflicts.fetch_add(conflicts as u64, Relaxed);
+        self.flush_sessions.record(sessions as u64);
+    }
+
+    pub fn record_batch(&self, commands: usize) {
+        self.batch_commands.record(commands as u64);
+    }
+
+    pub fn record_conflict_retry(&self) {
+        self.conflict_retries.fetch_add(1, Relaxed);
+    }
+
+    pub fn record_transient_retry(&self) {
+        self.transient_retries.fetch_add(1, Relaxed);
+    }
+
+    pub fn record_storage_error(&self) {
+        self.storage_errors.fetch_add(1, Relaxed);
+    }
+
+    pub fn record_load(&self) {
+        self.loads.fetch_add(1, Relaxed);
+    }
+
+    pub fn snapshot(&self, runtime: RegistryStats) -> Stats {
+        Stats {
+            live_sessions: runtime.live_actors,
+            mailbox_depth: runtime.mailbox_depth,
+            activations: runtime.activations,
+            passivations: runtime.passivations,
+            evictions: runtime.evictions,
+            restarts: runtime.restarts,
+            commands: self.commands.load(Relaxed),
+            command_errors: self.command_errors.load(Relaxed),
+            loads: self.loads.load(Relaxed),
+            flushes: self.flushes.load(Relaxed),
+            flushed_sessions: self.flushed_sessions.load(Relaxed),
+            rows: self.rows.load(Relaxed),
+            conflicts: self.conflicts.load(Relaxed),
+            conflict_retries: self.conflict_retries.load(Relaxed),
+            transient_retries: self.transient_retries.load(Relaxed),
+            storage_errors: self.storage_errors.load(Relaxed),
+            flush_sessions: self.flush_sessions.snapshot(),
+            batch_commands: self.batch_commands.snapshot(),
+        }
+    }
+}
+
+/// A snapshot of the engine's counters (all monotonic except the first two).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Session actors alive now.
+    pub live_sessions: u64,
+    /// Commands queued in session mailboxes now.
+    pub mailbox_depth: u64,
+    /// Session actor activations.
+    pub activations: u64,
+    /// Session actors passivated (idle, evicted or at shutdown).
+    pub passivations: u64,
+    /// Session actors passivated to stay under the live-session cap.
+    pub evictions: u64,
+    /// Session actors restarted after a panic.
+    pub restarts: u64,
+    /// Commands answered.
+    pub commands: u64,
+    /// Commands answered with an error.
+    pub command_errors: u64,
+    /// Session loads from the database (activations and reloads after a conflict).
+    pub loads: u64,
+    /// Write transactions committed.
+    pub flushes: u64,
+    /// Session batches written by those transactions.
+    pub flushed_sessions: u64,
+    /// Message rows written.
+    pub rows: u64,
+    /// Session batches refused in a flush because another writer changed the session.
+    pub conflicts: u64,
+    /// Times a session reloaded and restaged after a conflict.
+    pub conflict_retries: u64,
+    /// Flushes retried after the database refused them before committing (busy, deadlock).
+    pub transient_retries: u64,
+    /// Flushes that failed.
+    pub storage_errors: u64,
+    /// Histogram of sessions per write transaction, bucketed by [`BATCH_BUCKETS`].
+    pub flush_sessions: Vec<u64>,
+    /// Histogram of commands per session batch, bucketed by [`BATCH_BUCKETS`].
+    pub batch_commands: Vec<u64>,
+}

@@ -1,0 +1,399 @@
+//! Persistence: the [`Store`] enum over the SQL backends, and the records they exchange with the
+//! session actors and the writer stage.
+//!
+//! A flush writes the batches of many sessions in one transaction. For each session it checks,
+//! in that transaction, that the session's stored `version` is the one its actor loaded (so a
+//! write made by another process is noticed before anything is written), inserts the messages
+//! with `ON CONFLICT DO NOTHING` (so a stored message id or sequence is noticed without aborting
+//! the transaction), and bumps `version`, `updated_at` and the counters by deltas. A session
+//! that conflicts is left out and reported as [`FlushOutcome::Conflict`]; the others commit.
+
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
+#[cfg(feature = "sqlite")]
+pub(crate) mod sqlite;
+
+use std::collections::HashMap;
+
+use uuid::Uuid;
+
+use crate::command::SessionCursor;
+use crate::config::EngineConfig;
+use crate::error::{Error, StorageError};
+use crate::model::{Message, Role, SessionId, SessionInfo, Usage, from_micros};
+
+/// A session's row and the newest messages, as loaded on activation.
+#[derive(Debug)]
+pub(crate) struct LoadedSession {
+    pub info: SessionInfo,
+    pub deleted: bool,
+    /// The newest messages, ascending by `seq`.
+    pub tail: Vec<Message>,
+}
+
+/// The row of a session created by a flush.
+#[derive(Clone, Debug)]
+pub(crate) struct NewSessionRow {
+    pub user_id: String,
+    pub title: Option<String>,
+    pub metadata: String,
+}
+
+/// A message row to insert.
+#[derive(Clone, Debug)]
+pub(crate) struct MessageRow {
+    pub seq: i64,
+    pub id: Uuid,
+    pub role: Role,
+    pub content: Option<String>,
+    pub name: Option<String>,
+    pub tool_calls: Option<String>,
+    pub tool_call_id: Option<String>,
+    pub function_call: Option<String>,
+    pub refusal: Option<String>,
+}
+
+/// Everything one session's batch changes, written atomically.
+#[derive(Clone, Debug)]
+pub(crate) struct SessionWrite {
+    pub session_id: SessionId,
+    /// Insert the session row first (`ON CONFLICT DO NOTHING`: a row already there is a conflict).
+    pub create: Option<NewSessionRow>,
+    /// The stored version this write was staged against (0 for a new session).
+    pub expected_version: i64,
+    pub rows: Vec<MessageRow>,
+    pub title: Option<String>,
+    pub metadata: Option<String>,
+    pub usage: Usage,
+    pub delete: bool,
+    /// Commit time (microseconds) for `updated_at` and the new rows' `created_at`.
+    pub now: i64,
+}
+
+impl SessionWrite {
+    pub fn new(session_id: SessionId, expected_version: i64, now: i64) -> Self {
+        Self {
+            session_id,
+            create: None,
+            expected_version,
+            rows: Vec::new(),
+            title: None,
+            metadata: None,
+            usage: Usage::default(),
+            delete: false,
+            now,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.create.is_none()
+            && self.rows.is_empty()
+            && self.title.is_none()
+            && self.metadata.is_none()
+            && self.usage == Usage::default()
+            && !self.delete
+    }
+}
+
+/// What a flush did with one session's write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FlushOutcome {
+    /// Committed; the session's stored version is now this.
+    Committed { version: i64 },
+    /// Another writer changed the session (or a message id / sequence is already stored):
+    /// nothing of this write was applied. Reload and restage.
+    Conflict,
+}
+
+/// Tracks, through the retries of one flush, which writes are still in it and what happened to
+/// the ones that left.
+pub(crate) struct FlushPlan {
+    pub outcomes: Vec<Option<FlushOutcome>>,
+}
+
+impl FlushPlan {
+    pub fn new(count: usize) -> Self {
+        Self {
+            outcomes: vec![None; count],
+        }
+    }
+
+    /// Indexes of the writes still in the transaction.
+    pub fn active(&self) -> Vec<usize> {
+        (0..self.outcomes.len())
+            .filter(|&index| self.outcomes[index].is_none())
+            .collect()
+    }
+
+    pub fn conflict(&mut self, index: usize) {
+        self.outcomes[index] = Some(FlushOutcome::Conflict);
+    }
+
+    /// After the commit: every write still active committed.
+    pub fn commit_active(&mut self, writes: &[SessionWrite]) -> Vec<FlushOutcome> {
+        self.outcomes
+            .iter()
+            .zip(writes)
+            .map(|(outcome, write)| {
+                outcome.unwrap_or(FlushOutcome::Committed {
+                    version: write.expected_version + 1,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Checks the locked session rows against what each active write expects; marks the
+/// mismatches as conflicts.
+pub(crate) fn check_versions(
+    plan: &mut FlushPlan,
+    writes: &[SessionWrite],
+    stored: &HashMap<Uuid, (i64, bool)>,
+) {
+    for index in plan.active() {
+        let write = &writes[index];
+        match stored.get(&write.session_id) {
+            Some(&(version, deleted)) if version == write.expected_version && !deleted => {}
+            _ => plan.conflict(index),
+        }
+    }
+}
+
+/// After the message insert: the active writes whose rows were not all inserted (some id or
+/// sequence was already stored).
+pub(crate) fn short_writes(
+    plan: &FlushPlan,
+    writes: &[SessionWrite],
+    inserted: &HashMap<Uuid, usize>,
+) -> Vec<usize> {
+    plan.active()
+        .into_iter()
+        .filter(|&index| {
+            let write = &writes[index];
+            inserted.get(&write.session_id).copied().unwrap_or(0) != write.rows.len()
+        })
+        .collect()
+}
+
+/// A message row as stored.
+#[derive(sqlx::FromRow)]
+pub(crate) struct MessageRecord {
+    seq: i64,
+    message_id: Uuid,
+    role: String,
+    content: Option<Vec<u8>>,
+    name: Option<String>,
+    tool_calls: Option<String>,
+    tool_call_id: Option<String>,
+    function_call: Option<String>,
+    refusal: Option<String>,
+    created_at: i64,
+}
+
+/// The columns [`MessageRecord`] reads, as a literal for `concat!`.
+macro_rules! message_columns {
+    () => {
+        "seq, message_id, role, content, name, tool_calls, tool_call_id, function_call, \
+         refusal, created_at"
+    };
+}
+pub(crate) use message_columns;
+
+fn corrupt(what: &str, error: impl std::fmt::Display) -> StorageError {
+    StorageError::msg(format!("stored {what} is unreadable: {error}"))
+}
+
+fn parse_json(what: &str, text: Option<String>) -> Result<Option<serde_json::Value>, StorageError> {
+    text.map(|text| serde_json::from_str(&text).map_err(|error| corrupt(what, error)))
+        .transpose()
+}
+
+impl TryFrom<MessageRecord> for Message {
+    type Error = StorageError;
+
+    fn try_from(record: MessageRecord) -> Result<Self, StorageError> {
+        Ok(Message {
+            seq: record.seq,
+            id: record.message_id,
+            role: record
+                .role
+                .parse::<Role>()
+                .map_err(|error| corrupt("role", error))?,
+            content: record
+                .content
+                .map(String::from_utf8)
+                .transpose()
+                .map_err(|error| corrupt("content", error))?,
+            name: record.name,
+            tool_calls: parse_json("tool_calls", record.tool_calls)?,
+            tool_call_id: record.tool_call_id,
+            function_call: parse_json("function_call", record.function_call)?,
+            refusal: record.refusal,
+            created_at: from_micros(record.created_at),
+        })
+    }
+}
+
+/// A session row as stored.
+#[derive(sqlx::FromRow)]
+pub(crate) struct SessionRecord {
+    id: Uuid,
+    user_id: String,
+    title: Option<String>,
+    metadata: String,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    message_count: i64,
+    version: i64,
+    created_at: i64,
+    updated_at: i64,
+    deleted: bool,
+}
+
+/// The columns [`SessionRecord`] reads, as a literal for `concat!`.
+macro_rules! session_columns {
+    () => {
+        "id, user_id, title, metadata, prompt_tokens, completion_tokens, message_count, \
+         version, created_at, updated_at, (deleted_at IS NOT NULL) AS deleted"
+    };
+}
+pub(crate) use session_columns;
+
+impl SessionRecord {
+    fn into_info(self) -> Result<(SessionInfo, bool), StorageError> {
+        let metadata =
+            serde_json::from_str(&self.metadata).map_err(|error| corrupt("metadata", error))?;
+        Ok((
+            SessionInfo {
+                id: self.id,
+                user_id: self.user_id,
+                title: self.title,
+                metadata,
+                usage: Usage {
+                    prompt_tokens: self.prompt_tokens,
+                    completion_tokens: self.completion_tokens,
+                },
+                message_count: self.message_count,
+                version: self.version,
+                created_at: from_micros(self.created_at),
+                updated_at: from_micros(self.updated_at),
+            },
+            self.deleted,
+        ))
+    }
+}
+
+fn into_messages(records: Vec<MessageRecord>) -> Result<Vec<Message>, StorageError> {
+    records.into_iter().map(Message::try_from).collect()
+}
+
+/// The storage backends, chosen at run time from the database URL.
+#[derive(Clone, Debug)]
+pub(crate) enum Store {
+    #[cfg(feature = "sqlite")]
+    Sqlite(sqlite::SqliteStore),
+    #[cfg(feature = "postgres")]
+    Postgres(postgres::PostgresStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $store:ident => $body:expr) => {
+        match $self {
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite($store) => $body,
+            #[cfg(feature = "postgres")]
+            Store::Postgres($store) => $body,
+        }
+    };
+}
+
+impl Store {
+    /// Connects to the configured database and runs the embedded migrations.
+    pub async fn connect(config: &EngineConfig) -> Result<Store, Error> {
+        let url = config.database_url.as_str();
+        #[cfg(feature = "sqlite")]
+        if url.starts_with("sqlite:") {
+            return Ok(Store::Sqlite(sqlite::SqliteStore::connect(config).await?));
+        }
+        #[cfg(feature = "postgres")]
+        if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            return Ok(Store::Postgres(
+                postgres::PostgresStore::connect(config).await?,
+            ));
+        }
+        Err(Error::invalid(
+            "database_url",
+            format!("unsupported database URL {url:?}: expected sqlite: or postgres:"),
+        ))
+    }
+
+    /// How many write transactions may be in flight at once.
+    pub fn writer_count(&self, config: &EngineConfig) -> usize {
+        match self {
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(_) => 1,
+            #[cfg(feature = "postgres")]
+            Store::Postgres(_) => config.writer_connections.max(1) as usize,
+        }
+    }
+
+    pub async fn load(
+        &self,
+        id: SessionId,
+        tail: usize,
+    ) -> Result<Option<LoadedSession>, StorageError> {
+        dispatch!(self, store => store.load(id, tail).await)
+    }
+
+    /// Sequences of those of `ids` that are stored in the session.
+    pub async fn stored_ids(
+        &self,
+        id: SessionId,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, i64>, StorageError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        dispatch!(self, store => store.stored_ids(id, ids).await)
+    }
+
+    pub async fn read_messages(
+        &self,
+        id: SessionId,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StorageError> {
+        dispatch!(self, store => store.read_messages(id, after_seq, limit).await)
+    }
+
+    pub async fn list_sessions(
+        &self,
+        user_id: &str,
+        before: Option<SessionCursor>,
+        limit: usize,
+    ) -> Result<Vec<SessionInfo>, StorageError> {
+        dispatch!(self, store => store.list_sessions(user_id, before, limit).await)
+    }
+
+    /// The stored version of a session, or `None` if there is no such row.
+    pub async fn version(&self, id: SessionId) -> Result<Option<i64>, StorageError> {
+        dispatch!(self, store => store.version(id).await)
+    }
+
+    /// Writes many sessions' batches in one transaction; see the module docs. `Err` means the
+    /// whole transaction failed and its outcome may be unknown.
+    pub async fn flush(&self, writes: &[SessionWrite]) -> Result<Vec<FlushOutcome>, StorageError> {
+        dispatch!(self, store => store.flush(writes).await)
+    }
+
+    /// Whether a failed flush may be retried as is: the database refused it before anything
+    /// could have committed (lock timeout, deadlock, serialization failure).
+    pub fn is_transient(&self, error: &StorageError) -> bool {
+        dispatch!(self, store => store.is_transient(error))
+    }
+
+    /// Closes the connection pools.
+    pub async fn close(&self) {
+        dispatch!(self, store => store.close().await)
+    }
+}

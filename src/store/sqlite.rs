@@ -1,0 +1,349 @@
+//! The embedded SQLite backend: one writer connection (SQLite has one writer at a time anyway)
+//! and a pool of readers, in WAL mode with `synchronous=FULL` by default.
+//!
+//! `sqlite::memory:` opens a private in-memory database through SQLite's `memdb` VFS, which
+//! every connection of the engine shares with real locking between them. Each task gets its own
+//! connection and its own transaction from the pool, so one task's rollback can never touch
+//! another task's writes (incident 3).
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Sqlite};
+use uuid::Uuid;
+
+use super::{
+    FlushOutcome, FlushPlan, LoadedSession, MessageRecord, SessionRecord, SessionWrite,
+    check_versions, into_messages, message_columns, session_columns, short_writes,
+};
+use crate::command::SessionCursor;
+use crate::config::{EngineConfig, SqliteSync};
+use crate::error::{Error, StorageError};
+use crate::model::{Message, SessionId, SessionInfo};
+
+/// SQLite allows 32766 bound parameters per statement; a message row binds 11.
+const ROWS_PER_INSERT: usize = 2000;
+
+/// The SQLite store.
+#[derive(Clone, Debug)]
+pub(crate) struct SqliteStore {
+    writer: SqlitePool,
+    readers: SqlitePool,
+}
+
+fn is_memory_url(url: &str) -> bool {
+    matches!(
+        url,
+        "sqlite::memory:" | "sqlite://:memory:" | "sqlite::memory"
+    )
+}
+
+impl SqliteStore {
+    pub async fn connect(config: &EngineConfig) -> Result<Self, Error> {
+        let url = config.database_url.as_str();
+        let options = if is_memory_url(url) {
+            // A name starting with '/' makes memdb share the database between this process's
+            // connections; the UUID keeps each engine's database private.
+            SqliteConnectOptions::new()
+                .filename(format!("/soloist-{}", Uuid::new_v4()))
+                .vfs("memdb")
+                .journal_mode(SqliteJournalMode::Memory)
+        } else {
+            SqliteConnectOptions::from_str(url)
+                .map_err(|error| Error::invalid("database_url", error.to_string()))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(match config.sqlite_sync {
+                    SqliteSync::Full => SqliteSynchronous::Full,
+                    SqliteSync::Normal => SqliteSynchronous::Normal,
+                })
+        }
+        .busy_timeout(config.busy_timeout)
+        .foreign_keys(true);
+
+        // The pools never close their last connection: an in-memory database lives only as long
+        // as one connection is open.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options.clone())
+            .await
+            .map_err(StorageError::from)?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&writer)
+            .await
+            .map_err(StorageError::from)?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(config.read_pool_size.max(1))
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await
+            .map_err(StorageError::from)?;
+        Ok(Self { writer, readers })
+    }
+
+    pub async fn load(
+        &self,
+        id: SessionId,
+        tail: usize,
+    ) -> Result<Option<LoadedSession>, StorageError> {
+        // One read transaction, so the row and the messages are one snapshot.
+        let mut tx = self.readers.begin().await?;
+        let record: Option<SessionRecord> = sqlx::query_as(concat!(
+            "SELECT ",
+            session_columns!(),
+            " FROM sessions WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(record) = record else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let (info, deleted) = record.into_info()?;
+        let mut records: Vec<MessageRecord> = if deleted || tail == 0 {
+            Vec::new()
+        } else {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages WHERE session_id = ? \
+                 ORDER BY seq DESC LIMIT ?"
+            ))
+            .bind(id)
+            .bind(tail as i64)
+            .fetch_all(&mut *tx)
+            .await?
+        };
+        tx.commit().await?;
+        records.reverse();
+        Ok(Some(LoadedSession {
+            info,
+            deleted,
+            tail: into_messages(records)?,
+        }))
+    }
+
+    pub async fn stored_ids(
+        &self,
+        id: SessionId,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, i64>, StorageError> {
+        let mut query =
+            QueryBuilder::<Sqlite>::new("SELECT message_id, seq FROM messages WHERE session_id = ");
+        query.push_bind(id).push(" AND message_id IN (");
+        let mut list = query.separated(", ");
+        for message_id in ids {
+            list.push_bind(*message_id);
+        }
+        query.push(")");
+        let rows: Vec<(Uuid, i64)> = query.build_query_as().fetch_all(&self.readers).await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    pub async fn read_messages(
+        &self,
+        id: SessionId,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StorageError> {
+        let records: Vec<MessageRecord> = sqlx::query_as(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE session_id = ? AND seq > ? \
+             ORDER BY seq LIMIT ?"
+        ))
+        .bind(id)
+        .bind(after_seq)
+        .bind(limit as i64)
+        .fetch_all(&self.readers)
+        .await?;
+        into_messages(records)
+    }
+
+    pub async fn list_sessions(
+        &self,
+        user_id: &str,
+        before: Option<SessionCursor>,
+        limit: usize,
+    ) -> Result<Vec<SessionInfo>, StorageError> {
+        let (before_time, before_id) = match before {
+            Some(cursor) => (cursor.created_at_micros, cursor.id),
+            None => (i64::MAX, Uuid::max()),
+        };
+        let records: Vec<SessionRecord> = sqlx::query_as(concat!(
+            "SELECT ",
+            session_columns!(),
+            " FROM sessions \
+             WHERE user_id = ? AND deleted_at IS NULL AND (created_at, id) < (?, ?) \
+             ORDER BY created_at DESC, id DESC LIMIT ?"
+        ))
+        .bind(user_id)
+        .bind(before_time)
+        .bind(before_id)
+        .bind(limit as i64)
+        .fetch_all(&self.readers)
+        .await?;
+        records
+            .into_iter()
+            .map(|record| record.into_info().map(|(info, _)| info))
+            .collect()
+    }
+
+    pub async fn version(&self, id: SessionId) -> Result<Option<i64>, StorageError> {
+        Ok(
+            sqlx::query_scalar("SELECT version FROM sessions WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.readers)
+                .await?,
+        )
+    }
+
+    pub async fn flush(&self, writes: &[SessionWrite]) -> Result<Vec<FlushOutcome>, StorageError> {
+        let mut plan = FlushPlan::new(writes.len());
+        loop {
+            if plan.active().is_empty() {
+                return Ok(plan.commit_active(writes));
+            }
+            // IMMEDIATE takes the write lock up front: a deferred transaction that reads first
+            // could fail to upgrade with SQLITE_BUSY when another process writes.
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+
+            for index in plan.active() {
+                let write = &writes[index];
+                let Some(create) = &write.create else {
+                    continue;
+                };
+                let inserted = sqlx::query(
+                    "INSERT INTO sessions (id, user_id, title, metadata, created_at, updated_at) \
+                     VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(write.session_id)
+                .bind(&create.user_id)
+                .bind(&create.title)
+                .bind(&create.metadata)
+                .bind(write.now)
+                .bind(write.now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if inserted == 0 {
+                    plan.conflict(index);
+                }
+            }
+
+            let active = plan.active();
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "SELECT id, version, deleted_at IS NOT NULL FROM sessions WHERE id IN (",
+            );
+            let mut list = query.separated(", ");
+            for &index in &active {
+                list.push_bind(writes[index].session_id);
+            }
+            query.push(")");
+            let stored: Vec<(Uuid, i64, bool)> = query.build_query_as().fetch_all(&mut *tx).await?;
+            let stored = stored
+                .into_iter()
+                .map(|(id, version, deleted)| (id, (version, deleted)))
+                .collect();
+            check_versions(&mut plan, writes, &stored);
+
+            let mut inserted: HashMap<Uuid, usize> = HashMap::new();
+            let rows: Vec<_> = plan
+                .active()
+                .into_iter()
+                .flat_map(|index| {
+                    let write = &writes[index];
+                    write.rows.iter().map(move |row| (write, row))
+                })
+                .collect();
+            for chunk in rows.chunks(ROWS_PER_INSERT) {
+                let mut query = QueryBuilder::<Sqlite>::new(
+                    "INSERT INTO messages (session_id, seq, message_id, role, content, name, \
+                     tool_calls, tool_call_id, function_call, refusal, created_at) ",
+                );
+                query.push_values(chunk, |mut values, (write, row)| {
+                    values
+                        .push_bind(write.session_id)
+                        .push_bind(row.seq)
+                        .push_bind(row.id)
+                        .push_bind(row.role.as_str())
+                        .push_bind(row.content.as_deref().map(str::as_bytes))
+                        .push_bind(row.name.as_deref())
+                        .push_bind(row.tool_calls.as_deref())
+                        .push_bind(row.tool_call_id.as_deref())
+                        .push_bind(row.function_call.as_deref())
+                        .push_bind(row.refusal.as_deref())
+                        .push_bind(write.now);
+                });
+                query.push(" ON CONFLICT DO NOTHING RETURNING session_id");
+                let returned: Vec<Uuid> = query.build_query_scalar().fetch_all(&mut *tx).await?;
+                for session_id in returned {
+                    *inserted.entry(session_id).or_default() += 1;
+                }
+            }
+            let short = short_writes(&plan, writes, &inserted);
+            if !short.is_empty() {
+                // Some of these sessions' rows went in: undo all and retry without them.
+                tx.rollback().await?;
+                for index in short {
+                    plan.conflict(index);
+                }
+                continue;
+            }
+
+            for index in plan.active() {
+                let write = &writes[index];
+                sqlx::query(
+                    "UPDATE sessions SET version = version + 1, updated_at = ?, \
+                     title = COALESCE(?, title), metadata = COALESCE(?, metadata), \
+                     prompt_tokens = prompt_tokens + ?, completion_tokens = completion_tokens + ?, \
+                     message_count = message_count + ?, \
+                     deleted_at = CASE WHEN ? THEN ? ELSE deleted_at END \
+                     WHERE id = ?",
+                )
+                .bind(write.now)
+                .bind(&write.title)
+                .bind(&write.metadata)
+                .bind(write.usage.prompt_tokens)
+                .bind(write.usage.completion_tokens)
+                .bind(write.rows.len() as i64)
+                .bind(write.delete)
+                .bind(write.now)
+                .bind(write.session_id)
+                .execute(&mut *tx)
+                .await?;
+                if write.delete {
+                    sqlx::query("DELETE FROM messages WHERE session_id = ?")
+                        .bind(write.session_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            tx.commit().await?;
+            return Ok(plan.commit_active(writes));
+        }
+    }
+
+    pub fn is_transient(&self, error: &StorageError) -> bool {
+        // SQLITE_BUSY and SQLITE_LOCKED, with any extended code: the lock was not granted, so
+        // nothing was written.
+        error
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+    }
+
+    pub async fn close(&self) {
+        self.readers.close().await;
+        self.writer.close().await;
+    }
+}

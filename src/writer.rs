@@ -1,0 +1,169 @@
+//! The writer stage: combines the ready batches of many sessions into one transaction.
+//!
+//! Session actors hand their staged [`SessionWrite`] to the writer queue and wait for its
+//! outcome. A writer task takes everything queued (up to the configured bounds), writes it in
+//! one transaction, and answers each session. While a transaction is in flight the next one
+//! fills up, so the number of commits grows much slower than the load. SQLite gets one writer
+//! task (it has one writer anyway); PostgreSQL gets several, each with its own connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::config::EngineConfig;
+use crate::error::StorageError;
+use crate::stats::EngineStats;
+use crate::store::{FlushOutcome, SessionWrite, Store};
+
+/// One session's write waiting for a transaction.
+struct WriteJob {
+    write: SessionWrite,
+    reply: oneshot::Sender<Result<FlushOutcome, StorageError>>,
+}
+
+/// The sending side of the writer queue; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Writer {
+    jobs: mpsc::Sender<WriteJob>,
+}
+
+/// Attempts for a flush that the database refused before anything committed.
+const TRANSIENT_RETRIES: u32 = 5;
+
+impl Writer {
+    /// Starts the writer tasks on `tracker`; they stop when `stop` is cancelled and the queue is
+    /// empty.
+    pub fn start(
+        store: Store,
+        config: &EngineConfig,
+        stats: Arc<EngineStats>,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Self {
+        let (jobs, queue) = mpsc::channel(config.max_sessions_per_flush.max(1) * 4);
+        let queue = Arc::new(Mutex::new(queue));
+        for worker in 0..store.writer_count(config) {
+            let task = WriterTask {
+                store: store.clone(),
+                queue: queue.clone(),
+                stats: stats.clone(),
+                max_sessions: config.max_sessions_per_flush.max(1),
+                max_rows: config.max_rows_per_flush.max(1),
+                stop: stop.clone(),
+            };
+            tracker.spawn(task.run().instrument(info_span!("writer", worker)));
+        }
+        Self { jobs }
+    }
+
+    /// Queues one session's write and waits for the transaction holding it.
+    pub async fn write(&self, write: SessionWrite) -> Result<FlushOutcome, StorageError> {
+        let (reply, outcome) = oneshot::channel();
+        self.jobs
+            .send(WriteJob { write, reply })
+            .await
+            .map_err(|_| StorageError::msg("the writer has stopped"))?;
+        outcome
+            .await
+            .map_err(|_| StorageError::msg("the writer stopped before committing"))?
+    }
+}
+
+struct WriterTask {
+    store: Store,
+    queue: Arc<Mutex<mpsc::Receiver<WriteJob>>>,
+    stats: Arc<EngineStats>,
+    max_sessions: usize,
+    max_rows: usize,
+    stop: CancellationToken,
+}
+
+impl WriterTask {
+    async fn run(self) {
+        let mut jobs = Vec::with_capacity(self.max_sessions);
+        loop {
+            {
+                let mut queue = self.queue.lock().await;
+                tokio::select! {
+                    biased;
+                    received = queue.recv_many(&mut jobs, self.max_sessions) => {
+                        if received == 0 {
+                            return;
+                        }
+                    }
+                    () = self.stop.cancelled() => {
+                        // Every actor has drained before the writer is stopped; take what is
+                        // left without waiting and end once the queue is empty.
+                        while jobs.len() < self.max_sessions {
+                            match queue.try_recv() {
+                                Ok(job) => jobs.push(job),
+                                Err(_) => break,
+                            }
+                        }
+                        if jobs.is_empty() {
+                            return;
+                        }
+                    }
+                }
+            }
+            // Split what was taken into transactions of bounded size.
+            while !jobs.is_empty() {
+                let mut rows = 0;
+                let mut take = 0;
+                for job in &jobs {
+                    if take > 0 && rows + job.write.rows.len() > self.max_rows {
+                        break;
+                    }
+                    rows += job.write.rows.len();
+                    take += 1;
+                }
+                let batch: Vec<WriteJob> = jobs.drain(..take).collect();
+                self.flush(batch).await;
+            }
+        }
+    }
+
+    async fn flush(&self, batch: Vec<WriteJob>) {
+        let (writes, replies): (Vec<SessionWrite>, Vec<_>) =
+            batch.into_iter().map(|job| (job.write, job.reply)).unzip();
+        let rows: usize = writes.iter().map(|write| write.rows.len()).sum();
+        let span = info_span!("flush", sessions = writes.len(), rows);
+        let mut attempt = 0;
+        let result = loop {
+            let result = self.store.flush(&writes).instrument(span.clone()).await;
+            match result {
+                Err(error) if self.store.is_transient(&error) && attempt < TRANSIENT_RETRIES => {
+                    attempt += 1;
+                    self.stats.record_transient_retry();
+                    debug!(parent: &span, %error, attempt, "transient flush failure; retrying");
+                    let backoff = Duration::from_millis(2u64 << attempt);
+                    tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
+                }
+                other => break other,
+            }
+        };
+        match result {
+            Ok(outcomes) => {
+                let conflicts = outcomes
+                    .iter()
+                    .filter(|outcome| matches!(outcome, FlushOutcome::Conflict))
+                    .count();
+                self.stats.record_flush(writes.len(), rows, conflicts);
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(error) => {
+                warn!(parent: &span, %error, "flush failed");
+                self.stats.record_storage_error();
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
