@@ -60,3 +60,8 @@ pub use error::{Error, Result, StorageError};
 pub use model::{Message, NewMessage, Role, SessionId, SessionInfo, Usage};
 pub use stats::Stats;
 pub use uuid;
+
+/// The README's example, compiled as a doctest so it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
