@@ -214,7 +214,17 @@ pub(crate) fn check_user(user_id: &str, limits: &Limits) -> Result<()> {
     if user_id.is_empty() {
         return Err(Error::invalid("user_id", "must not be empty"));
     }
-    check_len("user_id", user_id.len(), limits.max_text_bytes)
+    check_len("user_id", user_id.len(), limits.max_text_bytes)?;
+    check_no_nul("user_id", user_id)
+}
+
+/// Identifiers and short texts are stored as SQL text, which (on PostgreSQL) cannot hold NUL;
+/// message content is stored as bytes and may.
+fn check_no_nul(field: &str, text: &str) -> Result<()> {
+    if text.contains('\0') {
+        return Err(Error::invalid(field, "must not contain NUL characters"));
+    }
+    Ok(())
 }
 
 fn check_len(field: impl Into<String>, size: usize, limit: usize) -> Result<()> {
@@ -230,7 +240,10 @@ fn check_len(field: impl Into<String>, size: usize, limit: usize) -> Result<()> 
 
 fn check_text(field: &str, text: &Option<String>, limit: usize) -> Result<()> {
     match text {
-        Some(text) => check_len(field, text.len(), limit),
+        Some(text) => {
+            check_len(field, text.len(), limit)?;
+            check_no_nul(field, text)
+        }
         None => Ok(()),
     }
 }

@@ -185,7 +185,7 @@ impl Actor for SessionActor {
     }
 
     async fn handle(&mut self, batch: &mut Vec<SessionRequest>) {
-        let requests: Vec<SessionRequest> = batch.drain(..).collect();
+        let requests = std::mem::take(batch);
         let span = info_span!("session_batch", session_id = %self.id, commands = requests.len());
         self.process(requests).instrument(span).await;
     }

@@ -439,6 +439,21 @@ async fn bad_input_is_refused_and_changes_nothing(db: TestDb) {
         r#"{"type":"append_messages","user_id":"owner","session_id":"00000000-0000-7000-8000-000000000001","messages":[{"role":"wizard","content":"hi"}]}"#,
     );
     assert!(matches!(unknown_role, Err(Error::InvalidInput { .. })));
+    let nul_in_name = session
+        .append(vec![NewMessage {
+            name: Some("a\0b".into()),
+            ..NewMessage::user("hi")
+        }])
+        .await;
+    assert!(
+        matches!(&nul_in_name, Err(Error::InvalidInput { field, .. }) if field == "messages[0].name"),
+        "{nul_in_name:?}"
+    );
+    let nul_in_title = session.update(Some("a\0b".into()), None).await;
+    assert!(
+        matches!(nul_in_title, Err(Error::InvalidInput { .. })),
+        "{nul_in_title:?}"
+    );
     let bad_metadata = session.update(None, Some(json!([1, 2]))).await;
     assert!(matches!(bad_metadata, Err(Error::InvalidInput { .. })));
 
