@@ -63,6 +63,8 @@ pub struct EngineConfig {
     pub max_sessions_per_flush: usize,
     /// Message rows written in one transaction at most (a larger batch is split).
     pub max_rows_per_flush: usize,
+    /// Payload bytes (content and JSON fields) written in one transaction at most.
+    pub max_bytes_per_flush: usize,
     /// Mailbox capacity per session.
     pub mailbox_capacity: usize,
     /// How long a command waits for room in a full mailbox before failing with
@@ -97,6 +99,7 @@ impl EngineConfig {
             writer_connections: 4,
             max_sessions_per_flush: 256,
             max_rows_per_flush: 4096,
+            max_bytes_per_flush: 16 * 1024 * 1024,
             mailbox_capacity: 256,
             send_timeout: None,
             idle_timeout: Duration::from_secs(300),

@@ -85,6 +85,23 @@ impl SessionWrite {
         }
     }
 
+    /// Bytes of message payload (content, texts, JSON) this write carries.
+    pub fn payload_bytes(&self) -> usize {
+        let text = |text: &Option<String>| text.as_ref().map_or(0, String::len);
+        self.rows
+            .iter()
+            .map(|row| {
+                text(&row.content)
+                    + text(&row.name)
+                    + text(&row.tool_calls)
+                    + text(&row.tool_call_id)
+                    + text(&row.function_call)
+                    + text(&row.refusal)
+            })
+            .sum::<usize>()
+            + text(&self.metadata)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.create.is_none()
             && self.rows.is_empty()

@@ -53,6 +53,7 @@ impl Writer {
                 stats: stats.clone(),
                 max_sessions: config.max_sessions_per_flush.max(1),
                 max_rows: config.max_rows_per_flush.max(1),
+                max_bytes: config.max_bytes_per_flush.max(1),
                 stop: stop.clone(),
             };
             tracker.spawn(task.run().instrument(info_span!("writer", worker)));
@@ -79,6 +80,7 @@ struct WriterTask {
     stats: Arc<EngineStats>,
     max_sessions: usize,
     max_rows: usize,
+    max_bytes: usize,
     stop: CancellationToken,
 }
 
@@ -110,15 +112,19 @@ impl WriterTask {
                     }
                 }
             }
-            // Split what was taken into transactions of bounded size.
+            // Split what was taken into transactions of bounded rows and bytes; a single
+            // session's write always goes whole (the limits on one append keep it bounded).
             while !jobs.is_empty() {
-                let mut rows = 0;
-                let mut take = 0;
+                let (mut rows, mut bytes, mut take) = (0, 0, 0);
                 for job in &jobs {
-                    if take > 0 && rows + job.write.rows.len() > self.max_rows {
+                    let (job_rows, job_bytes) = (job.write.rows.len(), job.write.payload_bytes());
+                    if take > 0
+                        && (rows + job_rows > self.max_rows || bytes + job_bytes > self.max_bytes)
+                    {
                         break;
                     }
-                    rows += job.write.rows.len();
+                    rows += job_rows;
+                    bytes += job_bytes;
                     take += 1;
                 }
                 let batch: Vec<WriteJob> = jobs.drain(..take).collect();
