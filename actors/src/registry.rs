@@ -7,6 +7,7 @@
 
 use std::{
     fmt,
+    ops::Deref,
     sync::{
         Arc, PoisonError, RwLock,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -74,10 +75,13 @@ impl<M> Slot<M> {
     /// Whether LRU eviction may ask this actor to passivate: activated, not handling anything,
     /// nothing queued, and not already on its way out.
     fn is_evictable(&self) -> bool {
-        !self.lifecycle.busy.load(Ordering::Relaxed)
-            && self.depth() == 0
-            && !self.sender.is_closed()
-            && !self.lifecycle.passivate.is_cancelled()
+        !self.lifecycle.busy.load(Ordering::Relaxed) && self.depth() == 0 && !self.is_leaving()
+    }
+
+    /// Whether the actor has been asked to passivate or has started to: it will leave the map
+    /// without further help.
+    fn is_leaving(&self) -> bool {
+        self.sender.is_closed() || self.lifecycle.passivate.is_cancelled()
     }
 }
 
@@ -117,6 +121,19 @@ impl<A: Actor> Inner<A> {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Refuses new messages and new activations, and tells every actor to drain and stop.
+    fn begin_shutdown(&self) {
+        {
+            let _exclusive = self
+                .activation_gate
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.shutting_down.store(true, Ordering::SeqCst);
+        }
+        self.shutdown.cancel();
+        self.tracker.close();
+    }
+
     /// Removes `key`'s slot if it is still the one with `generation`.
     pub(crate) fn remove_slot(&self, key: &A::Key, generation: u64) {
         if self
@@ -131,9 +148,36 @@ impl<A: Actor> Inner<A> {
 
 /// Routes messages to keyed actors, activating them on demand. Cheap to clone; every clone
 /// refers to the same actors.
+///
+/// Dropping the last clone starts a shutdown without waiting for it: actors drain their
+/// mailboxes and stop in the background (as long as the runtime keeps running). Call
+/// [`shutdown`](Self::shutdown) to wait for that.
 pub struct Registry<A: Actor> {
-    /// Shared with clones and with every actor task.
-    inner: Arc<Inner<A>>,
+    /// Shared by the clones only: actor tasks hold the `Inner` directly, so that the last
+    /// clone's drop can be noticed.
+    inner: Arc<Owner<A>>,
+}
+
+/// The registry handles' share of [`Inner`]; dropped with the last [`Registry`] clone.
+struct Owner<A: Actor>(Arc<Inner<A>>);
+
+impl<A: Actor> Deref for Owner<A> {
+    type Target = Inner<A>;
+
+    fn deref(&self) -> &Inner<A> {
+        &self.0
+    }
+}
+
+impl<A: Actor> Drop for Owner<A> {
+    fn drop(&mut self) {
+        // Actor tasks keep `Inner`, and `Inner`'s map keeps their mailboxes open: without this,
+        // actors that never idle out would outlive every handle.
+        if !self.shutting_down.load(Ordering::SeqCst) {
+            debug!("last actor registry handle dropped; shutting down");
+            self.begin_shutdown();
+        }
+    }
 }
 
 impl<A: Actor> Clone for Registry<A> {
@@ -174,7 +218,7 @@ impl<A: Actor> Registry<A> {
             ..config
         };
         Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new(Owner(Arc::new(Inner {
                 map: DashMap::new(),
                 slots: AtomicUsize::new(0),
                 context,
@@ -187,7 +231,7 @@ impl<A: Actor> Registry<A> {
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 evicting: AtomicBool::new(false),
-            }),
+            }))),
         }
     }
 
@@ -236,7 +280,10 @@ impl<A: Actor> Registry<A> {
                 },
             }
             // The mailbox closed under us: its actor is passivating. Go round again; the
-            // registry will route the message to the next activation.
+            // registry will route the message to the next activation. Yield first: if actors
+            // cannot run at all (the runtime is shutting down and drops new tasks at once),
+            // this loop must not spin without ever returning to the scheduler.
+            tokio::task::yield_now().await;
         }
     }
 
@@ -295,17 +342,8 @@ impl<A: Actor> Registry<A> {
     /// actor drain its mailbox (messages already queued ARE handled), calls `stop()`, and
     /// resolves when every actor task has ended. Safe to call more than once, concurrently.
     pub async fn shutdown(&self) {
-        {
-            let _exclusive = self
-                .inner
-                .activation_gate
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            self.inner.shutting_down.store(true, Ordering::SeqCst);
-        }
         debug!("actor registry shutting down");
-        self.inner.shutdown.cancel();
-        self.inner.tracker.close();
+        self.inner.begin_shutdown();
         self.inner.tracker.wait().await;
         debug!("actor registry shut down");
     }
@@ -332,7 +370,7 @@ impl<A: Actor> Registry<A> {
             .activation_gate
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        let (sender, added) = match self.inner.map.entry(key.clone()) {
+        let (sender, task, added) = match self.inner.map.entry(key.clone()) {
             // Checked inside the critical section: see `activation_gate`.
             _ if self.is_shutting_down() => return None,
             Entry::Occupied(mut occupied) => {
@@ -340,22 +378,28 @@ impl<A: Actor> Registry<A> {
                     // The actor is draining. Its successor queues messages at once but
                     // activates only after it has ended.
                     let predecessor = occupied.get().lifecycle.terminated.clone();
-                    let slot = self.spawn_actor(key.clone(), Some(predecessor));
+                    let (slot, task) = self.new_slot(key.clone(), Some(predecessor));
                     let sender = slot.sender.clone();
                     occupied.insert(slot);
-                    (sender, false)
+                    (sender, Some(task), false)
                 } else {
-                    (occupied.get().sender.clone(), false)
+                    (occupied.get().sender.clone(), None, false)
                 }
             }
             Entry::Vacant(vacant) => {
-                let slot = self.spawn_actor(key.clone(), None);
+                let (slot, task) = self.new_slot(key.clone(), None);
                 let sender = slot.sender.clone();
                 vacant.insert(slot);
                 self.inner.slots.fetch_add(1, Ordering::Relaxed);
-                (sender, true)
+                (sender, Some(task), true)
             }
         };
+        // Spawned after the map guard is released (a runtime that is shutting down drops the
+        // task at once, and its cleanup takes the same shard lock), but under the gate, so
+        // shutdown cannot start waiting on the tracker before this task is in it.
+        if let Some(task) = task {
+            self.inner.tracker.spawn(actor::run(task));
+        }
         drop(gate);
         if added {
             self.evict_if_over_cap();
@@ -363,24 +407,29 @@ impl<A: Actor> Registry<A> {
         Some(sender)
     }
 
-    /// Creates a mailbox and spawns the task that will own it.
-    fn spawn_actor(&self, key: A::Key, predecessor: Option<CancellationToken>) -> Slot<A::Message> {
+    /// Creates a mailbox, and the task that will own it once spawned.
+    fn new_slot(
+        &self,
+        key: A::Key,
+        predecessor: Option<CancellationToken>,
+    ) -> (Slot<A::Message>, ActorTask<A>) {
         let (sender, mailbox) = mpsc::channel(self.inner.config.mailbox_capacity);
         let lifecycle = Arc::new(Lifecycle::new(self.inner.tick()));
         let generation = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
-        self.inner.tracker.spawn(actor::run(ActorTask {
-            inner: Arc::clone(&self.inner),
+        let task = ActorTask {
+            inner: Arc::clone(&self.inner.0),
             key,
             generation,
             mailbox,
             lifecycle: Arc::clone(&lifecycle),
             predecessor,
-        }));
-        Slot {
+        };
+        let slot = Slot {
             sender,
             generation,
             lifecycle,
-        }
+        };
+        (slot, task)
     }
 
     /// Above the cap, asks the least recently used idle actors to passivate. Evicts down to
@@ -393,20 +442,22 @@ impl<A: Actor> Registry<A> {
         if live <= cap || self.inner.evicting.swap(true, Ordering::Acquire) {
             return;
         }
-        let excess = live - cap * 15 / 16;
-        let mut idle: Vec<(u64, Arc<Lifecycle>)> = self
-            .inner
-            .map
-            .iter()
-            .filter(|slot| slot.is_evictable())
-            .map(|slot| {
+        let mut leaving = 0;
+        let mut idle: Vec<(u64, Arc<Lifecycle>)> = Vec::new();
+        for slot in self.inner.map.iter() {
+            if slot.is_leaving() {
+                leaving += 1;
+            } else if slot.is_evictable() {
                 let lifecycle = &slot.lifecycle;
-                (
+                idle.push((
                     lifecycle.last_active.load(Ordering::Relaxed),
                     Arc::clone(lifecycle),
-                )
-            })
-            .collect();
+                ));
+            }
+        }
+        // Actors already on their way out count as gone, or every activation while they
+        // drain would evict more.
+        let excess = live.saturating_sub(leaving).saturating_sub(cap * 15 / 16);
         if idle.len() > excess {
             idle.select_nth_unstable_by_key(excess, |(last_active, _)| *last_active);
             idle.truncate(excess);

@@ -164,3 +164,31 @@ fn errors_describe_themselves_without_debug_messages() {
     let ask: soloist_actors::AskError = error.into();
     assert_eq!(ask, soloist_actors::AskError::Overloaded);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_stops_the_actors() {
+    let counts = Arc::new(Counts::default());
+    let registry = Registry::<Total>::new(
+        Arc::clone(&counts),
+        RegistryConfig {
+            idle_timeout: None,
+            ..RegistryConfig::default()
+        },
+    );
+    let clone = registry.clone();
+    assert_eq!(
+        registry.ask("a".to_owned(), |reply| Add(1, reply)).await,
+        Ok(1)
+    );
+    assert_eq!(
+        clone.ask("b".to_owned(), |reply| Add(1, reply)).await,
+        Ok(1)
+    );
+    drop(registry);
+    assert!(!clone.is_shutting_down(), "a clone is still alive");
+    drop(clone);
+    eventually("actors stopped", || {
+        counts.stops.load(Ordering::SeqCst) == 2
+    })
+    .await;
+}
