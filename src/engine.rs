@@ -253,6 +253,18 @@ impl Engine {
         .await
     }
 
+    /// Asks a session's actor to passivate (finish what is queued, then free its memory); the
+    /// next command reloads it from the database. Does not wait. Useful before a planned
+    /// hand-over and for measuring cold loads.
+    pub fn passivate(&self, session_id: SessionId) {
+        self.inner.registry.passivate(&session_id);
+    }
+
+    /// Whether the session currently has a live actor in this engine.
+    pub fn is_live(&self, session_id: SessionId) -> bool {
+        self.inner.registry.is_live(&session_id)
+    }
+
     /// A snapshot of the engine's counters.
     pub fn stats(&self) -> Stats {
         self.inner
