@@ -19,10 +19,12 @@ use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::model::{NewMessage, SessionId, SessionInfo, Usage};
 use crate::session::{
-    AppendRequest, CreateRequest, Respond, SessionActor, SessionRequest, Shared, UpdateRequest,
+    AppendRequest, CreateRequest, Respond, SessionActor, SessionRequest, Shared, SubscribeRequest,
+    Subscribed, UpdateRequest,
 };
 use crate::stats::{EngineStats, Stats};
 use crate::store::Store;
+use crate::subscription::MessageStream;
 use crate::writer::Writer;
 
 /// The session engine. Cheap to clone; every clone drives the same sessions.
@@ -253,6 +255,24 @@ impl Engine {
         .await
     }
 
+    /// One subscription step, through the session's actor.
+    pub(crate) async fn subscribe_raw(
+        &self,
+        user_id: &str,
+        session_id: SessionId,
+        after_seq: i64,
+    ) -> Result<Subscribed> {
+        check_user(user_id, &self.config().limits)?;
+        let request = Box::new(SubscribeRequest {
+            user_id: user_id.to_owned(),
+            after_seq,
+        });
+        self.ask(session_id, "subscribe", |respond| {
+            SessionRequest::Subscribe(request, respond)
+        })
+        .await
+    }
+
     /// Asks a session's actor to passivate (finish what is queued, then free its memory); the
     /// next command reloads it from the database. Does not wait. Useful before a planned
     /// hand-over and for measuring cold loads.
@@ -386,6 +406,18 @@ impl SessionHandle {
                 completion_tokens,
             })
             .await
+    }
+
+    /// Follows the session: the stored messages after `after_seq` (all when `None`), then each
+    /// new message as it commits, gap-free and in order.
+    pub async fn subscribe(&self, after_seq: Option<i64>) -> Result<MessageStream> {
+        MessageStream::start(
+            self.engine.clone(),
+            self.user_id.clone(),
+            self.session_id,
+            after_seq.unwrap_or(-1),
+        )
+        .await
     }
 
     /// Deletes the session.

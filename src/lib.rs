@@ -33,6 +33,7 @@
 //! - [`config`]: [`EngineConfig`] and input [`Limits`].
 //! - [`error`]: the one public [`Error`] type.
 //! - [`stats`]: counters for a server to export.
+//! - [`subscription`]: [`MessageStream`], following a session's messages as they commit.
 //! - `session`: the session actor, the only code that changes a session.
 //! - `writer`: the writer stage that combines many sessions' batches into one transaction.
 //! - `store`: the SQLite and PostgreSQL backends and their migrations.
@@ -48,6 +49,7 @@ pub mod model;
 mod session;
 pub mod stats;
 mod store;
+pub mod subscription;
 mod writer;
 
 pub use command::{
@@ -59,6 +61,7 @@ pub use engine::{Engine, SessionHandle};
 pub use error::{Error, Result, StorageError};
 pub use model::{Message, NewMessage, Role, SessionId, SessionInfo, Usage};
 pub use stats::Stats;
+pub use subscription::MessageStream;
 pub use uuid;
 
 /// The README's example, compiled as a doctest so it cannot drift from the API.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use soloist_actors::Actor;
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 use tracing::{Instrument, debug, info_span};
 use uuid::Uuid;
 
@@ -60,7 +60,31 @@ pub(crate) enum SessionRequest {
     Update(Box<UpdateRequest>, Respond<SessionInfo>),
     AddUsage(Box<AddUsage>, Respond<Usage>),
     Delete(Box<DeleteSession>, Respond<()>),
+    Subscribe(Box<SubscribeRequest>, Respond<Subscribed>),
 }
+
+/// Ask for the messages after `after_seq` and for every message committed from then on.
+#[derive(Debug)]
+pub(crate) struct SubscribeRequest {
+    pub user_id: String,
+    pub after_seq: i64,
+}
+
+/// The answer to a [`SubscribeRequest`]: taken in one step of the actor, so that no commit can
+/// fall between the backlog and the first live message.
+#[derive(Debug)]
+pub(crate) struct Subscribed {
+    /// Stored messages after `after_seq`, at most a page.
+    pub backlog: Vec<Arc<Message>>,
+    /// Whether `backlog` reaches the newest message; if not, page again before listening.
+    pub caught_up: bool,
+    /// Every message committed after the backlog.
+    pub live: broadcast::Receiver<Arc<Message>>,
+}
+
+/// Committed messages buffered per session for subscribers that fall behind; past it they
+/// catch up from the database.
+const SUBSCRIBER_BUFFER: usize = 1024;
 
 /// What every session actor shares: the actor runtime's context.
 pub(crate) struct Shared {
@@ -122,6 +146,9 @@ pub(crate) struct SessionActor {
     shared: Arc<Shared>,
     /// `None` until loaded, and again after a write whose outcome is unknown.
     state: Option<Loaded>,
+    /// Publishes committed messages to subscribers; created by the first subscription,
+    /// dropped on delete (which ends the subscriptions) and with the actor.
+    events: Option<broadcast::Sender<Arc<Message>>>,
 }
 
 /// What staging decided for one command.
@@ -136,6 +163,7 @@ enum Planned {
     Updated,
     UsageAdded,
     Deleted,
+    Subscribed,
 }
 
 /// The result of staging a batch: the write and what to apply once it committed.
@@ -181,6 +209,7 @@ impl Actor for SessionActor {
             id: *key,
             shared: shared.clone(),
             state: None,
+            events: None,
         }
     }
 
@@ -430,6 +459,10 @@ impl SessionActor {
                         Planned::UsageAdded
                     }
                 },
+                SessionRequest::Subscribe(subscribe, _) => match view.check(&subscribe.user_id) {
+                    Err(error) => Planned::Failed(error),
+                    Ok(()) => Planned::Subscribed,
+                },
                 SessionRequest::Delete(delete, _) => match view.check(&delete.user_id) {
                     Err(error) => Planned::Failed(error),
                     Ok(()) => {
@@ -494,6 +527,14 @@ impl SessionActor {
         info.message_count += messages.len() as i64;
         info.version = version;
         info.updated_at = from_micros(now);
+        if let Some(events) = &self.events {
+            if events.receiver_count() > 0 {
+                for message in &messages {
+                    // Subscribers that lag behind catch up from the database.
+                    let _ = events.send(message.clone());
+                }
+            }
+        }
         for message in messages {
             state.ids.insert(message.id, message.seq);
             state.tail.push_back(message);
@@ -505,6 +546,7 @@ impl SessionActor {
             }
         }
         if delete {
+            self.events = None;
             state.deleted = true;
             state.tail.clear();
             state.ids.clear();
@@ -512,9 +554,10 @@ impl SessionActor {
     }
 
     /// Answers every command of a batch whose write committed (or that had nothing to write).
-    async fn finish(&self, requests: Vec<SessionRequest>, planned: Vec<Planned>) {
+    async fn finish(&mut self, requests: Vec<SessionRequest>, planned: Vec<Planned>) {
+        let stats = self.shared.stats.clone();
+        let stats = &*stats;
         for (request, plan) in requests.into_iter().zip(planned) {
-            let stats = &self.shared.stats;
             match (request, plan) {
                 (request, Planned::Failed(error)) => {
                     stats.record_command(false);
@@ -540,6 +583,10 @@ impl SessionActor {
                 (SessionRequest::Delete(_, respond), Planned::Deleted) => {
                     send(stats, respond, Ok(()));
                 }
+                (SessionRequest::Subscribe(subscribe, respond), Planned::Subscribed) => {
+                    let subscribed = self.subscribe(subscribe.after_seq).await;
+                    send(stats, respond, subscribed);
+                }
                 (request, _) => {
                     // Staging plans each request by its own variant; this cannot pair up
                     // differently, but an answer is owed all the same.
@@ -548,6 +595,25 @@ impl SessionActor {
                 }
             }
         }
+    }
+
+    async fn subscribe(&mut self, after_seq: i64) -> Result<Subscribed> {
+        let limit = self.shared.config.limits.max_page_size;
+        let page = self
+            .page(&GetSession {
+                after_seq: Some(after_seq),
+                limit: Some(limit),
+                ..GetSession::default()
+            })
+            .await?;
+        let events = self
+            .events
+            .get_or_insert_with(|| broadcast::channel(SUBSCRIBER_BUFFER).0);
+        Ok(Subscribed {
+            caught_up: page.next_after_seq.is_none(),
+            backlog: page.messages,
+            live: events.subscribe(),
+        })
     }
 
     fn info(&self) -> Result<SessionInfo> {
@@ -628,5 +694,6 @@ fn reply_error(request: SessionRequest, error: Error) {
         SessionRequest::Update(_, respond) => drop(respond.send(Err(error))),
         SessionRequest::AddUsage(_, respond) => drop(respond.send(Err(error))),
         SessionRequest::Delete(_, respond) => drop(respond.send(Err(error))),
+        SessionRequest::Subscribe(_, respond) => drop(respond.send(Err(error))),
     }
 }

@@ -1,0 +1,108 @@
+//! Following a session: backlog, then live messages, gap-free and in order, through slow
+//! subscribers, passivation and deletion.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestDb;
+use soloist::uuid::Uuid;
+use soloist::{Error, MessageStream, NewMessage};
+
+async fn expect_seqs(stream: &mut MessageStream, seqs: std::ops::Range<i64>) {
+    for expected in seqs {
+        let message = tokio::time::timeout(Duration::from_secs(20), stream.next())
+            .await
+            .expect("a message within 20 s")
+            .expect("stream");
+        assert_eq!(message.seq, expected, "gap-free and in order");
+    }
+}
+
+/// Backlog first, then every message committed by concurrent writers, in order.
+async fn backlog_then_live_messages(db: TestDb) {
+    let engine = db.engine().await;
+    let session = engine.session("u", Uuid::now_v7());
+    session.create(None, None).await.expect("create");
+    let first: Vec<_> = (0..5).map(|i| NewMessage::user(format!("m{i}"))).collect();
+    session.append(first).await.expect("append");
+    let mut stream = session.subscribe(Some(1)).await.expect("subscribe");
+    expect_seqs(&mut stream, 2..5).await;
+    let mut writers = Vec::new();
+    for writer in 0..8 {
+        let session = session.clone();
+        writers.push(tokio::spawn(async move {
+            for turn in 0..25 {
+                session
+                    .append(vec![NewMessage::user(format!("{writer}/{turn}"))])
+                    .await
+                    .expect("append");
+            }
+        }));
+    }
+    expect_seqs(&mut stream, 5..205).await;
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    engine.shutdown().await;
+}
+
+/// A subscriber that stops reading while far more than its buffer is committed, and an actor
+/// that passivates mid-stream, still see every message once, in order.
+async fn slow_subscriber_and_passivation_lose_nothing(db: TestDb) {
+    let engine = db.engine().await;
+    let session = engine.session("u", Uuid::now_v7());
+    session.create(None, None).await.expect("create");
+    let mut stream = session.subscribe(None).await.expect("subscribe");
+    for chunk in 0..30 {
+        let messages = (0..100)
+            .map(|i| NewMessage::user(format!("{chunk}/{i}")))
+            .collect();
+        session.append(messages).await.expect("append");
+    }
+    expect_seqs(&mut stream, 0..3000).await;
+    engine.passivate(session.id());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while engine.is_live(session.id()) {
+        assert!(std::time::Instant::now() < deadline, "never passivated");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    session
+        .append(vec![NewMessage::user("after passivation")])
+        .await
+        .expect("append");
+    expect_seqs(&mut stream, 3000..3001).await;
+    engine.shutdown().await;
+}
+
+/// Deleting the session ends its streams with NotFound; a foreign user cannot subscribe.
+async fn delete_ends_the_stream(db: TestDb) {
+    let engine = db.engine().await;
+    let session = engine.session("u", Uuid::now_v7());
+    session.create(None, None).await.expect("create");
+    assert!(matches!(
+        engine
+            .session("intruder", session.id())
+            .subscribe(None)
+            .await,
+        Err(Error::NotFound)
+    ));
+    let mut stream = session.subscribe(None).await.expect("subscribe");
+    session
+        .append(vec![NewMessage::user("one")])
+        .await
+        .expect("append");
+    expect_seqs(&mut stream, 0..1).await;
+    session.delete().await.expect("delete");
+    let ended = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("the stream ends");
+    assert!(matches!(ended, Err(Error::NotFound)), "{ended:?}");
+    engine.shutdown().await;
+}
+
+on_every_backend!(
+    backlog_then_live_messages,
+    slow_subscriber_and_passivation_lose_nothing,
+    delete_ends_the_stream,
+);
