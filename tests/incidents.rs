@@ -21,7 +21,11 @@ async fn sequence_race_across_processes(db: TestDb) {
     let mut sessions = Vec::new();
     for _ in 0..10 {
         let id = Uuid::now_v7();
-        engines[0].session(owner, id).create(None, None).await.expect("create");
+        engines[0]
+            .session(owner, id)
+            .create(None, None)
+            .await
+            .expect("create");
         sessions.push(id);
     }
     let mut tasks = Vec::new();
@@ -37,7 +41,8 @@ async fn sequence_race_across_processes(db: TestDb) {
                     let sequences = engine
                         .session(owner, session)
                         .append(vec![
-                            NewMessage::user(format!("e{engine_index} t{task} #{turn}")).with_id(id),
+                            NewMessage::user(format!("e{engine_index} t{task} #{turn}"))
+                                .with_id(id),
                         ])
                         .await
                         .expect("no error reaches the caller");
@@ -61,12 +66,23 @@ async fn sequence_race_across_processes(db: TestDb) {
         assert_contiguous(&rows);
         let stored: HashMap<Uuid, i64> = rows.iter().map(|&(seq, id)| (id, seq)).collect();
         let expected: Vec<_> = acked.iter().filter(|(s, _, _)| *s == session).collect();
-        assert_eq!(rows.len(), expected.len(), "no message that was never acknowledged");
+        assert_eq!(
+            rows.len(),
+            expected.len(),
+            "no message that was never acknowledged"
+        );
         for (_, seq, id) in expected {
-            assert_eq!(stored.get(id), Some(seq), "acked message at its acked sequence");
+            assert_eq!(
+                stored.get(id),
+                Some(seq),
+                "acked message at its acked sequence"
+            );
         }
     }
-    eprintln!("incident 1: {} appends, {conflicts} conflicts resolved inside the engines", acked.len());
+    eprintln!(
+        "incident 1: {} appends, {conflicts} conflicts resolved inside the engines",
+        acked.len()
+    );
     for engine in engines {
         engine.shutdown().await;
     }
@@ -89,7 +105,12 @@ async fn stale_writer_is_fenced(db: TestDb) {
     let b_ids: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
     let b_seqs = b
         .session("u", id)
-        .append(b_ids.iter().map(|&m| NewMessage::user("b").with_id(m)).collect())
+        .append(
+            b_ids
+                .iter()
+                .map(|&m| NewMessage::user("b").with_id(m))
+                .collect(),
+        )
         .await
         .expect("b appends");
     assert_eq!(b_seqs, vec![1, 2, 3, 4, 5]);
@@ -101,11 +122,18 @@ async fn stale_writer_is_fenced(db: TestDb) {
         .await
         .expect("a appends");
     assert_eq!(a_seq, vec![6]);
-    assert_eq!(a.stats().conflicts - conflicts_before, 1, "A's stale write was refused once");
+    assert_eq!(
+        a.stats().conflicts - conflicts_before,
+        1,
+        "A's stale write was refused once"
+    );
     let rows = stored_rows(&db.url, id).await;
     assert_contiguous(&rows);
     for (seq, message) in b_seqs.iter().zip(&b_ids) {
-        assert!(rows.contains(&(*seq, *message)), "B's message {seq} survived");
+        assert!(
+            rows.contains(&(*seq, *message)),
+            "B's message {seq} survived"
+        );
     }
     a.shutdown().await;
     b.shutdown().await;
@@ -127,7 +155,11 @@ async fn in_memory_sqlite_keeps_every_acknowledged_write() {
     let mut sessions = Vec::new();
     for _ in 0..8 {
         let id = Uuid::now_v7();
-        engine.session("u", id).create(None, None).await.expect("create");
+        engine
+            .session("u", id)
+            .create(None, None)
+            .await
+            .expect("create");
         sessions.push(id);
     }
     let mut tasks = Vec::new();
@@ -192,7 +224,11 @@ async fn in_memory_sqlite_keeps_every_acknowledged_write() {
             }
         }
         for (_, seq, id) in acked.iter().filter(|(s, _, _)| *s == session) {
-            assert_eq!(stored.get(id), Some(seq), "an acknowledged message vanished");
+            assert_eq!(
+                stored.get(id),
+                Some(seq),
+                "an acknowledged message vanished"
+            );
         }
     }
     engine.shutdown().await;
@@ -206,7 +242,11 @@ async fn hundred_concurrent_tasks_all_succeed(db: TestDb) {
     let mut sessions = Vec::new();
     for _ in 0..10 {
         let id = Uuid::now_v7();
-        engine.session("u", id).create(None, None).await.expect("create");
+        engine
+            .session("u", id)
+            .create(None, None)
+            .await
+            .expect("create");
         sessions.push(id);
     }
     let mut tasks = Vec::new();
@@ -237,7 +277,11 @@ async fn hundred_concurrent_tasks_all_succeed(db: TestDb) {
     let failures: Vec<_> = outcomes.into_iter().filter_map(Result::err).collect();
     assert!(failures.is_empty(), "failures: {failures:?}");
     for &session in &sessions {
-        let page = engine.session("u", session).get(None, Some(0)).await.expect("get");
+        let page = engine
+            .session("u", session)
+            .get(None, Some(0))
+            .await
+            .expect("get");
         assert_eq!(page.session.message_count, 50);
     }
     engine.shutdown().await;
@@ -278,7 +322,9 @@ async fn concurrent_upserts_and_deltas(db: TestDb) {
         }));
     }
     for task in tasks {
-        task.await.expect("task").expect("no error reaches the caller");
+        task.await
+            .expect("task")
+            .expect("no error reaches the caller");
     }
     let page = engines[0]
         .get_session(soloist::GetSession {
@@ -290,12 +336,21 @@ async fn concurrent_upserts_and_deltas(db: TestDb) {
         .await
         .expect("fresh read");
     assert_eq!(
-        (page.session.usage.prompt_tokens, page.session.usage.completion_tokens),
+        (
+            page.session.usage.prompt_tokens,
+            page.session.usage.completion_tokens
+        ),
         expected,
         "usage totals are the exact sum of the deltas"
     );
-    let writer = page.session.metadata["writer"].as_u64().expect("metadata set");
-    assert_eq!(page.session.title, Some(format!("title {writer}")), "last writer wins whole");
+    let writer = page.session.metadata["writer"]
+        .as_u64()
+        .expect("metadata set");
+    assert_eq!(
+        page.session.title,
+        Some(format!("title {writer}")),
+        "last writer wins whole"
+    );
     let listed = engines[1]
         .list_sessions(soloist::ListSessions {
             user_id: "u".into(),
