@@ -1,0 +1,346 @@
+//! `soloist-server`: a chat server over HTTP that links the soloist engine.
+//!
+//! The caller's identity is the `x-user-id` header, which a trusted authentication proxy in
+//! front of this server sets; a request without it gets 401. Every other check (ownership,
+//! input validation, limits) is the engine's, and its typed errors become JSON error bodies
+//! `{"error": {"code", "message"}}` with the matching status. Nothing a client sends can cause
+//! a 500.
+//!
+//! # Layout
+//! - [`app`]: the router, built from an [`Engine`]; tests drive it directly or over TCP.
+//! - `api`: request and response bodies of the JSON API.
+//! - `error`: [`ApiError`], the mapping from engine errors and bad requests to HTTP.
+//! - `metrics`: the Prometheus text rendering of [`soloist::Stats`].
+
+mod api;
+mod error;
+mod metrics;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::Stream;
+use soloist::{
+    AddUsage, AppendMessages, CreateSession, DeleteSession, Engine, GetSession, ListSessions,
+    SessionId, UpdateSession,
+};
+use tokio_util::sync::CancellationToken;
+
+pub use error::ApiError;
+
+use api::{
+    AppendBody, AppendedBody, CreateBody, CreatedBody, EventsQuery, ListQuery, MessageBody,
+    PageQuery, SessionBody, SessionListBody, UpdateBody, UsageBody, UsageDeltaBody,
+};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The engine all requests go through.
+    pub engine: Engine,
+    /// Cancelled at shutdown so that long-lived event streams end and the server can drain.
+    pub shutdown: CancellationToken,
+}
+
+/// The router of the JSON API.
+pub fn app(state: AppState) -> Router {
+    // A body may carry a full append: every message at the content limit, plus JSON overhead.
+    let limits = &state.engine.config().limits;
+    let body_limit = limits.max_messages_per_append
+        * (limits.max_content_bytes + 2 * limits.max_json_bytes + 4 * limits.max_text_bytes)
+        + 64 * 1024;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/sessions", post(create_session).get(list_sessions))
+        .route(
+            "/v1/sessions/{id}",
+            get(get_session).patch(update_session).delete(delete_session),
+        )
+        .route("/v1/sessions/{id}/messages", post(append_messages))
+        .route("/v1/sessions/{id}/usage", post(add_usage))
+        .route("/v1/sessions/{id}/events", get(events))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// The caller's identity, from the `x-user-id` header set by the trusted proxy in front.
+pub struct UserId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for UserId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        match parts.headers.get("x-user-id").map(|value| value.to_str()) {
+            Some(Ok(user)) if !user.is_empty() => Ok(UserId(user.to_owned())),
+            _ => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "missing or invalid x-user-id header",
+            )),
+        }
+    }
+}
+
+/// `Json` whose rejections are API errors (400, 413) instead of axum's plain-text ones.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(JsonBody(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    let status = rejection.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(status, "too_large", rejection.body_text())
+    } else {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", rejection.body_text())
+    }
+}
+
+/// The `{id}` path segment as a session id; anything else is a 400.
+pub struct SessionPath(pub SessionId);
+
+impl<S: Send + Sync> FromRequestParts<S> for SessionPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<SessionId>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(SessionPath(id)),
+            Err(rejection) => Err(path_rejection(rejection)),
+        }
+    }
+}
+
+fn path_rejection(rejection: PathRejection) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", rejection.body_text())
+}
+
+/// `Query` whose rejections are 400 API errors.
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(QueryParams(value)),
+            Err(rejection) => Err(query_rejection(rejection)),
+        }
+    }
+}
+
+fn query_rejection(rejection: QueryRejection) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", rejection.body_text())
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    if state.shutdown.is_cancelled() {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "draining")
+            .into_response();
+    }
+    (StatusCode::OK, "ok\n").into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        metrics::render(&state.engine.stats()),
+    )
+        .into_response()
+}
+
+async fn create_session(
+    State(state): State<AppState>,
+    UserId(user_id): UserId,
+    JsonBody(body): JsonBody<CreateBody>,
+) -> Result<Response, ApiError> {
+    let created = state
+        .engine
+        .create_session(CreateSession {
+            user_id,
+            session_id: body.id,
+            title: body.title,
+            metadata: body.metadata,
+        })
+        .await?;
+    let status = if created.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(CreatedBody::from(created.session))).into_response())
+}
+
+async fn append_messages(
+    State(state): State<AppState>,
+    UserId(user_id): UserId,
+    SessionPath(session_id): SessionPath,
+    JsonBody(body): JsonBody<AppendBody>,
+) -> Result<Json<AppendedBody>, ApiError> {
+    let appended = state
+        .engine
+        .append(AppendMessages {
+            user_id,
+            session_id,
+            messages: body.messages,
+        })
+        .await?;
+    Ok(Json(AppendedBody {
+        sequences: appended.sequences,
+    }))
+}
+
+async fn get_session(
+    State(state): State<AppState>,
+    UserId(user_id): UserId,
+    SessionPath(session_id): SessionPath,
+    QueryParams(query): QueryParams<PageQuery>,
+) -> Result<Json<SessionBody>, ApiError> {
+    let page = state
+        .engine
+        .get_session(GetSession {
+            user_id,
+            session_id,
+            after_seq: query.after_seq,
+            limit: query.limit,
+            fresh: query.fresh.unwrap_or(false),
+        })
+        .await?;
+    Ok(Json(SessionBody::from(page)))
+}
+
+async fn list_sessions(
+    State(state): State<AppState>,
+    UserId(user_id): UserId,
+    QueryParams(query): QueryParams<ListQuery>,
+) -> Result<Json<SessionListBody>, ApiError> {
+    let before = query.before.as_deref().map(api::parse_cursor).transpose()?;
+    let list = state
+        .engine
+        .list_sessions(ListSessions {
+            user_id,
+            before,
+            limit: query.limit,
+        })
+        .await?;
+    Ok(Json(SessionListBody::from(list)))
+}
+
+async fn update_session(
+    State(state): State<AppState>,
+    UserId(user_id): UserId,
+    SessionPath(session_id): SessionPath,
+    JsonBody(body): JsonBody<UpdateBody>,
+) -> Result<Json<CreatedBody>, ApiError> {
+    let session = state
+        .engine
+        .update_session(UpdateSession {
+            user_id,
+            session_id,
+            title: body.title,
+            metadata: body.metadata,
+        })
+        .await?;
+    Ok(Json(CreatedBody::from(session)))
+}
+
+async fn add_usage(
+    State(state): State<AppState>,
+    UserId(user_id): UserId,
+    SessionPath(session_id): SessionPath,
+    JsonBody(body): JsonBody<UsageDeltaBody>,
+) -> Result<Json<UsageBody>, ApiError> {
+    let usage = state
+        .engine
+        .add_usage(AddUsage {
+            user_id,
+            session_id,
+            prompt_tokens: body.prompt_tokens,
+            completion_tokens: body.completion_tokens,
+        })
+        .await?;
+    Ok(Json(UsageBody::from(usage)))
+}
+
+async fn delete_session(
+    State(state): State<AppState>,
+    UserId(user_id): UserId,
+    SessionPath(session_id): SessionPath,
+) -> Result<StatusCode, ApiError> {
+    state
+        .engine
+        .delete_session(DeleteSession {
+            user_id,
+            session_id,
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Server-Sent Events: the stored messages after `after_seq` (or after the `Last-Event-ID` a
+/// reconnecting client sends), then each new message as it commits. Each event's id is the
+/// message's sequence, so a client that reconnects resumes exactly where it stopped.
+async fn events(
+    State(state): State<AppState>,
+    UserId(user_id): UserId,
+    SessionPath(session_id): SessionPath,
+    QueryParams(query): QueryParams<EventsQuery>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<i64>().ok());
+    let after_seq = resume.or(query.after_seq);
+    let stream = state
+        .engine
+        .session(user_id, session_id)
+        .subscribe(after_seq)
+        .await?;
+    let shutdown = state.shutdown.clone();
+    let events = futures::stream::unfold(
+        (stream, shutdown, false),
+        |(mut stream, shutdown, ended)| async move {
+            if ended {
+                return None;
+            }
+            let next = tokio::select! {
+                next = stream.next() => next,
+                () = shutdown.cancelled() => return None,
+            };
+            let event = match next {
+                Ok(message) => Event::default()
+                    .event("message")
+                    .id(message.seq.to_string())
+                    .json_data(MessageBody::from(&*message))
+                    .unwrap_or_else(|_| Event::default().event("error").data("encoding")),
+                // The stream ended (session deleted, engine stopping): say why, then close.
+                Err(error) => {
+                    let event = Event::default()
+                        .event("error")
+                        .data(ApiError::from(error).body().to_string());
+                    return Some((Ok(event), (stream, shutdown, true)));
+                }
+            };
+            Some((Ok(event), (stream, shutdown, false)))
+        },
+    );
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

@@ -1,0 +1,122 @@
+//! `soloist-server`: the chat server binary. See the crate docs of `soloist_server` for the API.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use soloist::{Engine, EngineConfig, SqliteSync};
+use soloist_server::{AppState, app};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+/// A chat server on the soloist engine.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Database: an SQLite file (created if missing), `sqlite::memory:`, or a PostgreSQL URL.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://soloist.db")]
+    database_url: String,
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, env = "SOLOIST_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// SQLite only: trade the last commits on power loss for speed (`synchronous=NORMAL`).
+    #[arg(long)]
+    sqlite_normal_sync: bool,
+    /// How long a request waits for room in a full session mailbox before a 429.
+    #[arg(long, default_value = "5000", value_name = "MS")]
+    send_timeout_ms: u64,
+    /// Commands a session's mailbox holds before requests wait (then get 429).
+    #[arg(long, default_value = "256")]
+    mailbox_capacity: usize,
+    /// Seconds an idle session stays in memory.
+    #[arg(long, default_value = "300", value_name = "SECONDS")]
+    idle_timeout: u64,
+    /// PostgreSQL: write transactions in flight at once.
+    #[arg(long, default_value = "4")]
+    writer_connections: u32,
+    /// Connections for reads.
+    #[arg(long, default_value = "4")]
+    read_connections: u32,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            error!(%error, "soloist-server failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let config = EngineConfig {
+        sqlite_sync: if args.sqlite_normal_sync {
+            SqliteSync::Normal
+        } else {
+            SqliteSync::Full
+        },
+        send_timeout: Some(Duration::from_millis(args.send_timeout_ms)),
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        mailbox_capacity: args.mailbox_capacity,
+        writer_connections: args.writer_connections,
+        read_pool_size: args.read_connections,
+        ..EngineConfig::new(&args.database_url)
+    };
+    let engine = Engine::start(config).await?;
+    let shutdown = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let address = listener.local_addr()?;
+    // Tests and scripts read this line to find the port.
+    println!("listening on http://{address}");
+    info!(%address, "soloist-server listening");
+
+    let router = app(AppState {
+        engine: engine.clone(),
+        shutdown: shutdown.clone(),
+    });
+    let stop = shutdown.clone();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            wait_for_signal().await;
+            info!("shutting down: no new connections, finishing in-flight requests");
+            // Ends the event streams, which would otherwise hold the drain open forever.
+            stop.cancel();
+        })
+        .await?;
+    engine.shutdown().await;
+    info!("soloist-server stopped cleanly");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
