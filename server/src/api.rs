@@ -137,7 +137,11 @@ impl From<SessionPage> for SessionBody {
             message_count: info.message_count,
             created_at: info.created_at,
             updated_at: info.updated_at,
-            messages: page.messages.iter().map(|m| MessageBody::from(&**m)).collect(),
+            messages: page
+                .messages
+                .iter()
+                .map(|m| MessageBody::from(&**m))
+                .collect(),
             next_after_seq: page.next_after_seq,
         }
     }

@@ -38,8 +38,8 @@ impl ApiError {
 
 impl From<Error> for ApiError {
     fn from(error: Error) -> Self {
-        let status = StatusCode::from_u16(error.http_status())
-            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let status =
+            StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         let message = match &error {
             // The cause is for the operator's log, not for the client.
             Error::Storage(storage) => {

@@ -63,7 +63,9 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/sessions", post(create_session).get(list_sessions))
         .route(
             "/v1/sessions/{id}",
-            get(get_session).patch(update_session).delete(delete_session),
+            get(get_session)
+                .patch(update_session)
+                .delete(delete_session),
         )
         .route("/v1/sessions/{id}/messages", post(append_messages))
         .route("/v1/sessions/{id}/usage", post(add_usage))
@@ -110,7 +112,11 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(status, "too_large", rejection.body_text())
     } else {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", rejection.body_text())
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            rejection.body_text(),
+        )
     }
 }
 
@@ -129,7 +135,11 @@ impl<S: Send + Sync> FromRequestParts<S> for SessionPath {
 }
 
 fn path_rejection(rejection: PathRejection) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", rejection.body_text())
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_input",
+        rejection.body_text(),
+    )
 }
 
 /// `Query` whose rejections are 400 API errors.
@@ -147,7 +157,11 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Que
 }
 
 fn query_rejection(rejection: QueryRejection) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", rejection.body_text())
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_input",
+        rejection.body_text(),
+    )
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {

@@ -13,22 +13,97 @@ pub fn render(stats: &Stats) -> String {
         let _ = writeln!(out, "# TYPE soloist_{name} {kind}");
         let _ = writeln!(out, "soloist_{name} {value}");
     };
-    metric("live_sessions", "gauge", "Session actors alive now.", stats.live_sessions);
-    metric("mailbox_depth", "gauge", "Commands queued in session mailboxes.", stats.mailbox_depth);
-    metric("activations_total", "counter", "Session actor activations.", stats.activations);
-    metric("passivations_total", "counter", "Session actors passivated.", stats.passivations);
-    metric("evictions_total", "counter", "Session actors passivated to respect the cap.", stats.evictions);
-    metric("restarts_total", "counter", "Session actors restarted after a panic.", stats.restarts);
-    metric("commands_total", "counter", "Commands answered.", stats.commands);
-    metric("command_errors_total", "counter", "Commands answered with an error.", stats.command_errors);
-    metric("loads_total", "counter", "Session loads from the database.", stats.loads);
-    metric("flushes_total", "counter", "Write transactions committed.", stats.flushes);
-    metric("flushed_sessions_total", "counter", "Session batches written.", stats.flushed_sessions);
+    metric(
+        "live_sessions",
+        "gauge",
+        "Session actors alive now.",
+        stats.live_sessions,
+    );
+    metric(
+        "mailbox_depth",
+        "gauge",
+        "Commands queued in session mailboxes.",
+        stats.mailbox_depth,
+    );
+    metric(
+        "activations_total",
+        "counter",
+        "Session actor activations.",
+        stats.activations,
+    );
+    metric(
+        "passivations_total",
+        "counter",
+        "Session actors passivated.",
+        stats.passivations,
+    );
+    metric(
+        "evictions_total",
+        "counter",
+        "Session actors passivated to respect the cap.",
+        stats.evictions,
+    );
+    metric(
+        "restarts_total",
+        "counter",
+        "Session actors restarted after a panic.",
+        stats.restarts,
+    );
+    metric(
+        "commands_total",
+        "counter",
+        "Commands answered.",
+        stats.commands,
+    );
+    metric(
+        "command_errors_total",
+        "counter",
+        "Commands answered with an error.",
+        stats.command_errors,
+    );
+    metric(
+        "loads_total",
+        "counter",
+        "Session loads from the database.",
+        stats.loads,
+    );
+    metric(
+        "flushes_total",
+        "counter",
+        "Write transactions committed.",
+        stats.flushes,
+    );
+    metric(
+        "flushed_sessions_total",
+        "counter",
+        "Session batches written.",
+        stats.flushed_sessions,
+    );
     metric("rows_total", "counter", "Message rows written.", stats.rows);
-    metric("conflicts_total", "counter", "Session batches refused because another writer changed the session.", stats.conflicts);
-    metric("conflict_retries_total", "counter", "Reloads and restages after a conflict.", stats.conflict_retries);
-    metric("transient_retries_total", "counter", "Flushes retried after a transient database refusal.", stats.transient_retries);
-    metric("storage_errors_total", "counter", "Flushes that failed.", stats.storage_errors);
+    metric(
+        "conflicts_total",
+        "counter",
+        "Session batches refused because another writer changed the session.",
+        stats.conflicts,
+    );
+    metric(
+        "conflict_retries_total",
+        "counter",
+        "Reloads and restages after a conflict.",
+        stats.conflict_retries,
+    );
+    metric(
+        "transient_retries_total",
+        "counter",
+        "Flushes retried after a transient database refusal.",
+        stats.transient_retries,
+    );
+    metric(
+        "storage_errors_total",
+        "counter",
+        "Flushes that failed.",
+        stats.storage_errors,
+    );
     histogram(
         &mut out,
         "flush_sessions",
