@@ -45,6 +45,7 @@ pub(crate) struct EngineStats {
     transient_retries: AtomicU64,
     storage_errors: AtomicU64,
     loads: AtomicU64,
+    batched_commands: AtomicU64,
     flush_sessions: Histogram,
     batch_commands: Histogram,
 }
@@ -66,6 +67,7 @@ impl EngineStats {
     }
 
     pub fn record_batch(&self, commands: usize) {
+        self.batched_commands.fetch_add(commands as u64, Relaxed);
         self.batch_commands.record(commands as u64);
     }
 
@@ -103,6 +105,7 @@ impl EngineStats {
             conflict_retries: self.conflict_retries.load(Relaxed),
             transient_retries: self.transient_retries.load(Relaxed),
             storage_errors: self.storage_errors.load(Relaxed),
+            batched_commands: self.batched_commands.load(Relaxed),
             flush_sessions: self.flush_sessions.snapshot(),
             batch_commands: self.batch_commands.snapshot(),
         }
@@ -144,7 +147,10 @@ pub struct Stats {
     pub transient_retries: u64,
     /// Flushes that failed.
     pub storage_errors: u64,
-    /// Histogram of sessions per write transaction, bucketed by [`BATCH_BUCKETS`].
+    /// Commands handled in session batches (the sum behind [`Stats::batch_commands`]).
+    pub batched_commands: u64,
+    /// Histogram of sessions per write transaction, bucketed by [`BATCH_BUCKETS`]; its sum is
+    /// [`Stats::flushed_sessions`].
     pub flush_sessions: Vec<u64>,
     /// Histogram of commands per session batch, bucketed by [`BATCH_BUCKETS`].
     pub batch_commands: Vec<u64>,
