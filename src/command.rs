@@ -292,11 +292,10 @@ pub(crate) fn validate_messages(
     let mut valid = Vec::with_capacity(messages.len());
     for (index, message) in messages.into_iter().enumerate() {
         let field = |name: &str| format!("messages[{index}].{name}");
-        check_text(
-            &field("content"),
-            &message.content,
-            limits.max_content_bytes,
-        )?;
+        // Content is stored as bytes, so any text round-trips, NUL included.
+        if let Some(content) = &message.content {
+            check_len(field("content"), content.len(), limits.max_content_bytes)?;
+        }
         check_text(
             &field("refusal"),
             &message.refusal,

@@ -194,14 +194,17 @@ impl Engine {
         check_user(&command.user_id, limits)?;
         let limit = validate_page(command.limit, DEFAULT_SESSION_PAGE, limits);
         let span = info_span!("list_sessions", user_id = %command.user_id);
-        let sessions = self
+        // One more than asked tells whether another page follows.
+        let mut sessions = self
             .inner
             .shared
             .store
-            .list_sessions(&command.user_id, command.before, limit)
+            .list_sessions(&command.user_id, command.before, limit + 1)
             .instrument(span)
             .await?;
-        let next_before = if sessions.len() == limit && limit > 0 {
+        let more = sessions.len() > limit;
+        sessions.truncate(limit);
+        let next_before = if more {
             sessions.last().map(|last| SessionCursor {
                 created_at_micros: last.created_at.timestamp_micros(),
                 id: last.id,

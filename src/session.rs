@@ -151,50 +151,59 @@ pub(crate) struct SessionActor {
     events: Option<broadcast::Sender<Arc<Message>>>,
 }
 
-/// What staging decided for one command.
-enum Planned {
-    /// Answered without the write (an error, or nothing to do).
+/// What staging decided for one command, turned into its reply once the batch is resolved.
+///
+/// A batch is linearized as: every read first, against the session as it was before the batch,
+/// then every write in command order. So a read answers from the committed state, and each
+/// write answers with the session as it stood right after that write (an `add_usage` does not
+/// report the deltas of commands queued behind it).
+enum Outcome {
+    /// Refused while staging: answered with this error whatever the write does.
     Failed(Error),
+    /// Answered from the state before the batch; stands whatever the write does.
+    Read(Result<SessionPage>),
+    Subscribed(Result<Subscribed>),
+    /// Placeholders for reads, resolved before the write.
+    PendingRead,
+    PendingSubscribe,
+    /// Writes: answered once the batch committed (or with the write's error).
     Created {
         created: bool,
+        info: SessionInfo,
     },
     Appended(Vec<i64>),
-    Read,
-    Updated,
-    UsageAdded,
+    Updated(SessionInfo),
+    UsageAdded(Usage),
     Deleted,
-    Subscribed,
 }
 
-/// The result of staging a batch: the write and what to apply once it committed.
+/// The result of staging a batch: the write, and what to apply once it committed.
 struct Staged {
     write: SessionWrite,
-    planned: Vec<Planned>,
-    created: Option<(String, Option<String>, Value)>,
-    title: Option<String>,
-    metadata: Option<Value>,
+    outcomes: Vec<Outcome>,
+    /// The session after the batch (version and `updated_at` are set at commit).
+    info: Option<SessionInfo>,
+    deleted: bool,
+    /// The new messages, for the cached tail and the subscribers.
     messages: Vec<Arc<Message>>,
 }
 
-/// The staged view of the session's ownership while a batch is staged command by command.
-struct View<'a> {
-    owner: Option<&'a str>,
+/// Who may act on the session at a point of the batch.
+fn check_access(
+    info: Option<&SessionInfo>,
     deleted: bool,
+    user_id: &str,
     hide_foreign: bool,
-}
-
-impl View<'_> {
-    fn check(&self, user_id: &str) -> Result<()> {
-        match self.owner {
-            None => Err(Error::NotFound),
-            Some(_) if self.deleted => Err(Error::NotFound),
-            Some(owner) if owner != user_id => Err(if self.hide_foreign {
-                Error::NotFound
-            } else {
-                Error::Forbidden
-            }),
-            Some(_) => Ok(()),
-        }
+) -> Result<()> {
+    match info {
+        None => Err(Error::NotFound),
+        Some(_) if deleted => Err(Error::NotFound),
+        Some(info) if info.user_id != user_id => Err(if hide_foreign {
+            Error::NotFound
+        } else {
+            Error::Forbidden
+        }),
+        Some(_) => Ok(()),
     }
 }
 
@@ -253,58 +262,62 @@ impl SessionActor {
     async fn process(&mut self, requests: Vec<SessionRequest>) {
         self.shared.stats.record_batch(requests.len());
         if let Err(error) = self.prepare(&requests).await {
-            self.fail_all(requests, Error::Storage(error));
+            let error = Error::Storage(error);
+            let outcomes = requests
+                .iter()
+                .map(|_| Outcome::Failed(error.clone()))
+                .collect();
+            self.reply(requests, outcomes, None);
             return;
         }
         let mut known_ids = HashMap::new();
         let mut attempt = 0;
         loop {
-            let staged = self.stage(&requests, &known_ids);
+            let mut staged = self.stage(&requests, &known_ids);
+            self.resolve_reads(&requests, &mut staged.outcomes).await;
             if staged.write.is_empty() {
-                self.finish(requests, staged.planned).await;
+                self.reply(requests, staged.outcomes, None);
                 return;
             }
             let Staged {
                 write,
-                planned,
-                created,
-                title,
-                metadata,
+                mut outcomes,
+                info,
+                deleted,
                 messages,
             } = staged;
             let now = write.now;
-            let delete = write.delete;
-            let usage = write.usage;
             match self.shared.writer.write(write).await {
                 Ok(FlushOutcome::Committed { version }) => {
-                    self.apply(
-                        version, now, created, title, metadata, usage, messages, delete,
-                    );
-                    self.finish(requests, planned).await;
+                    for outcome in &mut outcomes {
+                        if let Outcome::Created { info, .. } | Outcome::Updated(info) = outcome {
+                            info.version = version;
+                            info.updated_at = from_micros(now);
+                        }
+                    }
+                    self.apply(info, deleted, messages, version, now);
+                    self.reply(requests, outcomes, None);
                     return;
                 }
                 Ok(FlushOutcome::Conflict) => {
                     attempt += 1;
                     if attempt > self.shared.config.max_conflict_retries {
-                        let error = || {
-                            Error::Conflict(format!(
-                                "session kept changing under {attempt} attempts to write it"
-                            ))
-                        };
                         self.state = None;
-                        self.fail_writes(requests, planned, error);
+                        let error = Error::Conflict(format!(
+                            "the session kept changing under {attempt} attempts to write it"
+                        ));
+                        self.reply(requests, outcomes, Some(error));
                         return;
                     }
                     self.shared.stats.record_conflict_retry();
                     debug!(session_id = %self.id, attempt, "conflict; reloading and restaging");
                     let backoff = Duration::from_millis(1 << attempt.min(7));
                     tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64() / 2.0)).await;
-                    let reloaded = self.reload_for_conflict(&requests).await;
-                    match reloaded {
+                    match self.reload_for_conflict(&requests).await {
                         Ok(ids) => known_ids = ids,
                         Err(error) => {
                             self.state = None;
-                            self.fail_all(requests, Error::Storage(error));
+                            self.reply(requests, outcomes, Some(Error::Storage(error)));
                             return;
                         }
                     }
@@ -313,7 +326,7 @@ impl SessionActor {
                     // The outcome is unknown (the commit may have gone through): forget the
                     // state so the next command reloads it from the database.
                     self.state = None;
-                    self.fail_all(requests, Error::Storage(error));
+                    self.reply(requests, outcomes, Some(Error::Storage(error)));
                     return;
                 }
             }
@@ -338,195 +351,183 @@ impl SessionActor {
         self.shared.store.stored_ids(self.id, &ids).await
     }
 
+    /// Walks the batch in command order over a staged copy of the session, producing one write
+    /// and each command's outcome.
     fn stage(&self, requests: &[SessionRequest], known_ids: &HashMap<Uuid, i64>) -> Staged {
         let state = self.state.as_ref();
-        let info = state.and_then(|state| state.info.as_ref());
         let now = now_micros();
-        let mut write = SessionWrite::new(self.id, info.map_or(0, |info| info.version), now);
-        let mut staged_owner: Option<String> = None;
-        let mut view_deleted = state.is_some_and(|state| state.deleted);
-        let mut next_seq = info.map_or(0, |info| info.message_count);
+        let mut info = state.and_then(|state| state.info.clone());
+        let mut deleted = state.is_some_and(|state| state.deleted);
+        let mut write = SessionWrite::new(self.id, info.as_ref().map_or(0, |i| i.version), now);
         let mut pending_ids: HashMap<Uuid, i64> = HashMap::new();
-        let mut planned = Vec::with_capacity(requests.len());
-        let mut created = None;
-        let mut title = None;
-        let mut metadata = None;
+        let mut outcomes = Vec::with_capacity(requests.len());
         let mut messages = Vec::new();
         let hide_foreign = self.shared.config.hide_foreign_sessions;
 
         for request in requests {
-            let owner = info
-                .map(|info| info.user_id.as_str())
-                .or(staged_owner.as_deref());
-            let view = View {
-                owner,
-                deleted: view_deleted,
-                hide_foreign,
+            let check = |info: &Option<SessionInfo>, deleted: bool, user_id: &str| {
+                check_access(info.as_ref(), deleted, user_id, hide_foreign)
             };
-            let plan = match request {
-                SessionRequest::Create(create, _) => match view.owner {
+            let outcome = match request {
+                SessionRequest::Create(create, _) => match &info {
                     None => {
                         write.create = Some(NewSessionRow {
                             user_id: create.user_id.clone(),
                             title: create.title.clone(),
                             metadata: create.metadata_json.clone(),
                         });
-                        created = Some((
-                            create.user_id.clone(),
-                            create.title.clone(),
-                            create.metadata.clone(),
-                        ));
-                        staged_owner = Some(create.user_id.clone());
-                        Planned::Created { created: true }
+                        let created = SessionInfo {
+                            id: self.id,
+                            user_id: create.user_id.clone(),
+                            title: create.title.clone(),
+                            metadata: create.metadata.clone(),
+                            usage: Usage::default(),
+                            message_count: 0,
+                            version: 0,
+                            created_at: from_micros(now),
+                            updated_at: from_micros(now),
+                        };
+                        info = Some(created.clone());
+                        Outcome::Created {
+                            created: true,
+                            info: created,
+                        }
                     }
-                    Some(_) if view.deleted => Planned::Failed(Error::Conflict(
+                    Some(_) if deleted => Outcome::Failed(Error::Conflict(
                         "the session id belonged to a deleted session".into(),
                     )),
-                    Some(owner) if owner != create.user_id => {
-                        Planned::Failed(Error::Conflict("the session id is taken".into()))
+                    Some(existing) if existing.user_id != create.user_id => {
+                        Outcome::Failed(Error::Conflict("the session id is taken".into()))
                     }
-                    Some(_) => Planned::Created { created: false },
+                    Some(existing) => Outcome::Created {
+                        created: false,
+                        info: existing.clone(),
+                    },
                 },
-                SessionRequest::Append(append, _) => match view.check(&append.user_id) {
-                    Err(error) => Planned::Failed(error),
-                    Ok(()) => {
-                        let mut sequences = Vec::with_capacity(append.messages.len());
-                        for valid in &append.messages {
-                            let id = valid.message.id.unwrap_or_else(Uuid::now_v7);
-                            let existing = state
-                                .and_then(|state| state.ids.get(&id))
-                                .or_else(|| pending_ids.get(&id))
-                                .or_else(|| known_ids.get(&id));
-                            if let Some(&seq) = existing {
+                SessionRequest::Append(append, _) => {
+                    match (check(&info, deleted, &append.user_id), info.as_mut()) {
+                        (Ok(()), Some(staged)) => {
+                            let mut sequences = Vec::with_capacity(append.messages.len());
+                            for valid in &append.messages {
+                                let id = valid.message.id.unwrap_or_else(Uuid::now_v7);
+                                let existing = state
+                                    .and_then(|state| state.ids.get(&id))
+                                    .or_else(|| pending_ids.get(&id))
+                                    .or_else(|| known_ids.get(&id));
+                                if let Some(&seq) = existing {
+                                    sequences.push(seq);
+                                    continue;
+                                }
+                                let seq = staged.message_count;
+                                staged.message_count += 1;
+                                pending_ids.insert(id, seq);
                                 sequences.push(seq);
-                                continue;
+                                let (message, row) = new_message(seq, id, valid, now);
+                                write.rows.push(row);
+                                messages.push(message);
                             }
-                            let seq = next_seq;
-                            next_seq += 1;
-                            pending_ids.insert(id, seq);
-                            sequences.push(seq);
-                            let message = Arc::new(Message {
-                                seq,
-                                id,
-                                role: valid.message.role,
-                                content: valid.message.content.clone(),
-                                name: valid.message.name.clone(),
-                                tool_calls: valid.message.tool_calls.clone(),
-                                tool_call_id: valid.message.tool_call_id.clone(),
-                                function_call: valid.message.function_call.clone(),
-                                refusal: valid.message.refusal.clone(),
-                                created_at: from_micros(now),
-                            });
-                            write.rows.push(MessageRow {
-                                seq,
-                                id,
-                                role: message.role,
-                                content: message.content.clone(),
-                                name: message.name.clone(),
-                                tool_calls: valid.tool_calls_json.clone(),
-                                tool_call_id: message.tool_call_id.clone(),
-                                function_call: valid.function_call_json.clone(),
-                                refusal: message.refusal.clone(),
-                            });
-                            messages.push(message);
+                            Outcome::Appended(sequences)
                         }
-                        Planned::Appended(sequences)
+                        (Err(error), _) => Outcome::Failed(error),
+                        (Ok(()), None) => Outcome::Failed(Error::NotFound),
                     }
+                }
+                SessionRequest::Get(get, _) => match check(&info, deleted, &get.user_id) {
+                    Err(error) => Outcome::Failed(error),
+                    Ok(()) => Outcome::PendingRead,
                 },
-                SessionRequest::Get(get, _) => match view.check(&get.user_id) {
-                    Err(error) => Planned::Failed(error),
-                    Ok(()) => Planned::Read,
-                },
-                SessionRequest::Update(update, _) => match view.check(&update.user_id) {
-                    Err(error) => Planned::Failed(error),
-                    Ok(()) => {
-                        if let Some(new_title) = &update.title {
-                            write.title = Some(new_title.clone());
-                            title = Some(new_title.clone());
+                SessionRequest::Subscribe(subscribe, _) => {
+                    match check(&info, deleted, &subscribe.user_id) {
+                        Err(error) => Outcome::Failed(error),
+                        Ok(()) => Outcome::PendingSubscribe,
+                    }
+                }
+                SessionRequest::Update(update, _) => {
+                    match (check(&info, deleted, &update.user_id), info.as_mut()) {
+                        (Ok(()), Some(staged)) => {
+                            if let Some(title) = &update.title {
+                                write.title = Some(title.clone());
+                                staged.title = Some(title.clone());
+                            }
+                            if let Some((value, json)) = &update.metadata {
+                                write.metadata = Some(json.clone());
+                                staged.metadata = value.clone();
+                            }
+                            Outcome::Updated(staged.clone())
                         }
-                        if let Some((value, json)) = &update.metadata {
-                            write.metadata = Some(json.clone());
-                            metadata = Some(value.clone());
+                        (Err(error), _) => Outcome::Failed(error),
+                        (Ok(()), None) => Outcome::Failed(Error::NotFound),
+                    }
+                }
+                SessionRequest::AddUsage(add, _) => {
+                    match (check(&info, deleted, &add.user_id), info.as_mut()) {
+                        (Ok(()), Some(staged)) => {
+                            let (prompt, completion) = (
+                                i64::from(add.prompt_tokens),
+                                i64::from(add.completion_tokens),
+                            );
+                            write.usage.prompt_tokens += prompt;
+                            write.usage.completion_tokens += completion;
+                            staged.usage.prompt_tokens += prompt;
+                            staged.usage.completion_tokens += completion;
+                            Outcome::UsageAdded(staged.usage)
                         }
-                        Planned::Updated
+                        (Err(error), _) => Outcome::Failed(error),
+                        (Ok(()), None) => Outcome::Failed(Error::NotFound),
                     }
-                },
-                SessionRequest::AddUsage(add, _) => match view.check(&add.user_id) {
-                    Err(error) => Planned::Failed(error),
-                    Ok(()) => {
-                        write.usage.prompt_tokens += i64::from(add.prompt_tokens);
-                        write.usage.completion_tokens += i64::from(add.completion_tokens);
-                        Planned::UsageAdded
-                    }
-                },
-                SessionRequest::Subscribe(subscribe, _) => match view.check(&subscribe.user_id) {
-                    Err(error) => Planned::Failed(error),
-                    Ok(()) => Planned::Subscribed,
-                },
-                SessionRequest::Delete(delete, _) => match view.check(&delete.user_id) {
-                    Err(error) => Planned::Failed(error),
+                }
+                SessionRequest::Delete(delete, _) => match check(&info, deleted, &delete.user_id) {
+                    Err(error) => Outcome::Failed(error),
                     Ok(()) => {
                         write.delete = true;
-                        view_deleted = true;
-                        Planned::Deleted
+                        deleted = true;
+                        Outcome::Deleted
                     }
                 },
             };
-            planned.push(plan);
+            outcomes.push(outcome);
         }
         Staged {
             write,
-            planned,
-            created,
-            title,
-            metadata,
+            outcomes,
+            info,
+            deleted,
             messages,
         }
     }
 
-    /// Applies a committed write to the in-memory state.
-    #[allow(clippy::too_many_arguments)]
+    /// Answers the batch's reads against the state before the batch.
+    async fn resolve_reads(&mut self, requests: &[SessionRequest], outcomes: &mut [Outcome]) {
+        for (request, outcome) in requests.iter().zip(outcomes.iter_mut()) {
+            match (request, &*outcome) {
+                (SessionRequest::Get(get, _), Outcome::PendingRead) => {
+                    *outcome = Outcome::Read(self.page(get).await);
+                }
+                (SessionRequest::Subscribe(subscribe, _), Outcome::PendingSubscribe) => {
+                    *outcome = Outcome::Subscribed(self.subscribe(subscribe.after_seq).await);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Applies a committed batch to the in-memory state and publishes its new messages.
     fn apply(
         &mut self,
+        info: Option<SessionInfo>,
+        deleted: bool,
+        messages: Vec<Arc<Message>>,
         version: i64,
         now: i64,
-        created: Option<(String, Option<String>, Value)>,
-        title: Option<String>,
-        metadata: Option<Value>,
-        usage: Usage,
-        messages: Vec<Arc<Message>>,
-        delete: bool,
     ) {
         let Some(state) = self.state.as_mut() else {
             return;
         };
-        if let Some((user_id, title, metadata)) = created {
-            state.info = Some(SessionInfo {
-                id: self.id,
-                user_id,
-                title,
-                metadata,
-                usage: Usage::default(),
-                message_count: 0,
-                version: 0,
-                created_at: from_micros(now),
-                updated_at: from_micros(now),
-            });
-        }
-        let Some(info) = state.info.as_mut() else {
-            return;
-        };
-        if let Some(title) = title {
-            info.title = Some(title);
-        }
-        if let Some(metadata) = metadata {
-            info.metadata = metadata;
-        }
-        info.usage.prompt_tokens += usage.prompt_tokens;
-        info.usage.completion_tokens += usage.completion_tokens;
-        info.message_count += messages.len() as i64;
-        info.version = version;
-        info.updated_at = from_micros(now);
+        state.info = info.map(|mut info| {
+            info.version = version;
+            info.updated_at = from_micros(now);
+            info
+        });
         if let Some(events) = &self.events {
             if events.receiver_count() > 0 {
                 for message in &messages {
@@ -545,7 +546,8 @@ impl SessionActor {
                 state.ids.remove(&old.id);
             }
         }
-        if delete {
+        if deleted {
+            // Ends every subscription: they re-subscribe and learn the session is gone.
             self.events = None;
             state.deleted = true;
             state.tail.clear();
@@ -553,43 +555,63 @@ impl SessionActor {
         }
     }
 
-    /// Answers every command of a batch whose write committed (or that had nothing to write).
-    async fn finish(&mut self, requests: Vec<SessionRequest>, planned: Vec<Planned>) {
-        let stats = self.shared.stats.clone();
-        let stats = &*stats;
-        for (request, plan) in requests.into_iter().zip(planned) {
-            match (request, plan) {
-                (request, Planned::Failed(error)) => {
+    /// Sends every command its reply, in command order. With `write_error`, the writes of the
+    /// batch get that error; refusals and reads keep their own answers.
+    fn reply(
+        &self,
+        requests: Vec<SessionRequest>,
+        outcomes: Vec<Outcome>,
+        write_error: Option<Error>,
+    ) {
+        let stats = &*self.shared.stats;
+        for (request, outcome) in requests.into_iter().zip(outcomes) {
+            let outcome = match (&write_error, outcome) {
+                (
+                    Some(error),
+                    Outcome::Created { .. }
+                    | Outcome::Appended(_)
+                    | Outcome::Updated(_)
+                    | Outcome::UsageAdded(_)
+                    | Outcome::Deleted,
+                ) => Outcome::Failed(error.clone()),
+                (_, outcome) => outcome,
+            };
+            match (request, outcome) {
+                (request, Outcome::Failed(error)) => {
                     stats.record_command(false);
                     reply_error(request, error);
                 }
-                (SessionRequest::Create(_, respond), Planned::Created { created }) => {
-                    let result = self.info().map(|session| Created { session, created });
-                    send(stats, respond, result);
+                (SessionRequest::Create(_, respond), Outcome::Created { created, info }) => {
+                    send(
+                        stats,
+                        respond,
+                        Ok(Created {
+                            session: info,
+                            created,
+                        }),
+                    );
                 }
-                (SessionRequest::Append(_, respond), Planned::Appended(sequences)) => {
+                (SessionRequest::Append(_, respond), Outcome::Appended(sequences)) => {
                     send(stats, respond, Ok(Appended { sequences }));
                 }
-                (SessionRequest::Get(get, respond), Planned::Read) => {
-                    let page = self.page(&get).await;
+                (SessionRequest::Get(_, respond), Outcome::Read(page)) => {
                     send(stats, respond, page);
                 }
-                (SessionRequest::Update(_, respond), Planned::Updated) => {
-                    send(stats, respond, self.info());
-                }
-                (SessionRequest::AddUsage(_, respond), Planned::UsageAdded) => {
-                    send(stats, respond, self.info().map(|info| info.usage));
-                }
-                (SessionRequest::Delete(_, respond), Planned::Deleted) => {
-                    send(stats, respond, Ok(()));
-                }
-                (SessionRequest::Subscribe(subscribe, respond), Planned::Subscribed) => {
-                    let subscribed = self.subscribe(subscribe.after_seq).await;
+                (SessionRequest::Subscribe(_, respond), Outcome::Subscribed(subscribed)) => {
                     send(stats, respond, subscribed);
                 }
+                (SessionRequest::Update(_, respond), Outcome::Updated(info)) => {
+                    send(stats, respond, Ok(info));
+                }
+                (SessionRequest::AddUsage(_, respond), Outcome::UsageAdded(usage)) => {
+                    send(stats, respond, Ok(usage));
+                }
+                (SessionRequest::Delete(_, respond), Outcome::Deleted) => {
+                    send(stats, respond, Ok(()));
+                }
                 (request, _) => {
-                    // Staging plans each request by its own variant; this cannot pair up
-                    // differently, but an answer is owed all the same.
+                    // Staging gives each request an outcome of its own kind, so this cannot
+                    // pair up differently; an answer is owed all the same.
                     stats.record_command(false);
                     reply_error(request, Error::ActorFailed);
                 }
@@ -616,23 +638,21 @@ impl SessionActor {
         })
     }
 
-    fn info(&self) -> Result<SessionInfo> {
-        self.state
-            .as_ref()
-            .and_then(|state| state.info.clone())
-            .ok_or(Error::NotFound)
-    }
-
+    /// A page of the session as committed.
     async fn page(&self, get: &GetSession) -> Result<SessionPage> {
         let state = self.state.as_ref().ok_or(Error::NotFound)?;
-        let info = state.info.clone().ok_or(Error::NotFound)?;
+        let info = match &state.info {
+            Some(info) if !state.deleted => info.clone(),
+            _ => return Err(Error::NotFound),
+        };
         let limit = validate_page(get.limit, DEFAULT_MESSAGE_PAGE, &self.shared.config.limits);
-        let after_seq = get.after_seq.unwrap_or(-1).max(-1);
+        // Saturating: `after_seq` comes from the caller and may be anything.
+        let start = get.after_seq.unwrap_or(-1).max(-1).saturating_add(1);
         let count = info.message_count;
-        let messages: Vec<Arc<Message>> = if limit == 0 || after_seq + 1 >= count {
+        let messages: Vec<Arc<Message>> = if limit == 0 || start >= count {
             Vec::new()
-        } else if after_seq + 1 >= state.tail_start() {
-            let skip = (after_seq + 1 - state.tail_start()) as usize;
+        } else if start >= state.tail_start() {
+            let skip = (start - state.tail_start()) as usize;
             state.tail.iter().skip(skip).take(limit).cloned().collect()
         } else {
             // Older than the cached tail: committed rows never change, so the database's copy
@@ -640,7 +660,7 @@ impl SessionActor {
             let stored = self
                 .shared
                 .store
-                .read_messages(self.id, after_seq, limit)
+                .read_messages(self.id, start - 1, limit)
                 .await?;
             stored.into_iter().map(Arc::new).collect()
         };
@@ -654,30 +674,34 @@ impl SessionActor {
             next_after_seq,
         })
     }
+}
 
-    fn fail_all(&self, requests: Vec<SessionRequest>, error: Error) {
-        for request in requests {
-            self.shared.stats.record_command(false);
-            reply_error(request, error.clone());
-        }
-    }
-
-    /// Answers the writes of a batch with `error`; its reads and its refused commands get
-    /// their own answers.
-    fn fail_writes(
-        &self,
-        requests: Vec<SessionRequest>,
-        planned: Vec<Planned>,
-        error: impl Fn() -> Error,
-    ) {
-        for (request, plan) in requests.into_iter().zip(planned) {
-            self.shared.stats.record_command(false);
-            match plan {
-                Planned::Failed(own) => reply_error(request, own),
-                _ => reply_error(request, error()),
-            }
-        }
-    }
+/// The cached message and the row to insert for one appended message.
+fn new_message(seq: i64, id: Uuid, valid: &ValidMessage, now: i64) -> (Arc<Message>, MessageRow) {
+    let message = Arc::new(Message {
+        seq,
+        id,
+        role: valid.message.role,
+        content: valid.message.content.clone(),
+        name: valid.message.name.clone(),
+        tool_calls: valid.message.tool_calls.clone(),
+        tool_call_id: valid.message.tool_call_id.clone(),
+        function_call: valid.message.function_call.clone(),
+        refusal: valid.message.refusal.clone(),
+        created_at: from_micros(now),
+    });
+    let row = MessageRow {
+        seq,
+        id,
+        role: message.role,
+        content: message.content.clone(),
+        name: message.name.clone(),
+        tool_calls: valid.tool_calls_json.clone(),
+        tool_call_id: message.tool_call_id.clone(),
+        function_call: valid.function_call_json.clone(),
+        refusal: message.refusal.clone(),
+    };
+    (message, row)
 }
 
 fn send<T>(stats: &EngineStats, respond: Respond<T>, result: Result<T>) {

@@ -678,9 +678,6 @@ const BACKENDS: [Backend; 3] = [
 
 /// `after_seq` is the caller's number: the largest one must read past the end like any other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bug: GetSession with after_seq = i64::MAX overflows `after_seq + 1` in \
-            SessionActor::page (src/session.rs), which panics the session actor in debug builds \
-            and answers Error::ActorFailed instead of an empty page"]
 async fn reading_after_the_largest_sequence_is_past_the_end() {
     for backend in BACKENDS {
         let Some(db) = TestDb::new(backend).await else {
@@ -711,10 +708,6 @@ async fn reading_after_the_largest_sequence_is_past_the_end() {
 /// A read that arrives together with a delete is answered either before the delete (the whole
 /// page) or after it (`NotFound`), never with a page that contradicts its own metadata.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "bug: a GetSession staged in the same batch as a DeleteSession (queued behind it) \
-            is answered after the delete was applied: SessionActor::page sees the old \
-            message_count but the cleared tail and the deleted rows, so it returns Ok with \
-            message_count 4 and no messages"]
 async fn a_read_batched_with_a_delete_is_not_torn() {
     for backend in BACKENDS {
         let Some(db) = TestDb::new(backend).await else {
