@@ -18,6 +18,7 @@ use std::{
 
 use futures::FutureExt as _;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -170,20 +171,35 @@ async fn drive<A: Actor>(
         return abandon(&mut mailbox, &mut batch, max_batch).await;
     };
 
+    // Built once and polled again on every turn: creating the cancellation waits and a timer
+    // for each message would cost more than the message round trip itself.
+    let shutdown = inner.shutdown.cancelled();
+    let passivate = lifecycle.passivate.cancelled();
+    let idle_timeout = inner.config.idle_timeout;
+    // The timer is not reset per message: when it fires, it checks how long the actor has
+    // really been idle and re-arms for the rest.
+    let idle_timer =
+        tokio::time::sleep(idle_timeout.unwrap_or(Duration::from_secs(365 * 24 * 3600)));
+    tokio::pin!(shutdown, passivate, idle_timer);
+    let mut last_active = Instant::now();
     let reason = loop {
         lifecycle.busy.store(false, Ordering::Relaxed);
         let received = tokio::select! {
             // Stop requests come first: the drain below still handles everything queued, and
             // a busy actor would otherwise never get round to passivating.
             biased;
-            () = inner.shutdown.cancelled() => break StopReason::Shutdown,
-            () = lifecycle.passivate.cancelled() => break StopReason::Requested,
+            () = &mut shutdown => break StopReason::Shutdown,
+            () = &mut passivate => break StopReason::Requested,
             received = mailbox.recv_many(&mut batch, max_batch) => received,
-            () = idle(inner.config.idle_timeout) => {
+            () = &mut idle_timer, if idle_timeout.is_some() => {
+                let idle_until = last_active + idle_timeout.unwrap_or_default();
                 // A message that raced with the timer keeps the actor going.
-                if mailbox.is_empty() {
+                if Instant::now() >= idle_until && mailbox.is_empty() {
                     break StopReason::Idle;
                 }
+                idle_timer
+                    .as_mut()
+                    .reset(idle_until.max(Instant::now() + Duration::from_millis(1)));
                 continue;
             }
         };
@@ -194,6 +210,7 @@ async fn drive<A: Actor>(
             Some(next) => actor = next,
             None => return abandon(&mut mailbox, &mut batch, max_batch).await,
         }
+        last_active = Instant::now();
     };
 
     // Senders that find the mailbox closed go back through the registry, which queues them in a
@@ -212,14 +229,6 @@ async fn drive<A: Actor>(
     }
     Counters::add(&inner.counters.passivations, 1);
     debug!(?key, generation, ?reason, "actor passivated");
-}
-
-/// Resolves after `timeout`, or never when there is none.
-async fn idle(timeout: Option<Duration>) {
-    match timeout {
-        Some(timeout) => tokio::time::sleep(timeout).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Hands one batch to the actor. Returns the actor to keep using: the same one, or a fresh
