@@ -31,8 +31,12 @@ impl PostgresStore {
             .database_url
             .parse()
             .map_err(|error: sqlx::Error| Error::invalid("database_url", error.to_string()))?;
+        // No ping before each use: a flush is one round trip, and a ping would double it. A
+        // broken connection fails its statement instead, which callers see as a retryable
+        // storage error.
         let pool = PgPoolOptions::new()
             .max_connections(config.read_pool_size.max(1) + config.writer_connections.max(1))
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(StorageError::from)?;
@@ -163,6 +167,111 @@ impl PostgresStore {
     }
 
     pub async fn flush(&self, writes: &[SessionWrite]) -> Result<Vec<FlushOutcome>, StorageError> {
+        // The common flush (appends, usage, title/metadata of existing sessions) is one
+        // statement, so one round trip and its own transaction; creates and deletes take the
+        // multi-statement path, as does a fast attempt that met a row written by something
+        // other than soloist (a unique violation that the version check could not foresee).
+        if writes
+            .iter()
+            .all(|write| write.create.is_none() && !write.delete)
+        {
+            match self.flush_in_one_statement(writes).await {
+                Err(error) if error.code() == Some(UNIQUE_VIOLATION) => {}
+                other => return other,
+            }
+        }
+        self.flush_in_transaction(writes).await
+    }
+
+    /// One statement: lock the sessions in id order, keep those whose version is the expected
+    /// one and whose new rows meet no stored sequence or message id, insert their rows, bump
+    /// them, and return which sessions were written.
+    async fn flush_in_one_statement(
+        &self,
+        writes: &[SessionWrite],
+    ) -> Result<Vec<FlushOutcome>, StorageError> {
+        let all: Vec<usize> = (0..writes.len()).collect();
+        let sessions = SessionArrays::new(writes, &all);
+        let rows = MessageArrays::new(writes, &all);
+        let written: Vec<Uuid> = sqlx::query_scalar(
+            "WITH w AS ( \
+                 SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::text[], \
+                                      $5::text[], $6::int8[], $7::int8[], $8::int8[]) \
+                     AS w(id, expected, at, title, metadata, prompt, completion, added)), \
+             locked AS MATERIALIZED ( \
+                 SELECT s.id, s.version FROM sessions s \
+                 WHERE s.id = ANY($1) AND s.deleted_at IS NULL ORDER BY s.id FOR UPDATE), \
+             m AS ( \
+                 SELECT * FROM unnest($9::uuid[], $10::int8[], $11::uuid[], $12::text[], \
+                                      $13::bytea[], $14::text[], $15::text[], $16::text[], \
+                                      $17::text[], $18::text[], $19::int8[]) \
+                     AS m(session_id, seq, message_id, role, content, name, tool_calls, \
+                          tool_call_id, function_call, refusal, created_at)), \
+             clash AS ( \
+                 SELECT m.session_id FROM m \
+                 WHERE EXISTS (SELECT 1 FROM messages x \
+                               WHERE x.session_id = m.session_id AND x.seq = m.seq) \
+                    OR EXISTS (SELECT 1 FROM messages x \
+                               WHERE x.session_id = m.session_id \
+                                 AND x.message_id = m.message_id)), \
+             ok AS ( \
+                 SELECT w.* FROM w JOIN locked l ON l.id = w.id AND l.version = w.expected \
+                 WHERE w.id NOT IN (SELECT session_id FROM clash)), \
+             inserted AS ( \
+                 INSERT INTO messages (session_id, seq, message_id, role, content, name, \
+                                       tool_calls, tool_call_id, function_call, refusal, \
+                                       created_at) \
+                 SELECT m.* FROM m WHERE m.session_id IN (SELECT id FROM ok)), \
+             updated AS ( \
+                 UPDATE sessions AS s SET version = s.version + 1, updated_at = ok.at, \
+                        title = COALESCE(ok.title, s.title), \
+                        metadata = COALESCE(ok.metadata, s.metadata), \
+                        prompt_tokens = s.prompt_tokens + ok.prompt, \
+                        completion_tokens = s.completion_tokens + ok.completion, \
+                        message_count = s.message_count + ok.added \
+                 FROM ok WHERE s.id = ok.id RETURNING s.id) \
+             SELECT id FROM updated",
+        )
+        .bind(&sessions.ids)
+        .bind(&sessions.expected)
+        .bind(&sessions.times)
+        .bind(&sessions.titles)
+        .bind(&sessions.metadata)
+        .bind(&sessions.prompt)
+        .bind(&sessions.completion)
+        .bind(&sessions.added)
+        .bind(&rows.session_ids)
+        .bind(&rows.seqs)
+        .bind(&rows.message_ids)
+        .bind(&rows.roles)
+        .bind(&rows.contents)
+        .bind(&rows.names)
+        .bind(&rows.tool_calls)
+        .bind(&rows.tool_call_ids)
+        .bind(&rows.function_calls)
+        .bind(&rows.refusals)
+        .bind(&rows.times)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(writes
+            .iter()
+            .map(|write| {
+                if written.contains(&write.session_id) {
+                    FlushOutcome::Committed {
+                        version: write.expected_version + 1,
+                    }
+                } else {
+                    FlushOutcome::Conflict
+                }
+            })
+            .collect())
+    }
+
+    /// The general flush: several statements in one transaction, for creates and deletes.
+    async fn flush_in_transaction(
+        &self,
+        writes: &[SessionWrite],
+    ) -> Result<Vec<FlushOutcome>, StorageError> {
         let mut plan = FlushPlan::new(writes.len());
         loop {
             if plan.active().is_empty() {
@@ -271,41 +380,10 @@ async fn insert_messages(
     writes: &[SessionWrite],
     plan: &FlushPlan,
 ) -> Result<HashMap<Uuid, usize>, StorageError> {
-    let count: usize = plan
-        .active()
-        .into_iter()
-        .map(|index| writes[index].rows.len())
-        .sum();
+    let rows = MessageArrays::new(writes, &plan.active());
     let mut inserted = HashMap::new();
-    if count == 0 {
+    if rows.seqs.is_empty() {
         return Ok(inserted);
-    }
-    let mut session_ids = Vec::with_capacity(count);
-    let mut seqs = Vec::with_capacity(count);
-    let mut message_ids = Vec::with_capacity(count);
-    let mut roles = Vec::with_capacity(count);
-    let mut contents = Vec::with_capacity(count);
-    let mut names = Vec::with_capacity(count);
-    let mut tool_calls = Vec::with_capacity(count);
-    let mut tool_call_ids = Vec::with_capacity(count);
-    let mut function_calls = Vec::with_capacity(count);
-    let mut refusals = Vec::with_capacity(count);
-    let mut times = Vec::with_capacity(count);
-    for index in plan.active() {
-        let write = &writes[index];
-        for row in &write.rows {
-            session_ids.push(write.session_id);
-            seqs.push(row.seq);
-            message_ids.push(row.id);
-            roles.push(row.role.as_str());
-            contents.push(row.content.as_deref().map(str::as_bytes));
-            names.push(row.name.as_deref());
-            tool_calls.push(row.tool_calls.as_deref());
-            tool_call_ids.push(row.tool_call_id.as_deref());
-            function_calls.push(row.function_call.as_deref());
-            refusals.push(row.refusal.as_deref());
-            times.push(write.now);
-        }
     }
     let returned: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO messages (session_id, seq, message_id, role, content, name, tool_calls, \
@@ -315,17 +393,17 @@ async fn insert_messages(
                               $11::int8[]) \
          ON CONFLICT DO NOTHING RETURNING session_id",
     )
-    .bind(&session_ids)
-    .bind(&seqs)
-    .bind(&message_ids)
-    .bind(&roles)
-    .bind(&contents)
-    .bind(&names)
-    .bind(&tool_calls)
-    .bind(&tool_call_ids)
-    .bind(&function_calls)
-    .bind(&refusals)
-    .bind(&times)
+    .bind(&rows.session_ids)
+    .bind(&rows.seqs)
+    .bind(&rows.message_ids)
+    .bind(&rows.roles)
+    .bind(&rows.contents)
+    .bind(&rows.names)
+    .bind(&rows.tool_calls)
+    .bind(&rows.tool_call_ids)
+    .bind(&rows.function_calls)
+    .bind(&rows.refusals)
+    .bind(&rows.times)
     .fetch_all(&mut **tx)
     .await?;
     for session_id in returned {
@@ -340,29 +418,13 @@ async fn update_sessions(
     plan: &FlushPlan,
 ) -> Result<(), StorageError> {
     let active = plan.active();
-    let mut ids = Vec::with_capacity(active.len());
-    let mut times = Vec::with_capacity(active.len());
-    let mut titles = Vec::with_capacity(active.len());
-    let mut metadata = Vec::with_capacity(active.len());
-    let mut prompt = Vec::with_capacity(active.len());
-    let mut completion = Vec::with_capacity(active.len());
-    let mut counts = Vec::with_capacity(active.len());
-    let mut deletes = Vec::with_capacity(active.len());
-    let mut deleted_ids = Vec::new();
-    for index in active {
-        let write = &writes[index];
-        ids.push(write.session_id);
-        times.push(write.now);
-        titles.push(write.title.as_deref());
-        metadata.push(write.metadata.as_deref());
-        prompt.push(write.usage.prompt_tokens);
-        completion.push(write.usage.completion_tokens);
-        counts.push(write.rows.len() as i64);
-        deletes.push(write.delete);
-        if write.delete {
-            deleted_ids.push(write.session_id);
-        }
-    }
+    let sessions = SessionArrays::new(writes, &active);
+    let deleted_ids: Vec<Uuid> = active
+        .iter()
+        .map(|&index| &writes[index])
+        .filter(|write| write.delete)
+        .map(|write| write.session_id)
+        .collect();
     sqlx::query(
         "UPDATE sessions AS s SET version = s.version + 1, updated_at = u.at, \
                 title = COALESCE(u.title, s.title), metadata = COALESCE(u.metadata, s.metadata), \
@@ -375,14 +437,14 @@ async fn update_sessions(
               AS u(id, at, title, metadata, prompt, completion, added, del) \
          WHERE s.id = u.id",
     )
-    .bind(&ids)
-    .bind(&times)
-    .bind(&titles)
-    .bind(&metadata)
-    .bind(&prompt)
-    .bind(&completion)
-    .bind(&counts)
-    .bind(&deletes)
+    .bind(&sessions.ids)
+    .bind(&sessions.times)
+    .bind(&sessions.titles)
+    .bind(&sessions.metadata)
+    .bind(&sessions.prompt)
+    .bind(&sessions.completion)
+    .bind(&sessions.added)
+    .bind(&sessions.deletes)
     .execute(&mut **tx)
     .await?;
     if !deleted_ids.is_empty() {
@@ -392,4 +454,103 @@ async fn update_sessions(
             .await?;
     }
     Ok(())
+}
+
+/// SQLSTATE `unique_violation`.
+const UNIQUE_VIOLATION: &str = "23505";
+
+/// The per-session columns of some writes, as arrays for `unnest`.
+struct SessionArrays<'a> {
+    ids: Vec<Uuid>,
+    expected: Vec<i64>,
+    times: Vec<i64>,
+    titles: Vec<Option<&'a str>>,
+    metadata: Vec<Option<&'a str>>,
+    prompt: Vec<i64>,
+    completion: Vec<i64>,
+    added: Vec<i64>,
+    deletes: Vec<bool>,
+}
+
+impl<'a> SessionArrays<'a> {
+    fn new(writes: &'a [SessionWrite], indexes: &[usize]) -> Self {
+        let count = indexes.len();
+        let mut arrays = Self {
+            ids: Vec::with_capacity(count),
+            expected: Vec::with_capacity(count),
+            times: Vec::with_capacity(count),
+            titles: Vec::with_capacity(count),
+            metadata: Vec::with_capacity(count),
+            prompt: Vec::with_capacity(count),
+            completion: Vec::with_capacity(count),
+            added: Vec::with_capacity(count),
+            deletes: Vec::with_capacity(count),
+        };
+        for &index in indexes {
+            let write = &writes[index];
+            arrays.ids.push(write.session_id);
+            arrays.expected.push(write.expected_version);
+            arrays.times.push(write.now);
+            arrays.titles.push(write.title.as_deref());
+            arrays.metadata.push(write.metadata.as_deref());
+            arrays.prompt.push(write.usage.prompt_tokens);
+            arrays.completion.push(write.usage.completion_tokens);
+            arrays.added.push(write.rows.len() as i64);
+            arrays.deletes.push(write.delete);
+        }
+        arrays
+    }
+}
+
+/// The message rows of some writes, as arrays for `unnest`.
+struct MessageArrays<'a> {
+    session_ids: Vec<Uuid>,
+    seqs: Vec<i64>,
+    message_ids: Vec<Uuid>,
+    roles: Vec<&'static str>,
+    contents: Vec<Option<&'a [u8]>>,
+    names: Vec<Option<&'a str>>,
+    tool_calls: Vec<Option<&'a str>>,
+    tool_call_ids: Vec<Option<&'a str>>,
+    function_calls: Vec<Option<&'a str>>,
+    refusals: Vec<Option<&'a str>>,
+    times: Vec<i64>,
+}
+
+impl<'a> MessageArrays<'a> {
+    fn new(writes: &'a [SessionWrite], indexes: &[usize]) -> Self {
+        let count: usize = indexes.iter().map(|&index| writes[index].rows.len()).sum();
+        let mut arrays = Self {
+            session_ids: Vec::with_capacity(count),
+            seqs: Vec::with_capacity(count),
+            message_ids: Vec::with_capacity(count),
+            roles: Vec::with_capacity(count),
+            contents: Vec::with_capacity(count),
+            names: Vec::with_capacity(count),
+            tool_calls: Vec::with_capacity(count),
+            tool_call_ids: Vec::with_capacity(count),
+            function_calls: Vec::with_capacity(count),
+            refusals: Vec::with_capacity(count),
+            times: Vec::with_capacity(count),
+        };
+        for &index in indexes {
+            let write = &writes[index];
+            for row in &write.rows {
+                arrays.session_ids.push(write.session_id);
+                arrays.seqs.push(row.seq);
+                arrays.message_ids.push(row.id);
+                arrays.roles.push(row.role.as_str());
+                arrays
+                    .contents
+                    .push(row.content.as_deref().map(str::as_bytes));
+                arrays.names.push(row.name.as_deref());
+                arrays.tool_calls.push(row.tool_calls.as_deref());
+                arrays.tool_call_ids.push(row.tool_call_id.as_deref());
+                arrays.function_calls.push(row.function_call.as_deref());
+                arrays.refusals.push(row.refusal.as_deref());
+                arrays.times.push(write.now);
+            }
+        }
+        arrays
+    }
 }
