@@ -193,7 +193,7 @@ impl PostgresStore {
         let all: Vec<usize> = (0..writes.len()).collect();
         let sessions = SessionArrays::new(writes, &all);
         let rows = MessageArrays::new(writes, &all);
-        let written: Vec<Uuid> = sqlx::query_scalar(
+        let query = sqlx::query_scalar(
             "WITH w AS ( \
                  SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::text[], \
                                       $5::text[], $6::int8[], $7::int8[], $8::int8[]) \
@@ -239,20 +239,10 @@ impl PostgresStore {
         .bind(&sessions.metadata)
         .bind(&sessions.prompt)
         .bind(&sessions.completion)
-        .bind(&sessions.added)
-        .bind(&rows.session_ids)
-        .bind(&rows.seqs)
-        .bind(&rows.message_ids)
-        .bind(&rows.roles)
-        .bind(&rows.contents)
-        .bind(&rows.names)
-        .bind(&rows.tool_calls)
-        .bind(&rows.tool_call_ids)
-        .bind(&rows.function_calls)
-        .bind(&rows.refusals)
-        .bind(&rows.times)
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(&sessions.added);
+        let written: Vec<Uuid> = bind_message_arrays!(query, rows)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(writes
             .iter()
             .map(|write| {
@@ -385,27 +375,17 @@ async fn insert_messages(
     if rows.seqs.is_empty() {
         return Ok(inserted);
     }
-    let returned: Vec<Uuid> = sqlx::query_scalar(
+    let query = sqlx::query_scalar(
         "INSERT INTO messages (session_id, seq, message_id, role, content, name, tool_calls, \
                                tool_call_id, function_call, refusal, created_at) \
          SELECT * FROM unnest($1::uuid[], $2::int8[], $3::uuid[], $4::text[], $5::bytea[], \
                               $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
                               $11::int8[]) \
          ON CONFLICT DO NOTHING RETURNING session_id",
-    )
-    .bind(&rows.session_ids)
-    .bind(&rows.seqs)
-    .bind(&rows.message_ids)
-    .bind(&rows.roles)
-    .bind(&rows.contents)
-    .bind(&rows.names)
-    .bind(&rows.tool_calls)
-    .bind(&rows.tool_call_ids)
-    .bind(&rows.function_calls)
-    .bind(&rows.refusals)
-    .bind(&rows.times)
-    .fetch_all(&mut **tx)
-    .await?;
+    );
+    let returned: Vec<Uuid> = bind_message_arrays!(query, rows)
+        .fetch_all(&mut **tx)
+        .await?;
     for session_id in returned {
         *inserted.entry(session_id).or_default() += 1;
     }
@@ -455,6 +435,25 @@ async fn update_sessions(
     }
     Ok(())
 }
+
+/// Binds the arrays of a [`MessageArrays`] as the next 11 parameters, in column order.
+macro_rules! bind_message_arrays {
+    ($query:expr, $rows:expr) => {
+        $query
+            .bind(&$rows.session_ids)
+            .bind(&$rows.seqs)
+            .bind(&$rows.message_ids)
+            .bind(&$rows.roles)
+            .bind(&$rows.contents)
+            .bind(&$rows.names)
+            .bind(&$rows.tool_calls)
+            .bind(&$rows.tool_call_ids)
+            .bind(&$rows.function_calls)
+            .bind(&$rows.refusals)
+            .bind(&$rows.times)
+    };
+}
+use bind_message_arrays;
 
 /// SQLSTATE `unique_violation`.
 const UNIQUE_VIOLATION: &str = "23505";
