@@ -26,6 +26,35 @@ pub struct TestDb {
     pub url: String,
     /// Keeps the SQLite file's directory alive for the test.
     _dir: Option<TempDir>,
+    /// The PostgreSQL schema to drop afterwards.
+    schema: Option<String>,
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Best effort, on a thread of its own: `drop` cannot await, and the test's runtime may
+        // be going away.
+        if let Some(schema) = self.schema.take() {
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(runtime) = runtime {
+                    runtime.block_on(async {
+                        if let Ok(mut connection) =
+                            sqlx::PgConnection::connect(&postgres_base_url()).await
+                        {
+                            let drop = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
+                            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+                                .execute(&mut connection)
+                                .await;
+                        }
+                    });
+                }
+            })
+            .join();
+        }
+    }
 }
 
 /// A directory removed when dropped.
@@ -74,12 +103,14 @@ impl TestDb {
                     backend,
                     url,
                     _dir: Some(TempDir(dir)),
+                    schema: None,
                 })
             }
             Backend::SqliteMemory => Some(TestDb {
                 backend,
                 url: "sqlite::memory:".to_owned(),
                 _dir: None,
+                schema: None,
             }),
             Backend::Postgres => {
                 if !postgres_available().await {
@@ -105,6 +136,7 @@ impl TestDb {
                     backend,
                     url,
                     _dir: None,
+                    schema: Some(schema),
                 })
             }
         }
