@@ -4,7 +4,7 @@
 //! are locked in id order (so two processes flushing overlapping sessions cannot deadlock) and
 //! every array of values goes in through `unnest`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
@@ -22,7 +22,12 @@ use crate::model::{Message, SessionId, SessionInfo};
 /// The PostgreSQL store.
 #[derive(Clone, Debug)]
 pub(crate) struct PostgresStore {
+    /// Connections for the writer stage.
     pool: PgPool,
+    /// Connections for reads, which plan each query for its parameters (`plan_cache_mode =
+    /// force_custom_plan`): a cached generic plan chosen while a table was small would keep
+    /// scanning it whole once it has grown, and these queries are cheap to plan.
+    readers: PgPool,
 }
 
 impl PostgresStore {
@@ -35,16 +40,21 @@ impl PostgresStore {
         // broken connection fails its statement instead, which callers see as a retryable
         // storage error.
         let pool = PgPoolOptions::new()
-            .max_connections(config.read_pool_size.max(1) + config.writer_connections.max(1))
+            .max_connections(config.writer_connections.max(1))
             .test_before_acquire(false)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(StorageError::from)?;
         sqlx::migrate!("./migrations/postgres")
             .run(&pool)
             .await
             .map_err(StorageError::from)?;
-        Ok(Self { pool })
+        let readers = PgPoolOptions::new()
+            .max_connections(config.read_pool_size.max(1))
+            .connect_with(options.options([("plan_cache_mode", "force_custom_plan")]))
+            .await
+            .map_err(StorageError::from)?;
+        Ok(Self { pool, readers })
     }
 
     pub async fn load(
@@ -54,7 +64,7 @@ impl PostgresStore {
     ) -> Result<Option<LoadedSession>, StorageError> {
         // One snapshot for the row and the messages.
         let mut tx = self
-            .pool
+            .readers
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;
         let record: Option<SessionRecord> = sqlx::query_as(concat!(
@@ -103,7 +113,7 @@ impl PostgresStore {
         )
         .bind(id)
         .bind(ids)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.readers)
         .await?;
         Ok(rows.into_iter().collect())
     }
@@ -123,7 +133,7 @@ impl PostgresStore {
         .bind(id)
         .bind(after_seq)
         .bind(limit as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.readers)
         .await?;
         into_messages(records)
     }
@@ -149,7 +159,7 @@ impl PostgresStore {
         .bind(before_time)
         .bind(before_id)
         .bind(limit as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.readers)
         .await?;
         records
             .into_iter()
@@ -161,7 +171,7 @@ impl PostgresStore {
         Ok(
             sqlx::query_scalar("SELECT version FROM sessions WHERE id = $1")
                 .bind(id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.readers)
                 .await?,
         )
     }
@@ -186,6 +196,10 @@ impl PostgresStore {
     /// One statement: lock the sessions in id order, keep those whose version is the expected
     /// one and whose new rows meet no stored sequence or message id, insert their rows, bump
     /// them, and return which sessions were written.
+    ///
+    /// The clash probes carry `OFFSET 0` so that they stay per-row index probes: without it the
+    /// planner may turn them into a hashed scan of the whole `messages` table, and a generic
+    /// plan cached while the table was small (or never analyzed) keeps doing that as it grows.
     async fn flush_in_one_statement(
         &self,
         writes: &[SessionWrite],
@@ -210,10 +224,12 @@ impl PostgresStore {
              clash AS ( \
                  SELECT m.session_id FROM m \
                  WHERE EXISTS (SELECT 1 FROM messages x \
-                               WHERE x.session_id = m.session_id AND x.seq = m.seq) \
+                               WHERE x.session_id = m.session_id AND x.seq = m.seq \
+                               OFFSET 0) \
                     OR EXISTS (SELECT 1 FROM messages x \
                                WHERE x.session_id = m.session_id \
-                                 AND x.message_id = m.message_id)), \
+                                 AND x.message_id = m.message_id \
+                               OFFSET 0)), \
              ok AS ( \
                  SELECT w.* FROM w JOIN locked l ON l.id = w.id AND l.version = w.expected \
                  WHERE w.id NOT IN (SELECT session_id FROM clash)), \
@@ -240,9 +256,11 @@ impl PostgresStore {
         .bind(&sessions.prompt)
         .bind(&sessions.completion)
         .bind(&sessions.added);
-        let written: Vec<Uuid> = bind_message_arrays!(query, rows)
+        let written: HashSet<Uuid> = bind_message_arrays!(query, rows)
             .fetch_all(&self.pool)
-            .await?;
+            .await?
+            .into_iter()
+            .collect();
         Ok(writes
             .iter()
             .map(|write| {
@@ -311,6 +329,7 @@ impl PostgresStore {
     }
 
     pub async fn close(&self) {
+        self.readers.close().await;
         self.pool.close().await;
     }
 }
@@ -343,7 +362,7 @@ async fn create_sessions(
             times.push(write.now);
         }
     }
-    let created: Vec<Uuid> = sqlx::query_scalar(
+    let created: HashSet<Uuid> = sqlx::query_scalar(
         "INSERT INTO sessions (id, user_id, title, metadata, created_at, updated_at) \
          SELECT id, user_id, title, metadata, at, at \
          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[]) \
@@ -356,7 +375,9 @@ async fn create_sessions(
     .bind(&metadata)
     .bind(&times)
     .fetch_all(&mut **tx)
-    .await?;
+    .await?
+    .into_iter()
+    .collect();
     for index in creating {
         if !created.contains(&writes[index].session_id) {
             plan.conflict(index);

@@ -6,7 +6,7 @@
 //! connection and its own transaction from the pool, so one task's rollback can never touch
 //! another task's writes (incident 3).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 
 use sqlx::sqlite::{
@@ -26,6 +26,8 @@ use crate::model::{Message, SessionId, SessionInfo};
 
 /// SQLite allows 32766 bound parameters per statement; a message row binds 11.
 const ROWS_PER_INSERT: usize = 2000;
+/// A session's update binds 8.
+const SESSIONS_PER_UPDATE: usize = 2000;
 
 /// The SQLite store.
 #[derive(Clone, Debug)]
@@ -217,26 +219,38 @@ impl SqliteStore {
             // could fail to upgrade with SQLITE_BUSY when another process writes.
             let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
 
-            for index in plan.active() {
-                let write = &writes[index];
-                let Some(create) = &write.create else {
-                    continue;
-                };
-                let inserted = sqlx::query(
-                    "INSERT INTO sessions (id, user_id, title, metadata, created_at, updated_at) \
-                     VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                )
-                .bind(write.session_id)
-                .bind(&create.user_id)
-                .bind(&create.title)
-                .bind(&create.metadata)
-                .bind(write.now)
-                .bind(write.now)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if inserted == 0 {
-                    plan.conflict(index);
+            let creating: Vec<usize> = plan
+                .active()
+                .into_iter()
+                .filter(|&index| writes[index].create.is_some())
+                .collect();
+            for chunk in creating.chunks(SESSIONS_PER_UPDATE) {
+                let mut query = QueryBuilder::<Sqlite>::new(
+                    "INSERT INTO sessions (id, user_id, title, metadata, created_at, updated_at) ",
+                );
+                query.push_values(chunk, |mut values, &index| {
+                    let write = &writes[index];
+                    if let Some(create) = &write.create {
+                        values
+                            .push_bind(write.session_id)
+                            .push_bind(create.user_id.as_str())
+                            .push_bind(create.title.as_deref())
+                            .push_bind(create.metadata.as_str())
+                            .push_bind(write.now)
+                            .push_bind(write.now);
+                    }
+                });
+                query.push(" ON CONFLICT (id) DO NOTHING RETURNING id");
+                let created: HashSet<Uuid> = query
+                    .build_query_scalar()
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .collect();
+                for &index in chunk {
+                    if !created.contains(&writes[index].session_id) {
+                        plan.conflict(index);
+                    }
                 }
             }
 
@@ -300,33 +314,52 @@ impl SqliteStore {
                 continue;
             }
 
-            for index in plan.active() {
-                let write = &writes[index];
-                sqlx::query(
-                    "UPDATE sessions SET version = version + 1, updated_at = ?, \
-                     title = COALESCE(?, title), metadata = COALESCE(?, metadata), \
-                     prompt_tokens = prompt_tokens + ?, completion_tokens = completion_tokens + ?, \
-                     message_count = message_count + ?, \
-                     deleted_at = CASE WHEN ? THEN ? ELSE deleted_at END \
-                     WHERE id = ?",
-                )
-                .bind(write.now)
-                .bind(&write.title)
-                .bind(&write.metadata)
-                .bind(write.usage.prompt_tokens)
-                .bind(write.usage.completion_tokens)
-                .bind(write.rows.len() as i64)
-                .bind(write.delete)
-                .bind(write.now)
-                .bind(write.session_id)
-                .execute(&mut *tx)
-                .await?;
-                if write.delete {
-                    sqlx::query("DELETE FROM messages WHERE session_id = ?")
-                        .bind(write.session_id)
-                        .execute(&mut *tx)
-                        .await?;
+            // Every session in one statement: on SQLite each statement is a round trip to the
+            // connection's worker thread.
+            let active = plan.active();
+            for chunk in active.chunks(SESSIONS_PER_UPDATE) {
+                let mut query = QueryBuilder::<Sqlite>::new(
+                    "WITH u(id, at, title, metadata, prompt, completion, added, del) AS (",
+                );
+                query.push_values(chunk, |mut values, &index| {
+                    let write = &writes[index];
+                    values
+                        .push_bind(write.session_id)
+                        .push_bind(write.now)
+                        .push_bind(write.title.as_deref())
+                        .push_bind(write.metadata.as_deref())
+                        .push_bind(write.usage.prompt_tokens)
+                        .push_bind(write.usage.completion_tokens)
+                        .push_bind(write.rows.len() as i64)
+                        .push_bind(write.delete);
+                });
+                query.push(
+                    ") UPDATE sessions SET version = version + 1, updated_at = u.at, \
+                     title = COALESCE(u.title, sessions.title), \
+                     metadata = COALESCE(u.metadata, sessions.metadata), \
+                     prompt_tokens = prompt_tokens + u.prompt, \
+                     completion_tokens = completion_tokens + u.completion, \
+                     message_count = message_count + u.added, \
+                     deleted_at = CASE WHEN u.del THEN u.at ELSE deleted_at END \
+                     FROM u WHERE sessions.id = u.id",
+                );
+                query.build().execute(&mut *tx).await?;
+            }
+            let deleted: Vec<Uuid> = active
+                .iter()
+                .map(|&index| &writes[index])
+                .filter(|write| write.delete)
+                .map(|write| write.session_id)
+                .collect();
+            if !deleted.is_empty() {
+                let mut query =
+                    QueryBuilder::<Sqlite>::new("DELETE FROM messages WHERE session_id IN (");
+                let mut list = query.separated(", ");
+                for id in deleted {
+                    list.push_bind(id);
                 }
+                query.push(")");
+                query.build().execute(&mut *tx).await?;
             }
             tx.commit().await?;
             return Ok(plan.commit_active(writes));
