@@ -1,0 +1,291 @@
+//! # soloist-load
+//!
+//! The load benchmark of issue 3: soloist under concurrent load, side by side with the
+//! strategies it replaces, on the same database, schema and pool size, each run bounded in time.
+//!
+//! ```text
+//! soloist-load --all                        # 3 workloads x {postgres, sqlite} x every strategy
+//! soloist-load --workload hot --db postgres # one workload (--db both by default)
+//! soloist-load --sweep --db postgres        # hot session, writers 1..64, every strategy, plot.svg
+//! soloist-load --workload idle-memory       # RSS per idle live session (20,000 sessions)
+//! soloist-load --quick ...                  # 3 s runs instead of 10 s
+//! ```
+//!
+//! Output: a Markdown report on stdout, and `report.json`, `report.md` (and `plot.svg` for a
+//! sweep) in `--out` (default `target/soloist-load/`). Live progress goes to stderr. The tool
+//! only talks to PostgreSQL and Redis on 127.0.0.1 and refuses other hosts.
+//!
+//! Modules: [`workload`] (what is written), [`strategy`] (how: soloist and the baselines),
+//! [`run`] (one measured run), [`check`] (the correctness check), [`db`] (fresh databases),
+//! [`memory`] (idle memory), [`report`] and [`plot`] (output), [`machine`] (machine info).
+
+mod check;
+mod db;
+mod error;
+mod machine;
+mod memory;
+mod plot;
+mod report;
+mod run;
+mod settings;
+mod strategy;
+mod workload;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+
+use crate::db::DbKind;
+use crate::error::LoadError;
+use crate::machine::MachineInfo;
+use crate::report::{Report, Sweep};
+use crate::run::RunSpec;
+use crate::settings::{DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL, Settings};
+use crate::strategy::StrategyKind;
+use crate::workload::Workload;
+
+/// Writer counts of `--sweep`.
+const SWEEP_WRITERS: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
+
+/// What `--workload` can name: the three load workloads, or the idle-memory measurement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum WorkloadArg {
+    /// 1 session x 64 writers.
+    Hot,
+    /// 1,000 sessions x 4 writers.
+    Many,
+    /// 200 sessions x 2 writers: user message, history read, assistant message, usage.
+    ChatTurn,
+    /// RSS per idle live session.
+    IdleMemory,
+}
+
+/// What `--db` can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DbArg {
+    /// PostgreSQL on 127.0.0.1:5432.
+    Postgres,
+    /// A temporary SQLite file.
+    Sqlite,
+    /// Both, PostgreSQL first.
+    Both,
+}
+
+/// Load benchmark: soloist side by side with the strategies it replaces.
+#[derive(Debug, Parser)]
+#[command(name = "soloist-load", version)]
+struct Cli {
+    /// Workload to run (ignored by --all and --sweep).
+    #[arg(long, value_enum, default_value_t = WorkloadArg::Hot)]
+    workload: WorkloadArg,
+    /// Database(s). Default: both for workloads and --all, postgres for --sweep, sqlite for
+    /// idle-memory.
+    #[arg(long, value_enum)]
+    db: Option<DbArg>,
+    /// Strategies, comma-separated (a, b, c, d are aliases). Default: every one the database
+    /// supports ((d) is PostgreSQL only).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    strategy: Vec<StrategyKind>,
+    /// The whole matrix: every workload on both databases with every strategy.
+    #[arg(long, conflicts_with = "sweep")]
+    all: bool,
+    /// The hot-session workload with 1, 2, 4, ... 64 writers, every strategy, and a plot.
+    #[arg(long)]
+    sweep: bool,
+    /// Seconds each run keeps starting operations.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// 3-second runs (overrides --duration).
+    #[arg(long)]
+    quick: bool,
+    /// Writers per session (default: the workload's).
+    #[arg(long)]
+    writers: Option<usize>,
+    /// Sessions (default: the workload's).
+    #[arg(long)]
+    sessions: Option<usize>,
+    /// PostgreSQL connections per run, for soloist (split between writers and readers) and
+    /// every baseline alike.
+    #[arg(long, default_value_t = 8)]
+    pool_size: u32,
+    /// Rows per multi-row INSERT and commit of the limit strategy.
+    #[arg(long, default_value_t = 100)]
+    limit_batch: usize,
+    /// Sessions activated by --workload idle-memory.
+    #[arg(long, default_value_t = 20_000)]
+    idle_sessions: usize,
+    /// Strategy (c): milliseconds between two lock attempts.
+    #[arg(long, default_value_t = 2)]
+    lock_poll_ms: u64,
+    /// Strategy (c): seconds to wait for the lock before giving up with an error.
+    #[arg(long, default_value_t = 5)]
+    lock_wait_secs: u64,
+    /// Directory for report.json, report.md and plot.svg.
+    #[arg(long, default_value = "target/soloist-load")]
+    out: PathBuf,
+    /// PostgreSQL database (loopback only); each run uses a fresh schema in it.
+    #[arg(long, default_value = DEFAULT_POSTGRES_URL)]
+    postgres_url: String,
+    /// Redis for strategy (c) (loopback only).
+    #[arg(long, default_value = DEFAULT_REDIS_URL)]
+    redis_url: String,
+}
+
+impl Cli {
+    fn settings(&self) -> Result<Settings, LoadError> {
+        let seconds = if self.quick { 3.0 } else { self.duration };
+        if !(seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0) {
+            return Err(LoadError::Config(
+                "--duration must be between 0 and 3600 seconds".into(),
+            ));
+        }
+        let settings = Settings {
+            postgres_url: self.postgres_url.clone(),
+            redis_url: self.redis_url.clone(),
+            postgres_pool: self.pool_size.max(2),
+            sqlite_pool: settings::engine_default_sqlite_connections(),
+            duration: Duration::from_secs_f64(seconds),
+            limit_batch: self.limit_batch.max(1),
+            lock_poll: Duration::from_millis(self.lock_poll_ms),
+            lock_wait: Duration::from_secs(self.lock_wait_secs),
+            lock_ttl: Duration::from_secs(60),
+        };
+        settings.check_loopback()?;
+        Ok(settings)
+    }
+
+    fn dbs(&self, default: DbArg) -> Vec<DbKind> {
+        match self.db.unwrap_or(default) {
+            DbArg::Postgres => vec![DbKind::Postgres],
+            DbArg::Sqlite => vec![DbKind::Sqlite],
+            DbArg::Both => vec![DbKind::Postgres, DbKind::Sqlite],
+        }
+    }
+
+    fn strategies(&self, db: DbKind) -> Vec<StrategyKind> {
+        let chosen: &[StrategyKind] = if self.strategy.is_empty() {
+            &StrategyKind::ALL
+        } else {
+            &self.strategy
+        };
+        chosen
+            .iter()
+            .copied()
+            .filter(|strategy| strategy.supports(db))
+            .collect()
+    }
+
+    fn spec(&self, workload: Workload, db: DbKind, strategy: StrategyKind) -> RunSpec {
+        RunSpec {
+            workload,
+            db,
+            strategy,
+            sessions: self.sessions.unwrap_or(workload.default_sessions()).max(1),
+            writers: self.writers.unwrap_or(workload.default_writers()).max(1),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let cli = Cli::parse();
+    let settings = cli.settings()?;
+    let started = Instant::now();
+    let started_at = machine::utc_now();
+    let machine = MachineInfo::collect(&settings).await;
+
+    let mode = if cli.sweep {
+        "sweep"
+    } else if cli.all {
+        "all"
+    } else if cli.workload == WorkloadArg::IdleMemory {
+        "idle-memory"
+    } else {
+        "workload"
+    };
+    let mut report = Report::new(mode, machine, settings.clone(), started_at);
+
+    if cli.sweep {
+        let db = cli.dbs(DbArg::Postgres)[0];
+        for writers in SWEEP_WRITERS {
+            for strategy in cli.strategies(db) {
+                let spec = RunSpec {
+                    workload: Workload::Hot,
+                    db,
+                    strategy,
+                    sessions: 1,
+                    writers,
+                };
+                report.runs.push(run::run(&spec, &settings).await);
+            }
+        }
+        let plot_path = cli.out.join("plot.svg");
+        std::fs::create_dir_all(&cli.out)?;
+        let series: Vec<plot::Series> = cli
+            .strategies(db)
+            .into_iter()
+            .map(|strategy| plot::Series {
+                label: strategy.label().to_owned(),
+                points: report
+                    .runs
+                    .iter()
+                    .filter(|run| run.strategy == strategy && run.failed.is_none())
+                    .map(|run| (run.writers_per_session, run.appends_per_s))
+                    .collect(),
+            })
+            .collect();
+        plot::draw(
+            &plot_path,
+            &format!(
+                "soloist-load: one hot session on {}, {:.0} s per point",
+                db.title(),
+                settings.duration.as_secs_f64()
+            ),
+            &series,
+        )?;
+        report.sweep = Some(Sweep {
+            db,
+            writers: SWEEP_WRITERS.to_vec(),
+            plot: plot_path.display().to_string(),
+        });
+    } else if cli.all {
+        for workload in [Workload::Hot, Workload::Many, Workload::ChatTurn] {
+            for db in cli.dbs(DbArg::Both) {
+                for strategy in cli.strategies(db) {
+                    report
+                        .runs
+                        .push(run::run(&cli.spec(workload, db, strategy), &settings).await);
+                }
+            }
+        }
+    } else if cli.workload == WorkloadArg::IdleMemory {
+        let db = cli.dbs(DbArg::Sqlite)[0];
+        report.idle_memory = Some(memory::measure(db, cli.idle_sessions.max(1), &settings).await?);
+    } else {
+        let workload = match cli.workload {
+            WorkloadArg::Hot => Workload::Hot,
+            WorkloadArg::Many => Workload::Many,
+            WorkloadArg::ChatTurn | WorkloadArg::IdleMemory => Workload::ChatTurn,
+        };
+        for db in cli.dbs(DbArg::Both) {
+            for strategy in cli.strategies(db) {
+                report
+                    .runs
+                    .push(run::run(&cli.spec(workload, db, strategy), &settings).await);
+            }
+        }
+    }
+
+    report.total_seconds = started.elapsed().as_secs_f64();
+    report.analyze();
+    let markdown = report.write(&cli.out)?;
+    println!("{markdown}");
+    eprintln!(
+        "wrote {} and {} in {:.0} s",
+        cli.out.join("report.json").display(),
+        cli.out.join("report.md").display(),
+        report.total_seconds
+    );
+    Ok(())
+}
