@@ -28,12 +28,17 @@ pub struct MachineInfo {
     pub sqlite_version: Option<String>,
     /// Redis's `redis_version`.
     pub redis_version: Option<String>,
-    /// `git rev-parse HEAD` of the working directory.
+    /// `git rev-parse HEAD` of the working directory when the benchmark ran.
     pub git_commit: Option<String>,
     /// Whether `git status --porcelain` listed changes (the binary may differ from the commit).
     pub git_dirty: Option<bool>,
     /// Whether this binary was built with optimizations.
     pub release_build: bool,
+    /// The git commit the binary (and so the engine in it) was built from.
+    pub build_commit: String,
+    /// Whether the engine's sources had uncommitted changes when the binary was built
+    /// (`"true"`, `"false"` or `"unknown"`).
+    pub build_engine_dirty: String,
     /// [`fsync_probe_ms`] when the invocation started.
     pub fsync_ms_at_start: Option<f64>,
 }
@@ -71,6 +76,8 @@ impl MachineInfo {
             git_commit: git(&["rev-parse", "HEAD"]),
             git_dirty: git(&["status", "--porcelain"]).map(|status| !status.is_empty()),
             release_build: !cfg!(debug_assertions),
+            build_commit: env!("SOLOIST_LOAD_BUILD_COMMIT").to_owned(),
+            build_engine_dirty: env!("SOLOIST_LOAD_BUILD_ENGINE_DIRTY").to_owned(),
             fsync_ms_at_start: fsync_probe_ms(),
         }
     }

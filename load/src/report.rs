@@ -328,17 +328,23 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "- **build:** git {}{}, {} build",
-            machine.git_commit.clone().unwrap_or_else(unknown),
-            if machine.git_dirty == Some(true) {
-                " (with uncommitted changes in the tree)"
-            } else {
-                ""
+            "- **build:** engine and benchmark built from git {}{}, {} build; HEAD when run: {}{}",
+            machine.build_commit,
+            match machine.build_engine_dirty.as_str() {
+                "true" => " plus uncommitted engine changes",
+                "false" => "",
+                _ => " (engine changes unknown)",
             },
             if machine.release_build {
                 "release"
             } else {
                 "debug"
+            },
+            machine.git_commit.clone().unwrap_or_else(unknown),
+            if machine.git_dirty == Some(true) {
+                " (tree with uncommitted changes)"
+            } else {
+                ""
             }
         );
         let postgres_writers = (settings.postgres_pool / 2).max(1);
