@@ -39,10 +39,14 @@ impl PostgresStore {
         // No ping before each use: a flush is one round trip, and a ping would double it. A
         // broken connection fails its statement instead, which callers see as a retryable
         // storage error.
+        // Writer statements always reach rows by key. Their plans are prepared once per
+        // connection and cached; a plan made while a table was small (or never analyzed, as
+        // where autovacuum is off) could pick a sequential scan and keep it as the table grows,
+        // so the writer connections rule sequential scans out.
         let pool = PgPoolOptions::new()
             .max_connections(config.writer_connections.max(1))
             .test_before_acquire(false)
-            .connect_with(options.clone())
+            .connect_with(options.clone().options([("enable_seqscan", "off")]))
             .await
             .map_err(StorageError::from)?;
         sqlx::migrate!("./migrations/postgres")
@@ -179,8 +183,8 @@ impl PostgresStore {
     pub async fn flush(&self, writes: &[SessionWrite]) -> Result<Vec<FlushOutcome>, StorageError> {
         // The common flush (appends, usage, title/metadata of existing sessions) is one
         // statement, so one round trip and its own transaction; creates and deletes take the
-        // multi-statement path, as does a fast attempt that met a row written by something
-        // other than soloist (a unique violation that the version check could not foresee).
+        // multi-statement path, as does a fast attempt that met a stored message id or a row
+        // written by something other than soloist (a unique violation).
         if writes
             .iter()
             .all(|write| write.create.is_none() && !write.delete)
@@ -194,12 +198,12 @@ impl PostgresStore {
     }
 
     /// One statement: lock the sessions in id order, keep those whose version is the expected
-    /// one and whose new rows meet no stored sequence or message id, insert their rows, bump
-    /// them, and return which sessions were written.
-    ///
-    /// The clash probes carry `OFFSET 0` so that they stay per-row index probes: without it the
-    /// planner may turn them into a hashed scan of the whole `messages` table, and a generic
-    /// plan cached while the table was small (or never analyzed) keeps doing that as it grows.
+    /// one, insert their rows, bump them, and return which sessions were written. A row that
+    /// meets a stored sequence or message id fails the whole statement with a unique violation
+    /// (nothing is written), and the flush is redone by [`Self::flush_in_transaction`], which
+    /// sorts out which sessions clashed. That happens only when a client re-sends an id the
+    /// session's actor no longer caches, or when something other than soloist wrote rows, so
+    /// the common case carries no probe of the `messages` table at all.
     async fn flush_in_one_statement(
         &self,
         writes: &[SessionWrite],
@@ -213,26 +217,17 @@ impl PostgresStore {
                                       $5::text[], $6::int8[], $7::int8[], $8::int8[]) \
                      AS w(id, expected, at, title, metadata, prompt, completion, added)), \
              locked AS MATERIALIZED ( \
-                 SELECT s.id, s.version FROM sessions s \
-                 WHERE s.id = ANY($1) AND s.deleted_at IS NULL ORDER BY s.id FOR UPDATE), \
+                 SELECT s.id, s.version, s.deleted_at IS NOT NULL AS deleted FROM sessions s \
+                 WHERE s.id = ANY($1) ORDER BY s.id FOR UPDATE), \
              m AS ( \
                  SELECT * FROM unnest($9::uuid[], $10::int8[], $11::uuid[], $12::text[], \
                                       $13::bytea[], $14::text[], $15::text[], $16::text[], \
                                       $17::text[], $18::text[], $19::int8[]) \
                      AS m(session_id, seq, message_id, role, content, name, tool_calls, \
                           tool_call_id, function_call, refusal, created_at)), \
-             clash AS ( \
-                 SELECT m.session_id FROM m \
-                 WHERE EXISTS (SELECT 1 FROM messages x \
-                               WHERE x.session_id = m.session_id AND x.seq = m.seq \
-                               OFFSET 0) \
-                    OR EXISTS (SELECT 1 FROM messages x \
-                               WHERE x.session_id = m.session_id \
-                                 AND x.message_id = m.message_id \
-                               OFFSET 0)), \
              ok AS ( \
-                 SELECT w.* FROM w JOIN locked l ON l.id = w.id AND l.version = w.expected \
-                 WHERE w.id NOT IN (SELECT session_id FROM clash)), \
+                 SELECT w.* FROM w JOIN locked l \
+                     ON l.id = w.id AND l.version = w.expected AND NOT l.deleted), \
              inserted AS ( \
                  INSERT INTO messages (session_id, seq, message_id, role, content, name, \
                                        tool_calls, tool_call_id, function_call, refusal, \
