@@ -24,10 +24,26 @@ use crate::config::{EngineConfig, SqliteSync};
 use crate::error::{Error, StorageError};
 use crate::model::{Message, SessionId, SessionInfo};
 
-/// SQLite allows 32766 bound parameters per statement; a message row binds 11.
-const ROWS_PER_INSERT: usize = 2000;
-/// A session's update binds 8.
-const SESSIONS_PER_UPDATE: usize = 2000;
+/// The most rows or sessions one statement carries (SQLite allows 32766 bound parameters; a
+/// message row binds 11).
+const MAX_PER_STATEMENT: usize = 256;
+
+/// Splits `items` into chunks whose lengths are powers of two (largest first, at most
+/// [`MAX_PER_STATEMENT`]). A multi-row statement's text depends on its row count, and SQLite
+/// prepares each distinct text anew; with power-of-two chunks the few shapes there are stay in
+/// the connection's statement cache, so a flush of any size reuses prepared statements.
+fn statement_chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let size = MAX_PER_STATEMENT.min(1 << rest.len().ilog2());
+        let (chunk, tail) = rest.split_at(size);
+        rest = tail;
+        Some(chunk)
+    })
+}
 
 /// The SQLite store.
 #[derive(Clone, Debug)]
@@ -224,7 +240,7 @@ impl SqliteStore {
                 .into_iter()
                 .filter(|&index| writes[index].create.is_some())
                 .collect();
-            for chunk in creating.chunks(SESSIONS_PER_UPDATE) {
+            for chunk in statement_chunks(&creating) {
                 let mut query = QueryBuilder::<Sqlite>::new(
                     "INSERT INTO sessions (id, user_id, title, metadata, created_at, updated_at) ",
                 );
@@ -254,20 +270,23 @@ impl SqliteStore {
                 }
             }
 
-            let active = plan.active();
-            let mut query = QueryBuilder::<Sqlite>::new(
-                "SELECT id, version, deleted_at IS NOT NULL FROM sessions WHERE id IN (",
-            );
-            let mut list = query.separated(", ");
-            for &index in &active {
-                list.push_bind(writes[index].session_id);
+            let mut stored = HashMap::new();
+            for chunk in statement_chunks(&plan.active()) {
+                let mut query = QueryBuilder::<Sqlite>::new(
+                    "SELECT id, version, deleted_at IS NOT NULL FROM sessions WHERE id IN (",
+                );
+                let mut list = query.separated(", ");
+                for &index in chunk {
+                    list.push_bind(writes[index].session_id);
+                }
+                query.push(")");
+                let rows: Vec<(Uuid, i64, bool)> =
+                    query.build_query_as().fetch_all(&mut *tx).await?;
+                stored.extend(
+                    rows.into_iter()
+                        .map(|(id, version, deleted)| (id, (version, deleted))),
+                );
             }
-            query.push(")");
-            let stored: Vec<(Uuid, i64, bool)> = query.build_query_as().fetch_all(&mut *tx).await?;
-            let stored = stored
-                .into_iter()
-                .map(|(id, version, deleted)| (id, (version, deleted)))
-                .collect();
             check_versions(&mut plan, writes, &stored);
 
             let mut inserted: HashMap<Uuid, usize> = HashMap::new();
@@ -279,7 +298,7 @@ impl SqliteStore {
                     write.rows.iter().map(move |row| (write, row))
                 })
                 .collect();
-            for chunk in rows.chunks(ROWS_PER_INSERT) {
+            for chunk in statement_chunks(&rows) {
                 let mut query = QueryBuilder::<Sqlite>::new(
                     "INSERT INTO messages (session_id, seq, message_id, role, content, name, \
                      tool_calls, tool_call_id, function_call, refusal, created_at) ",
@@ -317,7 +336,7 @@ impl SqliteStore {
             // Every session in one statement: on SQLite each statement is a round trip to the
             // connection's worker thread.
             let active = plan.active();
-            for chunk in active.chunks(SESSIONS_PER_UPDATE) {
+            for chunk in statement_chunks(&active) {
                 let mut query = QueryBuilder::<Sqlite>::new(
                     "WITH u(id, at, title, metadata, prompt, completion, added, del) AS (",
                 );
@@ -378,5 +397,29 @@ impl SqliteStore {
     pub async fn close(&self) {
         self.readers.close().await;
         self.writer.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::statement_chunks;
+
+    #[test]
+    fn chunks_are_powers_of_two_and_cover_everything() {
+        for count in [0usize, 1, 2, 3, 7, 64, 255, 256, 257, 509, 1000] {
+            let items: Vec<usize> = (0..count).collect();
+            let chunks: Vec<&[usize]> = statement_chunks(&items).collect();
+            assert!(chunks.iter().all(|chunk| chunk.len().is_power_of_two()));
+            assert!(
+                chunks
+                    .iter()
+                    .all(|chunk| chunk.len() <= super::MAX_PER_STATEMENT)
+            );
+            let joined: Vec<usize> = chunks.concat();
+            assert_eq!(joined, items, "{count} items");
+        }
+        let items = vec![0; 509];
+        let sizes: Vec<usize> = statement_chunks(&items).map(<[usize]>::len).collect();
+        assert_eq!(sizes, vec![256, 128, 64, 32, 16, 8, 4, 1]);
     }
 }
