@@ -1,0 +1,414 @@
+//! Fault tests (issue 4): connections killed under the writer, a flooded mailbox, and a batch
+//! carrying one session that another writer changed. Each test states its pass criterion and
+//! prints its figures.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Backend, TestDb, assert_contiguous, postgres_base_url, stored_rows};
+use soloist::uuid::Uuid;
+use soloist::{Engine, EngineConfig, Error, NewMessage};
+use sqlx::Connection;
+
+/// Rows `(seq, message_id)` of a session: from the database when another connection can open
+/// it, else (a private in-memory database) through the engine.
+async fn rows_of(db: &TestDb, engine: &Engine, user: &str, session: Uuid) -> Vec<(i64, Uuid)> {
+    if db.shareable() {
+        stored_rows(&db.url, session).await
+    } else {
+        let page = engine
+            .session(user, session)
+            .get(None, Some(1000))
+            .await
+            .expect("read through the engine");
+        page.messages.iter().map(|m| (m.seq, m.id)).collect()
+    }
+}
+
+/// `pg_terminate_backend` of the engine's connections at random points while 8 writers append
+/// ~1,000 messages to 8 sessions, retrying failed appends with the same message ids.
+///
+/// Pass: every acknowledged `(seq, id)` is stored exactly once at its acknowledged sequence, no
+/// duplicate message id, sequences contiguous, no stored message that was never sent, every
+/// append eventually acknowledged, and the engine still serves an append and a read afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_terminate_backend_during_flushes() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        eprintln!("SKIPPED: pg_terminate_backend_during_flushes needs PostgreSQL");
+        return;
+    };
+    const WRITERS: usize = 8;
+    const APPENDS_PER_WRITER: usize = 125;
+    const MAX_KILL_ROUNDS: usize = 30;
+    const MAX_RETRIES: usize = 50;
+
+    // The engine's connections carry a name of their own, so the admin kills only them and not
+    // the connections of other tests running at the same time.
+    let app_name = format!("soloist-fault-{}", Uuid::new_v4().simple());
+    let config = EngineConfig::new(format!("{}&application_name={app_name}", db.url));
+    let engine = db.engine_with(config).await;
+    let user = "fault-user";
+    let mut sessions = Vec::new();
+    for _ in 0..WRITERS {
+        let id = Uuid::now_v7();
+        engine
+            .session(user, id)
+            .create(None, None)
+            .await
+            .expect("create");
+        sessions.push(id);
+    }
+
+    let done = Arc::new(AtomicBool::new(false));
+    let admin = {
+        let done = done.clone();
+        let app_name = app_name.clone();
+        tokio::spawn(async move {
+            let mut admin = sqlx::PgConnection::connect(&format!(
+                "{}?application_name=fault-admin",
+                postgres_base_url()
+            ))
+            .await
+            .expect("admin connection");
+            let mut kills = 0usize;
+            let mut rounds = 0usize;
+            while !done.load(Ordering::Relaxed) && rounds < MAX_KILL_ROUNDS {
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(5..=40))).await;
+                rounds += 1;
+                let killed: Vec<(bool,)> = sqlx::query_as(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                )
+                .bind(&app_name)
+                .fetch_all(&mut admin)
+                .await
+                .expect("terminate query");
+                kills += killed.iter().filter(|(ok,)| *ok).count();
+            }
+            (kills, rounds)
+        })
+    };
+
+    let mut writers = Vec::new();
+    for (writer, &session) in sessions.iter().enumerate() {
+        let engine = engine.clone();
+        writers.push(tokio::spawn(async move {
+            let handle = engine.session(user, session);
+            let mut sent = Vec::new();
+            let mut acked = Vec::new();
+            let mut retried = 0usize;
+            for turn in 0..APPENDS_PER_WRITER {
+                let id = Uuid::now_v7();
+                sent.push(id);
+                let mut attempt = 0;
+                loop {
+                    let message = NewMessage::user(format!("w{writer} #{turn}")).with_id(id);
+                    match handle.append(vec![message]).await {
+                        Ok(sequences) => {
+                            assert_eq!(sequences.len(), 1);
+                            acked.push((sequences[0], id));
+                            break;
+                        }
+                        Err(error) if error.is_retryable() && attempt < MAX_RETRIES => {
+                            attempt += 1;
+                            retried += 1;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Err(error) => {
+                            panic!(
+                                "append w{writer} #{turn} failed after {attempt} retries: {error:?}"
+                            )
+                        }
+                    }
+                }
+            }
+            (session, sent, acked, retried)
+        }));
+    }
+    let mut results = Vec::new();
+    for writer in writers {
+        results.push(writer.await.expect("writer task"));
+    }
+    done.store(true, Ordering::Relaxed);
+    let (kills, rounds) = admin.await.expect("admin task");
+
+    let mut appends = 0;
+    let mut retried = 0;
+    for (session, sent, acked, session_retried) in &results {
+        appends += acked.len();
+        retried += session_retried;
+        let rows = stored_rows(&db.url, *session).await;
+        assert_contiguous(&rows);
+        let sent: HashSet<Uuid> = sent.iter().copied().collect();
+        for (_, id) in &rows {
+            assert!(sent.contains(id), "stored message {id} was never sent");
+        }
+        let stored: HashMap<Uuid, i64> = rows.iter().map(|&(seq, id)| (id, seq)).collect();
+        for (seq, id) in acked {
+            assert_eq!(
+                stored.get(id),
+                Some(seq),
+                "acknowledged {id} stored once at its acknowledged sequence"
+            );
+        }
+        assert_eq!(
+            rows.len(),
+            acked.len(),
+            "every append acknowledged, nothing else stored"
+        );
+    }
+    assert_eq!(appends, WRITERS * APPENDS_PER_WRITER);
+
+    // The engine keeps serving after the kills.
+    let handle = engine.session(user, sessions[0]);
+    let id = Uuid::now_v7();
+    let mut final_append = None;
+    for _ in 0..MAX_RETRIES {
+        match handle
+            .append(vec![NewMessage::user("after the storm").with_id(id)])
+            .await
+        {
+            Ok(sequences) => {
+                final_append = Some(sequences);
+                break;
+            }
+            Err(error) if error.is_retryable() => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(error) => panic!("final append: {error:?}"),
+        }
+    }
+    let sequences = final_append.expect("final append acknowledged");
+    assert_eq!(sequences, vec![APPENDS_PER_WRITER as i64]);
+    let page = handle
+        .get(Some(APPENDS_PER_WRITER as i64 - 1), None)
+        .await
+        .expect("final read");
+    assert_eq!(page.messages.len(), 1);
+    assert_eq!(page.messages[0].id, id);
+    assert_contiguous(&stored_rows(&db.url, sessions[0]).await);
+
+    let stats = engine.stats();
+    println!(
+        "pg_terminate_backend_during_flushes: {kills} connections killed in {rounds} rounds, \
+         {retried} retried errors, {appends} appends acknowledged, {} storage errors, {} \
+         transient retries, {} flushes",
+        stats.storage_errors, stats.transient_retries, stats.flushes
+    );
+    engine.shutdown().await;
+}
+
+/// Overload: 500 concurrent appends to one session whose mailbox holds 4, with a 1 ms send
+/// timeout.
+///
+/// Pass: every call answers once, either Ok or [`Error::Overloaded`] (at least one of those);
+/// exactly the Ok ones are stored, each at its acknowledged sequence, contiguous; a following
+/// append succeeds.
+async fn overload_flood_is_typed_and_loses_nothing(db: TestDb) {
+    const CALLS: usize = 500;
+    let config = EngineConfig {
+        mailbox_capacity: 4,
+        send_timeout: Some(Duration::from_millis(1)),
+        ..db.config()
+    };
+    let engine = db.engine_with(config).await;
+    let user = "flood-user";
+    let session = Uuid::now_v7();
+    engine
+        .session(user, session)
+        .create(None, None)
+        .await
+        .expect("create");
+    let started = Instant::now();
+    let mut calls = Vec::new();
+    for index in 0..CALLS {
+        let handle = engine.session(user, session);
+        calls.push(tokio::spawn(async move {
+            let id = Uuid::now_v7();
+            let result = handle
+                .append(vec![
+                    NewMessage::user(format!("flood #{index}")).with_id(id),
+                ])
+                .await;
+            (id, result)
+        }));
+    }
+    let mut acked = HashMap::new();
+    let mut overloaded = 0;
+    for call in calls {
+        let (id, result) = call.await.expect("call task");
+        match result {
+            Ok(sequences) => {
+                assert_eq!(sequences.len(), 1);
+                acked.insert(id, sequences[0]);
+            }
+            Err(Error::Overloaded(_)) => overloaded += 1,
+            Err(error) => panic!("only Ok or Overloaded, got {error:?}"),
+        }
+    }
+    assert_eq!(acked.len() + overloaded, CALLS);
+    assert!(
+        overloaded > 0,
+        "the flood overloaded the mailbox at least once"
+    );
+    let rows = rows_of(&db, &engine, user, session).await;
+    assert_contiguous(&rows);
+    assert_eq!(rows.len(), acked.len(), "exactly the Ok appends are stored");
+    for (seq, id) in &rows {
+        assert_eq!(
+            acked.get(id),
+            Some(seq),
+            "stored at its acknowledged sequence"
+        );
+    }
+    let next = engine
+        .session(user, session)
+        .append(vec![NewMessage::user("after the flood")])
+        .await
+        .expect("append after the flood");
+    assert_eq!(next, vec![acked.len() as i64]);
+    println!(
+        "overload_flood ({:?}): {} ok, {overloaded} overloaded of {CALLS} in {:?}",
+        db.backend,
+        acked.len(),
+        started.elapsed()
+    );
+    engine.shutdown().await;
+}
+
+on_every_backend!(overload_flood_is_typed_and_loses_nothing);
+
+/// A batch carrying S1, S2 and S3, with S1 advanced behind the engine's back by another engine.
+///
+/// Pass: exactly one conflict retry (S1's), S1 lands at sequence 2, S2 and S3 commit once each
+/// (message_count 2, three session batches flushed in all), and the rows in the database are
+/// contiguous with the expected ids.
+async fn a_batch_with_a_planted_conflict_reconciles_only_that_session(db: TestDb) {
+    planted_conflict(db, false).await;
+}
+
+/// The scenario of [`a_batch_with_a_planted_conflict_reconciles_only_that_session`];
+/// `check_rows_stat` also checks that `Stats::rows` ("message rows written") counts only the
+/// committed rows.
+async fn planted_conflict(db: TestDb, check_rows_stat: bool) {
+    let a = db.engine().await;
+    let b = db.engine().await;
+    let user = "batch-user";
+    let ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
+    let [s1, s2, s3] = ids.map(|id| a.session(user, id));
+    for session in [&s1, &s2, &s3] {
+        session.create(None, None).await.expect("create");
+        assert_eq!(
+            session
+                .append(vec![NewMessage::user("warm")])
+                .await
+                .expect("warm"),
+            vec![0]
+        );
+    }
+    let planted = Uuid::now_v7();
+    assert_eq!(
+        b.session(user, ids[0])
+            .append(vec![NewMessage::user("planted").with_id(planted)])
+            .await
+            .expect("planted write"),
+        vec![1]
+    );
+    let before = a.stats();
+    let new_ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
+    let (r1, r2, r3) = tokio::join!(
+        s1.append(vec![NewMessage::user("s1").with_id(new_ids[0])]),
+        s2.append(vec![NewMessage::user("s2").with_id(new_ids[1])]),
+        s3.append(vec![NewMessage::user("s3").with_id(new_ids[2])]),
+    );
+    assert_eq!(r1.expect("S1 reconciles"), vec![2]);
+    assert_eq!(r2.expect("S2"), vec![1]);
+    assert_eq!(r3.expect("S3"), vec![1]);
+    let after = a.stats();
+    assert_eq!(
+        after.conflict_retries - before.conflict_retries,
+        1,
+        "only S1 reconciled"
+    );
+    assert_eq!(after.conflicts - before.conflicts, 1, "one refused batch");
+    // `flushed_sessions` counts every session batch a transaction carried, the refused one
+    // included; less the refused ones, it counts the batches committed.
+    assert_eq!(
+        after.flushed_sessions - before.flushed_sessions,
+        4,
+        "S1 refused, S1 after reconciling, S2 and S3"
+    );
+    assert_eq!(
+        (after.flushed_sessions - after.conflicts) - (before.flushed_sessions - before.conflicts),
+        3,
+        "S1 after reconciling, S2 and S3 committed once each"
+    );
+    if check_rows_stat {
+        assert_eq!(
+            after.rows - before.rows,
+            3,
+            "Stats::rows counts the rows written, not those of a refused batch"
+        );
+    }
+    for (index, session) in [&s2, &s3].into_iter().enumerate() {
+        let page = session.get(None, None).await.expect("get");
+        assert_eq!(page.session.message_count, 2);
+        let rows = stored_rows(&db.url, session.id()).await;
+        assert_contiguous(&rows);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1], (1, new_ids[index + 1]));
+    }
+    let rows = stored_rows(&db.url, ids[0]).await;
+    assert_contiguous(&rows);
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[1], (1, planted));
+    assert_eq!(rows[2], (2, new_ids[0]));
+    assert_eq!(
+        s1.get(None, None).await.expect("get").session.message_count,
+        3
+    );
+    println!(
+        "planted conflict ({:?}): conflicts +{}, conflict retries +{}, flushes +{}, flushed \
+         sessions +{}",
+        db.backend,
+        after.conflicts - before.conflicts,
+        after.conflict_retries - before.conflict_retries,
+        after.flushes - before.flushes,
+        after.flushed_sessions - before.flushed_sessions
+    );
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+mod a_batch_with_a_planted_conflict_reconciles_only_that_session {
+    use super::common::{Backend, TestDb};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sqlite_file() {
+        let db = TestDb::new(Backend::SqliteFile).await.expect("sqlite");
+        super::a_batch_with_a_planted_conflict_reconciles_only_that_session(db).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres() {
+        if let Some(db) = TestDb::new(Backend::Postgres).await {
+            super::a_batch_with_a_planted_conflict_reconciles_only_that_session(db).await;
+        }
+    }
+}
+
+/// `Stats::rows` is documented as "message rows written", but the writer adds the rows of every
+/// session batch the transaction carried, the refused (conflicting) ones included:
+/// `record_flush(writes.len(), rows, conflicts)` in src/writer.rs. The planted-conflict scenario
+/// writes 3 rows and the counter rises by 4. (`flushed_sessions` likewise counts the refused
+/// batch; the tests above use `flushed_sessions - conflicts`.)
+#[ignore = "bug: Stats::rows counts the rows of session batches refused by a conflict"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stats_rows_count_only_committed_rows() {
+    let db = TestDb::new(Backend::SqliteFile).await.expect("sqlite");
+    planted_conflict(db, true).await;
+}
