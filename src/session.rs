@@ -177,6 +177,33 @@ enum Outcome {
     Deleted,
 }
 
+/// What a write put in the database, kept to settle a flush whose outcome was lost.
+struct WrittenRows {
+    expected_version: i64,
+    creates: bool,
+    delete: bool,
+    /// `(message id, staged seq)` of every new row.
+    rows: Vec<(Uuid, i64)>,
+}
+
+impl WrittenRows {
+    fn of(write: &SessionWrite) -> Self {
+        Self {
+            expected_version: write.expected_version,
+            creates: write.create.is_some(),
+            delete: write.delete,
+            rows: write.rows.iter().map(|row| (row.id, row.seq)).collect(),
+        }
+    }
+}
+
+/// What the database says about a flush whose outcome was lost.
+enum Settled {
+    Committed(i64),
+    NotCommitted,
+    Unknown,
+}
+
 /// The result of staging a batch: the write, and what to apply once it committed.
 struct Staged {
     write: SessionWrite,
@@ -293,7 +320,24 @@ impl SessionActor {
                 messages,
             } = staged;
             let now = write.now;
-            match self.shared.writer.write(write).await {
+            let written = WrittenRows::of(&write);
+            let outcome = match self.shared.writer.write(write).await {
+                // The connection failed around the commit: ask the database what happened
+                // instead of guessing.
+                Err(error) => match self.settle_unknown_outcome(&written).await {
+                    Settled::Committed(version) => Ok(FlushOutcome::Committed { version }),
+                    Settled::NotCommitted if attempt < self.shared.config.max_conflict_retries => {
+                        attempt += 1;
+                        debug!(session_id = %self.id, %error, "flush failed before committing; retrying");
+                        let backoff = Duration::from_millis(2 << attempt.min(7));
+                        tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64() / 2.0)).await;
+                        continue;
+                    }
+                    Settled::NotCommitted | Settled::Unknown => Err(error),
+                },
+                other => other,
+            };
+            match outcome {
                 Ok(FlushOutcome::Committed { version }) => {
                     for outcome in &mut outcomes {
                         if let Outcome::Created { info, .. } | Outcome::Updated(info) = outcome {
@@ -329,13 +373,48 @@ impl SessionActor {
                     }
                 }
                 Err(error) => {
-                    // The outcome is unknown (the commit may have gone through): forget the
-                    // state so the next command reloads it from the database.
+                    // Still unknown (the database cannot be read either): forget the state so
+                    // the next command reloads it, and let the caller retry with the same ids.
                     self.state = None;
                     self.reply(requests, outcomes, Some(Error::Storage(error)));
                     return;
                 }
             }
+        }
+    }
+
+    /// After a flush failed without saying whether it committed: reads the session's stored
+    /// version and the batch's message ids. Committed if the version moved by exactly this
+    /// write and every row is stored at its staged sequence; not committed if nothing moved.
+    /// Anything else (another writer meanwhile, or the database unreachable) stays unknown.
+    async fn settle_unknown_outcome(&self, written: &WrittenRows) -> Settled {
+        let store = &self.shared.store;
+        let Ok(version) = store.version(self.id).await else {
+            return Settled::Unknown;
+        };
+        let ids: Vec<Uuid> = written.rows.iter().map(|&(id, _)| id).collect();
+        let Ok(stored) = store.stored_ids(self.id, &ids).await else {
+            return Settled::Unknown;
+        };
+        let all_stored = written
+            .rows
+            .iter()
+            .all(|(id, seq)| stored.get(id) == Some(seq));
+        let expected = written.expected_version;
+        match version {
+            Some(version) if version == expected + 1 && all_stored && !written.delete => {
+                self.shared.stats.record_settled_outcome();
+                Settled::Committed(version)
+            }
+            Some(version) if version == expected && stored.is_empty() && !written.creates => {
+                self.shared.stats.record_settled_outcome();
+                Settled::NotCommitted
+            }
+            None if written.creates && stored.is_empty() => {
+                self.shared.stats.record_settled_outcome();
+                Settled::NotCommitted
+            }
+            _ => Settled::Unknown,
         }
     }
 

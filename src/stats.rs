@@ -44,6 +44,7 @@ pub(crate) struct EngineStats {
     conflict_retries: AtomicU64,
     transient_retries: AtomicU64,
     storage_errors: AtomicU64,
+    settled_outcomes: AtomicU64,
     loads: AtomicU64,
     batched_commands: AtomicU64,
     flush_sessions: Histogram,
@@ -83,6 +84,10 @@ impl EngineStats {
         self.storage_errors.fetch_add(1, Relaxed);
     }
 
+    pub fn record_settled_outcome(&self) {
+        self.settled_outcomes.fetch_add(1, Relaxed);
+    }
+
     pub fn record_load(&self) {
         self.loads.fetch_add(1, Relaxed);
     }
@@ -105,6 +110,7 @@ impl EngineStats {
             conflict_retries: self.conflict_retries.load(Relaxed),
             transient_retries: self.transient_retries.load(Relaxed),
             storage_errors: self.storage_errors.load(Relaxed),
+            settled_outcomes: self.settled_outcomes.load(Relaxed),
             batched_commands: self.batched_commands.load(Relaxed),
             flush_sessions: self.flush_sessions.snapshot(),
             batch_commands: self.batch_commands.snapshot(),
@@ -147,6 +153,9 @@ pub struct Stats {
     pub transient_retries: u64,
     /// Flushes that failed.
     pub storage_errors: u64,
+    /// Failed flushes whose outcome the engine settled by reading the database (committed, or
+    /// not committed and retried) instead of answering an error.
+    pub settled_outcomes: u64,
     /// Commands handled in session batches (the sum behind [`Stats::batch_commands`]).
     pub batched_commands: u64,
     /// Histogram of sessions per write transaction, bucketed by [`BATCH_BUCKETS`]; its sum is

@@ -110,3 +110,62 @@ on_every_backend!(
     stats_show_cross_session_group_commit,
     idle_sessions_passivate_and_reload
 );
+
+/// A flush that fails without committing (here: another process holds SQLite's write lock
+/// past the busy timeout) is settled by reading the session back — nothing moved, so the
+/// engine retries — instead of surfacing a storage error while the database is merely busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_flushes_are_settled_from_the_database() {
+    use sqlx::Connection;
+    let db = TestDb::new(common::Backend::SqliteFile)
+        .await
+        .expect("sqlite");
+    let engine = db
+        .engine_with(EngineConfig {
+            busy_timeout: std::time::Duration::from_millis(10),
+            ..db.config()
+        })
+        .await;
+    let session = engine.session("u", Uuid::now_v7());
+    session.create(None, None).await.expect("create");
+    session
+        .append(vec![NewMessage::user("before")])
+        .await
+        .expect("append");
+
+    // Another process takes the write lock and keeps it for a while.
+    let mut other = sqlx::SqliteConnection::connect(&db.url)
+        .await
+        .expect("connect");
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .expect("lock");
+    let append = tokio::spawn({
+        let session = session.clone();
+        async move { session.append(vec![NewMessage::user("during")]).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut other)
+        .await
+        .expect("unlock");
+    let sequences = append
+        .await
+        .expect("task")
+        .expect("the append goes through once the lock is gone");
+    assert_eq!(sequences, vec![1]);
+    let stats = engine.stats();
+    assert!(
+        stats.storage_errors >= 1,
+        "the first flushes did fail: {stats:?}"
+    );
+    assert!(
+        stats.settled_outcomes >= 1,
+        "and were settled, not surfaced: {stats:?}"
+    );
+    let rows = common::stored_rows(&db.url, session.id()).await;
+    assert_eq!(rows.len(), 2);
+    common::assert_contiguous(&rows);
+    engine.shutdown().await;
+}

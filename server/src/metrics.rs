@@ -104,6 +104,12 @@ pub fn render(stats: &Stats) -> String {
         "Flushes that failed.",
         stats.storage_errors,
     );
+    metric(
+        "settled_outcomes_total",
+        "counter",
+        "Failed flushes settled by reading the database.",
+        stats.settled_outcomes,
+    );
     histogram(
         &mut out,
         "flush_sessions",
