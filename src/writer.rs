@@ -154,11 +154,19 @@ impl WriterTask {
         };
         match result {
             Ok(outcomes) => {
-                let conflicts = outcomes
-                    .iter()
-                    .filter(|outcome| matches!(outcome, FlushOutcome::Conflict))
-                    .count();
-                self.stats.record_flush(writes.len(), rows, conflicts);
+                // Count what was written: a conflicting session's batch left the transaction.
+                let (mut written_sessions, mut written_rows, mut conflicts) = (0, 0, 0);
+                for (write, outcome) in writes.iter().zip(&outcomes) {
+                    match outcome {
+                        FlushOutcome::Committed { .. } => {
+                            written_sessions += 1;
+                            written_rows += write.rows.len();
+                        }
+                        FlushOutcome::Conflict => conflicts += 1,
+                    }
+                }
+                self.stats
+                    .record_flush(written_sessions, written_rows, conflicts);
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }

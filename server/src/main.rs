@@ -31,6 +31,10 @@ struct Args {
     /// Seconds an idle session stays in memory.
     #[arg(long, default_value = "300", value_name = "SECONDS")]
     idle_timeout: u64,
+    /// Answer 403 to a user who asks for someone else's session, instead of the default 404
+    /// that makes a foreign session indistinguishable from a missing one.
+    #[arg(long)]
+    reveal_foreign_sessions: bool,
     /// PostgreSQL: write transactions in flight at once.
     #[arg(long, default_value = "4")]
     writer_connections: u32,
@@ -67,6 +71,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         send_timeout: Some(Duration::from_millis(args.send_timeout_ms)),
         idle_timeout: Duration::from_secs(args.idle_timeout),
         mailbox_capacity: args.mailbox_capacity,
+        hide_foreign_sessions: !args.reveal_foreign_sessions,
         writer_connections: args.writer_connections,
         read_pool_size: args.read_connections,
         ..EngineConfig::new(&args.database_url)

@@ -660,20 +660,36 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     drop(server);
 }
 
-/// Two server processes on one PostgreSQL database, written through both at once.
+/// 403 for someone else's session when the server is told to reveal them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_servers_on_one_postgres_database() {
+async fn forbidden_when_foreign_sessions_are_revealed() {
+    let server = Server::sqlite(&["--reveal-foreign-sessions"]);
+    let client = client();
+    let id = create(&client, &server, "alice").await;
+    assert_error(
+        send(
+            client
+                .get(server.url(&format!("/v1/sessions/{id}")))
+                .header("x-user-id", "mallory"),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    );
+}
+
+/// PostgreSQL for the tests, or `None` (skipped) outside CI when it is not answering.
+async fn postgres_schema() -> Option<(sqlx::PgPool, String, String)> {
     let base = std::env::var("SOLOIST_TEST_POSTGRES")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let connection = sqlx::PgPool::connect(&base).await;
-    let pool = match connection {
+    let pool = match sqlx::PgPool::connect(&base).await {
         Ok(pool) => pool,
         Err(error) if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
             panic!("PostgreSQL is required in CI: {error}")
         }
         Err(error) => {
             eprintln!("SKIPPED: PostgreSQL is not answering: {error}");
-            return;
+            return None;
         }
     };
     let schema = format!("t_{}", Uuid::new_v4().simple());
@@ -682,6 +698,74 @@ async fn two_servers_on_one_postgres_database() {
         .await
         .expect("schema");
     let url = format!("{base}?options=-c%20search_path%3D{schema}");
+    Some((pool, schema, url))
+}
+
+/// 503 when the database fails under the server, and service again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_failure_is_503_and_recovers() {
+    let Some((pool, schema, url)) = postgres_schema().await else {
+        return;
+    };
+    let server = Server::start(&url, &[]);
+    let client = client();
+    let id = create(&client, &server, "alice").await;
+    let messages = format!("/v1/sessions/{id}/messages");
+    let body = json!({"messages": [{"role": "user", "content": "x"}]});
+    let ok = send(
+        client
+            .post(server.url(&messages))
+            .header("x-user-id", "alice")
+            .json(&body),
+    )
+    .await;
+    assert_eq!(ok.0, StatusCode::OK);
+    // The tables disappear under the server (an operator's mistake, a failover to an empty
+    // replica...): every write fails in the database.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE {schema}.messages RENAME TO gone"
+    )))
+    .execute(&pool)
+    .await
+    .expect("rename");
+    let failed = send(
+        client
+            .post(server.url(&messages))
+            .header("x-user-id", "alice")
+            .json(&body),
+    )
+    .await;
+    assert_error(failed, StatusCode::SERVICE_UNAVAILABLE, "storage");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE {schema}.gone RENAME TO messages"
+    )))
+    .execute(&pool)
+    .await
+    .expect("rename back");
+    let recovered = send(
+        client
+            .post(server.url(&messages))
+            .header("x-user-id", "alice")
+            .json(&body),
+    )
+    .await;
+    assert_eq!(
+        recovered,
+        (StatusCode::OK, json!({"sequences": [1]})),
+        "nothing half-written"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&pool)
+        .await
+        .expect("drop schema");
+}
+
+/// Two server processes on one PostgreSQL database, written through both at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_postgres_database() {
+    let Some((pool, schema, url)) = postgres_schema().await else {
+        return;
+    };
     let servers = [Server::start(&url, &[]), Server::start(&url, &[])];
     let client = client();
     let id = create(&client, &servers[0], "alice").await;
