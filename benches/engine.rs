@@ -4,7 +4,7 @@
 //!   messages. The engine keeps the newest `cached_messages` (default 1,000) in the session actor,
 //!   so this read is served from memory and never reaches the database: it runs on
 //!   `sqlite::memory:` only, and would measure the same on any backend.
-//! - `activation_1000_messages`: the cold load of a 1,000-message session. Each iteration asks the
+//! - `activation`: the cold load of a 1,000- and of a 100,000-message session. Each iteration asks the
 //!   session to passivate, waits (untimed) until it is no longer live, then times the first
 //!   `get(None, Some(1))`, which spawns the actor and loads the session row and its 1,000 newest
 //!   messages from the database. SQLite file and PostgreSQL.
@@ -203,13 +203,18 @@ fn message(index: usize) -> NewMessage {
 
 /// A new session holding `SESSION_MESSAGES` messages.
 async fn seeded_session(engine: &Engine) -> SessionHandle {
+    seeded_session_of(engine, SESSION_MESSAGES).await
+}
+
+/// A new session holding `count` messages.
+async fn seeded_session_of(engine: &Engine, count: usize) -> SessionHandle {
     let session = engine.session("bench-user", Uuid::now_v7());
     session
         .create(Some("bench".into()), None)
         .await
         .expect("create the session");
-    for chunk_start in (0..SESSION_MESSAGES).step_by(SEED_CHUNK) {
-        let chunk_end = (chunk_start + SEED_CHUNK).min(SESSION_MESSAGES);
+    for chunk_start in (0..count).step_by(SEED_CHUNK) {
+        let chunk_end = (chunk_start + SEED_CHUNK).min(count);
         session
             .append((chunk_start..chunk_end).map(message).collect())
             .await
@@ -261,41 +266,46 @@ fn read_live_session(c: &mut Criterion) {
 
 fn activation(c: &mut Criterion) {
     let runtime = runtime();
-    let mut group = c.benchmark_group("activation_1000_messages");
+    let mut group = c.benchmark_group("activation");
     group
         .sample_size(20)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(4));
+    // Activation loads the session row and the newest `cached_messages` (1,000) messages
+    // only, so a 100,000-message session should load about as fast as a 1,000-message one.
     for backend in [Backend::SqliteFile, Backend::Postgres] {
         let Some(database) = runtime.block_on(Database::new(backend)) else {
             continue;
         };
         let engine = runtime.block_on(database.engine());
-        let session = runtime.block_on(seeded_session(&engine));
-        group.bench_function(BenchmarkId::new("first_get", backend.name()), |b| {
-            b.iter_custom(|iters| {
-                let engine = engine.clone();
-                let session = session.clone();
-                on_runtime(&runtime, async move {
-                    let mut loading = Duration::ZERO;
-                    for _ in 0..iters {
-                        engine.passivate(session.id());
-                        while engine.is_live(session.id()) {
-                            tokio::time::sleep(Duration::from_micros(200)).await;
+        for count in [SESSION_MESSAGES, 100 * SESSION_MESSAGES] {
+            let session = runtime.block_on(seeded_session_of(&engine, count));
+            let id = BenchmarkId::new(format!("first_get_{count}_messages"), backend.name());
+            group.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    let engine = engine.clone();
+                    let session = session.clone();
+                    on_runtime(&runtime, async move {
+                        let mut loading = Duration::ZERO;
+                        for _ in 0..iters {
+                            engine.passivate(session.id());
+                            while engine.is_live(session.id()) {
+                                tokio::time::sleep(Duration::from_micros(200)).await;
+                            }
+                            let start = Instant::now();
+                            let page = session
+                                .get(None, Some(1))
+                                .await
+                                .expect("activate the session");
+                            loading += start.elapsed();
+                            assert_eq!(page.session.message_count, count as i64);
+                            black_box(page);
                         }
-                        let start = Instant::now();
-                        let page = session
-                            .get(None, Some(1))
-                            .await
-                            .expect("activate the session");
-                        loading += start.elapsed();
-                        assert_eq!(page.session.message_count, SESSION_MESSAGES as i64);
-                        black_box(page);
-                    }
-                    loading
-                })
+                        loading
+                    })
+                });
             });
-        });
+        }
         runtime.block_on(async {
             engine.shutdown().await;
             database.remove().await;

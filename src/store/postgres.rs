@@ -84,22 +84,23 @@ impl PostgresStore {
             return Ok(None);
         };
         let (info, deleted) = record.into_info()?;
-        let mut records: Vec<MessageRecord> = if deleted || tail == 0 {
+        let records: Vec<MessageRecord> = if deleted || tail == 0 {
             Vec::new()
         } else {
             sqlx::query_as(concat!(
                 "SELECT ",
                 message_columns!(),
-                " FROM messages WHERE session_id = $1 \
-                 ORDER BY seq DESC LIMIT $2"
+                " FROM messages WHERE session_id = $1 AND seq >= $2 \
+                 ORDER BY seq"
             ))
             .bind(id)
-            .bind(tail as i64)
+            // Sequences are contiguous, so the tail is a key range: a plan can only read it
+            // through the primary key, however little the planner knows about the table.
+            .bind((info.message_count - tail as i64).max(0))
             .fetch_all(&mut *tx)
             .await?
         };
         tx.commit().await?;
-        records.reverse();
         Ok(Some(LoadedSession {
             info,
             deleted,
@@ -131,12 +132,13 @@ impl PostgresStore {
         let records: Vec<MessageRecord> = sqlx::query_as(concat!(
             "SELECT ",
             message_columns!(),
-            " FROM messages WHERE session_id = $1 AND seq > $2 \
-             ORDER BY seq LIMIT $3"
+            " FROM messages WHERE session_id = $1 AND seq > $2 AND seq <= $3 \
+             ORDER BY seq"
         ))
         .bind(id)
         .bind(after_seq)
-        .bind(limit as i64)
+        // Contiguous sequences: the page is exactly this key range.
+        .bind(after_seq.saturating_add(limit as i64))
         .fetch_all(&self.readers)
         .await?;
         into_messages(records)
