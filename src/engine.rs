@@ -94,6 +94,8 @@ impl Engine {
             writer,
             stats,
             config,
+            panic_next_batch: Default::default(),
+            faults_armed: Default::default(),
         });
         info!(database = %redact(&shared.config.database_url), "soloist engine started");
         Ok(Engine {
@@ -281,6 +283,24 @@ impl Engine {
     /// hand-over and for measuring cold loads.
     pub fn passivate(&self, session_id: SessionId) {
         self.inner.registry.passivate(&session_id);
+    }
+
+    /// Fault injection for tests of supervision: the session's next batch panics after
+    /// `pause`, as a bug in the actor would. The commands of that batch get
+    /// [`Error::ActorFailed`]; the actor is restarted (reloading the session from the database)
+    /// and handles the commands queued behind. Never call this in production.
+    #[doc(hidden)]
+    pub fn inject_panic(&self, session_id: SessionId, pause: std::time::Duration) {
+        self.inner
+            .shared
+            .panic_next_batch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(session_id, pause);
+        self.inner
+            .shared
+            .faults_armed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether the session currently has a live actor in this engine.

@@ -3,7 +3,8 @@
 //! write per batch to the writer stage, and answers every command after that write committed.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -92,6 +93,11 @@ pub(crate) struct Shared {
     pub writer: Writer,
     pub stats: Arc<EngineStats>,
     pub config: EngineConfig,
+    /// Sessions whose next batch panics after a pause: a fault hook for tests of supervision
+    /// (see [`Engine::inject_panic`](crate::Engine::inject_panic)).
+    pub panic_next_batch: Mutex<HashMap<SessionId, Duration>>,
+    /// Set once a fault was injected, so that batches skip the lock above otherwise.
+    pub faults_armed: AtomicBool,
 }
 
 /// The session as this actor knows it.
@@ -251,6 +257,12 @@ impl Actor for SessionActor {
 
     async fn handle(&mut self, batch: &mut Vec<SessionRequest>) {
         let requests = std::mem::take(batch);
+        let fault = self.take_injected_panic();
+        if let Some(pause) = fault {
+            // Let more commands queue behind the batch, then fail the way a bug would.
+            tokio::time::sleep(pause).await;
+            panic!("injected fault in session {}", self.id);
+        }
         let span = info_span!("session_batch", session_id = %self.id, commands = requests.len());
         // Boxed: the batch's future (staging, the write, database reads) is large, and inline it
         // would sit in every idle session's task for the whole life of the actor.
@@ -263,6 +275,21 @@ impl Actor for SessionActor {
 }
 
 impl SessionActor {
+    fn take_injected_panic(&self) -> Option<Duration> {
+        if !self.shared.faults_armed.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut hooks = self
+            .shared
+            .panic_next_batch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if hooks.is_empty() {
+            return None;
+        }
+        hooks.remove(&self.id)
+    }
+
     async fn load(&mut self) -> Result<(), StorageError> {
         self.shared.stats.record_load();
         let loaded = self

@@ -402,3 +402,59 @@ async fn stats_rows_count_only_committed_rows() {
     let db = TestDb::new(Backend::SqliteFile).await.expect("sqlite");
     planted_conflict(db, true).await;
 }
+
+/// A session actor that panics while handling a batch: the commands of that batch get
+/// `ActorFailed`, the actor restarts from the database, and the commands queued behind it
+/// succeed, at the right sequences.
+async fn a_panicking_session_actor_restarts(db: TestDb) {
+    let engine = db.engine().await;
+    let session = engine.session("u", Uuid::now_v7());
+    session.create(None, None).await.expect("create");
+    session
+        .append(vec![NewMessage::user("zero")])
+        .await
+        .expect("append");
+    engine.inject_panic(session.id(), std::time::Duration::from_millis(100));
+    let doomed = tokio::spawn({
+        let session = session.clone();
+        async move { session.append(vec![NewMessage::user("in flight")]).await }
+    });
+    // Queue more behind the batch that is about to fail.
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    let queued: Vec<_> = (0..4)
+        .map(|index| {
+            let session = session.clone();
+            tokio::spawn(async move {
+                session
+                    .append(vec![NewMessage::user(format!("queued {index}"))])
+                    .await
+            })
+        })
+        .collect();
+    assert!(
+        matches!(doomed.await.expect("task"), Err(Error::ActorFailed)),
+        "the in-flight command fails"
+    );
+    let mut sequences = Vec::new();
+    for task in queued {
+        sequences.extend(task.await.expect("task").expect("queued commands succeed"));
+    }
+    sequences.sort();
+    assert_eq!(
+        sequences,
+        vec![1, 2, 3, 4],
+        "the restarted actor continues after seq 0"
+    );
+    assert_eq!(engine.stats().restarts, 1);
+    let page = session.get(None, None).await.expect("get");
+    assert_eq!(page.session.message_count, 5);
+    engine.shutdown().await;
+}
+
+mod panicking_actor {
+    use super::*;
+    on_every_backend!(a_panicking_session_actor_restarts);
+    async fn a_panicking_session_actor_restarts(db: TestDb) {
+        super::a_panicking_session_actor_restarts(db).await
+    }
+}
