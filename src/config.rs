@@ -54,6 +54,10 @@ pub struct EngineConfig {
     pub sqlite_sync: SqliteSync,
     /// How long an SQLite connection waits for a lock held by another process.
     pub busy_timeout: Duration,
+    /// SQLite: the most pages the database file may grow to (`PRAGMA max_page_count`; pages
+    /// are 4 KiB). Writes past it fail with a storage error and change nothing. `None`: no cap
+    /// beyond SQLite's own.
+    pub sqlite_max_pages: Option<u32>,
     /// Connections for reads (activation, older pages, listings).
     pub read_pool_size: u32,
     /// PostgreSQL: how many combined write transactions may be in flight at once (each on its
@@ -95,6 +99,7 @@ impl EngineConfig {
             database_url: database_url.into(),
             sqlite_sync: SqliteSync::Full,
             busy_timeout: Duration::from_secs(5),
+            sqlite_max_pages: None,
             read_pool_size: 4,
             writer_connections: 4,
             max_sessions_per_flush: 256,

@@ -458,3 +458,54 @@ mod panicking_actor {
         super::a_panicking_session_actor_restarts(db).await
     }
 }
+
+/// SQLite full (`max_page_count`): the append that does not fit gets a storage error, is not
+/// acknowledged and leaves nothing behind; once there is room again (another session deleted),
+/// appends go through at the next sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_disk_full_is_typed_and_recovers() {
+    let db = TestDb::new(Backend::SqliteFile).await.expect("sqlite");
+    let engine = db
+        .engine_with(soloist::EngineConfig {
+            sqlite_max_pages: Some(64),
+            max_conflict_retries: 1,
+            ..db.config()
+        })
+        .await;
+    let filler = engine.session("u", Uuid::now_v7());
+    filler.create(None, None).await.expect("create");
+    let session = engine.session("u", Uuid::now_v7());
+    session.create(None, None).await.expect("create");
+    session
+        .append(vec![NewMessage::user("first")])
+        .await
+        .expect("append");
+    // Fill the file.
+    let big = "x".repeat(16 * 1024);
+    let mut filled = false;
+    for _ in 0..64 {
+        match filler.append(vec![NewMessage::user(big.clone())]).await {
+            Ok(_) => {}
+            Err(Error::Storage(error)) => {
+                assert!(error.to_string().contains("full"), "{error}");
+                filled = true;
+                break;
+            }
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(filled, "64 pages never filled up");
+    let refused = session.append(vec![NewMessage::user(big.clone())]).await;
+    assert!(matches!(refused, Err(Error::Storage(_))), "{refused:?}");
+    let rows = stored_rows(&db.url, session.id()).await;
+    assert_eq!(rows.len(), 1, "nothing partial was stored");
+    // Room again: the filler goes away (its messages are deleted).
+    filler.delete().await.expect("delete frees pages");
+    let sequences = session
+        .append(vec![NewMessage::user("after")])
+        .await
+        .expect("works again once there is room");
+    assert_eq!(sequences, vec![1]);
+    assert_contiguous(&stored_rows(&db.url, session.id()).await);
+    engine.shutdown().await;
+}

@@ -81,6 +81,10 @@ impl SqliteStore {
         }
         .busy_timeout(config.busy_timeout)
         .foreign_keys(true);
+        let options = match config.sqlite_max_pages {
+            Some(pages) => options.pragma("max_page_count", pages.to_string()),
+            None => options,
+        };
 
         // The pools never close their last connection: an in-memory database lives only as long
         // as one connection is open.
