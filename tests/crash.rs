@@ -1,0 +1,165 @@
+//! Crash safety of the embedded default: many OS processes append to one SQLite file and are
+//! killed (SIGKILL) at random moments, some while still opening the database. Afterwards the
+//! file passes `PRAGMA integrity_check`, every append a process acknowledged is stored at its
+//! acknowledged sequence, and every session is a contiguous prefix with no duplicate ids.
+//!
+//! The child processes are this test binary itself, re-run with `SOLOIST_CRASH_CHILD` set, so
+//! the test needs no extra binary.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use soloist::uuid::Uuid;
+use soloist::{Engine, NewMessage};
+use sqlx::Connection;
+
+const CHILD_ENV: &str = "SOLOIST_CRASH_CHILD";
+
+/// The child: appends to the given sessions until it is killed, printing each acknowledgement
+/// (`ack <session> <seq> <message id>`) once the append returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_child() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return; // an ordinary test run: nothing to do
+    };
+    let mut parts = spec.split(' ');
+    let url = parts.next().expect("url").to_owned();
+    let sessions: Vec<Uuid> = parts.map(|id| id.parse().expect("session id")).collect();
+    let engine = Engine::connect(&url).await.expect("open the database");
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "ready");
+    let _ = stdout.flush();
+    for turn in 0usize.. {
+        let session = sessions[turn % sessions.len()];
+        let id = Uuid::now_v7();
+        match engine
+            .session("crash", session)
+            .append(vec![NewMessage::user(format!("turn {turn}")).with_id(id)])
+            .await
+        {
+            Ok(sequences) => {
+                let _ = writeln!(stdout, "ack {session} {} {id}", sequences[0]);
+                let _ = stdout.flush();
+            }
+            Err(error) => {
+                let _ = writeln!(stdout, "error {error}");
+                let _ = stdout.flush();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_processes_lose_no_acknowledged_append() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    let db = common::TestDb::new(common::Backend::SqliteFile)
+        .await
+        .expect("sqlite");
+    let sessions: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+    {
+        let engine = db.engine().await;
+        for &id in &sessions {
+            engine
+                .session("crash", id)
+                .create(None, None)
+                .await
+                .expect("create");
+        }
+        engine.shutdown().await;
+    }
+    let spec = std::iter::once(db.url.clone())
+        .chain(sessions.iter().map(Uuid::to_string))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let me = std::env::current_exe().expect("test binary");
+    let mut acked: Vec<(Uuid, i64, Uuid)> = Vec::new();
+    let mut killed_while_opening = 0;
+    let started = Instant::now();
+    let children = 100;
+    for child_index in 0..children {
+        let mut child = Command::new(&me)
+            .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, &spec)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn a child");
+        let stdout = child.stdout.take().expect("stdout");
+        // Kill some children while they are still opening the database, the rest after a
+        // random stretch of appending. Two children at a time write the same sessions.
+        let open_kill = child_index % 10 == 0;
+        let lifetime = if open_kill {
+            Duration::from_millis(fastrand::u64(0..8))
+        } else {
+            Duration::from_millis(fastrand::u64(50..250))
+        };
+        let reader = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                match line {
+                    Ok(line) => lines.push(line),
+                    Err(_) => break,
+                }
+            }
+            lines
+        });
+        std::thread::sleep(lifetime);
+        let _ = child.kill();
+        let _ = child.wait();
+        let lines = reader.join().expect("reader");
+        // The test harness may print its own text before a child's first line.
+        if !lines.iter().any(|line| line.ends_with("ready")) {
+            killed_while_opening += 1;
+        }
+        for line in lines {
+            let Some(start) = line.find("ack ") else {
+                continue;
+            };
+            let mut words = line[start..].split(' ');
+            if words.next() == Some("ack") {
+                let session: Uuid = words.next().expect("session").parse().expect("uuid");
+                let seq: i64 = words.next().expect("seq").parse().expect("seq");
+                let id: Uuid = words.next().expect("id").parse().expect("uuid");
+                acked.push((session, seq, id));
+            }
+        }
+    }
+
+    let mut connection = sqlx::SqliteConnection::connect(&db.url)
+        .await
+        .expect("open");
+    let integrity: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&mut connection)
+        .await
+        .expect("integrity_check");
+    assert_eq!(integrity, "ok");
+    let mut total = 0;
+    for &session in &sessions {
+        let rows = common::stored_rows(&db.url, session).await;
+        common::assert_contiguous(&rows);
+        total += rows.len();
+        let stored: HashMap<Uuid, i64> = rows.iter().map(|&(seq, id)| (id, seq)).collect();
+        for (_, seq, id) in acked.iter().filter(|(s, _, _)| *s == session) {
+            assert_eq!(
+                stored.get(id),
+                Some(seq),
+                "an acknowledged append was lost or moved"
+            );
+        }
+    }
+    let distinct: HashSet<Uuid> = acked.iter().map(|(_, _, id)| *id).collect();
+    assert_eq!(distinct.len(), acked.len());
+    assert!(!acked.is_empty(), "no child ever acknowledged an append");
+    eprintln!(
+        "crash test: {children} children killed ({killed_while_opening} before they were ready), \
+         {} acknowledged appends, {total} stored, {:.1} s",
+        acked.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
