@@ -40,6 +40,8 @@ struct Inner {
     writers: TaskTracker,
     /// Tells the writer tasks to stop once their queue is empty.
     stop_writers: CancellationToken,
+    /// Stops announcing and listening for other processes' commits (PostgreSQL).
+    stop_feed: CancellationToken,
 }
 
 impl std::fmt::Debug for Engine {
@@ -74,14 +76,31 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         let writers = TaskTracker::new();
         let stop_writers = CancellationToken::new();
+        let instance = Uuid::new_v4();
+        let stop_feed = CancellationToken::new();
+        let (changes, announced) = match &store {
+            #[cfg(feature = "postgres")]
+            Store::Postgres(postgres) => {
+                let (changes, announced) = tokio::sync::mpsc::channel(16 * 1024);
+                writers.spawn(crate::changes::announce(
+                    postgres.clone(),
+                    instance,
+                    announced,
+                    stop_feed.clone(),
+                ));
+                (Some(changes), true)
+            }
+            #[allow(unreachable_patterns)]
+            _ => (None, false),
+        };
         let writer = Writer::start(
             store.clone(),
             &config,
             stats.clone(),
             &writers,
             stop_writers.clone(),
+            changes,
         );
-        writers.close();
         let runtime = RegistryConfig {
             mailbox_capacity: config.mailbox_capacity.max(1),
             max_batch: config.mailbox_capacity.max(1),
@@ -97,13 +116,26 @@ impl Engine {
             panic_next_batch: Default::default(),
             faults_armed: Default::default(),
         });
+        let registry = Registry::new(shared.clone(), runtime);
+        #[cfg(feature = "postgres")]
+        if let (true, Store::Postgres(postgres)) = (announced, &shared.store) {
+            writers.spawn(crate::changes::listen(
+                postgres.clone(),
+                instance,
+                registry.clone(),
+                stop_feed.clone(),
+            ));
+        }
+        let _ = announced;
+        writers.close();
         info!(database = %redact(&shared.config.database_url), "soloist engine started");
         Ok(Engine {
             inner: Arc::new(Inner {
-                registry: Registry::new(shared.clone(), runtime),
+                registry,
                 shared,
                 writers,
                 stop_writers,
+                stop_feed,
             }),
         })
     }
@@ -320,6 +352,7 @@ impl Engine {
     /// writes, and closes the database. Commands sent afterwards get
     /// [`Error::ShuttingDown`].
     pub async fn shutdown(&self) {
+        self.inner.stop_feed.cancel();
         self.inner.registry.shutdown().await;
         self.inner.stop_writers.cancel();
         self.inner.writers.wait().await;

@@ -62,6 +62,9 @@ pub(crate) enum SessionRequest {
     AddUsage(Box<AddUsage>, Respond<Usage>),
     Delete(Box<DeleteSession>, Respond<()>),
     Subscribe(Box<SubscribeRequest>, Respond<Subscribed>),
+    /// Another process committed this version of the session: catch up before the next read.
+    /// Nobody waits for an answer.
+    Refresh(i64),
 }
 
 /// Ask for the messages after `after_seq` and for every message committed from then on.
@@ -181,6 +184,8 @@ enum Outcome {
     Updated(SessionInfo),
     UsageAdded(Usage),
     Deleted,
+    /// Nothing to answer (a refresh notice).
+    Nothing,
 }
 
 /// What a write put in the database, kept to settle a flush whose outcome was lost.
@@ -306,6 +311,13 @@ impl SessionActor {
         let Some(state) = &self.state else {
             return self.load().await;
         };
+        let newer_elsewhere = requests.iter().any(
+            |request| matches!(request, SessionRequest::Refresh(version) if *version > state.version()),
+        );
+        if newer_elsewhere {
+            debug!(session_id = %self.id, "written by another process; catching up");
+            return self.catch_up().await;
+        }
         let wants_fresh = requests
             .iter()
             .any(|request| matches!(request, SessionRequest::Get(get, _) if get.fresh));
@@ -313,7 +325,26 @@ impl SessionActor {
             let stored = self.shared.store.version(self.id).await?;
             if stored.unwrap_or(0) != state.version() {
                 debug!(session_id = %self.id, "stale copy; reloading for a fresh read");
-                return self.load().await;
+                return self.catch_up().await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reloads the session and publishes to subscribers the messages other processes added.
+    async fn catch_up(&mut self) -> Result<(), StorageError> {
+        let known = self
+            .state
+            .as_ref()
+            .and_then(|state| state.info.as_ref())
+            .map_or(0, |info| info.message_count);
+        self.load().await?;
+        if let (Some(events), Some(state)) = (&self.events, &self.state) {
+            if events.receiver_count() > 0 {
+                for message in state.tail.iter().filter(|message| message.seq >= known) {
+                    // A subscriber that finds a gap (messages older than the tail) reads them.
+                    let _ = events.send(message.clone());
+                }
             }
         }
         Ok(())
@@ -548,6 +579,7 @@ impl SessionActor {
                     Err(error) => Outcome::Failed(error),
                     Ok(()) => Outcome::PendingRead,
                 },
+                SessionRequest::Refresh(_) => Outcome::Nothing,
                 SessionRequest::Subscribe(subscribe, _) => {
                     match check(&info, deleted, &subscribe.user_id) {
                         Err(error) => Outcome::Failed(error),
@@ -677,6 +709,9 @@ impl SessionActor {
     ) {
         let stats = &*self.shared.stats;
         for (request, outcome) in requests.into_iter().zip(outcomes) {
+            if matches!(request, SessionRequest::Refresh(_)) {
+                continue; // a notice, not a command: nobody waits for it
+            }
             let outcome = match (&write_error, outcome) {
                 (
                     Some(error),
@@ -831,5 +866,6 @@ fn reply_error(request: SessionRequest, error: Error) {
         SessionRequest::AddUsage(_, respond) => drop(respond.send(Err(error))),
         SessionRequest::Delete(_, respond) => drop(respond.send(Err(error))),
         SessionRequest::Subscribe(_, respond) => drop(respond.send(Err(error))),
+        SessionRequest::Refresh(_) => {}
     }
 }

@@ -16,6 +16,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::config::EngineConfig;
 use crate::error::StorageError;
+use crate::model::SessionId;
 use crate::stats::EngineStats;
 use crate::store::{FlushOutcome, SessionWrite, Store};
 
@@ -43,6 +44,7 @@ impl Writer {
         stats: Arc<EngineStats>,
         tracker: &TaskTracker,
         stop: CancellationToken,
+        changes: Option<mpsc::Sender<(SessionId, i64)>>,
     ) -> Self {
         let (jobs, queue) = mpsc::channel(config.max_sessions_per_flush.max(1) * 4);
         let queue = Arc::new(Mutex::new(queue));
@@ -55,6 +57,7 @@ impl Writer {
                 max_rows: config.max_rows_per_flush.max(1),
                 max_bytes: config.max_bytes_per_flush.max(1),
                 stop: stop.clone(),
+                changes: changes.clone(),
             };
             tracker.spawn(task.run().instrument(info_span!("writer", worker)));
         }
@@ -82,6 +85,8 @@ struct WriterTask {
     max_rows: usize,
     max_bytes: usize,
     stop: CancellationToken,
+    /// Where committed `(session, version)` pairs go to be announced to other processes.
+    changes: Option<mpsc::Sender<(SessionId, i64)>>,
 }
 
 impl WriterTask {
@@ -158,9 +163,14 @@ impl WriterTask {
                 let (mut written_sessions, mut written_rows, mut conflicts) = (0, 0, 0);
                 for (write, outcome) in writes.iter().zip(&outcomes) {
                     match outcome {
-                        FlushOutcome::Committed { .. } => {
+                        FlushOutcome::Committed { version } => {
                             written_sessions += 1;
                             written_rows += write.rows.len();
+                            if let Some(changes) = &self.changes {
+                                // Best effort: a process that misses the notice still catches
+                                // up on a fresh read or when its own write is refused.
+                                let _ = changes.try_send((write.session_id, *version));
+                            }
                         }
                         FlushOutcome::Conflict => conflicts += 1,
                     }

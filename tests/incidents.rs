@@ -401,3 +401,51 @@ mod every_backend {
         super::hundred_concurrent_tasks_all_succeed(db).await
     }
 }
+
+/// Freshness across processes (PostgreSQL LISTEN/NOTIFY): when engine B writes a session that
+/// engine A also holds, A catches up by itself — its plain (not `fresh`) reads and its
+/// subscribers see B's messages — without a read-time version check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn other_processes_writes_reach_live_sessions_and_subscribers() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let a = db.engine().await;
+    let b = db.engine().await;
+    let id = Uuid::now_v7();
+    a.session("u", id).create(None, None).await.expect("create");
+    a.session("u", id)
+        .append(vec![NewMessage::user("from a")])
+        .await
+        .expect("append");
+    let mut stream = a.session("u", id).subscribe(None).await.expect("subscribe");
+    let first = stream.next().await.expect("backlog");
+    assert_eq!(first.seq, 0);
+    let b_seqs = b
+        .session("u", id)
+        .append(
+            (0..3)
+                .map(|i| NewMessage::user(format!("from b {i}")))
+                .collect(),
+        )
+        .await
+        .expect("b appends");
+    assert_eq!(b_seqs, vec![1, 2, 3]);
+    // A's subscriber sees B's messages, in order.
+    for expected in 1..=3 {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("B's message reaches A's subscriber")
+            .expect("stream");
+        assert_eq!(message.seq, expected);
+        assert_eq!(
+            message.content.as_deref(),
+            Some(format!("from b {}", expected - 1).as_str())
+        );
+    }
+    // And A's ordinary read is current.
+    let page = a.session("u", id).get(None, None).await.expect("read");
+    assert_eq!(page.session.message_count, 4);
+    a.shutdown().await;
+    b.shutdown().await;
+}

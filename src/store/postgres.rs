@@ -28,6 +28,8 @@ pub(crate) struct PostgresStore {
     /// force_custom_plan`): a cached generic plan chosen while a table was small would keep
     /// scanning it whole once it has grown, and these queries are cheap to plan.
     readers: PgPool,
+    /// How to open the connection that listens for other processes' commits.
+    options: std::sync::Arc<PgConnectOptions>,
 }
 
 impl PostgresStore {
@@ -55,10 +57,18 @@ impl PostgresStore {
             .map_err(StorageError::from)?;
         let readers = PgPoolOptions::new()
             .max_connections(config.read_pool_size.max(1))
-            .connect_with(options.options([("plan_cache_mode", "force_custom_plan")]))
+            .connect_with(
+                options
+                    .clone()
+                    .options([("plan_cache_mode", "force_custom_plan")]),
+            )
             .await
             .map_err(StorageError::from)?;
-        Ok(Self { pool, readers })
+        Ok(Self {
+            pool,
+            readers,
+            options: std::sync::Arc::new(options),
+        })
     }
 
     pub async fn load(
@@ -325,6 +335,26 @@ impl PostgresStore {
         matches!(error.code(), Some("40001" | "40P01" | "55P03"))
     }
 
+    /// Announces committed versions to other processes (`NOTIFY`), many per notice.
+    pub async fn announce(&self, payload: &str) -> Result<(), StorageError> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANGES_CHANNEL)
+            .bind(payload)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A connection listening for other processes' announcements.
+    pub async fn listen(&self) -> Result<sqlx::postgres::PgListener, StorageError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with((*self.options).clone());
+        let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+        listener.listen(CHANGES_CHANNEL).await?;
+        Ok(listener)
+    }
+
     pub async fn close(&self) {
         self.readers.close().await;
         self.pool.close().await;
@@ -472,6 +502,9 @@ macro_rules! bind_message_arrays {
     };
 }
 use bind_message_arrays;
+
+/// The `NOTIFY` channel on which engines announce the versions they committed.
+pub(crate) const CHANGES_CHANNEL: &str = "soloist_sessions";
 
 /// SQLSTATE `unique_violation`.
 const UNIQUE_VIOLATION: &str = "23505";
