@@ -20,6 +20,9 @@ use crate::model::SessionId;
 use crate::session::{SessionActor, SessionRequest};
 use crate::store::postgres::PostgresStore;
 
+/// How long a notice waits for room in a session's mailbox.
+const REFRESH_WAIT: Duration = Duration::from_millis(50);
+
 /// Stay under PostgreSQL's 8000-byte payload limit.
 const MAX_PAYLOAD: usize = 7_000;
 
@@ -120,10 +123,11 @@ pub(crate) async fn listen(
                 };
                 if registry.is_live(&session) {
                     // If the actor passivated meanwhile this activates it; it then loads the
-                    // newest state anyway.
-                    let _ = registry
-                        .send(session, SessionRequest::Refresh(version))
-                        .await;
+                    // newest state anyway. A mailbox that stays full is skipped rather than
+                    // stalling every other session's notices: its next write or fresh read
+                    // catches it up.
+                    let refresh = registry.send(session, SessionRequest::Refresh(version));
+                    let _ = tokio::time::timeout(REFRESH_WAIT, refresh).await;
                 }
             }
         }
