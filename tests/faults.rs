@@ -414,13 +414,13 @@ async fn a_panicking_session_actor_restarts(db: TestDb) {
         .append(vec![NewMessage::user("zero")])
         .await
         .expect("append");
-    engine.inject_panic(session.id(), std::time::Duration::from_millis(100));
+    engine.inject_panic(session.id(), std::time::Duration::from_millis(300));
     let doomed = tokio::spawn({
         let session = session.clone();
         async move { session.append(vec![NewMessage::user("in flight")]).await }
     });
-    // Queue more behind the batch that is about to fail.
-    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    // Queue more behind the batch that is about to fail (it pauses 300 ms before failing).
+    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
     let queued: Vec<_> = (0..4)
         .map(|index| {
             let session = session.clone();
