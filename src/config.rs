@@ -84,6 +84,10 @@ pub struct EngineConfig {
     /// Attempts to resolve a conflict with another process before answering
     /// [`Error::Conflict`](crate::Error::Conflict).
     pub max_conflict_retries: u32,
+    /// PostgreSQL: follow other processes' writes (LISTEN/NOTIFY), so that sessions live here
+    /// catch up as soon as another process writes them. Default `true`; when off, a stale copy
+    /// is still caught by the version check on the next write, or by a `fresh` read.
+    pub listen_for_changes: bool,
     /// Answer [`Error::NotFound`](crate::Error::NotFound) rather than
     /// [`Error::Forbidden`](crate::Error::Forbidden) to a user who does not own the session, so
     /// that session ids cannot be probed. Default `true`.
@@ -111,6 +115,7 @@ impl EngineConfig {
             max_live_sessions: Some(100_000),
             cached_messages: 1000,
             max_conflict_retries: 8,
+            listen_for_changes: true,
             hide_foreign_sessions: true,
             limits: Limits::default(),
         }

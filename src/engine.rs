@@ -118,7 +118,9 @@ impl Engine {
         });
         let registry = Registry::new(shared.clone(), runtime);
         #[cfg(feature = "postgres")]
-        if let (true, Store::Postgres(postgres)) = (announced, &shared.store) {
+        if let (true, true, Store::Postgres(postgres)) =
+            (announced, shared.config.listen_for_changes, &shared.store)
+        {
             writers.spawn(crate::changes::listen(
                 postgres.clone(),
                 instance,

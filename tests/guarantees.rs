@@ -335,7 +335,13 @@ async fn a_conflicting_session_does_not_fail_the_others(db: TestDb) {
     if !db.shareable() {
         return;
     }
-    let engine = db.engine().await;
+    // This engine does not follow the other's writes, so its copy of A is surely stale.
+    let engine = db
+        .engine_with(EngineConfig {
+            listen_for_changes: false,
+            ..db.config()
+        })
+        .await;
     let a = new_session(&engine, "u").await;
     let b = new_session(&engine, "u").await;
     let c = new_session(&engine, "u").await;

@@ -93,7 +93,13 @@ async fn sequence_race_across_processes(db: TestDb) {
 /// loaded the session, then engine B wrote to it) has its write refused, reloads, and appends
 /// after B's messages; nothing of B's is overwritten or reused.
 async fn stale_writer_is_fenced(db: TestDb) {
-    let a = db.engine().await;
+    // A does not follow B's writes, so its copy is surely stale when it writes.
+    let a = db
+        .engine_with(EngineConfig {
+            listen_for_changes: false,
+            ..db.config()
+        })
+        .await;
     let b = db.engine().await;
     let id = Uuid::now_v7();
     a.session("u", id).create(None, None).await.expect("create");
