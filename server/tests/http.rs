@@ -105,6 +105,28 @@ async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
     (status, body)
 }
 
+/// `POST path` as `user` with a JSON body.
+async fn post(
+    client: &Client,
+    server: &Server,
+    path: &str,
+    user: &str,
+    body: &Value,
+) -> (StatusCode, Value) {
+    send(
+        client
+            .post(server.url(path))
+            .header("x-user-id", user)
+            .json(body),
+    )
+    .await
+}
+
+/// `GET path` as `user`.
+async fn get(client: &Client, server: &Server, path: &str, user: &str) -> (StatusCode, Value) {
+    send(client.get(server.url(path)).header("x-user-id", user)).await
+}
+
 async fn create(client: &Client, server: &Server, user: &str) -> String {
     let (status, body) = send(
         client
@@ -133,11 +155,12 @@ async fn every_endpoint() {
 
     // Create, then create again with the same id: 201 then 200, same session.
     let id = Uuid::now_v7();
-    let created = send(
-        client
-            .post(server.url("/v1/sessions"))
-            .header("x-user-id", "alice")
-            .json(&json!({"id": id, "title": "Trip", "metadata": {"k": 1}})),
+    let created = post(
+        &client,
+        &server,
+        "/v1/sessions",
+        "alice",
+        &json!({"id": id, "title": "Trip", "metadata": {"k": 1}}),
     )
     .await;
     assert_eq!(created.0, StatusCode::CREATED, "{}", created.1);
@@ -145,11 +168,12 @@ async fn every_endpoint() {
     assert_eq!(created.1["title"], "Trip");
     assert_eq!(created.1["metadata"], json!({"k": 1}));
     assert!(created.1["created_at"].is_string());
-    let again = send(
-        client
-            .post(server.url("/v1/sessions"))
-            .header("x-user-id", "alice")
-            .json(&json!({"id": id})),
+    let again = post(
+        &client,
+        &server,
+        "/v1/sessions",
+        "alice",
+        &json!({"id": id}),
     )
     .await;
     assert_eq!(again.0, StatusCode::OK);
@@ -162,21 +186,9 @@ async fn every_endpoint() {
         {"id": Uuid::now_v7(), "role": "tool", "tool_call_id": "c1", "content": "42"},
     ]});
     let path = format!("/v1/sessions/{id}/messages");
-    let appended = send(
-        client
-            .post(server.url(&path))
-            .header("x-user-id", "alice")
-            .json(&messages),
-    )
-    .await;
+    let appended = post(&client, &server, &path, "alice", &messages).await;
     assert_eq!(appended, (StatusCode::OK, json!({"sequences": [0, 1, 2]})));
-    let resent = send(
-        client
-            .post(server.url(&path))
-            .header("x-user-id", "alice")
-            .json(&messages),
-    )
-    .await;
+    let resent = post(&client, &server, &path, "alice", &messages).await;
     assert_eq!(
         resent,
         (StatusCode::OK, json!({"sequences": [0, 1, 2]})),
@@ -184,10 +196,11 @@ async fn every_endpoint() {
     );
 
     // Read with paging.
-    let page = send(
-        client
-            .get(server.url(&format!("/v1/sessions/{id}?after_seq=0&limit=1")))
-            .header("x-user-id", "alice"),
+    let page = get(
+        &client,
+        &server,
+        &format!("/v1/sessions/{id}?after_seq=0&limit=1"),
+        "alice",
     )
     .await;
     assert_eq!(page.0, StatusCode::OK);
@@ -199,12 +212,7 @@ async fn every_endpoint() {
         "tool calls round-trip"
     );
     assert_eq!(page.1["next_after_seq"], 1);
-    let all = send(
-        client
-            .get(server.url(&format!("/v1/sessions/{id}")))
-            .header("x-user-id", "alice"),
-    )
-    .await;
+    let all = get(&client, &server, &format!("/v1/sessions/{id}"), "alice").await;
     let seqs: Vec<i64> = all.1["messages"]
         .as_array()
         .expect("messages")
@@ -225,18 +233,20 @@ async fn every_endpoint() {
     assert_eq!(patched.0, StatusCode::OK);
     assert_eq!(patched.1["title"], "Renamed");
     let usage_path = format!("/v1/sessions/{id}/usage");
-    send(
-        client
-            .post(server.url(&usage_path))
-            .header("x-user-id", "alice")
-            .json(&json!({"prompt_tokens": 10, "completion_tokens": 3})),
+    post(
+        &client,
+        &server,
+        &usage_path,
+        "alice",
+        &json!({"prompt_tokens": 10, "completion_tokens": 3}),
     )
     .await;
-    let usage = send(
-        client
-            .post(server.url(&usage_path))
-            .header("x-user-id", "alice")
-            .json(&json!({"prompt_tokens": 5, "completion_tokens": 1})),
+    let usage = post(
+        &client,
+        &server,
+        &usage_path,
+        "alice",
+        &json!({"prompt_tokens": 5, "completion_tokens": 1}),
     )
     .await;
     assert_eq!(
@@ -249,12 +259,7 @@ async fn every_endpoint() {
 
     // List, newest first, with a cursor.
     let second = create(&client, &server, "alice").await;
-    let first_page = send(
-        client
-            .get(server.url("/v1/sessions?limit=1"))
-            .header("x-user-id", "alice"),
-    )
-    .await;
+    let first_page = get(&client, &server, "/v1/sessions?limit=1", "alice").await;
     assert_eq!(first_page.0, StatusCode::OK);
     assert_eq!(first_page.1["sessions"][0]["session_id"], second);
     let cursor = first_page.1["next_before"]
@@ -294,12 +299,7 @@ async fn every_endpoint() {
         .expect("delete");
     assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
     assert_error(
-        send(
-            client
-                .get(server.url(&format!("/v1/sessions/{id}")))
-                .header("x-user-id", "alice"),
-        )
-        .await,
+        get(&client, &server, &format!("/v1/sessions/{id}"), "alice").await,
         StatusCode::NOT_FOUND,
         "not_found",
     );
@@ -332,53 +332,46 @@ async fn every_error_code() {
         "invalid_input",
     );
     assert_error(
-        send(
-            client
-                .post(server.url(&messages))
-                .header("x-user-id", "alice")
-                .json(&json!({"messages": [{"role": "wizard", "content": "x"}]})),
+        post(
+            &client,
+            &server,
+            &messages,
+            "alice",
+            &json!({"messages": [{"role": "wizard", "content": "x"}]}),
         )
         .await,
         StatusCode::BAD_REQUEST,
         "invalid_input",
     );
     assert_error(
-        send(
-            client
-                .get(server.url("/v1/sessions/not-a-uuid"))
-                .header("x-user-id", "alice"),
+        get(&client, &server, "/v1/sessions/not-a-uuid", "alice").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_input",
+    );
+    assert_error(
+        get(&client, &server, "/v1/sessions?before=garbage", "alice").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_input",
+    );
+    assert_error(
+        post(
+            &client,
+            &server,
+            &messages,
+            "alice",
+            &json!({"messages": [{"role": "tool", "content": "no tool_call_id"}]}),
         )
         .await,
         StatusCode::BAD_REQUEST,
         "invalid_input",
     );
     assert_error(
-        send(
-            client
-                .get(server.url("/v1/sessions?before=garbage"))
-                .header("x-user-id", "alice"),
-        )
-        .await,
-        StatusCode::BAD_REQUEST,
-        "invalid_input",
-    );
-    assert_error(
-        send(
-            client
-                .post(server.url(&messages))
-                .header("x-user-id", "alice")
-                .json(&json!({"messages": [{"role": "tool", "content": "no tool_call_id"}]})),
-        )
-        .await,
-        StatusCode::BAD_REQUEST,
-        "invalid_input",
-    );
-    assert_error(
-        send(
-            client
-                .post(server.url(&messages))
-                .header("x-user-id", "alice")
-                .json(&json!({"messages": []})),
+        post(
+            &client,
+            &server,
+            &messages,
+            "alice",
+            &json!({"messages": []}),
         )
         .await,
         StatusCode::BAD_REQUEST,
@@ -386,43 +379,35 @@ async fn every_error_code() {
     );
     // 404: someone else's session looks missing; unknown session; unknown route.
     assert_error(
-        send(
-            client
-                .get(server.url(&format!("/v1/sessions/{id}")))
-                .header("x-user-id", "mallory"),
+        get(&client, &server, &format!("/v1/sessions/{id}"), "mallory").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        post(
+            &client,
+            &server,
+            &format!("/v1/sessions/{}/messages", Uuid::now_v7()),
+            "alice",
+            &json!({"messages": [{"role": "user", "content": "x"}]}),
         )
         .await,
         StatusCode::NOT_FOUND,
         "not_found",
     );
     assert_error(
-        send(
-            client
-                .post(server.url(&format!("/v1/sessions/{}/messages", Uuid::now_v7())))
-                .header("x-user-id", "alice")
-                .json(&json!({"messages": [{"role": "user", "content": "x"}]})),
-        )
-        .await,
-        StatusCode::NOT_FOUND,
-        "not_found",
-    );
-    assert_error(
-        send(
-            client
-                .get(server.url("/v2/nothing"))
-                .header("x-user-id", "alice"),
-        )
-        .await,
+        get(&client, &server, "/v2/nothing", "alice").await,
         StatusCode::NOT_FOUND,
         "not_found",
     );
     // 409: a session id taken by another user.
     assert_error(
-        send(
-            client
-                .post(server.url("/v1/sessions"))
-                .header("x-user-id", "mallory")
-                .json(&json!({"id": id})),
+        post(
+            &client,
+            &server,
+            "/v1/sessions",
+            "mallory",
+            &json!({"id": id}),
         )
         .await,
         StatusCode::CONFLICT,
@@ -430,23 +415,19 @@ async fn every_error_code() {
     );
     // 413: content over the 64 KiB limit.
     assert_error(
-        send(
-            client
-                .post(server.url(&messages))
-                .header("x-user-id", "alice")
-                .json(&json!({"messages": [{"role": "user", "content": "x".repeat(70_000)}]})),
+        post(
+            &client,
+            &server,
+            &messages,
+            "alice",
+            &json!({"messages": [{"role": "user", "content": "x".repeat(70_000)}]}),
         )
         .await,
         StatusCode::PAYLOAD_TOO_LARGE,
         "too_large",
     );
     // Nothing of the above changed the session.
-    let page = send(
-        client
-            .get(server.url(&format!("/v1/sessions/{id}")))
-            .header("x-user-id", "alice"),
-    )
-    .await;
+    let page = get(&client, &server, &format!("/v1/sessions/{id}"), "alice").await;
     assert_eq!(page.1["message_count"], 0, "{}", page.1);
 
     // 429: a one-slot mailbox with a 1 ms send timeout, flooded with concurrent appends. Every
@@ -481,12 +462,7 @@ async fn every_error_code() {
         overloaded > 0,
         "the flood never overloaded a one-slot mailbox"
     );
-    let page = send(
-        client
-            .get(server.url(&format!("/v1/sessions/{id}")))
-            .header("x-user-id", "alice"),
-    )
-    .await;
+    let page = get(&client, &server, &format!("/v1/sessions/{id}"), "alice").await;
     assert_eq!(
         page.1["message_count"], ok,
         "every 200 is stored, no 429 is"
@@ -530,11 +506,12 @@ async fn events_stream_every_message_in_order_while_appends_run() {
     let client = client();
     let id = create(&client, &server, "alice").await;
     let messages = format!("/v1/sessions/{id}/messages");
-    send(
-        client
-            .post(server.url(&messages))
-            .header("x-user-id", "alice")
-            .json(&json!({"messages": [{"role": "user", "content": "before"}]})),
+    post(
+        &client,
+        &server,
+        &messages,
+        "alice",
+        &json!({"messages": [{"role": "user", "content": "before"}]}),
     )
     .await;
     let response = client
@@ -667,12 +644,7 @@ async fn forbidden_when_foreign_sessions_are_revealed() {
     let client = client();
     let id = create(&client, &server, "alice").await;
     assert_error(
-        send(
-            client
-                .get(server.url(&format!("/v1/sessions/{id}")))
-                .header("x-user-id", "mallory"),
-        )
-        .await,
+        get(&client, &server, &format!("/v1/sessions/{id}"), "mallory").await,
         StatusCode::FORBIDDEN,
         "forbidden",
     );
@@ -712,13 +684,7 @@ async fn storage_failure_is_503_and_recovers() {
     let id = create(&client, &server, "alice").await;
     let messages = format!("/v1/sessions/{id}/messages");
     let body = json!({"messages": [{"role": "user", "content": "x"}]});
-    let ok = send(
-        client
-            .post(server.url(&messages))
-            .header("x-user-id", "alice")
-            .json(&body),
-    )
-    .await;
+    let ok = post(&client, &server, &messages, "alice", &body).await;
     assert_eq!(ok.0, StatusCode::OK);
     // The tables disappear under the server (an operator's mistake, a failover to an empty
     // replica...): every write fails in the database.
@@ -728,13 +694,7 @@ async fn storage_failure_is_503_and_recovers() {
     .execute(&pool)
     .await
     .expect("rename");
-    let failed = send(
-        client
-            .post(server.url(&messages))
-            .header("x-user-id", "alice")
-            .json(&body),
-    )
-    .await;
+    let failed = post(&client, &server, &messages, "alice", &body).await;
     assert_error(failed, StatusCode::SERVICE_UNAVAILABLE, "storage");
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "ALTER TABLE {schema}.gone RENAME TO messages"
@@ -742,13 +702,7 @@ async fn storage_failure_is_503_and_recovers() {
     .execute(&pool)
     .await
     .expect("rename back");
-    let recovered = send(
-        client
-            .post(server.url(&messages))
-            .header("x-user-id", "alice")
-            .json(&body),
-    )
-    .await;
+    let recovered = post(&client, &server, &messages, "alice", &body).await;
     assert_eq!(
         recovered,
         (StatusCode::OK, json!({"sequences": [1]})),
@@ -802,10 +756,11 @@ async fn two_servers_on_one_postgres_database() {
     assert_eq!(rows.last().map(|row| row.0), Some(159));
     // A fresh read through either server sees everything.
     for server in &servers {
-        let page = send(
-            client
-                .get(server.url(&format!("/v1/sessions/{id}?fresh=true&limit=1000")))
-                .header("x-user-id", "alice"),
+        let page = get(
+            &client,
+            server,
+            &format!("/v1/sessions/{id}?fresh=true&limit=1000"),
+            "alice",
         )
         .await;
         assert_eq!(page.1["message_count"], 160, "{}", page.1);
