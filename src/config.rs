@@ -88,6 +88,12 @@ pub struct EngineConfig {
     /// catch up as soon as another process writes them. Default `true`; when off, a stale copy
     /// is still caught by the version check on the next write, or by a `fresh` read.
     pub listen_for_changes: bool,
+    /// How long a process's claim on a session it writes stays fresh: each write renews it
+    /// until then (measured on the database's clock). A process may take a session over at any
+    /// time (the ownership epoch fences the previous owner out), but a takeover before the
+    /// lease ran out is counted in [`Stats::takeovers`](crate::Stats::takeovers): it means
+    /// requests for one session are reaching several processes at once. Default 10 s.
+    pub ownership_lease: Duration,
     /// Answer [`Error::NotFound`](crate::Error::NotFound) rather than
     /// [`Error::Forbidden`](crate::Error::Forbidden) to a user who does not own the session, so
     /// that session ids cannot be probed. Default `true`.
@@ -116,6 +122,7 @@ impl EngineConfig {
             cached_messages: 1000,
             max_conflict_retries: 8,
             listen_for_changes: true,
+            ownership_lease: Duration::from_secs(10),
             hide_foreign_sessions: true,
             limits: Limits::default(),
         }

@@ -72,11 +72,13 @@ impl Engine {
 
     /// Connects to the database, runs the migrations and starts the writer stage.
     pub async fn start(config: EngineConfig) -> Result<Engine> {
-        let store = Store::connect(&config).await?;
+        // This process's id: the owner it writes into the sessions it takes over, and the
+        // sender of its change announcements.
+        let instance = Uuid::new_v4();
+        let store = Store::connect(&config, instance).await?;
         let stats = Arc::new(EngineStats::default());
         let writers = TaskTracker::new();
         let stop_writers = CancellationToken::new();
-        let instance = Uuid::new_v4();
         let stop_feed = CancellationToken::new();
         let (changes, announced) = match &store {
             #[cfg(feature = "postgres")]
@@ -337,6 +339,17 @@ impl Engine {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Fault injection for tests of fencing: holds back every write this engine has not yet
+    /// sent to the database until the returned guard is dropped, as if the process were paused
+    /// (a stop-the-world pause, a stalled network) between staging a batch and writing it.
+    /// Never call this in production.
+    #[doc(hidden)]
+    pub async fn pause_writes(&self) -> WritesPaused {
+        WritesPaused {
+            _guard: self.inner.shared.writer.pause().await,
+        }
+    }
+
     /// Whether the session currently has a live actor in this engine.
     pub fn is_live(&self, session_id: SessionId) -> bool {
         self.inner.registry.is_live(&session_id)
@@ -487,4 +500,11 @@ impl SessionHandle {
             })
             .await
     }
+}
+
+/// Returned by [`Engine::pause_writes`]: the engine's writes resume when it is dropped.
+#[doc(hidden)]
+#[must_use = "writes resume as soon as this is dropped"]
+pub struct WritesPaused {
+    _guard: tokio::sync::OwnedRwLockWriteGuard<()>,
 }

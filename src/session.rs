@@ -112,6 +112,12 @@ struct Loaded {
     tail: VecDeque<Arc<Message>>,
     /// Message id → seq for the messages in `tail`.
     ids: HashMap<Uuid, i64>,
+    /// The ownership epoch: as loaded until this actor's first write takes the session over
+    /// (bumping it), then the one this actor holds.
+    epoch: i64,
+    /// Whether this actor has taken the session over (its writes then check `epoch` without
+    /// bumping it). A reload gives the session up: the next write claims it again.
+    owned: bool,
 }
 
 impl Loaded {
@@ -122,6 +128,8 @@ impl Loaded {
                 deleted: false,
                 tail: VecDeque::new(),
                 ids: HashMap::new(),
+                epoch: 0,
+                owned: false,
             },
             Some(loaded) => {
                 let ids = loaded
@@ -134,6 +142,8 @@ impl Loaded {
                     deleted: loaded.deleted,
                     tail: loaded.tail.into_iter().map(Arc::new).collect(),
                     ids,
+                    epoch: loaded.epoch,
+                    owned: false,
                 }
             }
         }
@@ -379,11 +389,16 @@ impl SessionActor {
             } = staged;
             let now = write.now;
             let written = WrittenRows::of(&write);
+            // The epoch this actor holds once the write commits.
+            let held_epoch = write.epoch + i64::from(write.claim);
             let outcome = match self.shared.writer.write(write).await {
                 // The connection failed around the commit: ask the database what happened
                 // instead of guessing.
                 Err(error) => match self.settle_unknown_outcome(&written).await {
-                    Settled::Committed(version) => Ok(FlushOutcome::Committed { version }),
+                    Settled::Committed(version) => Ok(FlushOutcome::Committed {
+                        version,
+                        took_over: false,
+                    }),
                     Settled::NotCommitted if attempt < self.shared.config.max_conflict_retries => {
                         attempt += 1;
                         debug!(session_id = %self.id, %error, "flush failed before committing; retrying");
@@ -396,7 +411,11 @@ impl SessionActor {
                 other => other,
             };
             match outcome {
-                Ok(FlushOutcome::Committed { version }) => {
+                Ok(FlushOutcome::Committed { version, .. }) => {
+                    if let Some(state) = self.state.as_mut() {
+                        state.epoch = held_epoch;
+                        state.owned = true;
+                    }
                     for outcome in &mut outcomes {
                         if let Outcome::Created { info, .. } | Outcome::Updated(info) = outcome {
                             info.version = version;
@@ -407,7 +426,15 @@ impl SessionActor {
                     self.reply(requests, outcomes, None);
                     return;
                 }
-                Ok(FlushOutcome::Conflict) => {
+                // Fenced: another process took the session over, so this copy may not be written
+                // again. Nothing of the batch landed; like a conflict, reload the session from
+                // the database (which gives up the stale epoch), restage the same commands on
+                // what is stored and take the session back with the next write. The commands
+                // queued behind are served from the reloaded state.
+                Ok(refused @ (FlushOutcome::Conflict | FlushOutcome::Fenced)) => {
+                    if refused == FlushOutcome::Fenced {
+                        debug!(session_id = %self.id, "fenced: another process took the session over");
+                    }
                     attempt += 1;
                     if attempt > self.shared.config.max_conflict_retries {
                         self.state = None;
@@ -502,6 +529,10 @@ impl SessionActor {
         let mut info = state.and_then(|state| state.info.clone());
         let mut deleted = state.is_some_and(|state| state.deleted);
         let mut write = SessionWrite::new(self.id, info.as_ref().map_or(0, |i| i.version), now);
+        if let Some(state) = state {
+            write.epoch = state.epoch;
+            write.claim = !state.owned;
+        }
         let mut pending_ids: HashMap<Uuid, i64> = HashMap::new();
         let mut outcomes = Vec::with_capacity(requests.len());
         let mut messages = Vec::new();

@@ -33,6 +33,15 @@ impl Histogram {
 }
 
 /// The engine's live counters.
+/// What a flush's outcomes other than plain commits were, for [`EngineStats::record_flush`].
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Refused {
+    pub conflicts: u64,
+    pub fenced: u64,
+    /// Commits that took a live lease over (counted here as well, being part of the outcome).
+    pub takeovers: u64,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct EngineStats {
     commands: AtomicU64,
@@ -41,6 +50,8 @@ pub(crate) struct EngineStats {
     flushed_sessions: AtomicU64,
     rows: AtomicU64,
     conflicts: AtomicU64,
+    fenced: AtomicU64,
+    takeovers: AtomicU64,
     conflict_retries: AtomicU64,
     transient_retries: AtomicU64,
     storage_errors: AtomicU64,
@@ -59,11 +70,13 @@ impl EngineStats {
         }
     }
 
-    pub fn record_flush(&self, sessions: usize, rows: usize, conflicts: usize) {
+    pub fn record_flush(&self, sessions: usize, rows: usize, refused: Refused) {
         self.flushes.fetch_add(1, Relaxed);
         self.flushed_sessions.fetch_add(sessions as u64, Relaxed);
         self.rows.fetch_add(rows as u64, Relaxed);
-        self.conflicts.fetch_add(conflicts as u64, Relaxed);
+        self.conflicts.fetch_add(refused.conflicts, Relaxed);
+        self.fenced.fetch_add(refused.fenced, Relaxed);
+        self.takeovers.fetch_add(refused.takeovers, Relaxed);
         self.flush_sessions.record(sessions as u64);
     }
 
@@ -107,6 +120,8 @@ impl EngineStats {
             flushed_sessions: self.flushed_sessions.load(Relaxed),
             rows: self.rows.load(Relaxed),
             conflicts: self.conflicts.load(Relaxed),
+            fenced: self.fenced.load(Relaxed),
+            takeovers: self.takeovers.load(Relaxed),
             conflict_retries: self.conflict_retries.load(Relaxed),
             transient_retries: self.transient_retries.load(Relaxed),
             storage_errors: self.storage_errors.load(Relaxed),
@@ -147,6 +162,12 @@ pub struct Stats {
     pub rows: u64,
     /// Session batches refused in a flush because another writer changed the session.
     pub conflicts: u64,
+    /// Session batches refused in a flush because another process had taken the session over
+    /// (its ownership epoch moved); each is reloaded and restaged like a conflict.
+    pub fenced: u64,
+    /// Writes that took a session over while another process's lease on it was running: a
+    /// sign that requests for one session reach several processes (see docs/operations.md).
+    pub takeovers: u64,
     /// Times a session reloaded and restaged after a conflict.
     pub conflict_retries: u64,
     /// Flushes retried after the database refused them before committing (busy, deadlock).

@@ -27,6 +27,8 @@ use crate::model::{Message, Role, SessionId, SessionInfo, Usage, from_micros};
 pub(crate) struct LoadedSession {
     pub info: SessionInfo,
     pub deleted: bool,
+    /// The ownership epoch stored with the session.
+    pub epoch: i64,
     /// The newest messages, ascending by `seq`.
     pub tail: Vec<Message>,
 }
@@ -61,6 +63,11 @@ pub(crate) struct SessionWrite {
     pub create: Option<NewSessionRow>,
     /// The stored version this write was staged against (0 for a new session).
     pub expected_version: i64,
+    /// The ownership epoch the session must still have: the one this process took over, or,
+    /// with `claim`, the one it loaded.
+    pub epoch: i64,
+    /// Take the session over: the write bumps the epoch (the first write of an activation).
+    pub claim: bool,
     pub rows: Vec<MessageRow>,
     pub title: Option<String>,
     pub metadata: Option<String>,
@@ -76,6 +83,8 @@ impl SessionWrite {
             session_id,
             create: None,
             expected_version,
+            epoch: 0,
+            claim: true,
             rows: Vec::new(),
             title: None,
             metadata: None,
@@ -115,23 +124,41 @@ impl SessionWrite {
 /// What a flush did with one session's write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum FlushOutcome {
-    /// Committed; the session's stored version is now this.
-    Committed { version: i64 },
+    /// Committed; the session's stored version is now `version`, and this process owns it.
+    /// `took_over`: the write claimed the session while another process's lease on it was
+    /// still running.
+    Committed { version: i64, took_over: bool },
     /// Another writer changed the session (or a message id / sequence is already stored):
     /// nothing of this write was applied. Reload and restage.
     Conflict,
+    /// Another process took the session over (its epoch moved): nothing of this write was
+    /// applied, and this process may not write the session again without reloading it.
+    Fenced,
+}
+
+/// What a flush finds stored for a session it writes, read under the row lock.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StoredHead {
+    pub version: i64,
+    pub deleted: bool,
+    pub epoch: i64,
+    /// Another process owns the session and its lease has not run out.
+    pub leased_elsewhere: bool,
 }
 
 /// Tracks, through the retries of one flush, which writes are still in it and what happened to
 /// the ones that left.
 pub(crate) struct FlushPlan {
     pub outcomes: Vec<Option<FlushOutcome>>,
+    /// Which writes take a session over from a live lease.
+    took_over: Vec<bool>,
 }
 
 impl FlushPlan {
     pub fn new(count: usize) -> Self {
         Self {
             outcomes: vec![None; count],
+            took_over: vec![false; count],
         }
     }
 
@@ -151,26 +178,33 @@ impl FlushPlan {
         self.outcomes
             .iter()
             .zip(writes)
-            .map(|(outcome, write)| {
+            .zip(&self.took_over)
+            .map(|((outcome, write), &took_over)| {
                 outcome.unwrap_or(FlushOutcome::Committed {
                     version: write.expected_version + 1,
+                    took_over,
                 })
             })
             .collect()
     }
 }
 
-/// Checks the locked session rows against what each active write expects; marks the
-/// mismatches as conflicts.
-pub(crate) fn check_versions(
+/// Checks the locked session rows against what each active write expects: a moved epoch
+/// fences the write, a moved version (or a deleted or missing row) is a conflict.
+pub(crate) fn check_heads(
     plan: &mut FlushPlan,
     writes: &[SessionWrite],
-    stored: &HashMap<Uuid, (i64, bool)>,
+    stored: &HashMap<Uuid, StoredHead>,
 ) {
     for index in plan.active() {
         let write = &writes[index];
         match stored.get(&write.session_id) {
-            Some(&(version, deleted)) if version == write.expected_version && !deleted => {}
+            Some(head) if head.epoch != write.epoch => {
+                plan.outcomes[index] = Some(FlushOutcome::Fenced);
+            }
+            Some(head) if head.version == write.expected_version && !head.deleted => {
+                plan.took_over[index] = write.claim && head.leased_elsewhere;
+            }
             _ => plan.conflict(index),
         }
     }
@@ -265,19 +299,21 @@ pub(crate) struct SessionRecord {
     created_at: i64,
     updated_at: i64,
     deleted: bool,
+    epoch: i64,
 }
 
 /// The columns [`SessionRecord`] reads, as a literal for `concat!`.
 macro_rules! session_columns {
     () => {
         "id, user_id, title, metadata, prompt_tokens, completion_tokens, message_count, \
-         version, created_at, updated_at, (deleted_at IS NOT NULL) AS deleted"
+         version, created_at, updated_at, (deleted_at IS NOT NULL) AS deleted, epoch"
     };
 }
 pub(crate) use session_columns;
 
 impl SessionRecord {
-    fn into_info(self) -> Result<(SessionInfo, bool), StorageError> {
+    /// The session's info, whether it is deleted, and its ownership epoch.
+    fn into_info(self) -> Result<(SessionInfo, bool, i64), StorageError> {
         let metadata =
             serde_json::from_str(&self.metadata).map_err(|error| corrupt("metadata", error))?;
         Ok((
@@ -296,12 +332,21 @@ impl SessionRecord {
                 updated_at: from_micros(self.updated_at),
             },
             self.deleted,
+            self.epoch,
         ))
     }
 }
 
 fn into_messages(records: Vec<MessageRecord>) -> Result<Vec<Message>, StorageError> {
     records.into_iter().map(Message::try_from).collect()
+}
+
+/// Who this process is when it takes sessions over, and for how long its claim holds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ownership {
+    pub owner: Uuid,
+    /// The lease each write renews, in microseconds.
+    pub lease_micros: i64,
 }
 
 /// The storage backends, chosen at run time from the database URL.
@@ -326,16 +371,23 @@ macro_rules! dispatch {
 
 impl Store {
     /// Connects to the configured database and runs the embedded migrations.
-    pub async fn connect(config: &EngineConfig) -> Result<Store, Error> {
+    /// `owner` is this process's id, written into the sessions it takes over.
+    pub async fn connect(config: &EngineConfig, owner: Uuid) -> Result<Store, Error> {
         let url = config.database_url.as_str();
+        let ownership = Ownership {
+            owner,
+            lease_micros: i64::try_from(config.ownership_lease.as_micros()).unwrap_or(i64::MAX),
+        };
         #[cfg(feature = "sqlite")]
         if url.starts_with("sqlite:") {
-            return Ok(Store::Sqlite(sqlite::SqliteStore::connect(config).await?));
+            return Ok(Store::Sqlite(
+                sqlite::SqliteStore::connect(config, ownership).await?,
+            ));
         }
         #[cfg(feature = "postgres")]
         if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             return Ok(Store::Postgres(
-                postgres::PostgresStore::connect(config).await?,
+                postgres::PostgresStore::connect(config, ownership).await?,
             ));
         }
         Err(Error::invalid(

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, OwnedRwLockWriteGuard, RwLock, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
@@ -17,7 +17,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::config::EngineConfig;
 use crate::error::StorageError;
 use crate::model::SessionId;
-use crate::stats::EngineStats;
+use crate::stats::{EngineStats, Refused};
 use crate::store::{FlushOutcome, SessionWrite, Store};
 
 /// One session's write waiting for a transaction.
@@ -30,6 +30,9 @@ struct WriteJob {
 #[derive(Clone)]
 pub(crate) struct Writer {
     jobs: mpsc::Sender<WriteJob>,
+    /// Held shared by every flush; a test's fault hook holds it exclusively to pause the
+    /// writers between taking writes and sending them (see `Engine::pause_writes`).
+    gate: Arc<RwLock<()>>,
 }
 
 /// Attempts for a flush that the database refused before anything committed.
@@ -48,6 +51,7 @@ impl Writer {
     ) -> Self {
         let (jobs, queue) = mpsc::channel(config.max_sessions_per_flush.max(1) * 4);
         let queue = Arc::new(Mutex::new(queue));
+        let gate = Arc::new(RwLock::new(()));
         for worker in 0..store.writer_count(config) {
             let task = WriterTask {
                 store: store.clone(),
@@ -58,10 +62,18 @@ impl Writer {
                 max_bytes: config.max_bytes_per_flush.max(1),
                 stop: stop.clone(),
                 changes: changes.clone(),
+                gate: gate.clone(),
             };
             tracker.spawn(task.run().instrument(info_span!("writer", worker)));
         }
-        Self { jobs }
+        Self { jobs, gate }
+    }
+
+    /// Pauses every flush that has not yet reached the database until the guard is dropped
+    /// (a fault hook for tests: a writer stalled between staging and writing, as a paused
+    /// process would be).
+    pub async fn pause(&self) -> OwnedRwLockWriteGuard<()> {
+        self.gate.clone().write_owned().await
     }
 
     /// Queues one session's write and waits for the transaction holding it.
@@ -87,6 +99,7 @@ struct WriterTask {
     stop: CancellationToken,
     /// Where committed `(session, version)` pairs go to be announced to other processes.
     changes: Option<mpsc::Sender<(SessionId, i64)>>,
+    gate: Arc<RwLock<()>>,
 }
 
 impl WriterTask {
@@ -143,6 +156,7 @@ impl WriterTask {
             batch.into_iter().map(|job| (job.write, job.reply)).unzip();
         let rows: usize = writes.iter().map(|write| write.rows.len()).sum();
         let span = info_span!("flush", sessions = writes.len(), rows);
+        let _open = self.gate.read().await;
         let mut attempt = 0;
         let result = loop {
             let result = self.store.flush(&writes).instrument(span.clone()).await;
@@ -160,11 +174,13 @@ impl WriterTask {
         match result {
             Ok(outcomes) => {
                 // Count what was written: a conflicting session's batch left the transaction.
-                let (mut written_sessions, mut written_rows, mut conflicts) = (0, 0, 0);
+                let (mut written_sessions, mut written_rows) = (0, 0);
+                let mut refused = Refused::default();
                 for (write, outcome) in writes.iter().zip(&outcomes) {
                     match outcome {
-                        FlushOutcome::Committed { version } => {
+                        FlushOutcome::Committed { version, took_over } => {
                             written_sessions += 1;
+                            refused.takeovers += u64::from(*took_over);
                             written_rows += write.rows.len();
                             if let Some(changes) = &self.changes {
                                 // Best effort: a process that misses the notice still catches
@@ -172,11 +188,12 @@ impl WriterTask {
                                 let _ = changes.try_send((write.session_id, *version));
                             }
                         }
-                        FlushOutcome::Conflict => conflicts += 1,
+                        FlushOutcome::Conflict => refused.conflicts += 1,
+                        FlushOutcome::Fenced => refused.fenced += 1,
                     }
                 }
                 self.stats
-                    .record_flush(written_sessions, written_rows, conflicts);
+                    .record_flush(written_sessions, written_rows, refused);
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }

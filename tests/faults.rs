@@ -340,7 +340,9 @@ async fn planted_conflict(db: TestDb, check_rows_stat: bool) {
         1,
         "only S1 reconciled"
     );
-    assert_eq!(after.conflicts - before.conflicts, 1, "one refused batch");
+    // B's planted write took S1 over, so A's stale write is refused by the ownership epoch.
+    assert_eq!(after.fenced - before.fenced, 1, "one refused batch");
+    assert_eq!(after.conflicts - before.conflicts, 0, "refused as fenced");
     // `flushed_sessions` counts the session batches written: the refused one is not.
     assert_eq!(
         after.flushed_sessions - before.flushed_sessions,

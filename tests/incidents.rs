@@ -88,10 +88,11 @@ async fn sequence_race_across_processes(db: TestDb) {
     }
 }
 
-/// Incident 2: a lock holder paused past its lease kept writing. soloist fences on the stored
-/// version in the same transaction as the write: a writer whose copy went stale (here, engine A
-/// loaded the session, then engine B wrote to it) has its write refused, reloads, and appends
-/// after B's messages; nothing of B's is overwritten or reused.
+/// Incident 2: a lock holder paused past its lease kept writing. soloist fences on the ownership
+/// epoch (and the stored version) in the same statement as the write: a writer whose session
+/// was taken over (here, engine A wrote the session, then engine B took it over and wrote) has
+/// its write refused, reloads, and appends after B's messages; nothing of B's is overwritten or
+/// reused. tests/fencing.rs pauses A mid-write past its lease.
 async fn stale_writer_is_fenced(db: TestDb) {
     // A does not follow B's writes, so its copy is surely stale when it writes.
     let a = db
@@ -121,7 +122,7 @@ async fn stale_writer_is_fenced(db: TestDb) {
         .expect("b appends");
     assert_eq!(b_seqs, vec![1, 2, 3, 4, 5]);
     // A wakes up and writes with its stale copy: refused by the fence, then reconciled.
-    let conflicts_before = a.stats().conflicts;
+    let fenced_before = a.stats().fenced;
     let a_seq = a
         .session("u", id)
         .append(vec![NewMessage::user("a1")])
@@ -129,9 +130,9 @@ async fn stale_writer_is_fenced(db: TestDb) {
         .expect("a appends");
     assert_eq!(a_seq, vec![6]);
     assert_eq!(
-        a.stats().conflicts - conflicts_before,
+        a.stats().fenced - fenced_before,
         1,
-        "A's stale write was refused once"
+        "A's stale write was refused once: B had taken the session over"
     );
     let rows = stored_rows(&db.url, id).await;
     assert_contiguous(&rows);

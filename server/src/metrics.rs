@@ -87,6 +87,18 @@ pub fn render(stats: &Stats) -> String {
         stats.conflicts,
     );
     metric(
+        "fenced_total",
+        "counter",
+        "Session batches refused because another process had taken the session over.",
+        stats.fenced,
+    );
+    metric(
+        "takeovers_total",
+        "counter",
+        "Writes that took a session over from another process's running lease.",
+        stats.takeovers,
+    );
+    metric(
         "conflict_retries_total",
         "counter",
         "Reloads and restages after a conflict.",

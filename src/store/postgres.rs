@@ -11,8 +11,8 @@ use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{
-    FlushOutcome, FlushPlan, LoadedSession, MessageRecord, SessionRecord, SessionWrite,
-    check_versions, into_messages, message_columns, session_columns, short_writes,
+    FlushOutcome, FlushPlan, LoadedSession, MessageRecord, Ownership, SessionRecord, SessionWrite,
+    StoredHead, check_heads, into_messages, message_columns, session_columns, short_writes,
 };
 use crate::command::SessionCursor;
 use crate::config::EngineConfig;
@@ -30,10 +30,19 @@ pub(crate) struct PostgresStore {
     readers: PgPool,
     /// How to open the connection that listens for other processes' commits.
     options: std::sync::Arc<PgConnectOptions>,
+    ownership: Ownership,
+}
+
+/// The database's clock in microseconds, as SQL: leases are compared on one clock whatever the
+/// clocks of the processes sharing the database say.
+macro_rules! db_now_micros {
+    () => {
+        "(extract(epoch FROM now()) * 1000000)::int8"
+    };
 }
 
 impl PostgresStore {
-    pub async fn connect(config: &EngineConfig) -> Result<Self, Error> {
+    pub async fn connect(config: &EngineConfig, ownership: Ownership) -> Result<Self, Error> {
         let options: PgConnectOptions = config
             .database_url
             .parse()
@@ -68,6 +77,7 @@ impl PostgresStore {
             pool,
             readers,
             options: std::sync::Arc::new(options),
+            ownership,
         })
     }
 
@@ -93,7 +103,7 @@ impl PostgresStore {
             tx.commit().await?;
             return Ok(None);
         };
-        let (info, deleted) = record.into_info()?;
+        let (info, deleted, epoch) = record.into_info()?;
         let records: Vec<MessageRecord> = if deleted || tail == 0 {
             Vec::new()
         } else {
@@ -114,6 +124,7 @@ impl PostgresStore {
         Ok(Some(LoadedSession {
             info,
             deleted,
+            epoch,
             tail: into_messages(records)?,
         }))
     }
@@ -179,7 +190,7 @@ impl PostgresStore {
         .await?;
         records
             .into_iter()
-            .map(|record| record.into_info().map(|(info, _)| info))
+            .map(|record| record.into_info().map(|(info, ..)| info))
             .collect()
     }
 
@@ -209,13 +220,14 @@ impl PostgresStore {
         self.flush_in_transaction(writes).await
     }
 
-    /// One statement: lock the sessions in id order, keep those whose version is the expected
-    /// one, insert their rows, bump them, and return which sessions were written. A row that
-    /// meets a stored sequence or message id fails the whole statement with a unique violation
-    /// (nothing is written), and the flush is redone by [`Self::flush_in_transaction`], which
-    /// sorts out which sessions clashed. That happens only when a client re-sends an id the
-    /// session's actor no longer caches, or when something other than soloist wrote rows, so
-    /// the common case carries no probe of the `messages` table at all.
+    /// One statement: lock the sessions in id order, keep those whose version and ownership
+    /// epoch are the expected ones, insert their rows, bump them (taking ownership and renewing
+    /// the lease), and return what was found for each session. A row that meets a stored
+    /// sequence or message id fails the whole statement with a unique violation (nothing is
+    /// written), and the flush is redone by [`Self::flush_in_transaction`], which sorts out
+    /// which sessions clashed. That happens only when a client re-sends an id the session's
+    /// actor no longer caches, or when something other than soloist wrote rows, so the common
+    /// case carries no probe of the `messages` table at all.
     async fn flush_in_one_statement(
         &self,
         writes: &[SessionWrite],
@@ -223,14 +235,19 @@ impl PostgresStore {
         let all: Vec<usize> = (0..writes.len()).collect();
         let sessions = SessionArrays::new(writes, &all);
         let rows = MessageArrays::new(writes, &all);
-        let query = sqlx::query_scalar(
+        let query = sqlx::query_as(concat!(
             "WITH w AS ( \
                  SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::text[], \
-                                      $5::text[], $6::int8[], $7::int8[], $8::int8[]) \
-                     AS w(id, expected, at, title, metadata, prompt, completion, added)), \
+                                      $5::text[], $6::int8[], $7::int8[], $8::int8[], \
+                                      $20::int8[], $21::bool[]) \
+                     AS w(id, expected, at, title, metadata, prompt, completion, added, \
+                          epoch, claim)), \
              locked AS MATERIALIZED ( \
-                 SELECT s.id, s.version, s.deleted_at IS NOT NULL AS deleted FROM sessions s \
-                 WHERE s.id = ANY($1) ORDER BY s.id FOR UPDATE), \
+                 SELECT s.id, s.version, s.deleted_at IS NOT NULL AS deleted, s.epoch, \
+                        COALESCE(s.owner <> $22 AND s.lease_until > ",
+            db_now_micros!(),
+            ", false) AS leased_elsewhere \
+                 FROM sessions s WHERE s.id = ANY($1) ORDER BY s.id FOR UPDATE), \
              m AS ( \
                  SELECT * FROM unnest($9::uuid[], $10::int8[], $11::uuid[], $12::text[], \
                                       $13::bytea[], $14::text[], $15::text[], $16::text[], \
@@ -239,7 +256,8 @@ impl PostgresStore {
                           tool_call_id, function_call, refusal, created_at)), \
              ok AS ( \
                  SELECT w.* FROM w JOIN locked l \
-                     ON l.id = w.id AND l.version = w.expected AND NOT l.deleted), \
+                     ON l.id = w.id AND l.version = w.expected AND l.epoch = w.epoch \
+                        AND NOT l.deleted), \
              inserted AS ( \
                  INSERT INTO messages (session_id, seq, message_id, role, content, name, \
                                        tool_calls, tool_call_id, function_call, refusal, \
@@ -251,10 +269,16 @@ impl PostgresStore {
                         metadata = COALESCE(ok.metadata, s.metadata), \
                         prompt_tokens = s.prompt_tokens + ok.prompt, \
                         completion_tokens = s.completion_tokens + ok.completion, \
-                        message_count = s.message_count + ok.added \
+                        message_count = s.message_count + ok.added, \
+                        epoch = s.epoch + ok.claim::int4, owner = $22, \
+                        lease_until = ",
+            db_now_micros!(),
+            " + $23 \
                  FROM ok WHERE s.id = ok.id RETURNING s.id) \
-             SELECT id FROM updated",
-        )
+             SELECT l.id, l.version, l.deleted, l.epoch, l.leased_elsewhere, \
+                    l.id IN (SELECT id FROM updated) AS written \
+             FROM locked l",
+        ))
         .bind(&sessions.ids)
         .bind(&sessions.expected)
         .bind(&sessions.times)
@@ -263,21 +287,31 @@ impl PostgresStore {
         .bind(&sessions.prompt)
         .bind(&sessions.completion)
         .bind(&sessions.added);
-        let written: HashSet<Uuid> = bind_message_arrays!(query, rows)
+        let found: Vec<(Uuid, i64, bool, i64, bool, bool)> = bind_message_arrays!(query, rows)
+            .bind(&sessions.epochs)
+            .bind(&sessions.claims)
+            .bind(self.ownership.owner)
+            .bind(self.ownership.lease_micros)
             .fetch_all(&self.pool)
-            .await?
+            .await?;
+        let written: HashSet<Uuid> = found.iter().filter(|row| row.5).map(|row| row.0).collect();
+        // Which sessions were written is what the statement says; why the others were not
+        // (fenced or conflicting), and whether a claim took a live lease, comes from the rows
+        // it found under the lock, checked the way its `ok` join checked them.
+        let found = found
             .into_iter()
-            .collect();
-        Ok(writes
-            .iter()
-            .map(|write| {
-                if written.contains(&write.session_id) {
-                    FlushOutcome::Committed {
-                        version: write.expected_version + 1,
-                    }
-                } else {
+            .map(|(id, version, deleted, epoch, leased, _)| (id, version, deleted, epoch, leased));
+        let mut plan = FlushPlan::new(writes.len());
+        check_heads(&mut plan, writes, &heads(found));
+        Ok(plan
+            .commit_active(writes)
+            .into_iter()
+            .zip(writes)
+            .map(|(outcome, write)| match outcome {
+                FlushOutcome::Committed { .. } if !written.contains(&write.session_id) => {
                     FlushOutcome::Conflict
                 }
+                other => other,
             })
             .collect())
     }
@@ -300,18 +334,17 @@ impl PostgresStore {
                 .into_iter()
                 .map(|index| writes[index].session_id)
                 .collect();
-            let stored: Vec<(Uuid, i64, bool)> = sqlx::query_as(
-                "SELECT id, version, deleted_at IS NOT NULL FROM sessions \
-                 WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-            )
+            let stored: Vec<(Uuid, i64, bool, i64, bool)> = sqlx::query_as(concat!(
+                "SELECT id, version, deleted_at IS NOT NULL, epoch, \
+                        COALESCE(owner <> $2 AND lease_until > ",
+                db_now_micros!(),
+                ", false) FROM sessions WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+            ))
             .bind(&ids)
+            .bind(self.ownership.owner)
             .fetch_all(&mut *tx)
             .await?;
-            let stored = stored
-                .into_iter()
-                .map(|(id, version, deleted)| (id, (version, deleted)))
-                .collect();
-            check_versions(&mut plan, writes, &stored);
+            check_heads(&mut plan, writes, &heads(stored));
 
             let inserted = insert_messages(&mut tx, writes, &plan).await?;
             let short = short_writes(&plan, writes, &inserted);
@@ -323,7 +356,7 @@ impl PostgresStore {
                 }
                 continue;
             }
-            update_sessions(&mut tx, writes, &plan).await?;
+            update_sessions(&mut tx, writes, &plan, self.ownership).await?;
             tx.commit().await?;
             return Ok(plan.commit_active(writes));
         }
@@ -440,10 +473,28 @@ async fn insert_messages(
     Ok(inserted)
 }
 
+/// The rows a flush found under its lock, by session.
+fn heads(
+    rows: impl IntoIterator<Item = (Uuid, i64, bool, i64, bool)>,
+) -> HashMap<Uuid, StoredHead> {
+    rows.into_iter()
+        .map(|(id, version, deleted, epoch, leased_elsewhere)| {
+            let head = StoredHead {
+                version,
+                deleted,
+                epoch,
+                leased_elsewhere,
+            };
+            (id, head)
+        })
+        .collect()
+}
+
 async fn update_sessions(
     tx: &mut Transaction<'static, Postgres>,
     writes: &[SessionWrite],
     plan: &FlushPlan,
+    ownership: Ownership,
 ) -> Result<(), StorageError> {
     let active = plan.active();
     let sessions = SessionArrays::new(writes, &active);
@@ -453,18 +504,21 @@ async fn update_sessions(
         .filter(|write| write.delete)
         .map(|write| write.session_id)
         .collect();
-    sqlx::query(
+    sqlx::query(concat!(
         "UPDATE sessions AS s SET version = s.version + 1, updated_at = u.at, \
                 title = COALESCE(u.title, s.title), metadata = COALESCE(u.metadata, s.metadata), \
                 prompt_tokens = s.prompt_tokens + u.prompt, \
                 completion_tokens = s.completion_tokens + u.completion, \
                 message_count = s.message_count + u.added, \
-                deleted_at = CASE WHEN u.del THEN u.at ELSE s.deleted_at END \
+                deleted_at = CASE WHEN u.del THEN u.at ELSE s.deleted_at END, \
+                epoch = s.epoch + u.claim::int4, owner = $10, lease_until = ",
+        db_now_micros!(),
+        " + $11 \
          FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::int8[], $6::int8[], \
-                     $7::int8[], $8::bool[]) \
-              AS u(id, at, title, metadata, prompt, completion, added, del) \
+                     $7::int8[], $8::bool[], $9::bool[]) \
+              AS u(id, at, title, metadata, prompt, completion, added, del, claim) \
          WHERE s.id = u.id",
-    )
+    ))
     .bind(&sessions.ids)
     .bind(&sessions.times)
     .bind(&sessions.titles)
@@ -473,6 +527,9 @@ async fn update_sessions(
     .bind(&sessions.completion)
     .bind(&sessions.added)
     .bind(&sessions.deletes)
+    .bind(&sessions.claims)
+    .bind(ownership.owner)
+    .bind(ownership.lease_micros)
     .execute(&mut **tx)
     .await?;
     if !deleted_ids.is_empty() {
@@ -520,6 +577,8 @@ struct SessionArrays<'a> {
     completion: Vec<i64>,
     added: Vec<i64>,
     deletes: Vec<bool>,
+    epochs: Vec<i64>,
+    claims: Vec<bool>,
 }
 
 impl<'a> SessionArrays<'a> {
@@ -535,6 +594,8 @@ impl<'a> SessionArrays<'a> {
             completion: Vec::with_capacity(count),
             added: Vec::with_capacity(count),
             deletes: Vec::with_capacity(count),
+            epochs: Vec::with_capacity(count),
+            claims: Vec::with_capacity(count),
         };
         for &index in indexes {
             let write = &writes[index];
@@ -547,6 +608,8 @@ impl<'a> SessionArrays<'a> {
             arrays.completion.push(write.usage.completion_tokens);
             arrays.added.push(write.rows.len() as i64);
             arrays.deletes.push(write.delete);
+            arrays.epochs.push(write.epoch);
+            arrays.claims.push(write.claim);
         }
         arrays
     }

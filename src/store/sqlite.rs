@@ -16,8 +16,8 @@ use sqlx::{QueryBuilder, Sqlite};
 use uuid::Uuid;
 
 use super::{
-    FlushOutcome, FlushPlan, LoadedSession, MessageRecord, SessionRecord, SessionWrite,
-    check_versions, into_messages, message_columns, session_columns, short_writes,
+    FlushOutcome, FlushPlan, LoadedSession, MessageRecord, Ownership, SessionRecord, SessionWrite,
+    StoredHead, check_heads, into_messages, message_columns, session_columns, short_writes,
 };
 use crate::command::SessionCursor;
 use crate::config::{EngineConfig, SqliteSync};
@@ -50,6 +50,7 @@ fn statement_chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
 pub(crate) struct SqliteStore {
     writer: SqlitePool,
     readers: SqlitePool,
+    ownership: Ownership,
 }
 
 fn is_memory_url(url: &str) -> bool {
@@ -60,7 +61,7 @@ fn is_memory_url(url: &str) -> bool {
 }
 
 impl SqliteStore {
-    pub async fn connect(config: &EngineConfig) -> Result<Self, Error> {
+    pub async fn connect(config: &EngineConfig, ownership: Ownership) -> Result<Self, Error> {
         let url = config.database_url.as_str();
         let options = if is_memory_url(url) {
             // A name starting with '/' makes memdb share the database between this process's
@@ -108,7 +109,11 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(StorageError::from)?;
-        Ok(Self { writer, readers })
+        Ok(Self {
+            writer,
+            readers,
+            ownership,
+        })
     }
 
     pub async fn load(
@@ -130,7 +135,7 @@ impl SqliteStore {
             tx.commit().await?;
             return Ok(None);
         };
-        let (info, deleted) = record.into_info()?;
+        let (info, deleted, epoch) = record.into_info()?;
         let records: Vec<MessageRecord> = if deleted || tail == 0 {
             Vec::new()
         } else {
@@ -151,6 +156,7 @@ impl SqliteStore {
         Ok(Some(LoadedSession {
             info,
             deleted,
+            epoch,
             tail: into_messages(records)?,
         }))
     }
@@ -218,7 +224,7 @@ impl SqliteStore {
         .await?;
         records
             .into_iter()
-            .map(|record| record.into_info().map(|(info, _)| info))
+            .map(|record| record.into_info().map(|(info, ..)| info))
             .collect()
     }
 
@@ -276,24 +282,41 @@ impl SqliteStore {
                 }
             }
 
+            // The write lock is held from BEGIN IMMEDIATE: what this reads stays true until the
+            // commit. Leases are measured on this machine's clock (the processes sharing an
+            // SQLite file share the machine).
+            let now = crate::model::now_micros();
             let mut stored = HashMap::new();
             for chunk in statement_chunks(&plan.active()) {
                 let mut query = QueryBuilder::<Sqlite>::new(
-                    "SELECT id, version, deleted_at IS NOT NULL FROM sessions WHERE id IN (",
+                    "SELECT id, version, deleted_at IS NOT NULL, epoch, \
+                     COALESCE(owner <> ",
                 );
+                query
+                    .push_bind(self.ownership.owner)
+                    .push(" AND lease_until > ")
+                    .push_bind(now)
+                    .push(", 0) FROM sessions WHERE id IN (");
                 let mut list = query.separated(", ");
                 for &index in chunk {
                     list.push_bind(writes[index].session_id);
                 }
                 query.push(")");
-                let rows: Vec<(Uuid, i64, bool)> =
+                let rows: Vec<(Uuid, i64, bool, i64, bool)> =
                     query.build_query_as().fetch_all(&mut *tx).await?;
-                stored.extend(
-                    rows.into_iter()
-                        .map(|(id, version, deleted)| (id, (version, deleted))),
-                );
+                stored.extend(rows.into_iter().map(
+                    |(id, version, deleted, epoch, leased_elsewhere)| {
+                        let head = StoredHead {
+                            version,
+                            deleted,
+                            epoch,
+                            leased_elsewhere,
+                        };
+                        (id, head)
+                    },
+                ));
             }
-            check_versions(&mut plan, writes, &stored);
+            check_heads(&mut plan, writes, &stored);
 
             let mut inserted: HashMap<Uuid, usize> = HashMap::new();
             let rows: Vec<_> = plan
@@ -344,7 +367,7 @@ impl SqliteStore {
             let active = plan.active();
             for chunk in statement_chunks(&active) {
                 let mut query = QueryBuilder::<Sqlite>::new(
-                    "WITH u(id, at, title, metadata, prompt, completion, added, del) AS (",
+                    "WITH u(id, at, title, metadata, prompt, completion, added, del, claim) AS (",
                 );
                 query.push_values(chunk, |mut values, &index| {
                     let write = &writes[index];
@@ -356,10 +379,16 @@ impl SqliteStore {
                         .push_bind(write.usage.prompt_tokens)
                         .push_bind(write.usage.completion_tokens)
                         .push_bind(write.rows.len() as i64)
-                        .push_bind(write.delete);
+                        .push_bind(write.delete)
+                        .push_bind(write.claim);
                 });
-                query.push(
-                    ") UPDATE sessions SET version = version + 1, updated_at = u.at, \
+                query
+                    .push(") UPDATE sessions SET owner = ")
+                    .push_bind(self.ownership.owner)
+                    .push(", lease_until = ")
+                    .push_bind(now.saturating_add(self.ownership.lease_micros))
+                    .push(
+                        ", epoch = epoch + u.claim, version = version + 1, updated_at = u.at, \
                      title = COALESCE(u.title, sessions.title), \
                      metadata = COALESCE(u.metadata, sessions.metadata), \
                      prompt_tokens = prompt_tokens + u.prompt, \
@@ -367,7 +396,7 @@ impl SqliteStore {
                      message_count = message_count + u.added, \
                      deleted_at = CASE WHEN u.del THEN u.at ELSE deleted_at END \
                      FROM u WHERE sessions.id = u.id",
-                );
+                    );
                 query.build().execute(&mut *tx).await?;
             }
             let deleted: Vec<Uuid> = active
