@@ -7,8 +7,8 @@
 //! scheduler and then by its PCT scheduler (which biases towards bugs that need only a few
 //! preemptions at the right places), and prints how many schedules it explored.
 //! `SOLOIST_SHUTTLE_ITERATIONS` sets the number of schedules per scheduler per scenario;
-//! `SOLOIST_SHUTTLE_SEED` fixes the random scheduler's seed (by default it is fresh each run,
-//! so every run explores new schedules; a failure prints the schedule to replay it).
+//! the random scheduler's seed is fresh each run, so every run explores new schedules, and is
+//! printed: `SOLOIST_SHUTTLE_SEED=<seed>` repeats that run's random schedules.
 //!
 //! # What one schedule does
 //! Three senders send four messages each to two keys through a registry with one-slot mailboxes,
@@ -43,6 +43,7 @@
 
 use std::{
     collections::HashSet,
+    io::Write as _,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering},
@@ -358,6 +359,12 @@ fn run_once(scenario: Scenario) -> u64 {
     registry.stats().activations
 }
 
+/// Writes a line to stderr directly, past the test harness's capture, so the number of schedules
+/// shows in every `cargo test` log and not only with `--nocapture`.
+fn report(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 fn iterations() -> usize {
     std::env::var("SOLOIST_SHUTTLE_ITERATIONS")
         .ok()
@@ -369,15 +376,19 @@ fn iterations() -> usize {
 /// schedules each explored (or after how many one failed).
 fn explore(name: &str, scenario: Scenario) {
     let iterations = iterations();
-    let random = match std::env::var("SOLOIST_SHUTTLE_SEED")
+    let seed = std::env::var("SOLOIST_SHUTTLE_SEED")
         .ok()
         .and_then(|seed| seed.parse().ok())
-    {
-        Some(seed) => RandomScheduler::new_from_seed(seed, iterations),
-        None => RandomScheduler::new(iterations),
-    };
-    let random = Runner::new(random, Config::new());
-    run_counted(name, "random scheduler", scenario, |test| random.run(test));
+        .unwrap_or_else(|| {
+            use std::hash::{BuildHasher as _, RandomState};
+            RandomState::new().hash_one(Instant::now())
+        });
+    let random = Runner::new(
+        RandomScheduler::new_from_seed(seed, iterations),
+        Config::new(),
+    );
+    let label = format!("random scheduler (SOLOIST_SHUTTLE_SEED={seed})");
+    run_counted(name, &label, scenario, |test| random.run(test));
     let pct = Runner::new(PctScheduler::new(PCT_DEPTH, iterations), Config::new());
     let label = format!("PCT scheduler (depth {PCT_DEPTH})");
     run_counted(name, &label, scenario, |test| pct.run(test));
@@ -396,12 +407,12 @@ fn run_counted(
     impl Drop for OnFailure<'_> {
         fn drop(&mut self) {
             if std::thread::panicking() {
-                println!(
+                report(format_args!(
                     "shuttle {}: {} FAILED at schedule {}",
                     self.0,
                     self.1,
                     self.2.load(Ordering::Relaxed)
-                );
+                ));
             }
         }
     }
@@ -419,12 +430,12 @@ fn run_counted(
         }
     }));
     drop(on_failure);
-    println!(
+    report(format_args!(
         "shuttle {name}: {scheduler} explored {explored} schedules in {:.1?} \
          ({:.1} activations per schedule)",
         started.elapsed(),
         activations.load(Ordering::Relaxed) as f64 / explored.max(1) as f64,
-    );
+    ));
 }
 
 #[test]
