@@ -18,11 +18,14 @@ use std::{
 
 use futures::FutureExt as _;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::{registry::Inner, stats::Counters};
+use crate::{
+    registry::Inner,
+    rt::{self, Instant},
+    stats::Counters,
+};
 
 /// A keyed actor: state that exists at most once per key, handles its messages one batch at a
 /// time, and needs no lock because nothing else touches it.
@@ -111,6 +114,9 @@ struct Departure<A: Actor> {
 impl<A: Actor> Drop for Departure<A> {
     fn drop(&mut self) {
         self.inner.remove_slot(&self.key, self.generation);
+        // A sender may find the key vacant and activate a fresh actor before the successor
+        // already in the map (if any) is told to go ahead.
+        rt::switch();
         self.lifecycle.terminated.cancel();
     }
 }
@@ -178,8 +184,7 @@ async fn drive<A: Actor>(
     let idle_timeout = inner.config.idle_timeout;
     // The timer is not reset per message: when it fires, it checks how long the actor has
     // really been idle and re-arms for the rest.
-    let idle_timer =
-        tokio::time::sleep(idle_timeout.unwrap_or(Duration::from_secs(365 * 24 * 3600)));
+    let idle_timer = rt::sleep(idle_timeout.unwrap_or(Duration::from_secs(365 * 24 * 3600)));
     tokio::pin!(shutdown, passivate, idle_timer);
     let mut last_active = Instant::now();
     let reason = loop {
@@ -217,6 +222,9 @@ async fn drive<A: Actor>(
     // successor's mailbox; everything that got in before the close is handled here.
     debug!(?key, generation, ?reason, "actor passivating");
     lifecycle.busy.store(true, Ordering::Relaxed);
+    // Until the close, senders still get into this mailbox, even after the idle check saw it
+    // empty.
+    rt::switch();
     mailbox.close();
     while mailbox.recv_many(&mut batch, max_batch).await > 0 {
         match handle(inner, key, generation, lifecycle, actor, &mut batch).await {
@@ -300,7 +308,7 @@ async fn activate<A: Actor>(
                     "actor activation panicked; retrying"
                 );
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = rt::sleep(backoff) => {}
                     () = inner.shutdown.cancelled() => {}
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);

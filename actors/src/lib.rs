@@ -25,13 +25,21 @@
 //!   sending, LRU eviction and shutdown.
 //! - `error`: [`SendError`] and [`AskError`].
 //! - `stats`: [`RegistryStats`] and the counters behind it.
+//! - `rt`: the task, lock, yield and time primitives, from tokio, or from shuttle when the crate
+//!   is compiled for the schedule-exploring tests in `shuttle/`.
 
 mod actor;
 mod error;
 mod registry;
+mod rt;
 mod stats;
 
 pub use actor::Actor;
 pub use error::{AskError, SendError};
 pub use registry::{Registry, RegistryConfig};
 pub use stats::RegistryStats;
+
+// Only in the `soloist-actors-shuttle` package, which compiles this crate with `cfg(shuttle)`.
+#[cfg(all(shuttle, test))]
+#[path = "../shuttle/schedules.rs"]
+mod schedules;

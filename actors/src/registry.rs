@@ -9,7 +9,7 @@ use std::{
     fmt,
     ops::Deref,
     sync::{
-        Arc, PoisonError, RwLock,
+        Arc, PoisonError,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -23,6 +23,7 @@ use tracing::debug;
 use crate::{
     actor::{self, Actor, ActorTask, Lifecycle},
     error::{AskError, SendError},
+    rt::{self, RwLock},
     stats::{Counters, RegistryStats},
 };
 
@@ -283,7 +284,7 @@ impl<A: Actor> Registry<A> {
             // registry will route the message to the next activation. Yield first: if actors
             // cannot run at all (the runtime is shutting down and drops new tasks at once),
             // this loop must not spin without ever returning to the scheduler.
-            tokio::task::yield_now().await;
+            rt::yield_now().await;
         }
     }
 
@@ -398,7 +399,10 @@ impl<A: Actor> Registry<A> {
         // task at once, and its cleanup takes the same shard lock), but under the gate, so
         // shutdown cannot start waiting on the tracker before this task is in it.
         if let Some(task) = task {
-            self.inner.tracker.spawn(actor::run(task));
+            // The slot is in the map and may take messages, passivation requests or a
+            // successor before its task exists.
+            rt::switch();
+            rt::spawn(self.inner.tracker.track_future(actor::run(task)));
         }
         drop(gate);
         if added {
