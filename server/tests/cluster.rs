@@ -24,11 +24,13 @@ const USERS: usize = 5;
 const WRITERS: usize = 32;
 /// Each writer's appends at least; they keep going past it until the restarted process has
 /// acknowledged appends, so that the run always covers before, during and after the outage.
-const APPENDS_PER_WRITER: usize = 60;
+const APPENDS_PER_WRITER: usize = 100;
 /// Appends the restarted process must acknowledge before the writers may stop.
 const ACKS_AFTER_RESTART: u64 = 100;
 /// The process that is killed.
 const VICTIM: usize = 1;
+/// Requests the victim should have in flight when it is killed (waited for up to 2 s).
+const IN_FLIGHT_AT_KILL: u64 = 4;
 /// How long the victim stays dead.
 const OUTAGE: Duration = Duration::from_millis(1500);
 /// How long one append may take to be acknowledged, retries included, before the test fails.
@@ -57,6 +59,8 @@ struct Sent {
 struct Tally {
     /// Requests sent to each server.
     requests: [AtomicU64; SERVERS],
+    /// Requests sent to each server and not answered yet.
+    in_flight: [AtomicU64; SERVERS],
     /// Appends each server acknowledged.
     acks: [AtomicU64; SERVERS],
     /// Appends acknowledged in all.
@@ -122,29 +126,32 @@ async fn append_until_acked(
         let server = (first + attempt) % SERVERS;
         tally.requests[server].fetch_add(1, Ordering::Relaxed);
         let url = format!("{}/v1/sessions/{}/messages", bases[server], session.id);
+        tally.in_flight[server].fetch_add(1, Ordering::Relaxed);
         let sent = client
             .post(url)
             .header("x-user-id", &session.user)
             .json(body)
             .send()
             .await;
-        let failure = match sent {
+        let answer = match sent {
             Ok(response) => {
                 let status = response.status();
-                match response.text().await {
-                    Ok(text) if status == StatusCode::OK => {
-                        let answer: Value = serde_json::from_str(&text)
-                            .unwrap_or_else(|error| panic!("a 200 with body {text:?}: {error}"));
-                        let sequences = answer["sequences"].as_array().expect("sequences");
-                        assert_eq!(sequences.len(), 1, "{answer}");
-                        tally.acks[server].fetch_add(1, Ordering::Relaxed);
-                        tally.acked.fetch_add(1, Ordering::Relaxed);
-                        return (sequences[0].as_i64().expect("a sequence"), interrupted);
-                    }
-                    Ok(text) => classify_status(status, &text),
-                    Err(error) => classify_transport(&error),
-                }
+                response.text().await.map(|text| (status, text))
             }
+            Err(error) => Err(error),
+        };
+        tally.in_flight[server].fetch_sub(1, Ordering::Relaxed);
+        let failure = match answer {
+            Ok((StatusCode::OK, text)) => {
+                let answer: Value = serde_json::from_str(&text)
+                    .unwrap_or_else(|error| panic!("a 200 with body {text:?}: {error}"));
+                let sequences = answer["sequences"].as_array().expect("sequences");
+                assert_eq!(sequences.len(), 1, "{answer}");
+                tally.acks[server].fetch_add(1, Ordering::Relaxed);
+                tally.acked.fetch_add(1, Ordering::Relaxed);
+                return (sequences[0].as_i64().expect("a sequence"), interrupted);
+            }
+            Ok((status, text)) => classify_status(status, &text),
             Err(error) => classify_transport(&error),
         };
         interrupted |= failure.ends_with("cut off") || failure == "timeout";
@@ -308,6 +315,14 @@ async fn three_servers_one_killed_mid_run_lose_and_duplicate_nothing() {
         tally.acked.load(Ordering::Relaxed) >= planned / 3
     })
     .await;
+    // Preferably while it has appends in flight, so that some die with it half-answered.
+    let busy_until = Instant::now() + Duration::from_secs(2);
+    while tally.in_flight[VICTIM].load(Ordering::Relaxed) < IN_FLIGHT_AT_KILL
+        && Instant::now() < busy_until
+    {
+        tokio::task::yield_now().await;
+    }
+    let in_flight_at_kill = tally.in_flight[VICTIM].load(Ordering::Relaxed);
     let address = servers[VICTIM].address().to_owned();
     // Rows stamped before this instant cannot come from a retry of an append the kill cut off.
     let kill_micros = micros_now();
@@ -342,7 +357,7 @@ async fn three_servers_one_killed_mid_run_lose_and_duplicate_nothing() {
 
     eprintln!(
         "cluster: {} appends acked in {run_time:.1?}, {} retries; SIGKILL at {killed_at:.1?} \
-         after {acked_at_kill} acks, {} acked during the outage, restarted at {restarted_at:.1?}",
+         after {acked_at_kill} acks with {in_flight_at_kill} requests in flight to it, {} acked during the outage, restarted at {restarted_at:.1?}",
         sent.len(),
         tally.retries.load(Ordering::Relaxed),
         acked_before_restart - acked_at_kill,
@@ -357,6 +372,38 @@ async fn three_servers_one_killed_mid_run_lose_and_duplicate_nothing() {
             tally.requests[server].load(Ordering::Relaxed),
             tally.acks[server].load(Ordering::Relaxed)
         );
+    }
+
+    // How much the engines resolved among themselves (the victim's count since its restart).
+    for (server, base) in bases.iter().enumerate() {
+        let metrics = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let counters: Vec<String> = metrics
+            .lines()
+            .filter_map(|line| line.strip_prefix("soloist_"))
+            .filter(|line| {
+                [
+                    "rows_total",
+                    "flushes_total",
+                    "conflicts_total",
+                    "conflict_retries_total",
+                    "transient_retries_total",
+                    "storage_errors_total",
+                    "command_errors_total",
+                    "settled_outcomes_total",
+                ]
+                .iter()
+                .any(|name| line.starts_with(&format!("{name} ")))
+            })
+            .map(str::to_owned)
+            .collect();
+        eprintln!("cluster: server {server} engine: {}", counters.join(", "));
     }
 
     // Resending acknowledged appends, through another server than the one that took them first,
