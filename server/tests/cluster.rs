@@ -54,6 +54,9 @@ struct Sent {
     interrupted: bool,
 }
 
+/// A stored message: session, seq, message id, role, content, created_at (µs).
+type StoredRow = (Uuid, i64, Uuid, String, Option<Vec<u8>>, i64);
+
 /// Counters shared by the writers and the controller.
 #[derive(Default)]
 struct Tally {
@@ -320,7 +323,7 @@ async fn three_servers_one_killed_mid_run_lose_and_duplicate_nothing() {
     while tally.in_flight[VICTIM].load(Ordering::Relaxed) < IN_FLIGHT_AT_KILL
         && Instant::now() < busy_until
     {
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let in_flight_at_kill = tally.in_flight[VICTIM].load(Ordering::Relaxed);
     let address = servers[VICTIM].address().to_owned();
@@ -424,14 +427,13 @@ async fn three_servers_one_killed_mid_run_lose_and_duplicate_nothing() {
     }
 
     // The stored rows, straight from PostgreSQL.
-    let rows: Vec<(Uuid, i64, Uuid, String, Option<Vec<u8>>, i64)> =
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT session_id, seq, message_id, role, content, created_at FROM {schema}.messages \
+    let rows: Vec<StoredRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT session_id, seq, message_id, role, content, created_at FROM {schema}.messages \
              ORDER BY session_id, seq"
-        )))
-        .fetch_all(&pool)
-        .await
-        .expect("messages");
+    )))
+    .fetch_all(&pool)
+    .await
+    .expect("messages");
     let counts: HashMap<Uuid, i64> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT id, message_count FROM {schema}.sessions"
     )))
