@@ -2,149 +2,17 @@
 //! while appends run, idempotent resends, graceful shutdown, and two server processes on one
 //! PostgreSQL database.
 
+mod common;
+
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures::StreamExt;
-use reqwest::{Client, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-/// A server process, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-    _dir: Option<TempDir>,
-}
-
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-impl Server {
-    /// Starts the binary on a fresh SQLite file.
-    fn sqlite(extra: &[&str]) -> Server {
-        let dir = std::env::temp_dir().join(format!("soloist-server-test-{}", Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let url = format!("sqlite://{}", dir.join("chat.db").display());
-        let mut server = Server::start(&url, extra);
-        server._dir = Some(TempDir(dir));
-        server
-    }
-
-    fn start(database_url: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_soloist-server"))
-            .args(["--listen", "127.0.0.1:0", "--database-url", database_url])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start soloist-server");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the listening line");
-        let base = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
-        Server {
-            child,
-            base,
-            _dir: None,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// Sends SIGTERM and returns the exit status.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        self.child.wait().expect("wait")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client")
-}
-
-async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
-    let response = request.send().await.expect("request");
-    let status = response.status();
-    let text = response.text().await.expect("body");
-    let body = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or(Value::String(text))
-    };
-    (status, body)
-}
-
-/// `POST path` as `user` with a JSON body.
-async fn post(
-    client: &Client,
-    server: &Server,
-    path: &str,
-    user: &str,
-    body: &Value,
-) -> (StatusCode, Value) {
-    send(
-        client
-            .post(server.url(path))
-            .header("x-user-id", user)
-            .json(body),
-    )
-    .await
-}
-
-/// `GET path` as `user`.
-async fn get(client: &Client, server: &Server, path: &str, user: &str) -> (StatusCode, Value) {
-    send(client.get(server.url(path)).header("x-user-id", user)).await
-}
-
-async fn create(client: &Client, server: &Server, user: &str) -> String {
-    let (status, body) = send(
-        client
-            .post(server.url("/v1/sessions"))
-            .header("x-user-id", user)
-            .json(&json!({"title": "t"})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    body["session_id"].as_str().expect("session_id").to_owned()
-}
-
-#[track_caller]
-fn assert_error(actual: (StatusCode, Value), status: StatusCode, code: &str) {
-    assert_eq!(actual.0, status, "{}", actual.1);
-    assert_eq!(actual.1["error"]["code"], code, "{}", actual.1);
-    assert!(actual.1["error"]["message"].is_string(), "{}", actual.1);
-}
+use common::{Server, assert_error, client, create, get, post, postgres_schema, send};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint() {
@@ -611,7 +479,7 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     assert!(!acked.is_empty());
     // Every acknowledged append is in the database; at most one unanswered request per writer
     // (cut off with its connection) may have been stored without its answer arriving.
-    let path = server._dir.as_ref().expect("dir").0.join("chat.db");
+    let path = server.sqlite_dir().join("chat.db");
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
         .await
         .expect("open the database");
@@ -648,29 +516,6 @@ async fn forbidden_when_foreign_sessions_are_revealed() {
         StatusCode::FORBIDDEN,
         "forbidden",
     );
-}
-
-/// PostgreSQL for the tests, or `None` (skipped) outside CI when it is not answering.
-async fn postgres_schema() -> Option<(sqlx::PgPool, String, String)> {
-    let base = std::env::var("SOLOIST_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let pool = match sqlx::PgPool::connect(&base).await {
-        Ok(pool) => pool,
-        Err(error) if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
-            panic!("PostgreSQL is required in CI: {error}")
-        }
-        Err(error) => {
-            eprintln!("SKIPPED: PostgreSQL is not answering: {error}");
-            return None;
-        }
-    };
-    let schema = format!("t_{}", Uuid::new_v4().simple());
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&pool)
-        .await
-        .expect("schema");
-    let url = format!("{base}?options=-c%20search_path%3D{schema}");
-    Some((pool, schema, url))
 }
 
 /// 503 when the database fails under the server, and service again once it is back.

@@ -1,0 +1,199 @@
+//! What the server's test binaries share: starting the real `soloist-server` binary as a child
+//! process (killed when dropped, even when a test panics), JSON requests, and a fresh
+//! PostgreSQL schema.
+
+// Each test binary compiles its own copy of this module and uses only some of it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::{Client, StatusCode};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// A server process, killed when dropped.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:<port>`, as the server printed it.
+    base: String,
+    /// The SQLite database's directory, removed with the server.
+    dir: Option<TempDir>,
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Server {
+    /// Starts the binary on a fresh SQLite file.
+    pub fn sqlite(extra: &[&str]) -> Server {
+        let dir = std::env::temp_dir().join(format!("soloist-server-test-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let url = format!("sqlite://{}", dir.join("chat.db").display());
+        let mut server = Server::start(&url, extra);
+        server.dir = Some(TempDir(dir));
+        server
+    }
+
+    /// Starts the binary on a free port.
+    pub fn start(database_url: &str, extra: &[&str]) -> Server {
+        Server::try_start("127.0.0.1:0", database_url, extra)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Starts the binary listening on `listen` and waits until it is accepting connections;
+    /// an error if it exits first (e.g. the port is still taken).
+    pub fn try_start(listen: &str, database_url: &str, extra: &[&str]) -> Result<Server, String> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_soloist-server"))
+            .args(["--listen", listen, "--database-url", database_url])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start soloist-server");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line);
+        match line.trim().strip_prefix("listening on ") {
+            Some(base) if read.is_ok() => Ok(Server {
+                base: base.to_owned(),
+                child,
+                dir: None,
+            }),
+            _ => {
+                let _ = child.kill();
+                let status = child.wait();
+                Err(format!(
+                    "soloist-server did not start on {listen}: first line {line:?}, {status:?}"
+                ))
+            }
+        }
+    }
+
+    /// `base` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The address it listens on, to start a successor on the same port.
+    pub fn address(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+
+    /// The directory of the SQLite database started by [`Server::sqlite`].
+    pub fn sqlite_dir(&self) -> &Path {
+        &self.dir.as_ref().expect("an SQLite server").0
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        self.child.wait().expect("wait")
+    }
+
+    /// Sends SIGKILL (the process gets no chance to finish anything) and reaps it.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("wait");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+pub async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    let response = request.send().await.expect("request");
+    let status = response.status();
+    let text = response.text().await.expect("body");
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (status, body)
+}
+
+/// `POST path` as `user` with a JSON body.
+pub async fn post(
+    client: &Client,
+    server: &Server,
+    path: &str,
+    user: &str,
+    body: &Value,
+) -> (StatusCode, Value) {
+    send(
+        client
+            .post(server.url(path))
+            .header("x-user-id", user)
+            .json(body),
+    )
+    .await
+}
+
+/// `GET path` as `user`.
+pub async fn get(client: &Client, server: &Server, path: &str, user: &str) -> (StatusCode, Value) {
+    send(client.get(server.url(path)).header("x-user-id", user)).await
+}
+
+/// Creates a session owned by `user` and returns its id.
+pub async fn create(client: &Client, server: &Server, user: &str) -> String {
+    let (status, body) = post(client, server, "/v1/sessions", user, &json!({"title": "t"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    body["session_id"].as_str().expect("session_id").to_owned()
+}
+
+#[track_caller]
+pub fn assert_error(actual: (StatusCode, Value), status: StatusCode, code: &str) {
+    assert_eq!(actual.0, status, "{}", actual.1);
+    assert_eq!(actual.1["error"]["code"], code, "{}", actual.1);
+    assert!(actual.1["error"]["message"].is_string(), "{}", actual.1);
+}
+
+/// A fresh schema on the test PostgreSQL: a pool on the database, the schema's name, and a URL
+/// whose connections use the schema. `None` (skipped) outside CI when PostgreSQL is not
+/// answering; under `CI=true` that fails the test instead.
+pub async fn postgres_schema() -> Option<(sqlx::PgPool, String, String)> {
+    let base = std::env::var("SOLOIST_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let pool = match sqlx::PgPool::connect(&base).await {
+        Ok(pool) => pool,
+        Err(error) if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
+            panic!("PostgreSQL is required in CI: {error}")
+        }
+        Err(error) => {
+            eprintln!("SKIPPED: PostgreSQL is not answering: {error}");
+            return None;
+        }
+    };
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&pool)
+        .await
+        .expect("schema");
+    let url = format!("{base}?options=-c%20search_path%3D{schema}");
+    Some((pool, schema, url))
+}
