@@ -54,8 +54,13 @@ impl Script {
     fn read(&self, client: usize, rows: &[(i64, Uuid)], count: i64) {
         let start = self.history.start_read();
         let messages: Vec<Arc<Message>> = rows.iter().map(|&(seq, id)| message(seq, id)).collect();
-        self.history
-            .complete_read(client, self.session, start, &messages, Some((count, count + 1)));
+        self.history.complete_read(
+            client,
+            self.session,
+            start,
+            &messages,
+            Some((count, count + 1)),
+        );
     }
 
     fn check(&self, rows: &[(i64, Uuid)]) -> Report {
@@ -118,13 +123,22 @@ fn a_clean_history_passes() {
     script.read(one, &[(1, b), (2, c)], 3);
     // Refused, never stored; an ambiguous error and an abandoned call may go either way.
     script.fail(refused, &[e], Error::invalid("messages[0].role", "bad"));
-    script.fail(two, &[d], Error::Storage(StorageError::msg("connection reset")));
+    script.fail(
+        two,
+        &[d],
+        Error::Storage(StorageError::msg("connection reset")),
+    );
     script.append(timed_out, &[d], None);
     let report = script.check(&[(0, a), (1, b), (2, c), (3, d)]);
     assert_eq!(counts(&report), [0; 7], "{report:#?}");
     report.assert_clean();
     assert_eq!(
-        (report.appends, report.acknowledged, report.not_applied, report.unknown),
+        (
+            report.appends,
+            report.acknowledged,
+            report.not_applied,
+            report.unknown
+        ),
         (6, 3, 1, 2)
     );
     assert_eq!(report.reads, 3);
@@ -180,7 +194,11 @@ fn two_values_at_one_sequence_are_counted() {
 
     // A read that saw at seq 0 another id than the one finally stored.
     let script = Script::new();
-    let (one, two, reader) = (script.client("one"), script.client("two"), script.client("reader"));
+    let (one, two, reader) = (
+        script.client("one"),
+        script.client("two"),
+        script.client("reader"),
+    );
     script.ack(one, &[c], &[0]);
     script.read(reader, &[(0, c)], 1);
     let [d] = ids();
@@ -194,7 +212,11 @@ fn a_read_of_a_failed_write_is_counted() {
     let script = Script::new();
     let [a, b] = ids();
     let (writer, reader) = (script.client("writer"), script.client("reader"));
-    script.fail(writer, &[a], Error::Overloaded(std::time::Duration::from_millis(1)));
+    script.fail(
+        writer,
+        &[a],
+        Error::Overloaded(std::time::Duration::from_millis(1)),
+    );
     script.fail(writer, &[a], Error::ShuttingDown);
     script.read(reader, &[(0, a)], 1);
     let report = script.check(&[(0, a)]);

@@ -332,7 +332,12 @@ impl History {
         }
         // 2. Duplicates: one id stored twice, or acknowledged at two sequences.
         let mut duplicated: BTreeSet<(SessionId, Uuid)> = BTreeSet::new();
-        duplicated.extend(stored.iter().filter(|(_, at)| at.len() > 1).map(|(k, _)| *k));
+        duplicated.extend(
+            stored
+                .iter()
+                .filter(|(_, at)| at.len() > 1)
+                .map(|(k, _)| *k),
+        );
         duplicated.extend(
             acknowledged
                 .iter()
@@ -396,7 +401,9 @@ impl History {
                 .or_default()
                 .push(read);
         }
-        let mut own_acks: HashMap<(usize, SessionId), Vec<(u64, Uuid, i64)>> = HashMap::new();
+        // What was acknowledged to each client: `(end, id, seq)`.
+        type Acks = Vec<(u64, Uuid, i64)>;
+        let mut own_acks: HashMap<(usize, SessionId), Acks> = HashMap::new();
         for append in &log.appends {
             if let (Outcome::Acknowledged(sequences), Some(end)) = (&append.outcome, append.end) {
                 let acks = own_acks.entry((append.client, append.session)).or_default();
@@ -425,13 +432,17 @@ impl History {
                 }
                 let first = read.messages.first().map(|m| m.0);
                 let last = read.messages.last().map(|m| m.0);
-                let missed = own_acks.get(key).into_iter().flatten().find(|&&(end, id, seq)| {
-                    end < read.start
-                        && (read.reach() <= seq
-                            || (first.is_some_and(|first| first <= seq)
-                                && last.is_some_and(|last| seq <= last)
-                                && !read.messages.iter().any(|m| (m.0, m.1) == (seq, id))))
-                });
+                let missed = own_acks
+                    .get(key)
+                    .into_iter()
+                    .flatten()
+                    .find(|&&(end, id, seq)| {
+                        end < read.start
+                            && (read.reach() <= seq
+                                || (first.is_some_and(|first| first <= seq)
+                                    && last.is_some_and(|last| seq <= last)
+                                    && !read.messages.iter().any(|m| (m.0, m.1) == (seq, id))))
+                    });
                 if let Some((_, id, seq)) = missed {
                     report.stale_own_write.add(|| {
                         format!(
@@ -517,7 +528,9 @@ impl Client {
             .history
             .invoke_append(self.id, command.session_id, &mut command.messages);
         let result = engine.append(command).await;
-        let sequences = result.as_ref().map(|appended| appended.sequences.as_slice());
+        let sequences = result
+            .as_ref()
+            .map(|appended| appended.sequences.as_slice());
         self.history.complete_append(index, Outcome::of(sequences));
         result
     }
