@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::history::History;
 use common::{Backend, TestDb, assert_contiguous, postgres_base_url, stored_rows};
 use soloist::uuid::Uuid;
 use soloist::{Engine, EngineConfig, Error, NewMessage};
@@ -93,9 +94,11 @@ async fn pg_terminate_backend_during_flushes() {
         })
     };
 
+    let history = History::new();
     let mut writers = Vec::new();
     for (writer, &session) in sessions.iter().enumerate() {
         let engine = engine.clone();
+        let client = history.client(format!("writer {writer}"));
         writers.push(tokio::spawn(async move {
             let handle = engine.session(user, session);
             let mut sent = Vec::new();
@@ -107,7 +110,7 @@ async fn pg_terminate_backend_during_flushes() {
                 let mut attempt = 0;
                 loop {
                     let message = NewMessage::user(format!("w{writer} #{turn}")).with_id(id);
-                    match handle.append(vec![message]).await {
+                    match client.append(&handle, vec![message]).await {
                         Ok(sequences) => {
                             assert_eq!(sequences.len(), 1);
                             acked.push((sequences[0], id));
@@ -165,13 +168,12 @@ async fn pg_terminate_backend_during_flushes() {
 
     // The engine keeps serving after the kills.
     let handle = engine.session(user, sessions[0]);
+    let last_writer = history.client("after the storm");
     let id = Uuid::now_v7();
     let mut final_append = None;
     for _ in 0..MAX_RETRIES {
-        match handle
-            .append(vec![NewMessage::user("after the storm").with_id(id)])
-            .await
-        {
+        let message = NewMessage::user("after the storm").with_id(id);
+        match last_writer.append(&handle, vec![message]).await {
             Ok(sequences) => {
                 final_append = Some(sequences);
                 break;
@@ -184,8 +186,8 @@ async fn pg_terminate_backend_during_flushes() {
     }
     let sequences = final_append.expect("final append acknowledged");
     assert_eq!(sequences, vec![APPENDS_PER_WRITER as i64]);
-    let page = handle
-        .get(Some(APPENDS_PER_WRITER as i64 - 1), None)
+    let page = last_writer
+        .get(&handle, Some(APPENDS_PER_WRITER as i64 - 1), None)
         .await
         .expect("final read");
     assert_eq!(page.messages.len(), 1);
@@ -199,6 +201,9 @@ async fn pg_terminate_backend_during_flushes() {
          transient retries, {} flushes",
         stats.storage_errors, stats.transient_retries, stats.flushes
     );
+    history
+        .verify("pg_terminate_backend", &db, &engine, user)
+        .await;
     engine.shutdown().await;
 }
 
@@ -223,17 +228,16 @@ async fn overload_flood_is_typed_and_loses_nothing(db: TestDb) {
         .create(None, None)
         .await
         .expect("create");
+    let history = History::new();
     let started = Instant::now();
     let mut calls = Vec::new();
     for index in 0..CALLS {
         let handle = engine.session(user, session);
+        let client = history.client(format!("call {index}"));
         calls.push(tokio::spawn(async move {
             let id = Uuid::now_v7();
-            let result = handle
-                .append(vec![
-                    NewMessage::user(format!("flood #{index}")).with_id(id),
-                ])
-                .await;
+            let message = NewMessage::user(format!("flood #{index}")).with_id(id);
+            let result = client.append(&handle, vec![message]).await;
             (id, result)
         }));
     }
@@ -265,9 +269,12 @@ async fn overload_flood_is_typed_and_loses_nothing(db: TestDb) {
             "stored at its acknowledged sequence"
         );
     }
-    let next = engine
-        .session(user, session)
-        .append(vec![NewMessage::user("after the flood")])
+    let next = history
+        .client("after the flood")
+        .append(
+            &engine.session(user, session),
+            vec![NewMessage::user("after the flood")],
+        )
         .await
         .expect("append after the flood");
     assert_eq!(next, vec![acked.len() as i64]);
@@ -277,6 +284,7 @@ async fn overload_flood_is_typed_and_loses_nothing(db: TestDb) {
         acked.len(),
         started.elapsed()
     );
+    history.verify("overload flood", &db, &engine, user).await;
     engine.shutdown().await;
 }
 
@@ -303,14 +311,16 @@ async fn planted_conflict(db: TestDb, check_rows_stat: bool) {
         })
         .await;
     let b = db.engine().await;
+    let history = History::new();
+    let (a_client, b_client) = (history.client("a"), history.client("b"));
     let user = "batch-user";
     let ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
     let [s1, s2, s3] = ids.map(|id| a.session(user, id));
     for session in [&s1, &s2, &s3] {
         session.create(None, None).await.expect("create");
         assert_eq!(
-            session
-                .append(vec![NewMessage::user("warm")])
+            a_client
+                .append(session, vec![NewMessage::user("warm")])
                 .await
                 .expect("warm"),
             vec![0]
@@ -318,8 +328,11 @@ async fn planted_conflict(db: TestDb, check_rows_stat: bool) {
     }
     let planted = Uuid::now_v7();
     assert_eq!(
-        b.session(user, ids[0])
-            .append(vec![NewMessage::user("planted").with_id(planted)])
+        b_client
+            .append(
+                &b.session(user, ids[0]),
+                vec![NewMessage::user("planted").with_id(planted)]
+            )
             .await
             .expect("planted write"),
         vec![1]
@@ -327,9 +340,9 @@ async fn planted_conflict(db: TestDb, check_rows_stat: bool) {
     let before = a.stats();
     let new_ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
     let (r1, r2, r3) = tokio::join!(
-        s1.append(vec![NewMessage::user("s1").with_id(new_ids[0])]),
-        s2.append(vec![NewMessage::user("s2").with_id(new_ids[1])]),
-        s3.append(vec![NewMessage::user("s3").with_id(new_ids[2])]),
+        a_client.append(&s1, vec![NewMessage::user("s1").with_id(new_ids[0])]),
+        a_client.append(&s2, vec![NewMessage::user("s2").with_id(new_ids[1])]),
+        a_client.append(&s3, vec![NewMessage::user("s3").with_id(new_ids[2])]),
     );
     assert_eq!(r1.expect("S1 reconciles"), vec![2]);
     assert_eq!(r2.expect("S2"), vec![1]);
@@ -382,6 +395,7 @@ async fn planted_conflict(db: TestDb, check_rows_stat: bool) {
         after.flushes - before.flushes,
         after.flushed_sessions - before.flushed_sessions
     );
+    history.verify("planted conflict", &db, &a, user).await;
     b.shutdown().await;
     a.shutdown().await;
 }
@@ -418,23 +432,31 @@ async fn a_panicking_session_actor_restarts(db: TestDb) {
     let engine = db.engine().await;
     let session = engine.session("u", Uuid::now_v7());
     session.create(None, None).await.expect("create");
-    session
-        .append(vec![NewMessage::user("zero")])
+    let history = History::new();
+    history
+        .client("first")
+        .append(&session, vec![NewMessage::user("zero")])
         .await
         .expect("append");
     engine.inject_panic(session.id(), std::time::Duration::from_millis(300));
     let doomed = tokio::spawn({
         let session = session.clone();
-        async move { session.append(vec![NewMessage::user("in flight")]).await }
+        let client = history.client("doomed");
+        async move {
+            client
+                .append(&session, vec![NewMessage::user("in flight")])
+                .await
+        }
     });
     // Queue more behind the batch that is about to fail (it pauses 300 ms before failing).
     tokio::time::sleep(std::time::Duration::from_millis(60)).await;
     let queued: Vec<_> = (0..4)
         .map(|index| {
             let session = session.clone();
+            let client = history.client(format!("queued {index}"));
             tokio::spawn(async move {
-                session
-                    .append(vec![NewMessage::user(format!("queued {index}"))])
+                client
+                    .append(&session, vec![NewMessage::user(format!("queued {index}"))])
                     .await
             })
         })
@@ -456,6 +478,7 @@ async fn a_panicking_session_actor_restarts(db: TestDb) {
     assert_eq!(engine.stats().restarts, 1);
     let page = session.get(None, None).await.expect("get");
     assert_eq!(page.session.message_count, 5);
+    history.verify("panicking actor", &db, &engine, "u").await;
     engine.shutdown().await;
 }
 

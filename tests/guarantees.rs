@@ -5,6 +5,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use common::history::History;
 use common::{TestDb, assert_contiguous, stored_rows};
 use serde_json::json;
 use soloist::uuid::Uuid;
@@ -43,9 +44,11 @@ async fn order_is_contiguous_under_concurrency(db: TestDb) {
     let session = new_session(&engine, "u").await;
     let writers = 32;
     let per_writer = 20;
+    let history = History::new();
     let mut tasks = Vec::new();
     for writer in 0..writers {
         let session = session.clone();
+        let client = history.client(format!("writer {writer}"));
         tasks.push(tokio::spawn(async move {
             let mut acked = Vec::new();
             for turn in 0..per_writer {
@@ -54,7 +57,7 @@ async fn order_is_contiguous_under_concurrency(db: TestDb) {
                     NewMessage::user(format!("w{writer} t{turn} a")).with_id(id),
                     NewMessage::assistant(format!("w{writer} t{turn} b")),
                 ];
-                let sequences = session.append(messages).await.expect("append");
+                let sequences = client.append(&session, messages).await.expect("append");
                 assert_eq!(sequences.len(), 2);
                 assert_eq!(sequences[1], sequences[0] + 1, "one append is contiguous");
                 acked.push((sequences[0], id));
@@ -94,6 +97,7 @@ async fn order_is_contiguous_under_concurrency(db: TestDb) {
         stats.flushed_sessions,
         writers * per_writer
     );
+    history.verify("order", &db, &engine, "u").await;
     engine.shutdown().await;
 }
 
@@ -135,25 +139,33 @@ async fn acknowledged_appends_are_durable(db: TestDb) {
 async fn resending_a_message_id_is_idempotent(db: TestDb) {
     let engine = db.engine().await;
     let session = new_session(&engine, "u").await;
+    let history = History::new();
+    let client = history.client("main");
     let first = Uuid::now_v7();
     let second = Uuid::now_v7();
-    let sequences = session
-        .append(vec![
-            NewMessage::user("one").with_id(first),
-            NewMessage::assistant("two").with_id(second),
-        ])
+    let sequences = client
+        .append(
+            &session,
+            vec![
+                NewMessage::user("one").with_id(first),
+                NewMessage::assistant("two").with_id(second),
+            ],
+        )
         .await
         .expect("append");
     assert_eq!(sequences, vec![0, 1]);
 
     // The same ids again, mixed with a new one: old ones keep their sequences.
     let third = Uuid::now_v7();
-    let again = session
-        .append(vec![
-            NewMessage::user("one").with_id(first),
-            NewMessage::user("three").with_id(third),
-            NewMessage::assistant("two").with_id(second),
-        ])
+    let again = client
+        .append(
+            &session,
+            vec![
+                NewMessage::user("one").with_id(first),
+                NewMessage::user("three").with_id(third),
+                NewMessage::assistant("two").with_id(second),
+            ],
+        )
         .await
         .expect("resend");
     assert_eq!(again, vec![0, 2, 1]);
@@ -161,11 +173,15 @@ async fn resending_a_message_id_is_idempotent(db: TestDb) {
     // Many tasks racing to send the same id: one row, one sequence.
     let racing = Uuid::now_v7();
     let mut tasks = Vec::new();
-    for _ in 0..16 {
+    for racer in 0..16 {
         let session = session.clone();
+        let client = history.client(format!("racer {racer}"));
         tasks.push(tokio::spawn(async move {
-            session
-                .append(vec![NewMessage::user("retry storm").with_id(racing)])
+            client
+                .append(
+                    &session,
+                    vec![NewMessage::user("retry storm").with_id(racing)],
+                )
                 .await
                 .expect("append")[0]
         }));
@@ -188,9 +204,12 @@ async fn resending_a_message_id_is_idempotent(db: TestDb) {
         None
     };
     if let Some(engine_b) = &engine_b {
-        let resent = engine_b
-            .session("u", session.id())
-            .append(vec![NewMessage::user("one").with_id(first)])
+        let resent = history
+            .client("engine b")
+            .append(
+                &engine_b.session("u", session.id()),
+                vec![NewMessage::user("one").with_id(first)],
+            )
             .await
             .expect("resend through another engine");
         assert_eq!(resent, vec![0]);
@@ -198,8 +217,9 @@ async fn resending_a_message_id_is_idempotent(db: TestDb) {
         assert_eq!(rows.len(), 4);
         assert_contiguous(&rows);
     }
-    let page = session.get(None, None).await.expect("get");
+    let page = client.get(&session, None, None).await.expect("get");
     assert_eq!(page.messages.len(), 4);
+    history.verify("idempotent resend", &db, &engine, "u").await;
     if let Some(engine_b) = engine_b {
         engine_b.shutdown().await;
     }
@@ -211,38 +231,33 @@ async fn resending_a_message_id_is_idempotent(db: TestDb) {
 async fn reads_see_acknowledged_writes(db: TestDb) {
     let engine = db.engine().await;
     let session = new_session(&engine, "u").await;
-    session
-        .append(vec![NewMessage::user("hello")])
+    let history = History::new();
+    let (a, b) = (history.client("a"), history.client("b"));
+    a.append(&session, vec![NewMessage::user("hello")])
         .await
         .expect("append");
-    let page = session.get(None, None).await.expect("get");
+    let page = a.get(&session, None, None).await.expect("get");
     assert_eq!(page.messages[0].content.as_deref(), Some("hello"));
     if !db.shareable() {
         engine.shutdown().await;
         return;
     }
     let other = db.engine().await;
+    let through_other = other.session("u", session.id());
     // Load the session into the second engine's memory first...
-    let before = other
-        .session("u", session.id())
-        .get(None, None)
-        .await
-        .expect("get");
+    let before = b.get(&through_other, None, None).await.expect("get");
     assert_eq!(before.messages.len(), 1);
     // ...then write through the first engine.
-    session
-        .append(vec![NewMessage::assistant("world")])
+    a.append(&session, vec![NewMessage::assistant("world")])
         .await
         .expect("append");
-    let fresh = other
-        .get_session(GetSession {
-            user_id: "u".into(),
-            session_id: session.id(),
-            fresh: true,
-            ..GetSession::default()
-        })
-        .await
-        .expect("fresh read");
+    let fresh_read = GetSession {
+        user_id: "u".into(),
+        session_id: session.id(),
+        fresh: true,
+        ..GetSession::default()
+    };
+    let fresh = b.get_session(&other, fresh_read).await.expect("fresh read");
     assert_eq!(
         fresh.messages.len(),
         2,
@@ -250,21 +265,25 @@ async fn reads_see_acknowledged_writes(db: TestDb) {
     );
     assert_eq!(
         fresh.session.version,
-        session.get(None, None).await.expect("get").session.version
+        a.get(&session, None, None)
+            .await
+            .expect("get")
+            .session
+            .version
     );
     // And the second engine can keep writing: it reloads on conflict instead of failing.
-    let sequences = other
-        .session("u", session.id())
-        .append(vec![NewMessage::user("from b")])
+    let sequences = b
+        .append(&through_other, vec![NewMessage::user("from b")])
         .await
         .expect("append through b");
     assert_eq!(sequences, vec![2]);
-    let stale_engine_write = session
-        .append(vec![NewMessage::user("from a again")])
+    let stale_engine_write = a
+        .append(&session, vec![NewMessage::user("from a again")])
         .await
         .expect("append through a after b wrote");
     assert_eq!(stale_engine_write, vec![3]);
     assert_contiguous(&stored_rows(&db.url, session.id()).await);
+    history.verify("read your writes", &db, &engine, "u").await;
     other.shutdown().await;
     engine.shutdown().await;
 }
@@ -279,10 +298,12 @@ async fn every_command_gets_one_reply(db: TestDb) {
         }
         sessions
     };
+    let history = History::new();
     let mut tasks = Vec::new();
     for task in 0..40 {
         let engine = engine.clone();
         let session_id = sessions[task % sessions.len()].id();
+        let client = history.client(format!("task {task}"));
         tasks.push(tokio::spawn(async move {
             let mut ok = 0;
             let mut refused = 0;
@@ -298,13 +319,12 @@ async fn every_command_gets_one_reply(db: TestDb) {
                 } else {
                     NewMessage::user("fine")
                 };
-                let result = engine
-                    .append(AppendMessages {
-                        user_id: user.into(),
-                        session_id,
-                        messages: vec![role_message],
-                    })
-                    .await;
+                let command = AppendMessages {
+                    user_id: user.into(),
+                    session_id,
+                    messages: vec![role_message],
+                };
+                let result = client.append_command(&engine, command).await;
                 match result {
                     Ok(_) => ok += 1,
                     Err(Error::NotFound | Error::InvalidInput { .. }) => refused += 1,
@@ -326,6 +346,7 @@ async fn every_command_gets_one_reply(db: TestDb) {
         stored += read_all(session).await.len();
     }
     assert_eq!(stored, ok, "exactly the acknowledged appends are stored");
+    history.verify("one reply", &db, &engine, "owner").await;
     engine.shutdown().await;
 }
 
@@ -345,24 +366,28 @@ async fn a_conflicting_session_does_not_fail_the_others(db: TestDb) {
     let a = new_session(&engine, "u").await;
     let b = new_session(&engine, "u").await;
     let c = new_session(&engine, "u").await;
+    let history = History::new();
+    let (client, other_client) = (history.client("engine"), history.client("other"));
     for session in [&a, &b, &c] {
-        session
-            .append(vec![NewMessage::user("first")])
+        client
+            .append(session, vec![NewMessage::user("first")])
             .await
             .expect("append");
     }
     // Another writer (a second engine) advances A behind the first engine's back.
     let other = db.engine().await;
-    other
-        .session("u", a.id())
-        .append(vec![NewMessage::user("planted")])
+    other_client
+        .append(
+            &other.session("u", a.id()),
+            vec![NewMessage::user("planted")],
+        )
         .await
         .expect("planted write");
     let before = engine.stats();
     let (ra, rb, rc) = tokio::join!(
-        a.append(vec![NewMessage::user("a2")]),
-        b.append(vec![NewMessage::user("b2")]),
-        c.append(vec![NewMessage::user("c2")]),
+        client.append(&a, vec![NewMessage::user("a2")]),
+        client.append(&b, vec![NewMessage::user("b2")]),
+        client.append(&c, vec![NewMessage::user("c2")]),
     );
     assert_eq!(ra.expect("a reconciles"), vec![2]);
     assert_eq!(rb.expect("b"), vec![1]);
@@ -376,6 +401,7 @@ async fn a_conflicting_session_does_not_fail_the_others(db: TestDb) {
     for session in [&a, &b, &c] {
         assert_contiguous(&stored_rows(&db.url, session.id()).await);
     }
+    history.verify("isolation", &db, &engine, "u").await;
     other.shutdown().await;
     engine.shutdown().await;
 }
@@ -629,16 +655,16 @@ async fn shutdown_drains_and_refuses(db: TestDb) {
     let engine = db.engine().await;
     let session = new_session(&engine, "u").await;
     let engine_for_tasks = engine.clone();
+    let history = History::new();
     let mut tasks = Vec::new();
     for writer in 0..16 {
         let session = session.clone();
+        let client = history.client(format!("writer {writer}"));
         tasks.push(tokio::spawn(async move {
             let mut acked = 0;
             for turn in 0..50 {
-                match session
-                    .append(vec![NewMessage::user(format!("{writer}/{turn}"))])
-                    .await
-                {
+                let message = NewMessage::user(format!("{writer}/{turn}"));
+                match client.append(&session, vec![message]).await {
                     Ok(_) => acked += 1,
                     Err(Error::ShuttingDown) => break,
                     Err(other) => panic!("unexpected {other:?}"),
@@ -654,7 +680,10 @@ async fn shutdown_drains_and_refuses(db: TestDb) {
         acked += task.await.expect("task");
     }
     assert!(matches!(
-        session.append(vec![NewMessage::user("late")]).await,
+        history
+            .client("late")
+            .append(&session, vec![NewMessage::user("late")])
+            .await,
         Err(Error::ShuttingDown)
     ));
     if db.shareable() {
@@ -666,6 +695,8 @@ async fn shutdown_drains_and_refuses(db: TestDb) {
         );
         assert_contiguous(&rows);
     }
+    // In memory, the final rows went with the engine: the history is checked on its own.
+    history.verify("shutdown", &db, &engine, "u").await;
 }
 
 on_every_backend!(

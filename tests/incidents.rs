@@ -6,6 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use common::history::History;
 use common::{Backend, TestDb, assert_contiguous, stored_rows};
 use serde_json::json;
 use soloist::uuid::Uuid;
@@ -28,22 +29,26 @@ async fn sequence_race_across_processes(db: TestDb) {
             .expect("create");
         sessions.push(id);
     }
+    let history = History::new();
     let mut tasks = Vec::new();
     for (engine_index, engine) in engines.iter().enumerate() {
         for task in 0..16 {
             let engine = engine.clone();
             let sessions = sessions.clone();
+            let client = history.client(format!("e{engine_index} t{task}"));
             tasks.push(tokio::spawn(async move {
                 let mut acked = Vec::new();
                 for turn in 0..12 {
                     let session = sessions[(task + turn) % sessions.len()];
                     let id = Uuid::now_v7();
-                    let sequences = engine
-                        .session(owner, session)
-                        .append(vec![
-                            NewMessage::user(format!("e{engine_index} t{task} #{turn}"))
-                                .with_id(id),
-                        ])
+                    let sequences = client
+                        .append(
+                            &engine.session(owner, session),
+                            vec![
+                                NewMessage::user(format!("e{engine_index} t{task} #{turn}"))
+                                    .with_id(id),
+                            ],
+                        )
                         .await
                         .expect("no error reaches the caller");
                     acked.push((session, sequences[0], id));
@@ -83,6 +88,7 @@ async fn sequence_race_across_processes(db: TestDb) {
         "incident 1: {} appends, {conflicts} conflicts resolved inside the engines",
         acked.len()
     );
+    history.verify("incident 1", &db, &engines[0], owner).await;
     for engine in engines {
         engine.shutdown().await;
     }
@@ -102,17 +108,19 @@ async fn stale_writer_is_fenced(db: TestDb) {
         })
         .await;
     let b = db.engine().await;
+    let history = History::new();
+    let (a_client, b_client) = (history.client("a"), history.client("b"));
     let id = Uuid::now_v7();
     a.session("u", id).create(None, None).await.expect("create");
-    a.session("u", id)
-        .append(vec![NewMessage::user("a0")])
+    a_client
+        .append(&a.session("u", id), vec![NewMessage::user("a0")])
         .await
         .expect("append");
     // B takes over while A still holds its copy of the session in memory.
     let b_ids: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
-    let b_seqs = b
-        .session("u", id)
+    let b_seqs = b_client
         .append(
+            &b.session("u", id),
             b_ids
                 .iter()
                 .map(|&m| NewMessage::user("b").with_id(m))
@@ -123,9 +131,8 @@ async fn stale_writer_is_fenced(db: TestDb) {
     assert_eq!(b_seqs, vec![1, 2, 3, 4, 5]);
     // A wakes up and writes with its stale copy: refused by the fence, then reconciled.
     let fenced_before = a.stats().fenced;
-    let a_seq = a
-        .session("u", id)
-        .append(vec![NewMessage::user("a1")])
+    let a_seq = a_client
+        .append(&a.session("u", id), vec![NewMessage::user("a1")])
         .await
         .expect("a appends");
     assert_eq!(a_seq, vec![6]);
@@ -142,6 +149,7 @@ async fn stale_writer_is_fenced(db: TestDb) {
             "B's message {seq} survived"
         );
     }
+    history.verify("incident 2", &db, &a, "u").await;
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -169,10 +177,12 @@ async fn in_memory_sqlite_keeps_every_acknowledged_write() {
             .expect("create");
         sessions.push(id);
     }
+    let history = History::new();
     let mut tasks = Vec::new();
     for task in 0..48usize {
         let engine = engine.clone();
         let session = sessions[task % sessions.len()];
+        let client = history.client(format!("task {task}"));
         tasks.push(tokio::spawn(async move {
             let mut acked = Vec::new();
             for turn in 0..15usize {
@@ -180,23 +190,29 @@ async fn in_memory_sqlite_keeps_every_acknowledged_write() {
                 match (task + turn) % 4 {
                     // Refused whole: the second message is invalid.
                     0 => {
-                        let refused = handle
-                            .append(vec![
-                                NewMessage::user("valid"),
-                                NewMessage::new(Role::Tool, "missing tool_call_id"),
-                            ])
+                        let refused = client
+                            .append(
+                                &handle,
+                                vec![
+                                    NewMessage::user("valid"),
+                                    NewMessage::new(Role::Tool, "missing tool_call_id"),
+                                ],
+                            )
                             .await;
                         assert!(matches!(refused, Err(Error::InvalidInput { .. })));
                     }
                     // Abandoned: the caller gives up after a moment.
                     1 => {
-                        let append = handle.append(vec![NewMessage::user("maybe")]);
+                        let append = client.append(&handle, vec![NewMessage::user("maybe")]);
                         let _ = tokio::time::timeout(Duration::from_micros(50), append).await;
                     }
                     _ => {
                         let id = Uuid::now_v7();
-                        let sequences = handle
-                            .append(vec![NewMessage::user(format!("{task}/{turn}")).with_id(id)])
+                        let sequences = client
+                            .append(
+                                &handle,
+                                vec![NewMessage::user(format!("{task}/{turn}")).with_id(id)],
+                            )
                             .await
                             .expect("append");
                         acked.push((session, sequences[0], id));
@@ -238,6 +254,7 @@ async fn in_memory_sqlite_keeps_every_acknowledged_write() {
             );
         }
     }
+    history.verify("incident 3", &db, &engine, "u").await;
     engine.shutdown().await;
 }
 
@@ -256,17 +273,19 @@ async fn hundred_concurrent_tasks_all_succeed(db: TestDb) {
             .expect("create");
         sessions.push(id);
     }
+    let history = History::new();
     let mut tasks = Vec::new();
     for task in 0..100usize {
         let engine = engine.clone();
         let session = sessions[task % sessions.len()];
+        let client = history.client(format!("task {task}"));
         tasks.push(tokio::spawn(async move {
             let handle = engine.session("u", session);
             for turn in 0..5 {
-                let sequences = handle
-                    .append(vec![NewMessage::user(format!("{task}:{turn}"))])
+                let sequences = client
+                    .append(&handle, vec![NewMessage::user(format!("{task}:{turn}"))])
                     .await?;
-                let page = handle.get(Some(sequences[0] - 1), Some(1)).await?;
+                let page = client.get(&handle, Some(sequences[0] - 1), Some(1)).await?;
                 assert_eq!(page.messages[0].seq, sequences[0], "reads its own write");
             }
             Ok::<_, Error>(())
@@ -291,6 +310,7 @@ async fn hundred_concurrent_tasks_all_succeed(db: TestDb) {
             .expect("get");
         assert_eq!(page.session.message_count, 50);
     }
+    history.verify("incident 4", &db, &engine, "u").await;
     engine.shutdown().await;
 }
 
@@ -419,18 +439,21 @@ async fn other_processes_writes_reach_live_sessions_and_subscribers() {
     };
     let a = db.engine().await;
     let b = db.engine().await;
+    let history = History::new();
+    let (a_client, b_client) = (history.client("a"), history.client("b"));
+    let subscriber = history.client("a's subscriber");
     let id = Uuid::now_v7();
     a.session("u", id).create(None, None).await.expect("create");
-    a.session("u", id)
-        .append(vec![NewMessage::user("from a")])
+    a_client
+        .append(&a.session("u", id), vec![NewMessage::user("from a")])
         .await
         .expect("append");
     let mut stream = a.session("u", id).subscribe(None).await.expect("subscribe");
-    let first = stream.next().await.expect("backlog");
+    let first = subscriber.next(&mut stream).await.expect("backlog");
     assert_eq!(first.seq, 0);
-    let b_seqs = b
-        .session("u", id)
+    let b_seqs = b_client
         .append(
+            &b.session("u", id),
             (0..3)
                 .map(|i| NewMessage::user(format!("from b {i}")))
                 .collect(),
@@ -440,7 +463,7 @@ async fn other_processes_writes_reach_live_sessions_and_subscribers() {
     assert_eq!(b_seqs, vec![1, 2, 3]);
     // A's subscriber sees B's messages, in order.
     for expected in 1..=3 {
-        let message = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        let message = tokio::time::timeout(Duration::from_secs(10), subscriber.next(&mut stream))
             .await
             .expect("B's message reaches A's subscriber")
             .expect("stream");
@@ -451,8 +474,14 @@ async fn other_processes_writes_reach_live_sessions_and_subscribers() {
         );
     }
     // And A's ordinary read is current.
-    let page = a.session("u", id).get(None, None).await.expect("read");
+    let page = a_client
+        .get(&a.session("u", id), None, None)
+        .await
+        .expect("read");
     assert_eq!(page.session.message_count, 4);
+    history
+        .verify("cross-process freshness", &db, &a, "u")
+        .await;
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -7,6 +7,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::history::History;
 use common::{Backend, TestDb, assert_contiguous, stored_rows};
 use soloist::uuid::Uuid;
 use soloist::{
@@ -508,6 +509,11 @@ async fn highest_sequence_never_goes_down(db: TestDb) {
         None
     };
     let engines: Vec<&Engine> = std::iter::once(&first).chain(second.as_ref()).collect();
+    // One client per engine: it writes and reads through that engine only.
+    let history = History::new();
+    let clients: Vec<_> = (0..engines.len())
+        .map(|index| history.client(format!("engine {index}")))
+        .collect();
     let main = new_session(&first, "u").await;
     let mut others = Vec::new();
     for _ in 0..8 {
@@ -522,16 +528,20 @@ async fn highest_sequence_never_goes_down(db: TestDb) {
     let mut last: Vec<Option<Mark>> = vec![None; engines.len()];
     for step in 0..36usize {
         let engine = engines[step % engines.len()];
+        let client = &clients[step % engines.len()];
         let through = engine.session("u", main.id());
         let what = format!("step {step}");
         match step % 9 {
             0 | 5 => {
                 let id = Uuid::now_v7();
-                let sequences = through
-                    .append(vec![
-                        NewMessage::user(format!("m{count}")).with_id(id),
-                        NewMessage::assistant(format!("m{}", count + 1)),
-                    ])
+                let sequences = client
+                    .append(
+                        &through,
+                        vec![
+                            NewMessage::user(format!("m{count}")).with_id(id),
+                            NewMessage::assistant(format!("m{}", count + 1)),
+                        ],
+                    )
                     .await
                     .expect("append");
                 assert_eq!(sequences, vec![count, count + 1], "{what}");
@@ -542,11 +552,14 @@ async fn highest_sequence_never_goes_down(db: TestDb) {
                 // Re-send an old id (usually outside the cached tail) with a new message.
                 let (old, old_seq) = ids[step % ids.len()];
                 let new = Uuid::now_v7();
-                let sequences = through
-                    .append(vec![
-                        NewMessage::user("resent").with_id(old),
-                        NewMessage::user(format!("m{count}")).with_id(new),
-                    ])
+                let sequences = client
+                    .append(
+                        &through,
+                        vec![
+                            NewMessage::user("resent").with_id(old),
+                            NewMessage::user(format!("m{count}")).with_id(new),
+                        ],
+                    )
                     .await
                     .expect("resend");
                 assert_eq!(
@@ -558,25 +571,28 @@ async fn highest_sequence_never_goes_down(db: TestDb) {
                 count += 1;
             }
             2 => {
+                let refused = vec![
+                    NewMessage::user("fine"),
+                    NewMessage::new(Role::Tool, "no tool_call_id"),
+                ];
                 assert_err!(
-                    through
-                        .append(vec![
-                            NewMessage::user("fine"),
-                            NewMessage::new(Role::Tool, "no tool_call_id"),
-                        ])
-                        .await,
+                    client.append(&through, refused).await,
                     Error::InvalidInput { .. },
                     "{what}"
                 );
                 assert_err!(
-                    through.append(vec![NewMessage::user("x".repeat(65))]).await,
+                    client
+                        .append(&through, vec![NewMessage::user("x".repeat(65))])
+                        .await,
                     Error::TooLarge { .. },
                     "{what}"
                 );
                 assert_err!(
-                    engine
-                        .session("intruder", main.id())
-                        .append(vec![NewMessage::user("hi")])
+                    client
+                        .append(
+                            &engine.session("intruder", main.id()),
+                            vec![NewMessage::user("hi")]
+                        )
                         .await,
                     Error::NotFound,
                     "{what}"
@@ -587,7 +603,7 @@ async fn highest_sequence_never_goes_down(db: TestDb) {
                 let other = others.pop().expect("a session left to delete");
                 let other = engine.session("u", other.id());
                 let (appended, deleted) = tokio::join!(
-                    through.append(vec![NewMessage::user(format!("m{count}"))]),
+                    client.append(&through, vec![NewMessage::user(format!("m{count}"))]),
                     other.delete(),
                 );
                 assert_eq!(appended.expect("append"), vec![count], "{what}");
@@ -603,7 +619,7 @@ async fn highest_sequence_never_goes_down(db: TestDb) {
                     .map(|(id, _)| NewMessage::user("again").with_id(*id))
                     .collect();
                 let expected: Vec<i64> = ids.iter().rev().take(3).map(|(_, seq)| *seq).collect();
-                let sequences = through.append(tail).await.expect("resend");
+                let sequences = client.append(&through, tail).await.expect("resend");
                 assert_eq!(sequences, expected, "{what}: re-sent ids only");
             }
             6 => {
@@ -617,14 +633,15 @@ async fn highest_sequence_never_goes_down(db: TestDb) {
         }
         // Observe through every engine; a fresh read sees the other engine's writes.
         for (index, engine) in engines.iter().enumerate() {
-            let page = engine
-                .get_session(GetSession {
-                    user_id: "u".into(),
-                    session_id: main.id(),
-                    after_seq: Some(count - 2),
-                    limit: Some(10),
-                    fresh: true,
-                })
+            let read = GetSession {
+                user_id: "u".into(),
+                session_id: main.id(),
+                after_seq: Some(count - 2),
+                limit: Some(10),
+                fresh: true,
+            };
+            let page = clients[index]
+                .get_session(engine, read)
                 .await
                 .expect("fresh read");
             let mark = Mark {
@@ -656,6 +673,7 @@ async fn highest_sequence_never_goes_down(db: TestDb) {
         assert_eq!(rows.len() as i64, count);
         assert_contiguous(&rows);
     }
+    history.verify("highest sequence", &db, &first, "u").await;
     for engine in engines {
         engine.shutdown().await;
     }

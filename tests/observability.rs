@@ -3,6 +3,7 @@
 mod common;
 
 use common::TestDb;
+use common::history::History;
 use soloist::uuid::Uuid;
 use soloist::{EngineConfig, NewMessage};
 
@@ -24,13 +25,15 @@ async fn stats_show_cross_session_group_commit(db: TestDb) {
             .expect("create");
     }
     let before = engine.stats();
+    let history = History::new();
     let mut tasks = Vec::new();
     for (index, &id) in sessions.iter().enumerate() {
         let handle = engine.session("u", id);
+        let client = history.client(format!("task {index}"));
         tasks.push(tokio::spawn(async move {
             for turn in 0..10 {
-                handle
-                    .append(vec![NewMessage::user(format!("{index}/{turn}"))])
+                client
+                    .append(&handle, vec![NewMessage::user(format!("{index}/{turn}"))])
                     .await
                     .expect("append");
             }
@@ -61,6 +64,9 @@ async fn stats_show_cross_session_group_commit(db: TestDb) {
     );
     assert_eq!(after.storage_errors, 0);
     assert_eq!(after.conflicts, 0, "one engine never conflicts with itself");
+    history
+        .verify("cross-session group commit", &db, &engine, "u")
+        .await;
     engine.shutdown().await;
     let stopped = engine.stats();
     assert_eq!(
@@ -128,8 +134,10 @@ async fn failed_flushes_are_settled_from_the_database() {
         .await;
     let session = engine.session("u", Uuid::now_v7());
     session.create(None, None).await.expect("create");
-    session
-        .append(vec![NewMessage::user("before")])
+    let history = History::new();
+    let client = history.client("writer");
+    client
+        .append(&session, vec![NewMessage::user("before")])
         .await
         .expect("append");
 
@@ -142,8 +150,12 @@ async fn failed_flushes_are_settled_from_the_database() {
         .await
         .expect("lock");
     let append = tokio::spawn({
-        let session = session.clone();
-        async move { session.append(vec![NewMessage::user("during")]).await }
+        let (session, client) = (session.clone(), client.clone());
+        async move {
+            client
+                .append(&session, vec![NewMessage::user("during")])
+                .await
+        }
     });
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     sqlx::raw_sql("ROLLBACK")
@@ -167,5 +179,6 @@ async fn failed_flushes_are_settled_from_the_database() {
     let rows = common::stored_rows(&db.url, session.id()).await;
     assert_eq!(rows.len(), 2);
     common::assert_contiguous(&rows);
+    history.verify("settled flushes", &db, &engine, "u").await;
     engine.shutdown().await;
 }

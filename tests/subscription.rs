@@ -6,12 +6,24 @@ mod common;
 use std::time::Duration;
 
 use common::TestDb;
+use common::history::{Client, History};
 use soloist::uuid::Uuid;
 use soloist::{Error, MessageStream, NewMessage};
 
-async fn expect_seqs(stream: &mut MessageStream, seqs: std::ops::Range<i64>) {
+/// Reads the messages `seqs` from `stream`, through `subscriber` when they are to be recorded.
+async fn expect_seqs(
+    stream: &mut MessageStream,
+    seqs: std::ops::Range<i64>,
+    subscriber: Option<&Client>,
+) {
     for expected in seqs {
-        let message = tokio::time::timeout(Duration::from_secs(20), stream.next())
+        let next = async {
+            match subscriber {
+                Some(subscriber) => subscriber.next(stream).await,
+                None => stream.next().await,
+            }
+        };
+        let message = tokio::time::timeout(Duration::from_secs(20), next)
             .await
             .expect("a message within 20 s")
             .expect("stream");
@@ -24,26 +36,34 @@ async fn backlog_then_live_messages(db: TestDb) {
     let engine = db.engine().await;
     let session = engine.session("u", Uuid::now_v7());
     session.create(None, None).await.expect("create");
+    let history = History::new();
+    let subscriber = history.client("subscriber");
     let first: Vec<_> = (0..5).map(|i| NewMessage::user(format!("m{i}"))).collect();
-    session.append(first).await.expect("append");
+    history
+        .client("first")
+        .append(&session, first)
+        .await
+        .expect("append");
     let mut stream = session.subscribe(Some(1)).await.expect("subscribe");
-    expect_seqs(&mut stream, 2..5).await;
+    expect_seqs(&mut stream, 2..5, Some(&subscriber)).await;
     let mut writers = Vec::new();
     for writer in 0..8 {
         let session = session.clone();
+        let client = history.client(format!("writer {writer}"));
         writers.push(tokio::spawn(async move {
             for turn in 0..25 {
-                session
-                    .append(vec![NewMessage::user(format!("{writer}/{turn}"))])
+                client
+                    .append(&session, vec![NewMessage::user(format!("{writer}/{turn}"))])
                     .await
                     .expect("append");
             }
         }));
     }
-    expect_seqs(&mut stream, 5..205).await;
+    expect_seqs(&mut stream, 5..205, Some(&subscriber)).await;
     for writer in writers {
         writer.await.expect("writer");
     }
+    history.verify("backlog then live", &db, &engine, "u").await;
     engine.shutdown().await;
 }
 
@@ -60,7 +80,7 @@ async fn slow_subscriber_and_passivation_lose_nothing(db: TestDb) {
             .collect();
         session.append(messages).await.expect("append");
     }
-    expect_seqs(&mut stream, 0..3000).await;
+    expect_seqs(&mut stream, 0..3000, None).await;
     engine.passivate(session.id());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while engine.is_live(session.id()) {
@@ -71,7 +91,7 @@ async fn slow_subscriber_and_passivation_lose_nothing(db: TestDb) {
         .append(vec![NewMessage::user("after passivation")])
         .await
         .expect("append");
-    expect_seqs(&mut stream, 3000..3001).await;
+    expect_seqs(&mut stream, 3000..3001, None).await;
     engine.shutdown().await;
 }
 
@@ -92,7 +112,7 @@ async fn delete_ends_the_stream(db: TestDb) {
         .append(vec![NewMessage::user("one")])
         .await
         .expect("append");
-    expect_seqs(&mut stream, 0..1).await;
+    expect_seqs(&mut stream, 0..1, None).await;
     session.delete().await.expect("delete");
     let ended = tokio::time::timeout(Duration::from_secs(10), stream.next())
         .await

@@ -9,6 +9,8 @@ use soloist::{Engine, EngineConfig};
 use sqlx::Connection;
 use uuid::Uuid;
 
+pub mod history;
+
 /// The backends every engine test runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
