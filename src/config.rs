@@ -74,6 +74,13 @@ pub struct EngineConfig {
     /// How long a command waits for room in a full mailbox before failing with
     /// [`Error::Overloaded`](crate::Error::Overloaded); `None` waits as long as it takes.
     pub send_timeout: Option<Duration>,
+    /// The longest a command may take, from the call to its answer, before failing with
+    /// [`Error::Timeout`](crate::Error::Timeout): what bounds a caller's wait while the
+    /// database is unreachable. `None` waits as long as it takes. Default 30 s.
+    pub command_timeout: Option<Duration>,
+    /// How long the engine waits for a database connection (the pools' acquire timeout)
+    /// before the operation fails with a storage error. Default 5 s.
+    pub database_timeout: Duration,
     /// A session actor idle this long passivates (its memory is freed; the next command
     /// reloads it).
     pub idle_timeout: Duration,
@@ -117,6 +124,8 @@ impl EngineConfig {
             max_bytes_per_flush: 16 * 1024 * 1024,
             mailbox_capacity: 256,
             send_timeout: None,
+            command_timeout: Some(Duration::from_secs(30)),
+            database_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),
             max_live_sessions: Some(100_000),
             cached_messages: 1000,

@@ -382,12 +382,16 @@ impl Engine {
         make: impl FnOnce(Respond<T>) -> SessionRequest,
     ) -> Result<T> {
         let span = info_span!("command", command, session_id = %session_id);
-        let answer = self
-            .inner
-            .registry
-            .ask(session_id, make)
-            .instrument(span)
-            .await;
+        let ask = self.inner.registry.ask(session_id, make).instrument(span);
+        let answer = match self.config().command_timeout {
+            // On timeout the reply channel is dropped: the actor's later answer goes nowhere,
+            // and the command may still be applied (the caller retries with the same ids).
+            Some(limit) => match tokio::time::timeout(limit, ask).await {
+                Ok(answer) => answer,
+                Err(_) => return Err(Error::Timeout(limit)),
+            },
+            None => ask.await,
+        };
         match answer {
             Ok(result) => result,
             Err(AskError::Overloaded) => Err(Error::Overloaded(

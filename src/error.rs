@@ -53,8 +53,15 @@ pub enum Error {
     /// may not have been applied, so retry with the same message ids. HTTP 503.
     #[error("the session actor failed while handling the command; retry with the same message ids")]
     ActorFailed,
+    /// The command did not complete within
+    /// [`EngineConfig::command_timeout`](crate::EngineConfig::command_timeout) (typically: the
+    /// database is unreachable). It was not acknowledged but may still be applied, so retry with
+    /// the same message ids: a retry returns the original sequences. HTTP 503.
+    #[error("the command did not complete within {0:?}; retry with the same message ids")]
+    Timeout(Duration),
     /// The database failed or could not be reached. The command was not acknowledged; retrying
-    /// with the same message ids is safe. HTTP 503.
+    /// with the same message ids is safe (when the engine could not tell whether a write
+    /// committed, a retry with the same ids returns the stored sequences). HTTP 503.
     #[error("storage error: {0}")]
     Storage(#[source] StorageError),
 }
@@ -136,7 +143,7 @@ impl Error {
             Error::TooLarge { .. } => 413,
             Error::Conflict(_) => 409,
             Error::Overloaded(_) => 429,
-            Error::ShuttingDown | Error::ActorFailed | Error::Storage(_) => 503,
+            Error::ShuttingDown | Error::ActorFailed | Error::Timeout(_) | Error::Storage(_) => 503,
         }
     }
 
@@ -151,6 +158,7 @@ impl Error {
             Error::Overloaded(_) => "overloaded",
             Error::ShuttingDown => "shutting_down",
             Error::ActorFailed => "actor_failed",
+            Error::Timeout(_) => "timeout",
             Error::Storage(_) => "storage",
         }
     }
@@ -159,7 +167,11 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Error::Conflict(_) | Error::Overloaded(_) | Error::ActorFailed | Error::Storage(_)
+            Error::Conflict(_)
+                | Error::Overloaded(_)
+                | Error::ActorFailed
+                | Error::Timeout(_)
+                | Error::Storage(_)
         )
     }
 }

@@ -25,6 +25,10 @@ struct Args {
     /// How long a request waits for room in a full session mailbox before a 429.
     #[arg(long, default_value = "5000", value_name = "MS")]
     send_timeout_ms: u64,
+    /// The longest a request may wait for its command's answer (e.g. while the database is
+    /// unreachable) before a 503 with code `timeout`; retry with the same message ids.
+    #[arg(long, default_value = "30000", value_name = "MS")]
+    command_timeout_ms: u64,
     /// Commands a session's mailbox holds before requests wait (then get 429).
     #[arg(long, default_value = "256")]
     mailbox_capacity: usize,
@@ -69,6 +73,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             SqliteSync::Full
         },
         send_timeout: Some(Duration::from_millis(args.send_timeout_ms)),
+        command_timeout: Some(Duration::from_millis(args.command_timeout_ms)),
         idle_timeout: Duration::from_secs(args.idle_timeout),
         mailbox_capacity: args.mailbox_capacity,
         hide_foreign_sessions: !args.reveal_foreign_sessions,

@@ -56,6 +56,7 @@ impl PostgresStore {
         // so the writer connections rule sequential scans out.
         let pool = PgPoolOptions::new()
             .max_connections(config.writer_connections.max(1))
+            .acquire_timeout(config.database_timeout)
             .test_before_acquire(false)
             .connect_with(options.clone().options([("enable_seqscan", "off")]))
             .await
@@ -66,6 +67,7 @@ impl PostgresStore {
             .map_err(StorageError::from)?;
         let readers = PgPoolOptions::new()
             .max_connections(config.read_pool_size.max(1))
+            .acquire_timeout(config.database_timeout)
             .connect_with(
                 options
                     .clone()
