@@ -395,6 +395,8 @@ async fn three_servers_one_killed_mid_run_lose_and_duplicate_nothing() {
                     "rows_total",
                     "flushes_total",
                     "conflicts_total",
+                    "fenced_total",
+                    "takeovers_total",
                     "conflict_retries_total",
                     "transient_retries_total",
                     "storage_errors_total",
