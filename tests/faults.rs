@@ -211,8 +211,9 @@ async fn pg_terminate_backend_during_flushes() {
 /// timeout.
 ///
 /// Pass: every call answers once, either Ok or [`Error::Overloaded`] (at least one of those);
-/// exactly the Ok ones are stored, each at its acknowledged sequence, contiguous; a following
-/// append succeeds.
+/// memory stays flat: the commands queued in the engine (sampled all through the flood) never
+/// exceed the mailbox capacity; exactly the Ok ones are stored, each at its acknowledged
+/// sequence, contiguous; a following append succeeds.
 async fn overload_flood_is_typed_and_loses_nothing(db: TestDb) {
     const CALLS: usize = 500;
     let config = EngineConfig {
@@ -230,6 +231,19 @@ async fn overload_flood_is_typed_and_loses_nothing(db: TestDb) {
         .expect("create");
     let history = History::new();
     let started = Instant::now();
+    let flooding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (engine, flooding) = (engine.clone(), flooding.clone());
+        tokio::spawn(async move {
+            let (mut samples, mut deepest) = (0u64, 0u64);
+            while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                deepest = deepest.max(engine.stats().mailbox_depth);
+                samples += 1;
+                tokio::task::yield_now().await;
+            }
+            (samples, deepest)
+        })
+    };
     let mut calls = Vec::new();
     for index in 0..CALLS {
         let handle = engine.session(user, session);
@@ -254,6 +268,13 @@ async fn overload_flood_is_typed_and_loses_nothing(db: TestDb) {
             Err(error) => panic!("only Ok or Overloaded, got {error:?}"),
         }
     }
+    flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (samples, deepest) = sampler.await.expect("sampler");
+    assert!(samples > 0);
+    assert!(
+        deepest <= 4,
+        "queued commands stay within the mailbox capacity: {deepest} > 4"
+    );
     assert_eq!(acked.len() + overloaded, CALLS);
     assert!(
         overloaded > 0,
@@ -279,7 +300,8 @@ async fn overload_flood_is_typed_and_loses_nothing(db: TestDb) {
         .expect("append after the flood");
     assert_eq!(next, vec![acked.len() as i64]);
     println!(
-        "overload_flood ({:?}): {} ok, {overloaded} overloaded of {CALLS} in {:?}",
+        "overload_flood ({:?}): {} ok, {overloaded} overloaded of {CALLS} in {:?}; \
+         at most {deepest} queued in {samples} samples",
         db.backend,
         acked.len(),
         started.elapsed()
