@@ -233,6 +233,22 @@ fn a_read_of_a_failed_write_is_counted() {
 }
 
 #[test]
+fn a_timed_out_append_leaves_the_outcome_unknown() {
+    let timeout = Error::Timeout(std::time::Duration::from_secs(3));
+    assert!(matches!(Outcome::of(Err(&timeout)), Outcome::Unknown(_)));
+
+    // The timed-out command is applied later; the retry with the same id is acknowledged at
+    // the stored sequence, and a reader sees it: nothing to report.
+    let script = Script::new();
+    let [a] = ids();
+    let (writer, reader) = (script.client("writer"), script.client("reader"));
+    script.fail(writer, &[a], timeout);
+    script.read(reader, &[(0, a)], 1);
+    script.ack(writer, &[a], &[0]);
+    assert!(script.check(&[(0, a)]).is_clean());
+}
+
+#[test]
 fn a_read_going_back_is_counted() {
     let script = Script::new();
     let [a, b, c] = ids();

@@ -1,7 +1,14 @@
 //! Outage (tracker issue): "PostgreSQL stopped for 10 s under load, then restarted."
 //!
-//! Pass: callers get typed errors within a bounded time, memory stays bounded, the engine
-//! recovers without a process restart, nothing acknowledged is lost.
+//! Pass: callers get typed errors within the configured timeout, memory stays bounded, the
+//! engine recovers without a process restart, nothing acknowledged is lost.
+//!
+//! The engine is configured with `command_timeout` 3 s and `database_timeout` (the pools'
+//! acquire timeout) 2 s; every call must answer within 3 s + 1 s of slack, with a result or a
+//! retryable typed error (`Timeout`, `Storage`, `Overloaded`...), counted by variant. A command
+//! that timed out may still be applied later: writers retry the same message id, and the final
+//! check (plus the history checker of `tests/common/history.rs`, which treats `Timeout` as
+//! "outcome unknown") shows the retry got the stored sequence and nothing is stored twice.
 //!
 //! The shared PostgreSQL server must never be stopped (other tests run against it), so this
 //! test runs a private server of its own: `initdb` into a temporary directory, started on a free
@@ -18,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::history::{FinalRows, History};
 use common::{assert_contiguous, stored_rows};
 use soloist::command::{GetSession, ListSessions};
 use soloist::uuid::Uuid;
@@ -256,15 +264,24 @@ struct Sample {
     mailbox_depth: u64,
 }
 
-/// What one writer sent: `(session, message id, acknowledged sequence)`.
-type Sent = Vec<(Uuid, Uuid, Option<i64>)>;
+/// One message a writer sent, retried under its id until acknowledged.
+#[derive(Clone, Debug)]
+struct Write {
+    session: Uuid,
+    id: Uuid,
+    /// The error code of each failed attempt, in order.
+    failures: Vec<&'static str>,
+    /// The acknowledged sequence, and when the acknowledging attempt started and ended (since
+    /// the load started); `None` if the writer gave up.
+    acked: Option<(i64, Duration, Duration)>,
+}
 
 const SESSIONS: usize = 20;
 const WRITERS: usize = 16;
 const READERS: usize = 4;
 const HEALTHY: Duration = Duration::from_secs(3);
-/// How long the server stays down; `SOLOIST_OUTAGE_SECS` overrides (e.g. 40 to see what happens
-/// past sqlx's 30 s acquire timeout).
+/// How long the server stays down; `SOLOIST_OUTAGE_SECS` overrides (e.g. 40, to see the bound
+/// hold through a long outage).
 fn outage() -> Duration {
     Duration::from_secs(
         std::env::var("SOLOIST_OUTAGE_SECS")
@@ -273,33 +290,37 @@ fn outage() -> Duration {
             .unwrap_or(10),
     )
 }
+/// The engine's bound on a command, from the call to its answer (`EngineConfig::command_timeout`).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+/// The pools' acquire timeout (`EngineConfig::database_timeout`): shorter than
+/// [`COMMAND_TIMEOUT`], so a flush that cannot reach the server fails with a storage error of its
+/// own before its callers time out. It is also what bounds `list_sessions`, which is served by
+/// the database without going through a session actor (and so without `command_timeout`).
+const DATABASE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How much longer than [`COMMAND_TIMEOUT`] a call may take: timer and scheduling delays on a
+/// loaded 2-core machine, with the server's crash recovery running alongside.
+const SLACK: Duration = Duration::from_secs(1);
 /// New messages stop this long after the restart; the writers then only finish what they hold.
 const AFTER_RESTART: Duration = Duration::from_secs(5);
 /// How long after the restart the writers may take to get everything acknowledged.
 const RECOVERY_CAP: Duration = Duration::from_secs(60);
 /// RSS may grow by this much during the outage (generous: the point is "not without bound").
 const MAX_RSS_GROWTH_KIB: u64 = 64 * 1024;
-/// No call may end later than this after the server is back. The engine has no knob bounding
-/// how long a call waits for the database (see the FINDING the test prints): a call made during
-/// the outage waits in the connection pool (sqlx retries a refused connection with a backoff
-/// that grows to 6 s, until its default 30 s acquire timeout), so what the engine guarantees
-/// today for a 10 s outage is "answers soon after the server is back", not a configured bound.
-const MAX_END_AFTER_RESTART: Duration = Duration::from_secs(12);
-/// And no call may take longer than this at all (sqlx's hidden 30 s acquire timeout, plus
-/// the settle read after it, plus margin).
-const MAX_CALL_LATENCY: Duration = Duration::from_secs(75);
 
-/// 16 writers append to 20 sessions (retrying the same message id after an error, with
+/// 16 writers append to 20 sessions (retrying the same message id after any error, with
 /// backoff) and 4 readers read, for 3 s healthy, 10 s with the server stopped, then until every
-/// append is acknowledged after the restart.
+/// append is acknowledged after the restart. Every append and session read goes through a
+/// [`History`] client, checked against the stored rows at the end.
 ///
-/// Pass: every error is a retryable typed error; every call made during the outage answers
-/// within [`MAX_END_AFTER_RESTART`] of the server being back and none outlives
-/// [`MAX_CALL_LATENCY`] (no configured timeout bounds them: see the FINDING printed); RSS and
-/// the queued commands stay bounded during the outage; the same engine serves appends and
-/// reads again after the restart; every acknowledged append is stored exactly once at its
-/// acknowledged sequence, sequences are contiguous, nothing is stored that was never sent, and
-/// each session's `message_count` matches its rows.
+/// Pass: every call, during the outage or not, answers within [`COMMAND_TIMEOUT`] +
+/// [`SLACK`] with either a result or a retryable typed error (counted by variant), and appends
+/// made during the outage do get errors; RSS and the queued commands stay bounded during the
+/// outage; the same engine serves appends and reads again after the restart; every
+/// acknowledged append is stored exactly once at its acknowledged sequence (also when an
+/// attempt that timed out was applied later and the retry returned the stored sequence: seen
+/// by chance during the outage, and made certain once after it with writes held back),
+/// sequences are contiguous, nothing is stored that was never sent, each session's
+/// `message_count` matches its rows, and the history checker finds no violation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_stopped_for_ten_seconds_under_load() {
     let Some(server) = PrivatePostgres::start_new() else {
@@ -312,10 +333,12 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
         read_pool_size: 4,
         mailbox_capacity: 64,
         send_timeout: Some(Duration::from_secs(2)),
+        command_timeout: Some(COMMAND_TIMEOUT),
+        database_timeout: DATABASE_TIMEOUT,
         ..EngineConfig::new(&url)
     };
     let mailbox_capacity = config.mailbox_capacity;
-    let send_timeout = config.send_timeout.unwrap_or_default();
+    let bound = COMMAND_TIMEOUT + SLACK;
     let engine = Engine::start(config).await.expect("start the engine");
     let user = "outage-user";
     let sessions: Vec<Uuid> = (0..SESSIONS).map(|_| Uuid::now_v7()).collect();
@@ -327,6 +350,7 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
             .expect("create");
     }
 
+    let history = History::new();
     let t0 = Instant::now();
     let stop_new = Arc::new(AtomicBool::new(false));
     let give_up = Arc::new(AtomicBool::new(false));
@@ -337,41 +361,51 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
         let engine = engine.clone();
         let sessions = sessions.clone();
         let (stop_new, give_up) = (stop_new.clone(), give_up.clone());
+        let client = history.client(format!("writer {writer}"));
         writers.push(tokio::spawn(async move {
-            let mut sent: Sent = Vec::new();
+            let mut writes: Vec<Write> = Vec::new();
             let mut calls = Vec::new();
             let mut turn = writer;
             while !stop_new.load(Ordering::Relaxed) {
                 let session = sessions[turn % SESSIONS];
                 turn += 1;
-                let id = Uuid::now_v7();
                 let handle = engine.session(user, session);
+                let mut write = Write {
+                    session,
+                    id: Uuid::now_v7(),
+                    failures: Vec::new(),
+                    acked: None,
+                };
                 let mut backoff = Duration::from_millis(20);
-                let mut acked = None;
                 while !give_up.load(Ordering::Relaxed) {
-                    let message = NewMessage::user(format!("w{writer} t{turn}")).with_id(id);
+                    let message = NewMessage::user(format!("w{writer} t{turn}")).with_id(write.id);
                     let started = Instant::now();
-                    let result = handle.append(vec![message]).await;
-                    calls.push(Call::of("append", t0, started, &result));
+                    let result = client.append(&handle, vec![message]).await;
+                    let call = Call::of("append", t0, started, &result);
                     match result {
                         Ok(sequences) => {
                             assert_eq!(sequences.len(), 1);
-                            acked = Some(sequences[0]);
+                            write.acked = Some((sequences[0], call.started, call.ended()));
+                            calls.push(call);
                             break;
                         }
-                        // Any error: retry the same id (a non-retryable one is reported).
+                        // Any error, `Timeout` included: retry the same id (a non-retryable
+                        // one is reported).
                         Err(_) => {
+                            write.failures.push(call.outcome);
+                            calls.push(call);
                             tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
                             backoff = (backoff * 2).min(Duration::from_secs(1));
                         }
                     }
                 }
-                sent.push((session, id, acked));
-                if acked.is_none() {
+                let acked = write.acked.is_some();
+                writes.push(write);
+                if !acked {
                     break;
                 }
             }
-            (sent, calls)
+            (writes, calls)
         }));
     }
 
@@ -380,6 +414,7 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
         let engine = engine.clone();
         let sessions = sessions.clone();
         let done = done.clone();
+        let client = history.client(format!("reader {reader}"));
         readers.push(tokio::spawn(async move {
             let mut calls = Vec::new();
             let mut turn = reader;
@@ -391,15 +426,14 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
                 // (straight from the database).
                 let call = match turn % 3 {
                     0 | 1 => {
-                        let result = engine
-                            .get_session(GetSession {
-                                user_id: user.to_owned(),
-                                session_id: session,
-                                after_seq: None,
-                                limit: Some(10),
-                                fresh: turn % 3 == 1,
-                            })
-                            .await;
+                        let command = GetSession {
+                            user_id: user.to_owned(),
+                            session_id: session,
+                            after_seq: None,
+                            limit: Some(10),
+                            fresh: turn % 3 == 1,
+                        };
+                        let result = client.get_session(&engine, command).await;
                         let kind = if turn % 3 == 1 { "fresh_get" } else { "get" };
                         Call::of(kind, t0, started, &result)
                     }
@@ -464,27 +498,22 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
     tokio::time::sleep(AFTER_RESTART).await;
     stop_new.store(true, Ordering::Relaxed);
 
-    let mut sent_by_writer = Vec::new();
+    let mut writes: Vec<Write> = Vec::new();
     let mut calls = Vec::new();
     let deadline = t0 + restarted + RECOVERY_CAP;
     for writer in writers {
         let left = deadline.saturating_duration_since(Instant::now());
-        let joined = match tokio::time::timeout(left, writer).await {
-            Ok(joined) => joined,
-            Err(_) => {
-                give_up.store(true, Ordering::Relaxed);
-                // The writer may still be inside a call that does not return: wait a little
-                // more, then fail with what is known.
-                panic!(
-                    "a writer did not finish within {RECOVERY_CAP:?} after the restart (a call \
-                     hung, or appends kept failing); stats: {:?}\nserver log:\n{}",
-                    engine.stats(),
-                    server.log_tail()
-                );
-            }
+        let Ok(joined) = tokio::time::timeout(left, writer).await else {
+            give_up.store(true, Ordering::Relaxed);
+            panic!(
+                "a writer did not finish within {RECOVERY_CAP:?} after the restart (appends kept \
+                 failing); stats: {:?}\nserver log:\n{}",
+                engine.stats(),
+                server.log_tail()
+            );
         };
-        let (sent, writer_calls) = joined.expect("writer task");
-        sent_by_writer.push(sent);
+        let (writer_writes, writer_calls) = joined.expect("writer task");
+        writes.extend(writer_writes);
         calls.extend(writer_calls);
     }
     let writers_done = t0.elapsed();
@@ -495,18 +524,60 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
     let samples = sampler.await.expect("sampler task");
 
     // The same engine serves an append and a read after the restart.
+    let client = history.client("after the outage");
     let handle = engine.session(user, sessions[0]);
     let final_id = Uuid::now_v7();
-    let final_seq = handle
-        .append(vec![NewMessage::user("after the outage").with_id(final_id)])
+    let final_seq = client
+        .append(
+            &handle,
+            vec![NewMessage::user("after the outage").with_id(final_id)],
+        )
         .await
         .expect("append after recovery")[0];
-    let page = handle
-        .get(Some(final_seq - 1), None)
+    let page = client
+        .get(&handle, Some(final_seq - 1), None)
         .await
         .expect("read after recovery");
     assert_eq!(page.messages.len(), 1);
     assert_eq!(page.messages[0].id, final_id);
+
+    // A command that times out and is applied later, for certain (the outage produces such
+    // commands only by chance): writes are held back past the timeout, then released; the
+    // write lands, and the retry under the same id returns its stored sequence.
+    let late_id = Uuid::now_v7();
+    let late = || vec![NewMessage::user("timed out, applied later").with_id(late_id)];
+    let paused = engine.pause_writes().await;
+    let started = Instant::now();
+    let timed_out = client.append(&handle, late()).await;
+    let timed_out_after = started.elapsed();
+    assert!(
+        matches!(timed_out, Err(Error::Timeout(limit)) if limit == COMMAND_TIMEOUT),
+        "an append whose write is held back times out: {timed_out:?}"
+    );
+    assert!(
+        timed_out_after <= bound,
+        "timed out after {timed_out_after:?}"
+    );
+    drop(paused);
+    let applied_at = loop {
+        let rows = stored_rows(&url, sessions[0]).await;
+        if let Some(&(seq, _)) = rows.iter().find(|&&(_, id)| id == late_id) {
+            break seq;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the timed-out append is written once writes resume"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let late_seq = client
+        .append(&handle, late())
+        .await
+        .expect("retry of the timed-out append")[0];
+    assert_eq!(
+        late_seq, applied_at,
+        "the retry returns the timed-out append's stored sequence"
+    );
 
     // ---- figures ----
     let outage_start = stop_began;
@@ -523,32 +594,40 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
         *outcomes.entry((call.kind, call.outcome)).or_default() += 1;
     }
     // Per kind of call overlapping the outage: how many, the slowest, and how many outlived
-    // the only timeout the configuration offers (`send_timeout`).
+    // the bound.
     let mut by_kind: BTreeMap<&str, (usize, Duration, usize)> = BTreeMap::new();
     for call in &during {
         let entry = by_kind.entry(call.kind).or_default();
         entry.0 += 1;
         entry.1 = entry.1.max(call.latency);
-        if call.latency > send_timeout {
+        if call.latency > bound {
             entry.2 += 1;
         }
     }
-    let mut errors_by_variant: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut error_messages: BTreeMap<String, usize> = BTreeMap::new();
-    for call in calls.iter().filter(|call| call.outcome != "ok") {
-        *errors_by_variant.entry(call.outcome).or_default() += 1;
-        if let Some(message) = &call.message {
-            // Group by message text up to the first digit-heavy detail.
-            let key: String = message.chars().take(90).collect();
-            *error_messages.entry(key).or_default() += 1;
+    let errors_by_variant = |calls: &mut dyn Iterator<Item = &Call>| {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for call in calls.filter(|call| call.outcome != "ok") {
+            *counts.entry(call.outcome).or_default() += 1;
         }
+        counts
+    };
+    let errors_during = errors_by_variant(&mut during.iter().copied());
+    let errors_all = errors_by_variant(&mut calls.iter());
+    let mut error_messages: BTreeMap<String, usize> = BTreeMap::new();
+    for message in calls.iter().filter_map(|call| call.message.as_ref()) {
+        let key: String = message.chars().take(90).collect();
+        *error_messages.entry(key).or_default() += 1;
     }
     let not_retryable: Vec<&Call> = calls
         .iter()
         .filter(|call| call.outcome != "ok" && !call.retryable)
         .collect();
-    // Recovery: the first acknowledged append started after the restart, and the moment each
-    // writer had one.
+    let over_bound: Vec<&Call> = calls.iter().filter(|call| call.latency > bound).collect();
+    let append_errors_during = during
+        .iter()
+        .filter(|call| call.kind == "append" && call.outcome != "ok")
+        .count();
+    // Recovery: the first acknowledged append that ended after the restart.
     let first_ok_after = calls
         .iter()
         .filter(|call| call.kind == "append" && call.outcome == "ok" && call.ended() > restarted)
@@ -559,10 +638,41 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
         .filter(|call| call.kind == "append" && call.outcome != "ok")
         .map(|call| call.ended())
         .max();
-    let calls_after_stop_began = calls
+    let calls_started_in_outage = calls
         .iter()
         .filter(|call| call.started >= outage_start && call.started < outage_end)
         .count();
+
+    // Writes applied by an attempt that failed: the acknowledging retry started after another
+    // write of the same session had been acknowledged at a higher sequence, so the write was
+    // already stored and the retry only returned its sequence. Keyed by `timeout` when some
+    // failed attempt timed out, else by the last error.
+    let mut acks_by_session: HashMap<Uuid, Vec<(Duration, i64)>> = HashMap::new();
+    for write in &writes {
+        if let Some((seq, _, ended)) = write.acked {
+            acks_by_session
+                .entry(write.session)
+                .or_default()
+                .push((ended, seq));
+        }
+    }
+    let mut applied_before_ack: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut retried_after_timeout = 0;
+    for write in &writes {
+        let (Some((seq, retry_started, _)), Some(&last)) = (write.acked, write.failures.last())
+        else {
+            continue;
+        };
+        let timed_out = write.failures.contains(&"timeout");
+        retried_after_timeout += usize::from(timed_out);
+        let stored_earlier = acks_by_session[&write.session]
+            .iter()
+            .any(|&(ended, other)| ended < retry_started && other > seq);
+        if stored_earlier {
+            let key = if timed_out { "timeout" } else { last };
+            *applied_before_ack.entry(key).or_default() += 1;
+        }
+    }
 
     let before = samples
         .iter()
@@ -582,28 +692,24 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
     let mut acked_total = 0;
     let mut stored_total = 0;
     let mut per_session: HashMap<Uuid, (HashSet<Uuid>, HashMap<Uuid, i64>)> = HashMap::new();
-    for sent in &sent_by_writer {
-        for &(session, id, acked) in sent {
-            let entry = per_session.entry(session).or_default();
-            entry.0.insert(id);
-            let seq = acked.unwrap_or_else(|| panic!("append {id} was never acknowledged"));
-            entry.1.insert(id, seq);
-            acked_total += 1;
-        }
+    for write in &writes {
+        let entry = per_session.entry(write.session).or_default();
+        entry.0.insert(write.id);
+        let (seq, _, _) = write
+            .acked
+            .unwrap_or_else(|| panic!("append {} was never acknowledged", write.id));
+        entry.1.insert(write.id, seq);
+        acked_total += 1;
     }
-    per_session
-        .entry(sessions[0])
-        .or_default()
-        .1
-        .insert(final_id, final_seq);
-    per_session
-        .entry(sessions[0])
-        .or_default()
-        .0
-        .insert(final_id);
+    let entry = per_session.entry(sessions[0]).or_default();
+    for (id, seq) in [(final_id, final_seq), (late_id, late_seq)] {
+        entry.0.insert(id);
+        entry.1.insert(id, seq);
+    }
     let mut db = sqlx::PgConnection::connect(&url)
         .await
         .expect("connect to the private server");
+    let mut final_rows = FinalRows::new();
     for &session in &sessions {
         let (sent, acked) = per_session.remove(&session).unwrap_or_default();
         let rows = stored_rows(&url, session).await;
@@ -643,8 +749,10 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
             .expect("fresh read");
         assert_eq!(page.session.message_count, rows.len() as i64);
         stored_total += rows.len();
+        final_rows.insert(session, rows);
     }
     let _ = db.close().await;
+    let report = history.check(&final_rows);
     let stats = engine.stats();
 
     let secs = |duration: Duration| format!("{:.2}s", duration.as_secs_f64());
@@ -662,13 +770,13 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
     println!("outage call outcomes (kind, outcome) -> count: {outcomes:?}");
     for (kind, (count, slowest, over)) in &by_kind {
         println!(
-            "  {kind:>9}: {count:>4} calls overlapping the outage, slowest {}, {over} took \
-             longer than send_timeout ({})",
+            "  {kind:>9}: {count:>4} calls overlapping the outage, slowest {}, {over} over \
+             command_timeout + slack ({})",
             secs(*slowest),
-            secs(send_timeout)
+            secs(bound)
         );
     }
-    println!("errors by variant (whole run): {errors_by_variant:?}");
+    println!("errors by variant (whole run): {errors_all:?}");
     for (message, count) in &error_messages {
         println!("  {count:>6} x {message}");
     }
@@ -689,67 +797,50 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
             .join(" ")
     );
     println!("final stats: {stats:?}");
+    report.print("outage (private PostgreSQL)");
     println!(
-        "OUTAGE SUMMARY: {} calls overlapping the outage ({calls_after_stop_began} started in \
-         it), max latency during outage {}, max latency overall {}, errors by variant \
-         {errors_by_variant:?}, {} not retryable, RSS before {} / max in outage {} / after {}, \
-         max queued commands {}, max live sessions {}, first ack {} after the server was up, \
-         last failed append ended {} after it, appends acked {acked_total} (+1 final) / stored \
-         {stored_total}",
+        "OUTAGE SUMMARY: {} calls overlapping the outage ({calls_started_in_outage} started in \
+         it), max latency during outage {} vs command_timeout {} (+ slack {}), max overall {}, \
+         errors by variant during outage {errors_during:?} (whole run {errors_all:?}), {} not \
+         retryable, RSS before {} / max in outage {} ({} samples) / after {}, max queued \
+         commands {}, max live sessions {}, first ack {} after the server was up, last failed \
+         append ended {} after it, appends acked {acked_total} (+2 after the outage) / stored \
+         {stored_total}, {retried_after_timeout} acked after a timeout, applied before the \
+         acknowledging retry {applied_before_ack:?}; held-back append timed out after {}, \
+         applied at seq {applied_at}, retry returned {late_seq}",
         during.len(),
         opt_secs(max_latency_during),
+        secs(COMMAND_TIMEOUT),
+        secs(SLACK),
         opt_secs(max_latency_all),
         not_retryable.len(),
         before.map_or("-".to_owned(), |s| mib(s.rss_kib)),
         max_rss_outage.map_or("-".to_owned(), mib),
+        in_outage.len(),
         after.map_or("-".to_owned(), |s| mib(s.rss_kib)),
         max_depth.unwrap_or(0),
         max_live.unwrap_or(0),
         opt_secs(first_ok_after.map(|at| at.saturating_sub(restarted))),
         opt_secs(last_error_append.map(|at| at.saturating_sub(restarted))),
+        secs(timed_out_after),
     );
 
     // ---- pass criteria ----
     assert!(
         not_retryable.is_empty(),
-        "every error during the outage is a retryable typed error: {:?}",
+        "every error is a retryable typed error: {:?}",
         &not_retryable[..not_retryable.len().min(5)]
     );
-    // Not asserted: that callers notice the outage at all. Most calls made during it get no
-    // error; they wait in the connection pool until the server is back (see the FINDING).
-    let max_latency = max_latency_all.unwrap_or_default();
-    let latest_outage_end = during
-        .iter()
-        .map(|call| call.ended())
-        .max()
-        .unwrap_or_default();
     assert!(
-        latest_outage_end.saturating_sub(restarted) <= MAX_END_AFTER_RESTART,
-        "a call made during the outage answered only {:?} after the server was back",
-        latest_outage_end.saturating_sub(restarted)
+        over_bound.is_empty(),
+        "{} calls took longer than command_timeout + slack ({bound:?}), the slowest \
+         {max_latency_all:?}: {:?}",
+        over_bound.len(),
+        &over_bound[..over_bound.len().min(5)]
     );
-    let configured_bound = send_timeout + Duration::from_secs(1);
-    if max_latency > configured_bound {
-        println!(
-            "FINDING: a call took {} during the outage, past send_timeout ({}) + 1 s; no \
-             EngineConfig knob bounds how long a call waits for the database: the pools keep \
-             sqlx's default 30 s acquire timeout, and one append may wait on two acquires (the \
-             flush, then the read settling its outcome). SOLOIST_OUTAGE_STRICT=1 makes this \
-             fail.",
-            secs(max_latency),
-            secs(send_timeout)
-        );
-    }
-    if std::env::var("SOLOIST_OUTAGE_STRICT").is_ok_and(|strict| strict == "1") {
-        assert!(
-            max_latency <= configured_bound,
-            "a call took {max_latency:?}, past the configured bound {configured_bound:?}: \
-             {slowest:?}"
-        );
-    }
     assert!(
-        max_latency <= MAX_CALL_LATENCY,
-        "a call took {max_latency:?} (> {MAX_CALL_LATENCY:?}): {slowest:?}"
+        append_errors_during > 0,
+        "appends made while the server was down get typed errors: {outcomes:?}"
     );
     if let (Some(before), Some(max_rss)) = (before, max_rss_outage) {
         assert!(
@@ -767,7 +858,8 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
         first_ok_after.is_some(),
         "appends are acknowledged again after the restart"
     );
-    assert_eq!(acked_total + 1, stored_total);
+    assert_eq!(acked_total + 2, stored_total);
+    report.assert_clean();
 
     engine.shutdown().await;
     drop(server);

@@ -8,8 +8,9 @@
 //!
 //! An append's error is sorted by what it says about the outcome: a *not applied* error
 //! (refused input, unknown session, full mailbox, shutting down, conflict after the engine's
-//! retries) promises nothing was written; any other error (storage, a failed actor, a caller
-//! that gave up waiting) leaves the outcome unknown, and the checker accepts either outcome.
+//! retries) promises nothing was written; any other error (storage, a failed actor, the
+//! engine's `Error::Timeout`, a caller that gave up waiting) leaves the outcome unknown, and the
+//! checker accepts either outcome.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -91,7 +92,8 @@ impl Outcome {
 /// Whether `error` promises that the append was not written. Refusals happen before anything
 /// is staged; `Overloaded` and `ShuttingDown` mean the command never reached the actor;
 /// `Conflict` is answered only after every attempt was refused by the database. `Storage` and
-/// `ActorFailed` may come after a commit, and unknown future variants are treated the same.
+/// `ActorFailed` may come after a commit, `Timeout` leaves the command to be applied later, and
+/// unknown future variants are treated the same.
 fn not_applied(error: &Error) -> bool {
     matches!(
         error,
