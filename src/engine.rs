@@ -233,12 +233,14 @@ impl Engine {
         let limit = validate_page(command.limit, DEFAULT_SESSION_PAGE, limits);
         let span = info_span!("list_sessions", user_id = %command.user_id);
         // One more than asked tells whether another page follows.
-        let mut sessions = self
+        let list = self
             .inner
             .shared
             .store
             .list_sessions(&command.user_id, command.before, limit + 1)
-            .instrument(span)
+            .instrument(span);
+        let mut sessions = self
+            .within_command_timeout(async { Ok(list.await?) })
             .await?;
         let more = sessions.len() > limit;
         sessions.truncate(limit);
@@ -383,22 +385,31 @@ impl Engine {
     ) -> Result<T> {
         let span = info_span!("command", command, session_id = %session_id);
         let ask = self.inner.registry.ask(session_id, make).instrument(span);
-        let answer = match self.config().command_timeout {
-            // On timeout the reply channel is dropped: the actor's later answer goes nowhere,
-            // and the command may still be applied (the caller retries with the same ids).
-            Some(limit) => match tokio::time::timeout(limit, ask).await {
-                Ok(answer) => answer,
-                Err(_) => return Err(Error::Timeout(limit)),
-            },
-            None => ask.await,
-        };
-        match answer {
-            Ok(result) => result,
-            Err(AskError::Overloaded) => Err(Error::Overloaded(
-                self.config().send_timeout.unwrap_or_default(),
-            )),
-            Err(AskError::ShuttingDown) => Err(Error::ShuttingDown),
-            Err(AskError::ActorFailed) => Err(Error::ActorFailed),
+        // On timeout the reply channel is dropped: the actor's later answer goes nowhere, and
+        // the command may still be applied (the caller retries with the same ids).
+        self.within_command_timeout(async {
+            match ask.await {
+                Ok(result) => result,
+                Err(AskError::Overloaded) => Err(Error::Overloaded(
+                    self.config().send_timeout.unwrap_or_default(),
+                )),
+                Err(AskError::ShuttingDown) => Err(Error::ShuttingDown),
+                Err(AskError::ActorFailed) => Err(Error::ActorFailed),
+            }
+        })
+        .await
+    }
+
+    /// Bounds `work` by [`EngineConfig::command_timeout`].
+    async fn within_command_timeout<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match self.config().command_timeout {
+            Some(limit) => tokio::time::timeout(limit, work)
+                .await
+                .unwrap_or(Err(Error::Timeout(limit))),
+            None => work.await,
         }
     }
 }
