@@ -43,6 +43,18 @@ async fn ownership(url: &str, session: Uuid) -> (i64, bool) {
     }
 }
 
+/// Waits (up to 30 s) until `condition` holds.
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// An engine that does not follow other processes' writes (so its copy surely goes stale, as a
 /// paused process's would) and whose claims last `lease`.
 async fn engine(db: &TestDb, lease: Duration) -> Engine {
@@ -84,6 +96,7 @@ async fn paused_owner_is_fenced_after_takeover(db: TestDb) {
     let paused = a.pause_writes().await;
     let stalled_ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
     let mut stalled = Vec::new();
+    let batches_before = a.stats().batched_commands;
     for (index, &message) in stalled_ids.iter().enumerate() {
         let session = a.session("u", id);
         stalled.push(tokio::spawn(async move {
@@ -93,8 +106,19 @@ async fn paused_owner_is_fenced_after_takeover(db: TestDb) {
                 ])
                 .await
         }));
-        // In order: the first is staged and held by the pause, the others queue behind it.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // In order: the first is taken into a batch (staged, then held by the pause), the
+        // others wait in the mailbox behind it.
+        if index == 0 {
+            wait_until("the first append is taken", || {
+                a.stats().batched_commands > batches_before
+            })
+            .await;
+        } else {
+            wait_until("the append queues", || {
+                a.stats().mailbox_depth == index as u64
+            })
+            .await;
+        }
     }
     tokio::time::sleep(lease * 2).await;
     assert_eq!(
