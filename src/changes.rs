@@ -5,17 +5,19 @@
 //!
 //! Announcements are batched (one `NOTIFY` carries many sessions: PostgreSQL serializes the
 //! commits of notifying transactions, so one per flush would throttle the writers) and best
-//! effort: a process that misses one still catches up on a fresh read (`GetSession::fresh`),
-//! and its own next write to the session is refused by the version check and reloads.
+//! effort: while the listener is not connected, every read checks the stored version; after it
+//! reconnects, the live sessions that missed a write are caught up from one query; and a write
+//! on a stale copy is refused by the epoch and version checks and reloads.
 
 use std::time::Duration;
 
 use soloist_actors::Registry;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
+use crate::error::StorageError;
 use crate::model::SessionId;
 use crate::session::{SessionActor, SessionRequest};
 use crate::store::postgres::PostgresStore;
@@ -70,24 +72,41 @@ async fn send(store: &PostgresStore, payload: &str) {
 }
 
 /// Listens for the other processes' announcements and tells the sessions live here to catch
-/// up. Reconnects with backoff when the connection is lost.
+/// up. While it is not listening (not yet connected, connection lost, or paused by a test),
+/// `feed_down` is set and every read checks the stored version instead. After each
+/// (re)connection, the live sessions whose stored version moved while nothing was heard are
+/// told to catch up, from one query.
 pub(crate) async fn listen(
     store: PostgresStore,
     instance: Uuid,
     registry: Registry<SessionActor>,
+    mut paused: watch::Receiver<bool>,
     stop: CancellationToken,
 ) {
+    let feed_down = |down: bool| {
+        registry
+            .context()
+            .feed_down
+            .store(down, std::sync::atomic::Ordering::Release);
+    };
     let mut backoff = Duration::from_millis(100);
     loop {
+        feed_down(true);
+        // Paused (a test's fault hook): stay disconnected until resumed.
+        tokio::select! {
+            resumed = paused.wait_for(|paused| !*paused) => {
+                if resumed.is_err() {
+                    return;
+                }
+            }
+            () = stop.cancelled() => return,
+        }
         let listener = tokio::select! {
             listener = store.listen() => listener,
             () = stop.cancelled() => return,
         };
         let mut listener = match listener {
-            Ok(listener) => {
-                backoff = Duration::from_millis(100);
-                listener
-            }
+            Ok(listener) => listener,
             Err(error) => {
                 warn!(%error, "cannot listen for other processes' writes; retrying");
                 tokio::select! {
@@ -98,15 +117,24 @@ pub(crate) async fn listen(
                 continue;
             }
         };
+        // Listening from here on: anything committed before is found by this query.
+        if let Err(error) = catch_up_live_sessions(&store, &registry).await {
+            debug!(%error, "could not check the live sessions after connecting; retrying");
+            continue;
+        }
+        backoff = Duration::from_millis(100);
+        feed_down(false);
         loop {
             let notification = tokio::select! {
-                notification = listener.recv() => notification,
+                notification = listener.try_recv() => notification,
+                _ = paused.wait_for(|paused| *paused) => break,
                 () = stop.cancelled() => return,
             };
             let notification = match notification {
-                Ok(notification) => notification,
-                Err(error) => {
-                    debug!(%error, "lost the listening connection; reconnecting");
+                Ok(Some(notification)) => notification,
+                // `None`: the connection was lost, and with it any notice sent meanwhile.
+                Ok(None) | Err(_) => {
+                    debug!("lost the listening connection; reconnecting");
                     break;
                 }
             };
@@ -121,15 +149,34 @@ pub(crate) async fn listen(
                 let (Ok(session), Ok(version)) = (session.parse(), version.parse()) else {
                     continue;
                 };
-                if registry.is_live(&session) {
-                    // If the actor passivated meanwhile this activates it; it then loads the
-                    // newest state anyway. A mailbox that stays full is skipped rather than
-                    // stalling every other session's notices: its next write or fresh read
-                    // catches it up.
-                    let refresh = registry.send(session, SessionRequest::Refresh(version));
-                    let _ = tokio::time::timeout(REFRESH_WAIT, refresh).await;
-                }
+                refresh(&registry, session, version).await;
             }
         }
     }
+}
+
+/// Tells a live session that `version` is stored. If the actor passivated meanwhile this
+/// activates it; it then loads the newest state anyway. A mailbox that stays full is skipped
+/// rather than stalling every other session's notices: its next write or fresh read catches it
+/// up.
+async fn refresh(registry: &Registry<SessionActor>, session: SessionId, version: i64) {
+    if registry.is_live(&session) {
+        let refresh = registry.send(session, SessionRequest::Refresh(version));
+        let _ = tokio::time::timeout(REFRESH_WAIT, refresh).await;
+    }
+}
+
+/// After (re)connecting: the stored versions of every session live here, each sent to its
+/// actor, which catches up if it is behind (and publishes what it missed to its subscribers).
+async fn catch_up_live_sessions(
+    store: &PostgresStore,
+    registry: &Registry<SessionActor>,
+) -> Result<(), StorageError> {
+    let live = registry.live_keys();
+    for chunk in live.chunks(10_000) {
+        for (session, version) in store.versions(chunk).await? {
+            refresh(registry, session, version).await;
+        }
+    }
+    Ok(())
 }

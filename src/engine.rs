@@ -2,6 +2,7 @@
 //! message-passing API.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use serde_json::Value;
 use soloist_actors::{AskError, Registry, RegistryConfig};
@@ -42,6 +43,8 @@ struct Inner {
     stop_writers: CancellationToken,
     /// Stops announcing and listening for other processes' commits (PostgreSQL).
     stop_feed: CancellationToken,
+    /// Test hook: while `true`, the change listener drops its connection and waits.
+    feed_pause: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -80,6 +83,7 @@ impl Engine {
         let writers = TaskTracker::new();
         let stop_writers = CancellationToken::new();
         let stop_feed = CancellationToken::new();
+        let (feed_pause, feed_paused) = tokio::sync::watch::channel(false);
         let (changes, announced) = match &store {
             #[cfg(feature = "postgres")]
             Store::Postgres(postgres) => {
@@ -114,9 +118,11 @@ impl Engine {
             store,
             writer,
             stats,
-            config,
             panic_next_batch: Default::default(),
             faults_armed: Default::default(),
+            // Until the feed listens for the first time, reads check the stored version.
+            feed_down: AtomicBool::new(announced && config.listen_for_changes),
+            config,
         });
         let registry = Registry::new(shared.clone(), runtime);
         #[cfg(feature = "postgres")]
@@ -127,10 +133,12 @@ impl Engine {
                 postgres.clone(),
                 instance,
                 registry.clone(),
+                feed_paused,
                 stop_feed.clone(),
             ));
         }
-        let _ = announced;
+        #[cfg(not(feature = "postgres"))]
+        let _ = (announced, feed_paused);
         writers.close();
         info!(database = %redact(&shared.config.database_url), "soloist engine started");
         Ok(Engine {
@@ -140,6 +148,7 @@ impl Engine {
                 writers,
                 stop_writers,
                 stop_feed,
+                feed_pause,
             }),
         })
     }
@@ -352,6 +361,27 @@ impl Engine {
         }
     }
 
+    /// Fault injection for tests of freshness: disconnects the change listener (PostgreSQL
+    /// LISTEN) until the returned guard is dropped, as a lost connection would, and returns once
+    /// it is down. Meanwhile other processes' notices are missed and every read checks the
+    /// stored version; on reconnection the live sessions that missed a write catch up. Never
+    /// call this in production.
+    #[doc(hidden)]
+    pub async fn pause_change_feed(&self) -> ChangeFeedPaused {
+        self.inner.feed_pause.send_replace(true);
+        while !self
+            .inner
+            .shared
+            .feed_down
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        ChangeFeedPaused {
+            pause: self.inner.feed_pause.clone(),
+        }
+    }
+
     /// Whether the session currently has a live actor in this engine.
     pub fn is_live(&self, session_id: SessionId) -> bool {
         self.inner.registry.is_live(&session_id)
@@ -522,4 +552,17 @@ impl SessionHandle {
 #[must_use = "writes resume as soon as this is dropped"]
 pub struct WritesPaused {
     _guard: tokio::sync::OwnedRwLockWriteGuard<()>,
+}
+
+/// Returned by [`Engine::pause_change_feed`]: the change listener reconnects when it is dropped.
+#[doc(hidden)]
+#[must_use = "the change feed resumes as soon as this is dropped"]
+pub struct ChangeFeedPaused {
+    pause: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for ChangeFeedPaused {
+    fn drop(&mut self) {
+        self.pause.send_replace(false);
+    }
 }

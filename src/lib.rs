@@ -61,7 +61,7 @@ pub use command::{
     ListSessions, Reply, SessionCursor, SessionList, SessionPage, UpdateSession,
 };
 pub use config::{EngineConfig, Limits, SqliteSync};
-pub use engine::{Engine, SessionHandle, WritesPaused};
+pub use engine::{ChangeFeedPaused, Engine, SessionHandle, WritesPaused};
 pub use error::{Error, Result, StorageError};
 pub use model::{Message, NewMessage, Role, SessionId, SessionInfo, Usage};
 pub use stats::Stats;

@@ -101,6 +101,9 @@ pub(crate) struct Shared {
     pub panic_next_batch: Mutex<HashMap<SessionId, Duration>>,
     /// Set once a fault was injected, so that batches skip the lock above otherwise.
     pub faults_armed: AtomicBool,
+    /// The change feed (PostgreSQL LISTEN/NOTIFY) is expected but not listening: notices of
+    /// other processes' writes may be missed, so every read checks the stored version first.
+    pub feed_down: AtomicBool,
 }
 
 /// The session as this actor knows it.
@@ -328,9 +331,14 @@ impl SessionActor {
             debug!(session_id = %self.id, "written by another process; catching up");
             return self.catch_up().await;
         }
-        let wants_fresh = requests
-            .iter()
-            .any(|request| matches!(request, SessionRequest::Get(get, _) if get.fresh));
+        // A read asked to be fresh, or any read while the change feed is down (the fallback:
+        // other processes' writes are not being announced here).
+        let feed_down = self.shared.feed_down.load(Ordering::Acquire);
+        let wants_fresh = requests.iter().any(|request| match request {
+            SessionRequest::Get(get, _) => get.fresh || feed_down,
+            SessionRequest::Subscribe(..) => feed_down,
+            _ => false,
+        });
         if wants_fresh {
             let stored = self.shared.store.version(self.id).await?;
             if stored.unwrap_or(0) != state.version() {

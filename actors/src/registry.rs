@@ -318,6 +318,15 @@ impl<A: Actor> Registry<A> {
         self.inner.map.contains_key(key)
     }
 
+    /// The keys that have an actor in the map now (a snapshot).
+    pub fn live_keys(&self) -> Vec<A::Key> {
+        self.inner
+            .map
+            .iter()
+            .map(|slot| slot.key().clone())
+            .collect()
+    }
+
     /// Asks `key`'s actor, if any, to passivate: it stops accepting messages, handles what is
     /// queued, and calls `stop`. Later messages activate a new actor. Does not wait.
     pub fn passivate(&self, key: &A::Key) {

@@ -205,6 +205,16 @@ impl PostgresStore {
         )
     }
 
+    /// The stored versions of those of `ids` that exist.
+    pub async fn versions(&self, ids: &[SessionId]) -> Result<Vec<(SessionId, i64)>, StorageError> {
+        Ok(
+            sqlx::query_as("SELECT id, version FROM sessions WHERE id = ANY($1)")
+                .bind(ids)
+                .fetch_all(&self.readers)
+                .await?,
+        )
+    }
+
     pub async fn flush(&self, writes: &[SessionWrite]) -> Result<Vec<FlushOutcome>, StorageError> {
         // The common flush (appends, usage, title/metadata of existing sessions) is one
         // statement, so one round trip and its own transaction; creates and deletes take the
