@@ -45,6 +45,8 @@ struct Inner {
     stop_feed: CancellationToken,
     /// Test hook: while `true`, the change listener drops its connection and waits.
     feed_pause: tokio::sync::watch::Sender<bool>,
+    /// Whether a change listener runs.
+    feed_listens: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -107,6 +109,7 @@ impl Engine {
             stop_writers.clone(),
             changes,
         );
+        let feed_listens = announced && config.listen_for_changes;
         let runtime = RegistryConfig {
             mailbox_capacity: config.mailbox_capacity.max(1),
             max_batch: config.mailbox_capacity.max(1),
@@ -121,14 +124,12 @@ impl Engine {
             panic_next_batch: Default::default(),
             faults_armed: Default::default(),
             // Until the feed listens for the first time, reads check the stored version.
-            feed_down: AtomicBool::new(announced && config.listen_for_changes),
+            feed_down: AtomicBool::new(feed_listens),
             config,
         });
         let registry = Registry::new(shared.clone(), runtime);
         #[cfg(feature = "postgres")]
-        if let (true, true, Store::Postgres(postgres)) =
-            (announced, shared.config.listen_for_changes, &shared.store)
-        {
+        if let (true, Store::Postgres(postgres)) = (feed_listens, &shared.store) {
             writers.spawn(crate::changes::listen(
                 postgres.clone(),
                 instance,
@@ -149,6 +150,7 @@ impl Engine {
                 stop_writers,
                 stop_feed,
                 feed_pause,
+                feed_listens,
             }),
         })
     }
@@ -369,12 +371,14 @@ impl Engine {
     #[doc(hidden)]
     pub async fn pause_change_feed(&self) -> ChangeFeedPaused {
         self.inner.feed_pause.send_replace(true);
-        while !self
-            .inner
-            .shared
-            .feed_down
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
+        // Without a listener (SQLite, or `listen_for_changes` off) there is nothing to wait for.
+        let down = || {
+            self.inner
+                .shared
+                .feed_down
+                .load(std::sync::atomic::Ordering::Acquire)
+        };
+        while self.inner.feed_listens && !down() {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
         ChangeFeedPaused {
