@@ -161,7 +161,7 @@ pub(crate) async fn listen(
 /// up.
 async fn refresh(registry: &Registry<SessionActor>, session: SessionId, version: i64) {
     if registry.is_live(&session) {
-        let refresh = registry.send(session, SessionRequest::Refresh(version));
+        let refresh = registry.send(session, Box::new(SessionRequest::Refresh(version)));
         let _ = tokio::time::timeout(REFRESH_WAIT, refresh).await;
     }
 }

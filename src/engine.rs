@@ -20,8 +20,8 @@ use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::model::{NewMessage, SessionId, SessionInfo, Usage};
 use crate::session::{
-    AppendRequest, CreateRequest, Respond, SessionActor, SessionRequest, Shared, SubscribeRequest,
-    Subscribed, UpdateRequest,
+    AppendRequest, CreateRequest, Mail, Respond, SessionActor, SessionRequest, Shared,
+    SubscribeRequest, Subscribed, UpdateRequest,
 };
 use crate::stats::{EngineStats, Stats};
 use crate::store::Store;
@@ -199,14 +199,14 @@ impl Engine {
             .unwrap_or_else(|| Value::Object(Default::default()));
         let metadata_json = encode_json("metadata", &metadata, true, limits)?;
         let session_id = command.session_id.unwrap_or_else(Uuid::now_v7);
-        let request = Box::new(CreateRequest {
+        let request = CreateRequest {
             user_id: command.user_id,
             title: command.title,
             metadata,
             metadata_json,
-        });
+        };
         self.ask(session_id, "create_session", |respond| {
-            SessionRequest::Create(request, respond)
+            Box::new(SessionRequest::Create(request, respond))
         })
         .await
     }
@@ -216,12 +216,12 @@ impl Engine {
         let limits = &self.config().limits;
         check_user(&command.user_id, limits)?;
         let messages = validate_messages(command.messages, limits)?;
-        let request = Box::new(AppendRequest {
+        let request = AppendRequest {
             user_id: command.user_id,
             messages,
-        });
+        };
         self.ask(command.session_id, "append", |respond| {
-            SessionRequest::Append(request, respond)
+            Box::new(SessionRequest::Append(request, respond))
         })
         .await
     }
@@ -231,7 +231,7 @@ impl Engine {
         check_user(&command.user_id, &self.config().limits)?;
         let session_id = command.session_id;
         self.ask(session_id, "get_session", |respond| {
-            SessionRequest::Get(Box::new(command), respond)
+            Box::new(SessionRequest::Get(command, respond))
         })
         .await
     }
@@ -278,13 +278,13 @@ impl Engine {
             .metadata
             .map(|value| encode_json("metadata", &value, true, limits).map(|json| (value, json)))
             .transpose()?;
-        let request = Box::new(UpdateRequest {
+        let request = UpdateRequest {
             user_id: command.user_id,
             title: command.title,
             metadata,
-        });
+        };
         self.ask(command.session_id, "update_session", |respond| {
-            SessionRequest::Update(request, respond)
+            Box::new(SessionRequest::Update(request, respond))
         })
         .await
     }
@@ -294,7 +294,7 @@ impl Engine {
         check_user(&command.user_id, &self.config().limits)?;
         let session_id = command.session_id;
         self.ask(session_id, "add_usage", |respond| {
-            SessionRequest::AddUsage(Box::new(command), respond)
+            Box::new(SessionRequest::AddUsage(command, respond))
         })
         .await
     }
@@ -304,7 +304,7 @@ impl Engine {
         check_user(&command.user_id, &self.config().limits)?;
         let session_id = command.session_id;
         self.ask(session_id, "delete_session", |respond| {
-            SessionRequest::Delete(Box::new(command), respond)
+            Box::new(SessionRequest::Delete(command, respond))
         })
         .await
     }
@@ -317,12 +317,12 @@ impl Engine {
         after_seq: i64,
     ) -> Result<Subscribed> {
         check_user(user_id, &self.config().limits)?;
-        let request = Box::new(SubscribeRequest {
+        let request = SubscribeRequest {
             user_id: user_id.to_owned(),
             after_seq,
-        });
+        };
         self.ask(session_id, "subscribe", |respond| {
-            SessionRequest::Subscribe(request, respond)
+            Box::new(SessionRequest::Subscribe(request, respond))
         })
         .await
     }
@@ -415,7 +415,7 @@ impl Engine {
         &self,
         session_id: SessionId,
         command: &'static str,
-        make: impl FnOnce(Respond<T>) -> SessionRequest,
+        make: impl FnOnce(Respond<T>) -> Mail,
     ) -> Result<T> {
         let span = info_span!("command", command, session_id = %session_id);
         let ask = self.inner.registry.ask(session_id, make).instrument(span);

@@ -51,21 +51,26 @@ pub(crate) struct UpdateRequest {
     pub metadata: Option<(Value, String)>,
 }
 
-/// What goes through a session's mailbox. Payloads are boxed so that a mailbox slot stays
-/// small whatever the command.
+/// What goes through a session's mailbox, boxed whole ([`Mail`]).
 #[derive(Debug)]
 pub(crate) enum SessionRequest {
-    Create(Box<CreateRequest>, Respond<Created>),
-    Append(Box<AppendRequest>, Respond<Appended>),
-    Get(Box<GetSession>, Respond<SessionPage>),
-    Update(Box<UpdateRequest>, Respond<SessionInfo>),
-    AddUsage(Box<AddUsage>, Respond<Usage>),
-    Delete(Box<DeleteSession>, Respond<()>),
-    Subscribe(Box<SubscribeRequest>, Respond<Subscribed>),
+    Create(CreateRequest, Respond<Created>),
+    Append(AppendRequest, Respond<Appended>),
+    Get(GetSession, Respond<SessionPage>),
+    Update(UpdateRequest, Respond<SessionInfo>),
+    AddUsage(AddUsage, Respond<Usage>),
+    Delete(DeleteSession, Respond<()>),
+    Subscribe(SubscribeRequest, Respond<Subscribed>),
     /// Another process committed this version of the session: catch up before the next read.
     /// Nobody waits for an answer.
     Refresh(i64),
 }
+
+/// One mailbox slot: a request boxed whole, so that a slot is one pointer. Every live session's
+/// mailbox keeps a block of 32 slots allocated for as long as it lives, idle or not; boxing the
+/// payloads alone left a reply sender and a tag in each slot (24 bytes: 768 per block instead
+/// of 256). The box costs nothing extra: each request allocated its payload anyway.
+pub(crate) type Mail = Box<SessionRequest>;
 
 /// Ask for the messages after `after_seq` and for every message committed from then on.
 #[derive(Debug)]
@@ -260,7 +265,7 @@ fn check_access(
 
 impl Actor for SessionActor {
     type Key = SessionId;
-    type Message = SessionRequest;
+    type Message = Mail;
     type Context = Shared;
 
     async fn activate(key: &SessionId, shared: &Arc<Shared>) -> Self {
@@ -273,8 +278,9 @@ impl Actor for SessionActor {
         }
     }
 
-    async fn handle(&mut self, batch: &mut Vec<SessionRequest>) {
-        let requests = std::mem::take(batch);
+    async fn handle(&mut self, batch: &mut Vec<Mail>) {
+        // Unboxed for the batch: one move per request, against a commit per batch.
+        let requests: Vec<SessionRequest> = batch.drain(..).map(|request| *request).collect();
         let fault = self.take_injected_panic();
         if let Some(pause) = fault {
             // Let more commands queue behind the batch, then fail the way a bug would.

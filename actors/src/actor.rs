@@ -156,6 +156,10 @@ pub(crate) async fn run<A: Actor>(task: ActorTask<A>) {
 }
 
 /// The body of [`run`]: activate, receive and handle batches, then drain and stop.
+///
+/// This future is what an idle actor's task holds for the whole life of the actor, so only the
+/// receive loop is inline: activation, re-activation after a panic, the drain and `stop` run once
+/// per activation and are boxed, so that their futures take no room in every idle task.
 async fn drive<A: Actor>(
     departure: &Departure<A>,
     mut mailbox: mpsc::Receiver<A::Message>,
@@ -173,8 +177,8 @@ async fn drive<A: Actor>(
     }
     let max_batch = inner.config.max_batch;
     let mut batch = Vec::new();
-    let Some(mut actor) = activate::<A>(inner, key, generation, lifecycle).await else {
-        return abandon(&mut mailbox, &mut batch, max_batch).await;
+    let Some(mut actor) = Box::pin(activate::<A>(inner, key, generation, lifecycle)).await else {
+        return Box::pin(abandon(&mut mailbox, &mut batch, max_batch)).await;
     };
 
     // Built once and polled again on every turn: creating the cancellation waits and a timer
@@ -211,13 +215,33 @@ async fn drive<A: Actor>(
         if received == 0 {
             break StopReason::Closed;
         }
-        match handle(inner, key, generation, lifecycle, actor, &mut batch).await {
-            Some(next) => actor = next,
-            None => return abandon(&mut mailbox, &mut batch, max_batch).await,
+        if !handle(inner, lifecycle, &mut actor, &mut batch).await {
+            match Box::pin(restart(inner, key, generation, lifecycle, actor)).await {
+                Some(next) => actor = next,
+                None => return Box::pin(abandon(&mut mailbox, &mut batch, max_batch)).await,
+            }
         }
         last_active = Instant::now();
     };
+    Box::pin(passivate_actor(departure, mailbox, batch, actor, reason)).await;
+}
 
+/// Closes the mailbox, handles everything that got in before the close, and stops the actor.
+async fn passivate_actor<A: Actor>(
+    departure: &Departure<A>,
+    mut mailbox: mpsc::Receiver<A::Message>,
+    mut batch: Vec<A::Message>,
+    mut actor: A,
+    reason: StopReason,
+) {
+    let Departure {
+        inner,
+        key,
+        generation,
+        lifecycle,
+    } = departure;
+    let generation = *generation;
+    let max_batch = inner.config.max_batch;
     // Senders that find the mailbox closed go back through the registry, which queues them in a
     // successor's mailbox; everything that got in before the close is handled here.
     debug!(?key, generation, ?reason, "actor passivating");
@@ -227,9 +251,11 @@ async fn drive<A: Actor>(
     rt::switch();
     mailbox.close();
     while mailbox.recv_many(&mut batch, max_batch).await > 0 {
-        match handle(inner, key, generation, lifecycle, actor, &mut batch).await {
-            Some(next) => actor = next,
-            None => return abandon(&mut mailbox, &mut batch, max_batch).await,
+        if !handle(inner, lifecycle, &mut actor, &mut batch).await {
+            match restart(inner, key, generation, lifecycle, actor).await {
+                Some(next) => actor = next,
+                None => return abandon(&mut mailbox, &mut batch, max_batch).await,
+            }
         }
     }
     if AssertUnwindSafe(actor.stop()).catch_unwind().await.is_err() {
@@ -239,16 +265,14 @@ async fn drive<A: Actor>(
     debug!(?key, generation, ?reason, "actor passivated");
 }
 
-/// Hands one batch to the actor. Returns the actor to keep using: the same one, or a fresh
-/// activation if the batch panicked; `None` if re-activation was abandoned at shutdown.
+/// Hands one batch to the actor. Returns `false` if the batch panicked: the actor's state may
+/// then be half-updated and must be replaced ([`restart`]) before it sees another message.
 async fn handle<A: Actor>(
     inner: &Inner<A>,
-    key: &A::Key,
-    generation: u64,
     lifecycle: &Lifecycle,
-    mut actor: A,
+    actor: &mut A,
     batch: &mut Vec<A::Message>,
-) -> Option<A> {
+) -> bool {
     lifecycle.busy.store(true, Ordering::Relaxed);
     Counters::add(&inner.counters.batches, 1);
     Counters::add(&inner.counters.messages, batch.len() as u64);
@@ -256,9 +280,18 @@ async fn handle<A: Actor>(
     // Dropping the leftovers drops their reply senders: their askers get `ActorFailed`.
     batch.clear();
     lifecycle.last_active.store(inner.tick(), Ordering::Relaxed);
-    if outcome.is_ok() {
-        return Some(actor);
-    }
+    outcome.is_ok()
+}
+
+/// Replaces an actor whose batch panicked with a fresh activation; `None` if re-activation was
+/// abandoned at shutdown.
+async fn restart<A: Actor>(
+    inner: &Inner<A>,
+    key: &A::Key,
+    generation: u64,
+    lifecycle: &Lifecycle,
+    actor: A,
+) -> Option<A> {
     Counters::add(&inner.counters.restarts, 1);
     warn!(
         ?key,
