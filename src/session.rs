@@ -284,7 +284,8 @@ impl Actor for SessionActor {
         let fault = self.take_injected_panic();
         if let Some(pause) = fault {
             // Let more commands queue behind the batch, then fail the way a bug would.
-            tokio::time::sleep(pause).await;
+            // Boxed: a timer inline would sit in every idle session's task.
+            Box::pin(tokio::time::sleep(pause)).await;
             panic!("injected fault in session {}", self.id);
         }
         let span = info_span!("session_batch", session_id = %self.id, commands = requests.len());
