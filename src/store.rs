@@ -146,6 +146,25 @@ pub(crate) struct StoredHead {
     pub leased_elsewhere: bool,
 }
 
+/// A session's stored head as the flushes select it: `(id, version, deleted, epoch,
+/// leased_elsewhere)`.
+pub(crate) type HeadRow = (Uuid, i64, bool, i64, bool);
+
+/// The heads a flush found under its lock, by session.
+pub(crate) fn heads(rows: impl IntoIterator<Item = HeadRow>) -> HashMap<Uuid, StoredHead> {
+    rows.into_iter()
+        .map(|(id, version, deleted, epoch, leased_elsewhere)| {
+            let head = StoredHead {
+                version,
+                deleted,
+                epoch,
+                leased_elsewhere,
+            };
+            (id, head)
+        })
+        .collect()
+}
+
 /// Tracks, through the retries of one flush, which writes are still in it and what happened to
 /// the ones that left.
 pub(crate) struct FlushPlan {

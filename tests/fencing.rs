@@ -10,7 +10,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, TestDb, assert_contiguous, stored_rows};
+use common::{TestDb, assert_contiguous, stored_rows};
 use soloist::uuid::Uuid;
 use soloist::{Engine, EngineConfig, NewMessage};
 use sqlx::Connection;
@@ -269,32 +269,6 @@ async fn one_owner_keeps_its_epoch(db: TestDb) {
     let stats = engine.stats();
     assert_eq!((stats.fenced, stats.takeovers), (0, 0));
     engine.shutdown().await;
-}
-
-/// Runs each listed test on the backends a second engine can share: an SQLite file and
-/// PostgreSQL.
-macro_rules! on_shared_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite_file {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    let db = super::TestDb::new(super::Backend::SqliteFile).await.expect("sqlite");
-                    super::$name(db).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    if let Some(db) = super::TestDb::new(super::Backend::Postgres).await {
-                        super::$name(db).await;
-                    }
-                }
-            )*
-        }
-    };
 }
 
 on_shared_backends!(

@@ -391,30 +391,6 @@ async fn concurrent_upserts_and_deltas(db: TestDb) {
     }
 }
 
-macro_rules! on_shared_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite_file {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    let db = super::TestDb::new(super::Backend::SqliteFile).await;
-                    super::$name(db.expect("sqlite")).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    if let Some(db) = super::TestDb::new(super::Backend::Postgres).await {
-                        super::$name(db).await;
-                    }
-                }
-            )*
-        }
-    };
-}
-
 on_shared_backends!(
     sequence_race_across_processes,
     stale_writer_is_fenced,

@@ -11,8 +11,9 @@ use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{
-    FlushOutcome, FlushPlan, LoadedSession, MessageRecord, Ownership, SessionRecord, SessionWrite,
-    StoredHead, check_heads, into_messages, message_columns, session_columns, short_writes,
+    FlushOutcome, FlushPlan, HeadRow, LoadedSession, MessageRecord, Ownership, SessionRecord,
+    SessionWrite, check_heads, heads, into_messages, message_columns, session_columns,
+    short_writes,
 };
 use crate::command::SessionCursor;
 use crate::config::EngineConfig;
@@ -346,7 +347,7 @@ impl PostgresStore {
                 .into_iter()
                 .map(|index| writes[index].session_id)
                 .collect();
-            let stored: Vec<(Uuid, i64, bool, i64, bool)> = sqlx::query_as(concat!(
+            let stored: Vec<HeadRow> = sqlx::query_as(concat!(
                 "SELECT id, version, deleted_at IS NOT NULL, epoch, \
                         COALESCE(owner <> $2 AND lease_until > ",
                 db_now_micros!(),
@@ -483,23 +484,6 @@ async fn insert_messages(
         *inserted.entry(session_id).or_default() += 1;
     }
     Ok(inserted)
-}
-
-/// The rows a flush found under its lock, by session.
-fn heads(
-    rows: impl IntoIterator<Item = (Uuid, i64, bool, i64, bool)>,
-) -> HashMap<Uuid, StoredHead> {
-    rows.into_iter()
-        .map(|(id, version, deleted, epoch, leased_elsewhere)| {
-            let head = StoredHead {
-                version,
-                deleted,
-                epoch,
-                leased_elsewhere,
-            };
-            (id, head)
-        })
-        .collect()
 }
 
 async fn update_sessions(

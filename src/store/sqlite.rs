@@ -16,8 +16,9 @@ use sqlx::{QueryBuilder, Sqlite};
 use uuid::Uuid;
 
 use super::{
-    FlushOutcome, FlushPlan, LoadedSession, MessageRecord, Ownership, SessionRecord, SessionWrite,
-    StoredHead, check_heads, into_messages, message_columns, session_columns, short_writes,
+    FlushOutcome, FlushPlan, HeadRow, LoadedSession, MessageRecord, Ownership, SessionRecord,
+    SessionWrite, check_heads, heads, into_messages, message_columns, session_columns,
+    short_writes,
 };
 use crate::command::SessionCursor;
 use crate::config::{EngineConfig, SqliteSync};
@@ -286,7 +287,7 @@ impl SqliteStore {
             // commit. Leases are measured on this machine's clock (the processes sharing an
             // SQLite file share the machine).
             let now = crate::model::now_micros();
-            let mut stored = HashMap::new();
+            let mut stored = Vec::new();
             for chunk in statement_chunks(&plan.active()) {
                 let mut query = QueryBuilder::<Sqlite>::new(
                     "SELECT id, version, deleted_at IS NOT NULL, epoch, \
@@ -302,21 +303,10 @@ impl SqliteStore {
                     list.push_bind(writes[index].session_id);
                 }
                 query.push(")");
-                let rows: Vec<(Uuid, i64, bool, i64, bool)> =
-                    query.build_query_as().fetch_all(&mut *tx).await?;
-                stored.extend(rows.into_iter().map(
-                    |(id, version, deleted, epoch, leased_elsewhere)| {
-                        let head = StoredHead {
-                            version,
-                            deleted,
-                            epoch,
-                            leased_elsewhere,
-                        };
-                        (id, head)
-                    },
-                ));
+                let rows: Vec<HeadRow> = query.build_query_as().fetch_all(&mut *tx).await?;
+                stored.extend(rows);
             }
-            check_heads(&mut plan, writes, &stored);
+            check_heads(&mut plan, writes, &heads(stored));
 
             let mut inserted: HashMap<Uuid, usize> = HashMap::new();
             let rows: Vec<_> = plan

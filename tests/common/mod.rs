@@ -232,3 +232,30 @@ macro_rules! on_every_backend {
         }
     };
 }
+
+/// Runs each listed `async fn name(db: TestDb)` on the backends a second engine can share (an
+/// SQLite file and PostgreSQL), as `sqlite_file::name` and `postgres::name`.
+#[macro_export]
+macro_rules! on_shared_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_file {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let db = $crate::common::TestDb::new($crate::common::Backend::SqliteFile).await;
+                    super::$name(db.expect("sqlite is always available")).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    if let Some(db) = $crate::common::TestDb::new($crate::common::Backend::Postgres).await {
+                        super::$name(db).await;
+                    }
+                }
+            )*
+        }
+    };
+}
