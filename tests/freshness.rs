@@ -14,26 +14,55 @@ use std::time::Duration;
 
 use common::history::History;
 use common::{Backend, TestDb};
-use soloist::NewMessage;
 use soloist::uuid::Uuid;
+use soloist::{Engine, NewMessage};
+
+/// Two engines on one fresh PostgreSQL schema, and a session A created with one message.
+struct Setup {
+    db: TestDb,
+    a: Engine,
+    b: Engine,
+    history: std::sync::Arc<History>,
+    id: Uuid,
+}
+
+impl Setup {
+    async fn new() -> Option<Setup> {
+        let db = TestDb::new(Backend::Postgres).await?;
+        let (a, b) = (db.engine().await, db.engine().await);
+        let history = History::new();
+        let id = Uuid::now_v7();
+        a.session("u", id).create(None, None).await.expect("create");
+        history
+            .client("setup")
+            .append(&a.session("u", id), vec![NewMessage::user("from a")])
+            .await
+            .expect("append");
+        Some(Setup {
+            db,
+            a,
+            b,
+            history,
+            id,
+        })
+    }
+}
 
 /// While A's listener is down, a plain (not `fresh`) read through A sees B's acknowledged
 /// writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reads_check_the_version_while_the_feed_is_down() {
-    let Some(db) = TestDb::new(Backend::Postgres).await else {
+    let Some(Setup {
+        db,
+        a,
+        b,
+        history,
+        id,
+    }) = Setup::new().await
+    else {
         return;
     };
-    let a = db.engine().await;
-    let b = db.engine().await;
-    let history = History::new();
     let (a_client, b_client) = (history.client("a"), history.client("b"));
-    let id = Uuid::now_v7();
-    a.session("u", id).create(None, None).await.expect("create");
-    a_client
-        .append(&a.session("u", id), vec![NewMessage::user("from a")])
-        .await
-        .expect("append");
     let loads_before = a.stats().loads;
 
     let paused = a.pause_change_feed().await;
@@ -70,20 +99,18 @@ async fn reads_check_the_version_while_the_feed_is_down() {
 /// listens again, in order and without a gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn subscribers_catch_up_after_the_feed_reconnects() {
-    let Some(db) = TestDb::new(Backend::Postgres).await else {
+    let Some(Setup {
+        db,
+        a,
+        b,
+        history,
+        id,
+    }) = Setup::new().await
+    else {
         return;
     };
-    let a = db.engine().await;
-    let b = db.engine().await;
-    let history = History::new();
-    let (a_client, b_client) = (history.client("a"), history.client("b"));
+    let b_client = history.client("b");
     let subscriber = history.client("a's subscriber");
-    let id = Uuid::now_v7();
-    a.session("u", id).create(None, None).await.expect("create");
-    a_client
-        .append(&a.session("u", id), vec![NewMessage::user("from a")])
-        .await
-        .expect("append");
     let mut stream = a.session("u", id).subscribe(None).await.expect("subscribe");
     assert_eq!(subscriber.next(&mut stream).await.expect("backlog").seq, 0);
 
