@@ -25,6 +25,9 @@ use crate::store::postgres::PostgresStore;
 /// How long a notice waits for room in a session's mailbox.
 const REFRESH_WAIT: Duration = Duration::from_millis(50);
 
+/// How long the catch-up after a reconnection waits for room in a session's mailbox.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
+
 /// Stay under PostgreSQL's 8000-byte payload limit.
 const MAX_PAYLOAD: usize = 7_000;
 
@@ -118,8 +121,17 @@ pub(crate) async fn listen(
             }
         };
         // Listening from here on: anything committed before is found by this query.
-        if let Err(error) = catch_up_live_sessions(&store, &registry).await {
+        let caught_up = tokio::select! {
+            caught_up = catch_up_live_sessions(&store, &registry) => caught_up,
+            () = stop.cancelled() => return,
+        };
+        if let Err(error) = caught_up {
             debug!(%error, "could not check the live sessions after connecting; retrying");
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
             continue;
         }
         backoff = Duration::from_millis(100);
@@ -149,7 +161,7 @@ pub(crate) async fn listen(
                 let (Ok(session), Ok(version)) = (session.parse(), version.parse()) else {
                     continue;
                 };
-                refresh(&registry, session, version).await;
+                refresh(&registry, session, version, REFRESH_WAIT).await;
             }
         }
     }
@@ -159,10 +171,17 @@ pub(crate) async fn listen(
 /// activates it; it then loads the newest state anyway. A mailbox that stays full is skipped
 /// rather than stalling every other session's notices: its next write or fresh read catches it
 /// up.
-async fn refresh(registry: &Registry<SessionActor>, session: SessionId, version: i64) {
+async fn refresh(
+    registry: &Registry<SessionActor>,
+    session: SessionId,
+    version: i64,
+    wait: Duration,
+) {
     if registry.is_live(&session) {
         let refresh = registry.send(session, Box::new(SessionRequest::Refresh(version)));
-        let _ = tokio::time::timeout(REFRESH_WAIT, refresh).await;
+        if tokio::time::timeout(wait, refresh).await.is_err() {
+            debug!(session_id = %session, "mailbox full: change notice skipped");
+        }
     }
 }
 
@@ -175,7 +194,9 @@ async fn catch_up_live_sessions(
     let live = registry.live_keys();
     for chunk in live.chunks(10_000) {
         for (session, version) in store.versions(chunk).await? {
-            refresh(registry, session, version).await;
+            // Reads keep checking the stored version until this is done, so a busy session's
+            // mailbox may take its time to make room.
+            refresh(registry, session, version, CATCH_UP_WAIT).await;
         }
     }
     Ok(())

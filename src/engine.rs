@@ -378,7 +378,7 @@ impl Engine {
                 .feed_down
                 .load(std::sync::atomic::Ordering::Acquire)
         };
-        while self.inner.feed_listens && !down() {
+        while self.inner.feed_listens && !down() && !self.inner.stop_feed.is_cancelled() {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
         ChangeFeedPaused {

@@ -209,6 +209,8 @@ enum Outcome {
 /// What a write put in the database, kept to settle a flush whose outcome was lost.
 struct WrittenRows {
     expected_version: i64,
+    /// The epoch the session has once this write committed (and the owner is this process).
+    held_epoch: i64,
     creates: bool,
     delete: bool,
     /// `(message id, staged seq)` of every new row.
@@ -219,6 +221,7 @@ impl WrittenRows {
     fn of(write: &SessionWrite) -> Self {
         Self {
             expected_version: write.expected_version,
+            held_epoch: write.epoch + i64::from(write.claim),
             creates: write.create.is_some(),
             delete: write.delete,
             rows: write.rows.iter().map(|row| (row.id, row.seq)).collect(),
@@ -280,7 +283,12 @@ impl Actor for SessionActor {
 
     async fn handle(&mut self, batch: &mut Vec<Mail>) {
         // Unboxed for the batch: one move per request, against a commit per batch.
-        let requests: Vec<SessionRequest> = batch.drain(..).map(|request| *request).collect();
+        // Taken, not drained: the runtime's buffer would otherwise keep its largest batch's
+        // capacity for the whole life of the actor.
+        let requests: Vec<SessionRequest> = std::mem::take(batch)
+            .into_iter()
+            .map(|request| *request)
+            .collect();
         let fault = self.take_injected_panic();
         if let Some(pause) = fault {
             // Let more commands queue behind the batch, then fail the way a bug would.
@@ -489,7 +497,7 @@ impl SessionActor {
     /// Anything else (another writer meanwhile, or the database unreachable) stays unknown.
     async fn settle_unknown_outcome(&self, written: &WrittenRows) -> Settled {
         let store = &self.shared.store;
-        let Ok(version) = store.version(self.id).await else {
+        let Ok(head) = store.settled_head(self.id).await else {
             return Settled::Unknown;
         };
         let ids: Vec<Uuid> = written.rows.iter().map(|&(id, _)| id).collect();
@@ -501,12 +509,24 @@ impl SessionActor {
             .iter()
             .all(|(id, seq)| stored.get(id) == Some(seq));
         let expected = written.expected_version;
-        match version {
-            Some(version) if version == expected + 1 && all_stored && !written.delete => {
+        match head {
+            // Only this write leaves exactly this: the next version, owned by this process at
+            // the epoch the write checked (or claimed). Another process's write at that version
+            // would carry its own owner and a new epoch, and this process writes the session
+            // from one actor at a time, so the version and epoch pin the write down even when
+            // it carries no message rows to look up.
+            Some((version, true, epoch))
+                if version == expected + 1
+                    && epoch == written.held_epoch
+                    && all_stored
+                    && !written.delete =>
+            {
                 self.shared.stats.record_settled_outcome();
                 Settled::Committed(version)
             }
-            Some(version) if version == expected && stored.is_empty() && !written.creates => {
+            Some((version, _, _))
+                if version == expected && stored.is_empty() && !written.creates =>
+            {
                 self.shared.stats.record_settled_outcome();
                 Settled::NotCommitted
             }

@@ -468,6 +468,16 @@ impl Store {
         dispatch!(self, store => store.version(id).await)
     }
 
+    /// After a flush's outcome was lost: the session's stored head, waiting for any write that
+    /// still holds (or waits for) its row lock, as `(version, owned by this process, epoch)`;
+    /// `None` if there is no such row.
+    pub async fn settled_head(
+        &self,
+        id: SessionId,
+    ) -> Result<Option<(i64, bool, i64)>, StorageError> {
+        dispatch!(self, store => store.settled_head(id).await)
+    }
+
     /// Writes many sessions' batches in one transaction; see the module docs. `Err` means the
     /// whole transaction failed and its outcome may be unknown.
     pub async fn flush(&self, writes: &[SessionWrite]) -> Result<Vec<FlushOutcome>, StorageError> {

@@ -182,3 +182,110 @@ async fn failed_flushes_are_settled_from_the_database() {
     history.verify("settled flushes", &db, &engine, "u").await;
     engine.shutdown().await;
 }
+
+/// A flush whose outcome is lost is never taken for committed because of another process's
+/// write: here a write that carries no message rows (a title update), whose connection is killed
+/// while it waits for a lock held by "another process" that writes the very version the update
+/// expected to produce. Only the owner and epoch the update would have left identify it, so the
+/// engine answers a retryable storage error rather than acknowledging a title that was never
+/// stored, forgets its copy, serves what is stored, and a retry stores the title.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_foreign_write_is_never_settled_as_ours() {
+    use sqlx::Connection;
+    use std::time::Duration;
+
+    let Some(db) = TestDb::new(common::Backend::Postgres).await else {
+        return;
+    };
+    let engine = db
+        .engine_with(EngineConfig {
+            listen_for_changes: false,
+            ..db.config()
+        })
+        .await;
+    let id = Uuid::now_v7();
+    let session = engine.session("u", id);
+    session
+        .create(Some("t0".into()), None)
+        .await
+        .expect("create");
+
+    // "Another process": writes the next version (taking the session over, as any other writer
+    // must) and locks the table until the update below has lost its connection.
+    let mut other = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    sqlx::raw_sql("BEGIN")
+        .execute(&mut other)
+        .await
+        .expect("begin");
+    sqlx::query(
+        "UPDATE sessions SET version = version + 1, title = 'by B', epoch = epoch + 1, \
+         owner = gen_random_uuid() WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut other)
+    .await
+    .expect("foreign write");
+    sqlx::raw_sql("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut other)
+        .await
+        .expect("lock");
+
+    let update = tokio::spawn({
+        let session = session.clone();
+        async move { session.update(Some("by A".into()), None).await }
+    });
+    // Kill the engine's connection while its flush waits for the lock: the outcome is lost.
+    let mut killer = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let mut killed = 0i64;
+    for _ in 0..1000 {
+        killed = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE pid <> pg_backend_pid() AND wait_event_type = 'Lock' \
+             AND query LIKE '%WITH w AS%'",
+        )
+        .fetch_one(&mut killer)
+        .await
+        .expect("kill");
+        if killed > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(killed > 0, "the engine's flush never waited for the lock");
+    // Let the engine's settling read queue behind the lock, then commit the foreign write.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut other)
+        .await
+        .expect("commit");
+
+    let result = update.await.expect("join");
+    assert!(
+        matches!(&result, Err(soloist::Error::Storage(_))),
+        "not acknowledged: {result:?}"
+    );
+    let stored: String = sqlx::query_scalar("SELECT title FROM sessions WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut killer)
+        .await
+        .expect("read title");
+    assert_eq!(stored, "by B");
+    let page = session.get(None, Some(0)).await.expect("read");
+    assert_eq!(
+        page.session.title.as_deref(),
+        Some("by B"),
+        "serves what is stored"
+    );
+    let retried = session
+        .update(Some("by A".into()), None)
+        .await
+        .expect("the retry succeeds");
+    assert_eq!(retried.title.as_deref(), Some("by A"));
+    let stored: String = sqlx::query_scalar("SELECT title FROM sessions WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut killer)
+        .await
+        .expect("read title");
+    assert_eq!(stored, "by A");
+    engine.shutdown().await;
+}

@@ -206,6 +206,26 @@ impl PostgresStore {
         )
     }
 
+    pub async fn settled_head(
+        &self,
+        id: SessionId,
+    ) -> Result<Option<(i64, bool, i64)>, StorageError> {
+        // `FOR UPDATE` queues behind a statement of the lost flush that the server may still be
+        // running (a client that lost its connection does not stop a statement waiting for a
+        // lock), so what this reads is final for that flush.
+        let mut tx = self.readers.begin().await?;
+        let head = sqlx::query_as(
+            "SELECT version, COALESCE(owner = $2, false), epoch FROM sessions \
+             WHERE id = $1 FOR UPDATE",
+        )
+        .bind(id)
+        .bind(self.ownership.owner)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(head)
+    }
+
     /// The stored versions of those of `ids` that exist.
     pub async fn versions(&self, ids: &[SessionId]) -> Result<Vec<(SessionId, i64)>, StorageError> {
         Ok(
@@ -395,8 +415,12 @@ impl PostgresStore {
     pub async fn listen(&self) -> Result<sqlx::postgres::PgListener, StorageError> {
         let pool = PgPoolOptions::new()
             .max_connections(1)
+            .acquire_timeout(self.readers.options().get_acquire_timeout())
             .connect_lazy_with((*self.options).clone());
         let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+        // Report a lost connection at once (`try_recv` answers `None`) instead of reconnecting
+        // inside `try_recv` first: the caller must know that notices may have been missed.
+        listener.eager_reconnect(false);
         listener.listen(CHANGES_CHANNEL).await?;
         Ok(listener)
     }

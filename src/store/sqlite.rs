@@ -238,6 +238,21 @@ impl SqliteStore {
         )
     }
 
+    pub async fn settled_head(
+        &self,
+        id: SessionId,
+    ) -> Result<Option<(i64, bool, i64)>, StorageError> {
+        // A flush's transaction lives and dies with its connection in this process: none can
+        // still be running once its outcome was reported lost.
+        Ok(sqlx::query_as(
+            "SELECT version, COALESCE(owner = ?, 0), epoch FROM sessions WHERE id = ?",
+        )
+        .bind(self.ownership.owner)
+        .bind(id)
+        .fetch_optional(&self.readers)
+        .await?)
+    }
+
     pub async fn flush(&self, writes: &[SessionWrite]) -> Result<Vec<FlushOutcome>, StorageError> {
         let mut plan = FlushPlan::new(writes.len());
         loop {
