@@ -79,7 +79,11 @@ pub struct EngineConfig {
     /// database is unreachable. `None` waits as long as it takes. Default 30 s.
     pub command_timeout: Option<Duration>,
     /// How long the engine waits for a database connection (the pools' acquire timeout)
-    /// before the operation fails with a storage error. Default 5 s.
+    /// before the operation fails with a storage error. Default 5 s. On PostgreSQL it also
+    /// bounds how long one of the engine's statements waits for a row lock (`lock_timeout`)
+    /// and how long one of its transactions may sit idle (`idle_in_transaction_session_timeout`),
+    /// so a process paused inside a flush transaction cannot hold the others' writes up for
+    /// longer.
     pub database_timeout: Duration,
     /// A session actor idle this long passivates (its memory is freed; the next command
     /// reloads it).

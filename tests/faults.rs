@@ -44,7 +44,8 @@ async fn pg_terminate_backend_during_flushes() {
     };
     const WRITERS: usize = 8;
     const APPENDS_PER_WRITER: usize = 125;
-    const MAX_KILL_ROUNDS: usize = 30;
+    // Kills go on until the writers are done; the bound only keeps a broken run finite.
+    const MAX_KILL_ROUNDS: usize = 2_000;
     const MAX_RETRIES: usize = 50;
 
     // The engine's connections carry a name of their own, so the admin kills only them and not
@@ -138,6 +139,8 @@ async fn pg_terminate_backend_during_flushes() {
     }
     done.store(true, Ordering::Relaxed);
     let (kills, rounds) = admin.await.expect("admin task");
+    // The fault really hit: connections were killed, and appends failed because of it.
+    assert!(kills > 0, "no connection of the engine was killed");
 
     let mut appends = 0;
     let mut retried = 0;
@@ -165,6 +168,7 @@ async fn pg_terminate_backend_during_flushes() {
         );
     }
     assert_eq!(appends, WRITERS * APPENDS_PER_WRITER);
+    assert!(retried > 0, "{kills} kills and not one append failed: the fault missed");
 
     // The engine keeps serving after the kills.
     let handle = engine.session(user, sessions[0]);
@@ -314,8 +318,12 @@ on_every_backend!(overload_flood_is_typed_and_loses_nothing);
 
 /// A batch carrying S1, S2 and S3, with S1 advanced behind the engine's back by another engine.
 ///
-/// Pass: exactly one conflict retry (S1's), S1 lands at sequence 2, S2 and S3 commit once each
-/// (message_count 2, three session batches flushed in all), and the rows in the database are
+/// The three are made to share one write transaction: A has one writer, held (test hook
+/// `pause_writes`) with a fourth session's write in hand while S1, S2 and S3 queue behind it.
+///
+/// Pass: the three went out in one flush (A flushes three times: the blocker, S1+S2+S3, S1's
+/// retry); exactly one conflict retry (S1's), S1 lands at sequence 2, S2 and S3 commit once each
+/// (message_count 2, four session batches flushed in all), and the rows in the database are
 /// contiguous with the expected ids.
 async fn a_batch_with_a_planted_conflict_reconciles_only_that_session(db: TestDb) {
     planted_conflict(db, false).await;
@@ -326,9 +334,11 @@ async fn a_batch_with_a_planted_conflict_reconciles_only_that_session(db: TestDb
 /// committed rows.
 async fn planted_conflict(db: TestDb, check_rows_stat: bool) {
     // A does not follow B's writes, so its copy of S1 is surely stale when it flushes.
+    // One writer, so what queues behind its flush goes out together.
     let a = db
         .engine_with(soloist::EngineConfig {
             listen_for_changes: false,
+            writer_connections: 1,
             ..db.config()
         })
         .await;
@@ -338,7 +348,8 @@ async fn planted_conflict(db: TestDb, check_rows_stat: bool) {
     let user = "batch-user";
     let ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
     let [s1, s2, s3] = ids.map(|id| a.session(user, id));
-    for session in [&s1, &s2, &s3] {
+    let blocker = a.session(user, Uuid::now_v7());
+    for session in [&s1, &s2, &s3, &blocker] {
         session.create(None, None).await.expect("create");
         assert_eq!(
             a_client
@@ -361,11 +372,25 @@ async fn planted_conflict(db: TestDb, check_rows_stat: bool) {
     );
     let before = a.stats();
     let new_ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
-    let (r1, r2, r3) = tokio::join!(
-        a_client.append(&s1, vec![NewMessage::user("s1").with_id(new_ids[0])]),
-        a_client.append(&s2, vec![NewMessage::user("s2").with_id(new_ids[1])]),
-        a_client.append(&s3, vec![NewMessage::user("s3").with_id(new_ids[2])]),
+    let paused = a.pause_writes().await;
+    let (r0, (r1, r2, r3), ()) = tokio::join!(
+        a_client.append(&blocker, vec![NewMessage::user("blocker")]),
+        async {
+            // The writer has taken the blocker's write and waits at the gate; these three
+            // queue behind it, and the gate opens once they are in the queue.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::join!(
+                a_client.append(&s1, vec![NewMessage::user("s1").with_id(new_ids[0])]),
+                a_client.append(&s2, vec![NewMessage::user("s2").with_id(new_ids[1])]),
+                a_client.append(&s3, vec![NewMessage::user("s3").with_id(new_ids[2])]),
+            )
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            drop(paused);
+        },
     );
+    assert_eq!(r0.expect("blocker"), vec![1]);
     assert_eq!(r1.expect("S1 reconciles"), vec![2]);
     assert_eq!(r2.expect("S2"), vec![1]);
     assert_eq!(r3.expect("S3"), vec![1]);
@@ -378,16 +403,21 @@ async fn planted_conflict(db: TestDb, check_rows_stat: bool) {
     // B's planted write took S1 over, so A's stale write is refused by the ownership epoch.
     assert_eq!(after.fenced - before.fenced, 1, "one refused batch");
     assert_eq!(after.conflicts - before.conflicts, 0, "refused as fenced");
+    assert_eq!(
+        after.flushes - before.flushes,
+        3,
+        "the blocker, then S1, S2 and S3 in one flush, then S1's retry"
+    );
     // `flushed_sessions` counts the session batches written: the refused one is not.
     assert_eq!(
         after.flushed_sessions - before.flushed_sessions,
-        3,
-        "S1 after reconciling, S2 and S3 committed once each"
+        4,
+        "the blocker, S1 after reconciling, S2 and S3 committed once each"
     );
     if check_rows_stat {
         assert_eq!(
             after.rows - before.rows,
-            3,
+            4,
             "Stats::rows counts the rows written, not those of a refused batch"
         );
     }

@@ -271,7 +271,61 @@ async fn one_owner_keeps_its_epoch(db: TestDb) {
     engine.shutdown().await;
 }
 
+/// The epoch check stands on its own: another owner's claim that did not move the session's
+/// version (taken straight in the database here, as an operator or a process that claimed
+/// and stalled before writing would) still refuses the old owner's next write, which reloads,
+/// claims anew and lands after. Without the epoch condition in the flush this write would
+/// land, since the version it expects is the stored one.
+async fn a_claim_alone_fences_the_owner(db: TestDb) {
+    let engine = engine(&db, Duration::from_secs(30)).await;
+    let id = Uuid::now_v7();
+    let session = engine.session("u", id);
+    session.create(None, None).await.expect("create");
+    session
+        .append(vec![NewMessage::user("first")])
+        .await
+        .expect("append");
+    assert_eq!(ownership(&db.url, id).await, (1, true));
+    let claim = "UPDATE sessions SET epoch = epoch + 1, owner = $1 WHERE id = $2";
+    let intruder = Uuid::now_v7();
+    if db.url.starts_with("postgres") {
+        let mut connection = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+        sqlx::query(claim)
+            .bind(intruder)
+            .bind(id)
+            .execute(&mut connection)
+            .await
+            .expect("claim");
+    } else {
+        let mut connection = sqlx::SqliteConnection::connect(&db.url)
+            .await
+            .expect("connect");
+        sqlx::query("UPDATE sessions SET epoch = epoch + 1, owner = ? WHERE id = ?")
+            .bind(intruder)
+            .bind(id)
+            .execute(&mut connection)
+            .await
+            .expect("claim");
+    }
+    let before = engine.stats();
+    assert_eq!(
+        session
+            .append(vec![NewMessage::user("second")])
+            .await
+            .expect("append after the claim"),
+        vec![1]
+    );
+    let after = engine.stats();
+    assert_eq!(after.fenced - before.fenced, 1, "the write was refused once");
+    assert_eq!(ownership(&db.url, id).await, (3, true), "claimed back");
+    let rows = stored_rows(&db.url, id).await;
+    assert_contiguous(&rows);
+    assert_eq!(rows.len(), 2);
+    engine.shutdown().await;
+}
+
 on_shared_backends!(
+    a_claim_alone_fences_the_owner,
     paused_owner_is_fenced_after_takeover,
     alternating_owners_fence_each_other,
     one_owner_keeps_its_epoch,

@@ -55,6 +55,15 @@ impl PostgresStore {
         // connection and cached; a plan made while a table was small (or never analyzed, as
         // where autovacuum is off) could pick a sequential scan and keep it as the table grows,
         // so the writer connections rule sequential scans out.
+        // A process paused or cut off inside a transaction (SIGSTOP, a long GC-like stall, a
+        // partition) would hold its row locks, and every other process's flush of those
+        // sessions would wait on them without end: the server ends such a transaction, and a
+        // statement gives up waiting for a lock, after `database_timeout`.
+        let timeout = config.database_timeout.as_millis().max(1).to_string();
+        let options = options.options([
+            ("lock_timeout", timeout.as_str()),
+            ("idle_in_transaction_session_timeout", timeout.as_str()),
+        ]);
         let pool = PgPoolOptions::new()
             .max_connections(config.writer_connections.max(1))
             .acquire_timeout(config.database_timeout)
