@@ -168,7 +168,10 @@ async fn pg_terminate_backend_during_flushes() {
         );
     }
     assert_eq!(appends, WRITERS * APPENDS_PER_WRITER);
-    assert!(retried > 0, "{kills} kills and not one append failed: the fault missed");
+    assert!(
+        retried > 0,
+        "{kills} kills and not one append failed: the fault missed"
+    );
 
     // The engine keeps serving after the kills.
     let handle = engine.session(user, sessions[0]);
@@ -590,5 +593,88 @@ async fn sqlite_disk_full_is_typed_and_recovers() {
         .expect("works again once there is room");
     assert_eq!(sequences, vec![1]);
     assert_contiguous(&stored_rows(&db.url, session.id()).await);
+    engine.shutdown().await;
+}
+
+/// A process stalled inside a transaction that holds a session's row lock (a paused process, an
+/// operator's open `psql` transaction) cannot wedge the engine: its flushes of that session give
+/// up waiting for the lock after `database_timeout` (PostgreSQL `lock_timeout`), the caller gets
+/// a typed retryable error in bounded time, other sessions keep committing meanwhile, and the
+/// retry with the same message id lands once the lock is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_lock_holder_cannot_wedge_the_engine() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        eprintln!("SKIPPED: a_stuck_lock_holder_cannot_wedge_the_engine needs PostgreSQL");
+        return;
+    };
+    let engine = db
+        .engine_with(EngineConfig {
+            database_timeout: Duration::from_millis(500),
+            command_timeout: Some(Duration::from_secs(60)),
+            ..db.config()
+        })
+        .await;
+    let user = "lock-user";
+    let (stuck, free) = (
+        engine.session(user, Uuid::now_v7()),
+        engine.session(user, Uuid::now_v7()),
+    );
+    for session in [&stuck, &free] {
+        session.create(None, None).await.expect("create");
+        session
+            .append(vec![NewMessage::user("warm")])
+            .await
+            .expect("warm");
+    }
+
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.expect("holder");
+    let mut transaction = holder.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE")
+        .bind(stuck.id())
+        .execute(&mut *transaction)
+        .await
+        .expect("lock the row");
+
+    let id = Uuid::now_v7();
+    let started = Instant::now();
+    let (blocked, other) = tokio::join!(
+        stuck.append(vec![NewMessage::user("behind the lock").with_id(id)]),
+        async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let started = Instant::now();
+            let appended = free.append(vec![NewMessage::user("elsewhere")]).await;
+            (appended, started.elapsed())
+        },
+    );
+    let waited = started.elapsed();
+    let error = blocked.expect_err("the row is locked all along");
+    assert!(error.is_retryable(), "typed and retryable: {error:?}");
+    assert!(
+        waited < Duration::from_secs(15),
+        "bounded by the lock timeout and the retries: {waited:?}"
+    );
+    let (appended, other_took) = other;
+    assert_eq!(
+        appended.expect("another session commits meanwhile"),
+        vec![1]
+    );
+    assert_eq!(rows_of(&db, &engine, user, stuck.id()).await.len(), 1);
+
+    transaction.rollback().await.expect("release");
+    assert_eq!(
+        stuck
+            .append(vec![NewMessage::user("behind the lock").with_id(id)])
+            .await
+            .expect("retry once the lock is gone"),
+        vec![1]
+    );
+    let rows = stored_rows(&db.url, stuck.id()).await;
+    assert_contiguous(&rows);
+    assert_eq!(rows[1], (1, id));
+    println!(
+        "a_stuck_lock_holder_cannot_wedge_the_engine: {error} after {waited:?}; another \
+         session committed in {other_took:?}; {} transient retries",
+        engine.stats().transient_retries
+    );
     engine.shutdown().await;
 }

@@ -316,7 +316,11 @@ async fn a_claim_alone_fences_the_owner(db: TestDb) {
         vec![1]
     );
     let after = engine.stats();
-    assert_eq!(after.fenced - before.fenced, 1, "the write was refused once");
+    assert_eq!(
+        after.fenced - before.fenced,
+        1,
+        "the write was refused once"
+    );
     assert_eq!(ownership(&db.url, id).await, (3, true), "claimed back");
     let rows = stored_rows(&db.url, id).await;
     assert_contiguous(&rows);
