@@ -4,15 +4,24 @@
 //! writes it.
 //!
 //! Announcements are batched (one `NOTIFY` carries many sessions: PostgreSQL serializes the
-//! commits of notifying transactions, so one per flush would throttle the writers) and best
-//! effort: while the listener is not connected, every read checks the stored version; after it
-//! reconnects, the live sessions that missed a write are caught up from one query; and a write
-//! on a stale copy is refused by the epoch and version checks and reloads.
+//! commits of notifying transactions, so one per flush would throttle the writers), coalesced
+//! per session (nothing is dropped for lack of room) and sent again after a failure. A notice
+//! for a session whose mailbox stays full is deferred and delivered on a later tick. While the
+//! listener is not connected, every read checks the stored version; after it reconnects, the
+//! live sessions that missed a write are caught up from one query; and a write on a stale copy
+//! is refused by the epoch and version checks and reloads.
+//!
+//! What remains is a window, not a loss: a notice travels after the commit it announces (a few
+//! milliseconds), and a process killed between its commit and its notice never sends it; a
+//! plain read through another process can miss such a write until that session's next notice
+//! or write. `fresh` reads check the stored version and have no window.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use soloist_actors::Registry;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use uuid::Uuid;
@@ -21,57 +30,93 @@ use crate::error::StorageError;
 use crate::model::SessionId;
 use crate::session::{SessionActor, SessionRequest};
 use crate::store::postgres::PostgresStore;
+use crate::writer::Announcements;
 
 /// How long a notice waits for room in a session's mailbox.
 const REFRESH_WAIT: Duration = Duration::from_millis(50);
 
+/// How often notices deferred by a full mailbox are tried again.
+const MISSED_RETRY: Duration = Duration::from_millis(100);
+
 /// How long the catch-up after a reconnection waits for room in a session's mailbox.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
+
+/// How long the announcer waits before sending a notice again after a failure, at first and
+/// at most.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Stay under PostgreSQL's 8000-byte payload limit.
 const MAX_PAYLOAD: usize = 7_000;
 
 /// Sends the committed `(session, version)` pairs to the other processes, many per notice, as
-/// `"<instance> <session>:<version> <session>:<version> ..."`.
+/// `"<instance> <session>:<version> <session>:<version> ..."`. A notice that cannot be sent
+/// (the database unreachable) is retried with backoff. On `stop` — cancelled once every
+/// session has drained, so after the last commit — what is pending is sent one last time.
 pub(crate) async fn announce(
     store: PostgresStore,
     instance: Uuid,
-    mut changes: mpsc::Receiver<(SessionId, i64)>,
+    announcements: Arc<Announcements>,
     stop: CancellationToken,
 ) {
-    let mut batch = Vec::with_capacity(512);
+    let mut backoff = RETRY_MIN;
     loop {
-        let received = tokio::select! {
-            received = changes.recv_many(&mut batch, 512) => received,
-            () = stop.cancelled() => return,
+        let stopping = tokio::select! {
+            () = announcements.wait() => false,
+            () = stop.cancelled() => true,
         };
-        if received == 0 {
+        let pending: Vec<(SessionId, i64)> = announcements.take().into_iter().collect();
+        let mut sent = 0;
+        for payload in payloads(instance, &pending) {
+            if let Err(error) = store.announce(&payload.text).await {
+                debug!(%error, "could not announce committed versions; will retry");
+                break;
+            }
+            sent = payload.end;
+        }
+        if stopping {
             return;
         }
-        let mut payload = String::with_capacity(MAX_PAYLOAD + 64);
-        for (session, version) in batch.drain(..) {
-            if payload.is_empty() {
-                payload.push_str(&instance.to_string());
+        if sent < pending.len() {
+            // Put back what did not go out; newer versions added meanwhile win.
+            announcements.add(pending[sent..].iter().copied());
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = stop.cancelled() => {}
             }
-            payload.push(' ');
-            payload.push_str(&session.to_string());
-            payload.push(':');
-            payload.push_str(&version.to_string());
-            if payload.len() > MAX_PAYLOAD {
-                send(&store, &payload).await;
-                payload.clear();
-            }
-        }
-        if !payload.is_empty() {
-            send(&store, &payload).await;
+            backoff = (backoff * 2).min(RETRY_MAX);
+        } else {
+            backoff = RETRY_MIN;
         }
     }
 }
 
-async fn send(store: &PostgresStore, payload: &str) {
-    if let Err(error) = store.announce(payload).await {
-        debug!(%error, "could not announce committed versions");
+/// One notice's text, and the index in the pending list just past its last pair.
+struct Payload {
+    text: String,
+    end: usize,
+}
+
+/// Splits the pending pairs into notices under PostgreSQL's payload limit.
+fn payloads(instance: Uuid, pending: &[(SessionId, i64)]) -> Vec<Payload> {
+    let mut payloads = Vec::new();
+    let mut text = String::new();
+    for (index, (session, version)) in pending.iter().enumerate() {
+        if text.is_empty() {
+            text.push_str(&instance.to_string());
+        }
+        text.push(' ');
+        text.push_str(&session.to_string());
+        text.push(':');
+        text.push_str(&version.to_string());
+        if text.len() > MAX_PAYLOAD || index + 1 == pending.len() {
+            payloads.push(Payload {
+                text: std::mem::take(&mut text),
+                end: index + 1,
+            });
+        }
     }
+    payloads
 }
 
 /// Listens for the other processes' announcements and tells the sessions live here to catch
@@ -136,11 +181,24 @@ pub(crate) async fn listen(
         }
         backoff = Duration::from_millis(100);
         feed_down(false);
+        // Notices for sessions whose mailbox stayed full, delivered again on the next tick.
+        let mut missed: HashMap<SessionId, i64> = HashMap::new();
+        let mut retry = tokio::time::interval(MISSED_RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let notification = tokio::select! {
-                notification = listener.try_recv() => notification,
+                notification = listener.try_recv() => Some(notification),
+                _ = retry.tick(), if !missed.is_empty() => None,
                 _ = paused.wait_for(|paused| *paused) => break,
                 () = stop.cancelled() => return,
+            };
+            let Some(notification) = notification else {
+                for (session, version) in std::mem::take(&mut missed) {
+                    if !refresh(&registry, session, version, REFRESH_WAIT).await {
+                        missed.insert(session, version);
+                    }
+                }
+                continue;
             };
             let notification = match notification {
                 Ok(Some(notification)) => notification,
@@ -161,28 +219,34 @@ pub(crate) async fn listen(
                 let (Ok(session), Ok(version)) = (session.parse(), version.parse()) else {
                     continue;
                 };
-                refresh(&registry, session, version, REFRESH_WAIT).await;
+                if !refresh(&registry, session, version, REFRESH_WAIT).await {
+                    let newest = missed.entry(session).or_insert(version);
+                    *newest = (*newest).max(version);
+                }
             }
         }
     }
 }
 
 /// Tells a live session that `version` is stored. If the actor passivated meanwhile this
-/// activates it; it then loads the newest state anyway. A mailbox that stays full is skipped
-/// rather than stalling every other session's notices: its next write or fresh read catches it
-/// up.
+/// activates it; it then loads the newest state anyway. Returns false if the mailbox stayed
+/// full for `wait`: rather than stall every other session's notices, the caller tries again
+/// later.
 async fn refresh(
     registry: &Registry<SessionActor>,
     session: SessionId,
     version: i64,
     wait: Duration,
-) {
-    if registry.is_live(&session) {
-        let refresh = registry.send(session, Box::new(SessionRequest::Refresh(version)));
-        if tokio::time::timeout(wait, refresh).await.is_err() {
-            debug!(session_id = %session, "mailbox full: change notice skipped");
-        }
+) -> bool {
+    if !registry.is_live(&session) {
+        return true; // its next activation loads the stored state
     }
+    let refresh = registry.send(session, Box::new(SessionRequest::Refresh(version)));
+    let delivered = tokio::time::timeout(wait, refresh).await.is_ok();
+    if !delivered {
+        debug!(session_id = %session, "mailbox full: change notice deferred");
+    }
+    delivered
 }
 
 /// After (re)connecting: the stored versions of every session live here, each sent to its
@@ -196,8 +260,67 @@ async fn catch_up_live_sessions(
         for (session, version) in store.versions(chunk).await? {
             // Reads keep checking the stored version until this is done, so a busy session's
             // mailbox may take its time to make room.
+            // A mailbox that stays full this long: the feed is marked up anyway; that
+            // session catches up on its next write or fresh read.
             refresh(registry, session, version, CATCH_UP_WAIT).await;
         }
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_stay_under_the_limit_and_cover_every_pair_once() {
+        let instance = Uuid::new_v4();
+        let pending: Vec<(SessionId, i64)> =
+            (0..1_000).map(|version| (Uuid::new_v4(), version)).collect();
+        let notices = payloads(instance, &pending);
+        assert!(notices.len() > 1, "1,000 pairs need several notices");
+        let mut seen = Vec::new();
+        let mut start = 0;
+        for payload in &notices {
+            assert!(payload.text.len() < 8_000, "PostgreSQL's payload limit");
+            let mut words = payload.text.split(' ');
+            assert_eq!(words.next(), Some(instance.to_string().as_str()));
+            let pairs: Vec<&str> = words.collect();
+            assert_eq!(pairs.len(), payload.end - start, "`end` marks the last pair sent");
+            start = payload.end;
+            seen.extend(pairs.into_iter().map(str::to_owned));
+        }
+        let expected: Vec<String> = pending
+            .iter()
+            .map(|(session, version)| format!("{session}:{version}"))
+            .collect();
+        assert_eq!(seen, expected);
+        assert!(payloads(instance, &[]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn announcements_keep_the_newest_version_and_wake_the_announcer() {
+        let announcements = Announcements::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        announcements.add([(a, 3), (b, 1)]);
+        announcements.add([(a, 2), (b, 5)]);
+        // The wake-up was stored: waiting now returns at once.
+        tokio::time::timeout(Duration::from_secs(1), announcements.wait())
+            .await
+            .expect("woken");
+        let mut taken: Vec<_> = announcements.take().into_iter().collect();
+        taken.sort();
+        let mut expected = vec![(a, 3), (b, 5)];
+        expected.sort();
+        assert_eq!(taken, expected);
+        assert!(announcements.take().is_empty(), "taken once");
+        // Nothing added, nothing to wake for.
+        announcements.add([]);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), announcements.wait())
+                .await
+                .is_err()
+        );
+    }
+}
+

@@ -89,12 +89,13 @@ impl Engine {
         let (changes, announced) = match &store {
             #[cfg(feature = "postgres")]
             Store::Postgres(postgres) => {
-                let (changes, announced) = tokio::sync::mpsc::channel(16 * 1024);
+                let changes = Arc::new(crate::writer::Announcements::default());
+                // Stopped with the writers: after the last commit, so that it is announced.
                 writers.spawn(crate::changes::announce(
                     postgres.clone(),
                     instance,
-                    announced,
-                    stop_feed.clone(),
+                    changes.clone(),
+                    stop_writers.clone(),
                 ));
                 (Some(changes), true)
             }

@@ -6,10 +6,11 @@
 //! fills up, so the number of commits grows much slower than the load. SQLite gets one writer
 //! task (it has one writer anyway); PostgreSQL gets several, each with its own connection.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Mutex, OwnedRwLockWriteGuard, RwLock, mpsc, oneshot};
+use tokio::sync::{Mutex, Notify, OwnedRwLockWriteGuard, RwLock, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
@@ -47,7 +48,7 @@ impl Writer {
         stats: Arc<EngineStats>,
         tracker: &TaskTracker,
         stop: CancellationToken,
-        changes: Option<mpsc::Sender<(SessionId, i64)>>,
+        changes: Option<Arc<Announcements>>,
     ) -> Self {
         let (jobs, queue) = mpsc::channel(config.max_sessions_per_flush.max(1) * 4);
         let queue = Arc::new(Mutex::new(queue));
@@ -98,7 +99,7 @@ struct WriterTask {
     max_bytes: usize,
     stop: CancellationToken,
     /// Where committed `(session, version)` pairs go to be announced to other processes.
-    changes: Option<mpsc::Sender<(SessionId, i64)>>,
+    changes: Option<Arc<Announcements>>,
     gate: Arc<RwLock<()>>,
 }
 
@@ -178,15 +179,10 @@ impl WriterTask {
                 let mut refused = Refused::default();
                 for (write, outcome) in writes.iter().zip(&outcomes) {
                     match outcome {
-                        FlushOutcome::Committed { version, took_over } => {
+                        FlushOutcome::Committed { took_over, .. } => {
                             written_sessions += 1;
                             refused.takeovers += u64::from(*took_over);
                             written_rows += write.rows.len();
-                            if let Some(changes) = &self.changes {
-                                // Best effort: a process that misses the notice still catches
-                                // up on a fresh read or when its own write is refused.
-                                let _ = changes.try_send((write.session_id, *version));
-                            }
                         }
                         FlushOutcome::Conflict => refused.conflicts += 1,
                         FlushOutcome::Fenced => refused.fenced += 1,
@@ -194,6 +190,16 @@ impl WriterTask {
                 }
                 self.stats
                     .record_flush(written_sessions, written_rows, refused);
+                if let Some(changes) = &self.changes {
+                    changes.add(writes.iter().zip(&outcomes).filter_map(|(write, outcome)| {
+                        match outcome {
+                            FlushOutcome::Committed { version, .. } => {
+                                Some((write.session_id, *version))
+                            }
+                            _ => None,
+                        }
+                    }));
+                }
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }
@@ -206,5 +212,51 @@ impl WriterTask {
                 }
             }
         }
+    }
+}
+
+/// The committed versions not yet announced: the writers add to it, the announcer takes it.
+/// A session written many times before the announcer comes round is announced once, at its
+/// newest version, so nothing is ever dropped for lack of room, and a notice that fails to go
+/// out is put back and sent again.
+#[derive(Default)]
+pub(crate) struct Announcements {
+    pending: std::sync::Mutex<HashMap<SessionId, i64>>,
+    ready: Notify,
+}
+
+impl Announcements {
+    /// Records committed versions (one lock for a whole flush) and wakes the announcer.
+    pub(crate) fn add(&self, committed: impl IntoIterator<Item = (SessionId, i64)>) {
+        let mut added = false;
+        {
+            let mut pending = self.lock();
+            for (session, version) in committed {
+                let newest = pending.entry(session).or_insert(version);
+                *newest = (*newest).max(version);
+                added = true;
+            }
+        }
+        if added {
+            self.ready.notify_one();
+        }
+    }
+
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn take(&self) -> HashMap<SessionId, i64> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// Waits until something was added since the last wait.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) async fn wait(&self) {
+        self.ready.notified().await;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, i64>> {
+        // The map stays consistent whatever panicked while holding it.
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
