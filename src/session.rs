@@ -602,12 +602,14 @@ impl SessionActor {
                             info: created,
                         }
                     }
-                    Some(_) if deleted => Outcome::Failed(Error::Conflict(
-                        "the session id belonged to a deleted session".into(),
-                    )),
+                    // Another user's session, live or deleted, gets one answer: it must not
+                    // tell whether that session was deleted.
                     Some(existing) if existing.user_id != create.user_id => {
                         Outcome::Failed(Error::Conflict("the session id is taken".into()))
                     }
+                    Some(_) if deleted => Outcome::Failed(Error::Conflict(
+                        "the session id belonged to a deleted session".into(),
+                    )),
                     Some(existing) => Outcome::Created {
                         created: false,
                         info: existing.clone(),

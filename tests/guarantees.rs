@@ -533,6 +533,25 @@ async fn foreign_sessions_look_missing_by_default(db: TestDb) {
     ));
     let taken = intruder.create(None, None).await;
     assert!(matches!(taken, Err(Error::Conflict(_))), "{taken:?}");
+    // A deleted session of another user looks the same as a live one: missing to reads and
+    // writes, and the same answer to a create of its id.
+    let deleted = new_session(&engine, "owner").await;
+    deleted.delete().await.expect("delete");
+    let intruder_on_deleted = engine.session("intruder", deleted.id());
+    assert!(matches!(
+        intruder_on_deleted.get(None, None).await,
+        Err(Error::NotFound)
+    ));
+    assert!(matches!(
+        intruder_on_deleted.append(vec![NewMessage::user("hi")]).await,
+        Err(Error::NotFound)
+    ));
+    let taken_deleted = intruder_on_deleted.create(None, None).await;
+    assert_eq!(
+        format!("{taken_deleted:?}"),
+        format!("{taken:?}"),
+        "create of a foreign id: the same answer, deleted or not"
+    );
     engine.shutdown().await;
 }
 
