@@ -275,8 +275,9 @@ mod tests {
     #[test]
     fn payloads_stay_under_the_limit_and_cover_every_pair_once() {
         let instance = Uuid::new_v4();
-        let pending: Vec<(SessionId, i64)> =
-            (0..1_000).map(|version| (Uuid::new_v4(), version)).collect();
+        let pending: Vec<(SessionId, i64)> = (0..1_000)
+            .map(|version| (Uuid::new_v4(), version))
+            .collect();
         let notices = payloads(instance, &pending);
         assert!(notices.len() > 1, "1,000 pairs need several notices");
         let mut seen = Vec::new();
@@ -286,7 +287,11 @@ mod tests {
             let mut words = payload.text.split(' ');
             assert_eq!(words.next(), Some(instance.to_string().as_str()));
             let pairs: Vec<&str> = words.collect();
-            assert_eq!(pairs.len(), payload.end - start, "`end` marks the last pair sent");
+            assert_eq!(
+                pairs.len(),
+                payload.end - start,
+                "`end` marks the last pair sent"
+            );
             start = payload.end;
             seen.extend(pairs.into_iter().map(str::to_owned));
         }
@@ -323,4 +328,3 @@ mod tests {
         );
     }
 }
-

@@ -82,40 +82,34 @@ async fn killed_processes_lose_no_acknowledged_append() {
     let mut killed_while_opening = 0;
     let started = Instant::now();
     let children = 100;
-    for child_index in 0..children {
-        let mut child = Command::new(&me)
-            .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, &spec)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn a child");
-        let stdout = child.stdout.take().expect("stdout");
-        // Kill some children while they are still opening the database, the rest after a
-        // random stretch of appending. Two children at a time write the same sessions.
-        let open_kill = child_index % 10 == 0;
-        let lifetime = if open_kill {
-            Duration::from_millis(fastrand::u64(0..8))
-        } else {
-            Duration::from_millis(fastrand::u64(50..250))
-        };
-        let reader = std::thread::spawn(move || {
-            let mut lines = Vec::new();
-            for line in BufReader::new(stdout).lines() {
-                match line {
-                    Ok(line) => lines.push(line),
-                    Err(_) => break,
-                }
-            }
-            lines
-        });
-        std::thread::sleep(lifetime);
-        let _ = child.kill();
-        let _ = child.wait();
-        let lines = reader.join().expect("reader");
-        // The test harness may print its own text before a child's first line.
-        if !lines.iter().any(|line| line.ends_with("ready")) {
-            killed_while_opening += 1;
+    // How long a child takes from spawn to an open database, from the children that got
+    // there: the "kill while opening" moments are drawn below it, so that they land in the
+    // process start or in `Engine::connect` (migrations, WAL set-up), not after it.
+    let mut ready_after: Vec<Duration> = Vec::new();
+    let mut running: Vec<Running> = Vec::new();
+    let mut spawned = 0;
+    while spawned < children || !running.is_empty() {
+        // Two children at a time write the same sessions.
+        while running.len() < 2 && spawned < children {
+            let open_kill = spawned % 10 == 0;
+            let lifetime = if open_kill {
+                let ready = median(&ready_after).unwrap_or(Duration::from_millis(20));
+                ready.mul_f64(fastrand::f64() * 0.9)
+            } else {
+                Duration::from_millis(fastrand::u64(50..250))
+            };
+            running.push(Running::spawn(&me, &spec, lifetime));
+            spawned += 1;
+        }
+        let next = (0..running.len())
+            .min_by_key(|&index| running[index].kill_at)
+            .expect("a running child");
+        let child = running.swap_remove(next);
+        std::thread::sleep(child.kill_at.saturating_duration_since(Instant::now()));
+        let (lines, ready) = child.kill();
+        match ready {
+            Some(ready) => ready_after.push(ready),
+            None => killed_while_opening += 1,
         }
         for line in lines {
             let Some(start) = line.find("ack ") else {
@@ -130,6 +124,10 @@ async fn killed_processes_lose_no_acknowledged_append() {
             }
         }
     }
+    assert!(
+        killed_while_opening >= children / 20,
+        "only {killed_while_opening} children were killed before their database was open"
+    );
 
     let mut connection = sqlx::SqliteConnection::connect(&db.url)
         .await
@@ -157,9 +155,68 @@ async fn killed_processes_lose_no_acknowledged_append() {
     assert_eq!(distinct.len(), acked.len());
     assert!(!acked.is_empty(), "no child ever acknowledged an append");
     eprintln!(
-        "crash test: {children} children killed ({killed_while_opening} before they were ready), \
-         {} acknowledged appends, {total} stored, {:.1} s",
+        "crash test: {children} children killed, two at a time ({killed_while_opening} before their \
+         database was open; median open {:?}), {} acknowledged appends, {total} stored, {:.1} s",
+        median(&ready_after),
         acked.len(),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// A child process appending until its kill time, with a thread collecting its output.
+struct Running {
+    child: std::process::Child,
+    kill_at: Instant,
+    spawned: Instant,
+    output: std::thread::JoinHandle<Vec<(Instant, String)>>,
+}
+
+impl Running {
+    fn spawn(me: &std::path::Path, spec: &str, lifetime: Duration) -> Self {
+        let spawned = Instant::now();
+        let mut child = Command::new(me)
+            .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, spec)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn a child");
+        let stdout = child.stdout.take().expect("stdout");
+        let output = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                match line {
+                    Ok(line) => lines.push((Instant::now(), line)),
+                    Err(_) => break,
+                }
+            }
+            lines
+        });
+        Self {
+            child,
+            kill_at: spawned + lifetime,
+            spawned,
+            output,
+        }
+    }
+
+    /// Kills the child (SIGKILL) and returns its lines and how long it took to open the
+    /// database, if it got there.
+    fn kill(mut self) -> (Vec<String>, Option<Duration>) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let lines = self.output.join().expect("reader");
+        // The test harness may print its own text before a child's first line.
+        let ready = lines
+            .iter()
+            .find(|(_, line)| line.ends_with("ready"))
+            .map(|(at, _)| at.duration_since(self.spawned));
+        (lines.into_iter().map(|(_, line)| line).collect(), ready)
+    }
+}
+
+fn median(durations: &[Duration]) -> Option<Duration> {
+    let mut sorted = durations.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied()
 }

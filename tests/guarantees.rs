@@ -543,7 +543,9 @@ async fn foreign_sessions_look_missing_by_default(db: TestDb) {
         Err(Error::NotFound)
     ));
     assert!(matches!(
-        intruder_on_deleted.append(vec![NewMessage::user("hi")]).await,
+        intruder_on_deleted
+            .append(vec![NewMessage::user("hi")])
+            .await,
         Err(Error::NotFound)
     ));
     let taken_deleted = intruder_on_deleted.create(None, None).await;
