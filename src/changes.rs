@@ -38,6 +38,16 @@ const REFRESH_WAIT: Duration = Duration::from_millis(50);
 /// How often notices deferred by a full mailbox are tried again.
 const MISSED_RETRY: Duration = Duration::from_millis(100);
 
+/// How often the listener checks that its connection still delivers (see `listen`).
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// What woke the listener.
+enum Event {
+    Notice(Result<Option<sqlx::postgres::PgNotification>, sqlx::Error>),
+    Retry,
+    Heartbeat,
+}
+
 /// How long the catch-up after a reconnection waits for room in a session's mailbox.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
@@ -185,32 +195,52 @@ pub(crate) async fn listen(
         let mut missed: HashMap<SessionId, i64> = HashMap::new();
         let mut retry = tokio::time::interval(MISSED_RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A connection that hangs without breaking (a half-open TCP connection, a stalled
+        // server process) delivers nothing and reports nothing: every `HEARTBEAT` the listener
+        // sends a notice of its own, and if the previous one has not come back by then, it
+        // treats the connection as lost.
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ping_unanswered = false;
         loop {
-            let notification = tokio::select! {
-                notification = listener.try_recv() => Some(notification),
-                _ = retry.tick(), if !missed.is_empty() => None,
+            let event = tokio::select! {
+                notification = listener.try_recv() => Event::Notice(notification),
+                _ = retry.tick(), if !missed.is_empty() => Event::Retry,
+                _ = heartbeat.tick() => Event::Heartbeat,
                 _ = paused.wait_for(|paused| *paused) => break,
                 () = stop.cancelled() => return,
             };
-            let Some(notification) = notification else {
-                for (session, version) in std::mem::take(&mut missed) {
-                    if !refresh(&registry, session, version, REFRESH_WAIT).await {
-                        missed.insert(session, version);
+            let notification = match event {
+                Event::Retry => {
+                    for (session, version) in std::mem::take(&mut missed) {
+                        if !refresh(&registry, session, version, REFRESH_WAIT).await {
+                            missed.insert(session, version);
+                        }
                     }
+                    continue;
                 }
-                continue;
-            };
-            let notification = match notification {
-                Ok(Some(notification)) => notification,
+                Event::Heartbeat => {
+                    if ping_unanswered {
+                        warn!("the listening connection stopped delivering; reconnecting");
+                        break;
+                    }
+                    // A ping that cannot be sent proves nothing either way.
+                    ping_unanswered = store.announce(&instance.to_string()).await.is_ok();
+                    continue;
+                }
+                Event::Notice(Ok(Some(notification))) => notification,
                 // `None`: the connection was lost, and with it any notice sent meanwhile.
-                Ok(None) | Err(_) => {
+                Event::Notice(Ok(None) | Err(_)) => {
                     debug!("lost the listening connection; reconnecting");
                     break;
                 }
             };
             let mut words = notification.payload().split(' ');
             if words.next() == Some(instance.to_string().as_str()) {
-                continue; // our own commits
+                // Our own ping or commits: the connection delivers.
+                ping_unanswered = false;
+                continue;
             }
             for change in words {
                 let Some((session, version)) = change.split_once(':') else {

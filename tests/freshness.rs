@@ -149,3 +149,102 @@ async fn subscribers_catch_up_after_the_feed_reconnects() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A listening connection that stays open but stops delivering (its server process stopped
+/// with SIGSTOP: no error, no closed socket, as with a half-open TCP connection) is detected by
+/// the listener's heartbeat; A reconnects, and its plain reads see B's write again.
+///
+/// Needs the PostgreSQL server on this machine (the backend is stopped by pid).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_listening_connection_is_detected() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let app_name = format!("soloist-silent-{}", Uuid::new_v4().simple());
+    let a = db
+        .engine_with(soloist::EngineConfig::new(format!(
+            "{}&application_name={app_name}",
+            db.url
+        )))
+        .await;
+    let b = db.engine().await;
+    let id = Uuid::now_v7();
+    a.session("u", id).create(None, None).await.expect("create");
+    a.session("u", id)
+        .append(vec![NewMessage::user("from a")])
+        .await
+        .expect("append");
+
+    // A's listening connection: the one of A's connections whose last statement was LISTEN.
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .expect("admin");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let pid: i32 = loop {
+        let pid: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 \
+             AND query LIKE 'LISTEN%'",
+        )
+        .bind(&app_name)
+        .fetch_optional(&mut admin)
+        .await
+        .expect("find the listener");
+        if let Some(pid) = pid {
+            break pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "A never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI: the PostgreSQL server must run on this machine for this test"
+        );
+        eprintln!("SKIPPED: a_silent_listening_connection_is_detected needs a local server");
+        return;
+    }
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {pid}");
+    };
+    /// Resumes the stopped backend whatever happens to the test.
+    struct Resume(i32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &self.0.to_string()])
+                .status();
+        }
+    }
+    signal("STOP");
+    let _resume = Resume(pid);
+
+    b.session("u", id)
+        .append(vec![NewMessage::user("from b")])
+        .await
+        .expect("b appends");
+    // No notice reaches A; its heartbeat finds the connection silent within two beats, and
+    // from then on its reads check the stored version.
+    let started = std::time::Instant::now();
+    loop {
+        let page = a.session("u", id).get(None, None).await.expect("read");
+        if page.session.message_count == 2 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "A's plain reads stayed behind B's write for 30 s: the silent connection went unnoticed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "a_silent_listening_connection_is_detected: A caught up {:?} after B's write",
+        started.elapsed()
+    );
+    signal("CONT");
+    a.shutdown().await;
+    b.shutdown().await;
+}
