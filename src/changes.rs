@@ -41,13 +41,6 @@ const MISSED_RETRY: Duration = Duration::from_millis(100);
 /// How often the listener checks that its connection still delivers (see `listen`).
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
-/// What woke the listener.
-enum Event {
-    Notice(Result<Option<sqlx::postgres::PgNotification>, sqlx::Error>),
-    Retry,
-    Heartbeat,
-}
-
 /// How long the catch-up after a reconnection waits for room in a session's mailbox.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
@@ -127,6 +120,13 @@ fn payloads(instance: Uuid, pending: &[(SessionId, i64)]) -> Vec<Payload> {
         }
     }
     payloads
+}
+
+/// What woke the listener.
+enum Event {
+    Notice(Result<Option<sqlx::postgres::PgNotification>, sqlx::Error>),
+    Retry,
+    Heartbeat,
 }
 
 /// Listens for the other processes' announcements and tells the sessions live here to catch
@@ -289,9 +289,8 @@ async fn catch_up_live_sessions(
     for chunk in live.chunks(10_000) {
         for (session, version) in store.versions(chunk).await? {
             // Reads keep checking the stored version until this is done, so a busy session's
-            // mailbox may take its time to make room.
-            // A mailbox that stays full this long: the feed is marked up anyway; that
-            // session catches up on its next write or fresh read.
+            // mailbox may take its time to make room; one still full after that catches up on
+            // its next notice, write or fresh read.
             refresh(registry, session, version, CATCH_UP_WAIT).await;
         }
     }
