@@ -62,7 +62,8 @@ pub(crate) enum SessionRequest {
     Delete(DeleteSession, Respond<()>),
     Subscribe(SubscribeRequest, Respond<Subscribed>),
     /// Another process committed this version of the session: catch up before the next read.
-    /// Nobody waits for an answer.
+    /// Nobody waits for an answer. (Sent by the PostgreSQL change listener only.)
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     Refresh(i64),
 }
 

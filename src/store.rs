@@ -417,6 +417,8 @@ impl Store {
 
     /// How many write transactions may be in flight at once.
     pub fn writer_count(&self, config: &EngineConfig) -> usize {
+        #[cfg(not(feature = "postgres"))]
+        let _ = config;
         match self {
             #[cfg(feature = "sqlite")]
             Store::Sqlite(_) => 1,
