@@ -32,7 +32,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     session
         .create(
             Some("many writers".into()),
-            Some(serde_json::json!({"demo": true})),
+            Some(serde_json::json!({"demo": true}).into()),
         )
         .await?;
     println!("session {} on {url}", session.id());

@@ -5,12 +5,11 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use uuid::Uuid;
 
 use crate::config::Limits;
 use crate::error::{Error, Result};
-use crate::model::{Message, NewMessage, Role, SessionId, SessionInfo, Usage};
+use crate::model::{Message, NewMessage, RawJson, Role, SessionId, SessionInfo, Usage};
 
 /// Every command the engine understands.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -74,7 +73,7 @@ pub struct CreateSession {
     pub title: Option<String>,
     /// Optional JSON object; `{}` when absent.
     #[serde(default)]
-    pub metadata: Option<Value>,
+    pub metadata: Option<RawJson>,
 }
 
 /// The answer to [`CreateSession`].
@@ -179,7 +178,7 @@ pub struct UpdateSession {
     pub title: Option<String>,
     /// New metadata object (replaces the old one), when present.
     #[serde(default)]
-    pub metadata: Option<Value>,
+    pub metadata: Option<RawJson>,
 }
 
 /// Add token usage; the counters move by these deltas in the database (`x = x + delta`).
@@ -248,13 +247,13 @@ fn check_text(field: &str, text: &Option<String>, limit: usize) -> Result<()> {
     }
 }
 
-/// Serializes a JSON field after checking its shape and size.
-pub(crate) fn encode_json(
+/// Checks a JSON field's shape and size (its text as sent, which is what is stored).
+pub(crate) fn check_json(
     field: &str,
-    value: &Value,
+    value: &RawJson,
     want_object: bool,
     limits: &Limits,
-) -> Result<String> {
+) -> Result<()> {
     let shape_ok = if want_object {
         value.is_object()
     } else {
@@ -264,18 +263,13 @@ pub(crate) fn encode_json(
         let shape = if want_object { "an object" } else { "an array" };
         return Err(Error::invalid(field, format!("must be a JSON {shape}")));
     }
-    let json =
-        serde_json::to_string(value).map_err(|error| Error::invalid(field, error.to_string()))?;
-    check_len(field, json.len(), limits.max_json_bytes)?;
-    Ok(json)
+    check_len(field, value.get().len(), limits.max_json_bytes)
 }
 
-/// A message that passed validation, with its JSON fields already serialized.
+/// A message that passed validation.
 #[derive(Debug)]
 pub(crate) struct ValidMessage {
     pub message: NewMessage,
-    pub tool_calls_json: Option<String>,
-    pub function_call_json: Option<String>,
 }
 
 pub(crate) fn validate_messages(
@@ -307,16 +301,12 @@ pub(crate) fn validate_messages(
             &message.tool_call_id,
             limits.max_text_bytes,
         )?;
-        let tool_calls_json = message
-            .tool_calls
-            .as_ref()
-            .map(|value| encode_json(&field("tool_calls"), value, false, limits))
-            .transpose()?;
-        let function_call_json = message
-            .function_call
-            .as_ref()
-            .map(|value| encode_json(&field("function_call"), value, true, limits))
-            .transpose()?;
+        if let Some(value) = &message.tool_calls {
+            check_json(&field("tool_calls"), value, false, limits)?;
+        }
+        if let Some(value) = &message.function_call {
+            check_json(&field("function_call"), value, true, limits)?;
+        }
         if message.role == Role::Tool && message.tool_call_id.is_none() {
             return Err(Error::invalid(
                 field("tool_call_id"),
@@ -347,11 +337,7 @@ pub(crate) fn validate_messages(
                 "the nil UUID is not a message id",
             ));
         }
-        valid.push(ValidMessage {
-            message,
-            tool_calls_json,
-            function_call_json,
-        });
+        valid.push(ValidMessage { message });
     }
     Ok(valid)
 }

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use serde_json::Value;
 use soloist_actors::{AskError, Registry, RegistryConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -14,11 +13,11 @@ use uuid::Uuid;
 use crate::command::{
     AddUsage, AppendMessages, Appended, Command, CreateSession, Created, DEFAULT_SESSION_PAGE,
     DeleteSession, GetSession, ListSessions, Reply, SessionCursor, SessionList, SessionPage,
-    UpdateSession, check_user, encode_json, validate_messages, validate_page, validate_title,
+    UpdateSession, check_json, check_user, validate_messages, validate_page, validate_title,
 };
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
-use crate::model::{NewMessage, SessionId, SessionInfo, Usage};
+use crate::model::{NewMessage, RawJson, SessionId, SessionInfo, Usage};
 use crate::session::{
     AppendRequest, CreateRequest, Mail, Respond, SessionActor, SessionRequest, Shared,
     SubscribeRequest, Subscribed, UpdateRequest,
@@ -195,16 +194,13 @@ impl Engine {
         let limits = &self.config().limits;
         check_user(&command.user_id, limits)?;
         validate_title(&command.title, limits)?;
-        let metadata = command
-            .metadata
-            .unwrap_or_else(|| Value::Object(Default::default()));
-        let metadata_json = encode_json("metadata", &metadata, true, limits)?;
+        let metadata = command.metadata.unwrap_or_else(RawJson::empty_object);
+        check_json("metadata", &metadata, true, limits)?;
         let session_id = command.session_id.unwrap_or_else(Uuid::now_v7);
         let request = CreateRequest {
             user_id: command.user_id,
             title: command.title,
             metadata,
-            metadata_json,
         };
         self.ask(session_id, "create_session", |respond| {
             Box::new(SessionRequest::Create(request, respond))
@@ -275,10 +271,10 @@ impl Engine {
         let limits = &self.config().limits;
         check_user(&command.user_id, limits)?;
         validate_title(&command.title, limits)?;
-        let metadata = command
-            .metadata
-            .map(|value| encode_json("metadata", &value, true, limits).map(|json| (value, json)))
-            .transpose()?;
+        if let Some(metadata) = &command.metadata {
+            check_json("metadata", metadata, true, limits)?;
+        }
+        let metadata = command.metadata;
         let request = UpdateRequest {
             user_id: command.user_id,
             title: command.title,
@@ -465,7 +461,11 @@ impl SessionHandle {
     }
 
     /// Creates the session (idempotent).
-    pub async fn create(&self, title: Option<String>, metadata: Option<Value>) -> Result<Created> {
+    pub async fn create(
+        &self,
+        title: Option<String>,
+        metadata: Option<RawJson>,
+    ) -> Result<Created> {
         self.engine
             .create_session(CreateSession {
                 user_id: self.user_id.clone(),
@@ -505,7 +505,7 @@ impl SessionHandle {
     pub async fn update(
         &self,
         title: Option<String>,
-        metadata: Option<Value>,
+        metadata: Option<RawJson>,
     ) -> Result<SessionInfo> {
         self.engine
             .update_session(UpdateSession {

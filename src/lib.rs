@@ -63,7 +63,7 @@ pub use command::{
 pub use config::{EngineConfig, Limits, SqliteSync};
 pub use engine::{ChangeFeedPaused, Engine, SessionHandle, WritesPaused};
 pub use error::{Error, Result, StorageError};
-pub use model::{Message, NewMessage, Role, SessionId, SessionInfo, Usage};
+pub use model::{Message, NewMessage, RawJson, Role, SessionId, SessionInfo, Usage};
 pub use stats::Stats;
 pub use subscription::MessageStream;
 pub use uuid;

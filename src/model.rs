@@ -2,16 +2,125 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::error::Error;
 
 /// Identifies a session. Not a secret: every command is checked against the session's owner.
 pub type SessionId = Uuid;
+
+/// A JSON value kept as the exact text it was sent as: numbers keep every digit, keys keep their
+/// order (and duplicates), and nothing is ever parsed into a tree. Parsing into
+/// [`serde_json::Value`] costs tens of bytes per element (a 50 MB array of zeros took 1.7 GiB),
+/// so metadata and tool calls travel as text from the request body to the database and back; they
+/// are validated (well-formed, nesting at most 128 deep) while being read, without allocating.
+///
+/// Serializes as the JSON it holds, not as a string. Cheap to clone.
+#[derive(Clone)]
+pub struct RawJson(Arc<RawValue>);
+
+impl RawJson {
+    /// Checks that `text` is one well-formed JSON value (surrounding whitespace is dropped).
+    pub fn parse(text: impl Into<String>) -> Result<Self, Error> {
+        RawValue::from_string(text.into())
+            .map(|raw| RawJson(Arc::from(raw)))
+            .map_err(|error| Error::invalid("json", error.to_string()))
+    }
+
+    /// Serializes a value.
+    pub fn from_value(value: &Value) -> Self {
+        // A `Value` always serializes; `null` is only the type's answer to the impossible.
+        let raw =
+            serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::NULL.to_owned());
+        RawJson(Arc::from(raw))
+    }
+
+    /// `{}`.
+    pub fn empty_object() -> Self {
+        Self::from_value(&Value::Object(serde_json::Map::new()))
+    }
+
+    /// The JSON text, exactly as received.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Parses the text into a [`Value`] (numbers beyond `f64` lose precision, duplicate keys
+    /// keep the last).
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.get()).unwrap_or(Value::Null)
+    }
+
+    /// Whether the value is a JSON object.
+    pub fn is_object(&self) -> bool {
+        self.get().starts_with('{')
+    }
+
+    /// Whether the value is a JSON array.
+    pub fn is_array(&self) -> bool {
+        self.get().starts_with('[')
+    }
+
+    /// Builds from text that is known to be valid JSON (the engine's own stored text); `None`
+    /// if it is not.
+    pub(crate) fn from_stored(text: String) -> Option<Self> {
+        RawValue::from_string(text)
+            .ok()
+            .map(|raw| RawJson(Arc::from(raw)))
+    }
+}
+
+impl fmt::Debug for RawJson {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.get())
+    }
+}
+
+impl fmt::Display for RawJson {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.get())
+    }
+}
+
+/// Equal when the texts are equal: `{"a":1}` and `{"a": 1}` differ, as stored.
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for RawJson {}
+
+/// Compares the parsed value, for tests and callers that built a [`Value`].
+impl PartialEq<Value> for RawJson {
+    fn eq(&self, other: &Value) -> bool {
+        &self.to_value() == other
+    }
+}
+
+impl From<Value> for RawJson {
+    fn from(value: Value) -> Self {
+        RawJson::from_value(&value)
+    }
+}
+
+impl Serialize for RawJson {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawJson {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(deserializer).map(|raw| RawJson(Arc::from(raw)))
+    }
+}
 
 /// The author of a chat message, as in the OpenAI chat format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -74,6 +183,7 @@ impl FromStr for Role {
 /// A message to append. `id` is the idempotency key: sending the same id again returns the
 /// sequence the message got the first time instead of storing it twice.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NewMessage {
     /// Client-supplied message id (idempotency key); generated (UUIDv7) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -88,13 +198,13 @@ pub struct NewMessage {
     pub name: Option<String>,
     /// Tool calls made by an assistant message (a JSON array).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool_calls: Option<Value>,
+    pub tool_calls: Option<RawJson>,
     /// The tool call a `tool` message answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
     /// A legacy function call made by an assistant message (a JSON object).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub function_call: Option<Value>,
+    pub function_call: Option<RawJson>,
     /// The model's refusal text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal: Option<String>,
@@ -144,13 +254,13 @@ pub struct Message {
     pub name: Option<String>,
     /// Tool calls (JSON array).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool_calls: Option<Value>,
+    pub tool_calls: Option<RawJson>,
     /// The tool call a `tool` message answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
     /// A legacy function call (JSON object).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub function_call: Option<Value>,
+    pub function_call: Option<RawJson>,
     /// The model's refusal text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal: Option<String>,
@@ -177,7 +287,7 @@ pub struct SessionInfo {
     /// Optional title.
     pub title: Option<String>,
     /// Free JSON metadata (always an object).
-    pub metadata: Value,
+    pub metadata: RawJson,
     /// Token usage totals.
     pub usage: Usage,
     /// Number of messages, which is also the next sequence.

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::Value;
 use soloist_actors::Actor;
 use tokio::sync::{broadcast, oneshot};
 use tracing::{Instrument, debug, info_span};
@@ -19,7 +18,7 @@ use crate::command::{
 };
 use crate::config::EngineConfig;
 use crate::error::{Error, Result, StorageError};
-use crate::model::{Message, SessionId, SessionInfo, Usage, from_micros, now_micros};
+use crate::model::{Message, RawJson, SessionId, SessionInfo, Usage, from_micros, now_micros};
 use crate::stats::EngineStats;
 use crate::store::{FlushOutcome, LoadedSession, MessageRow, NewSessionRow, SessionWrite, Store};
 use crate::writer::Writer;
@@ -32,8 +31,7 @@ pub(crate) type Respond<T> = oneshot::Sender<Result<T>>;
 pub(crate) struct CreateRequest {
     pub user_id: String,
     pub title: Option<String>,
-    pub metadata: Value,
-    pub metadata_json: String,
+    pub metadata: RawJson,
 }
 
 /// A validated [`AppendMessages`](crate::AppendMessages).
@@ -48,7 +46,7 @@ pub(crate) struct AppendRequest {
 pub(crate) struct UpdateRequest {
     pub user_id: String,
     pub title: Option<String>,
-    pub metadata: Option<(Value, String)>,
+    pub metadata: Option<RawJson>,
 }
 
 /// What goes through a session's mailbox, boxed whole ([`Mail`]).
@@ -584,7 +582,7 @@ impl SessionActor {
                         write.create = Some(NewSessionRow {
                             user_id: create.user_id.clone(),
                             title: create.title.clone(),
-                            metadata: create.metadata_json.clone(),
+                            metadata: create.metadata.get().to_owned(),
                         });
                         let created = SessionInfo {
                             id: self.id,
@@ -662,9 +660,9 @@ impl SessionActor {
                                 write.title = Some(title.clone());
                                 staged.title = Some(title.clone());
                             }
-                            if let Some((value, json)) = &update.metadata {
-                                write.metadata = Some(json.clone());
-                                staged.metadata = value.clone();
+                            if let Some(metadata) = &update.metadata {
+                                write.metadata = Some(metadata.get().to_owned());
+                                staged.metadata = metadata.clone();
                             }
                             Outcome::Updated(staged.clone())
                         }
@@ -912,9 +910,17 @@ fn new_message(seq: i64, id: Uuid, valid: &ValidMessage, now: i64) -> (Arc<Messa
         role: message.role,
         content: message.content.clone(),
         name: message.name.clone(),
-        tool_calls: valid.tool_calls_json.clone(),
+        tool_calls: valid
+            .message
+            .tool_calls
+            .as_ref()
+            .map(|json| json.get().to_owned()),
         tool_call_id: message.tool_call_id.clone(),
-        function_call: valid.function_call_json.clone(),
+        function_call: valid
+            .message
+            .function_call
+            .as_ref()
+            .map(|json| json.get().to_owned()),
         refusal: message.refusal.clone(),
     };
     (message, row)

@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::command::SessionCursor;
 use crate::config::EngineConfig;
 use crate::error::{Error, StorageError};
-use crate::model::{Message, Role, SessionId, SessionInfo, Usage, from_micros};
+use crate::model::{Message, RawJson, Role, SessionId, SessionInfo, Usage, from_micros};
 
 /// A session's row and the newest messages, as loaded on activation.
 #[derive(Debug)]
@@ -273,8 +273,8 @@ fn corrupt(what: &str, error: impl std::fmt::Display) -> StorageError {
     StorageError::msg(format!("stored {what} is unreadable: {error}"))
 }
 
-fn parse_json(what: &str, text: Option<String>) -> Result<Option<serde_json::Value>, StorageError> {
-    text.map(|text| serde_json::from_str(&text).map_err(|error| corrupt(what, error)))
+fn parse_json(what: &str, text: Option<String>) -> Result<Option<RawJson>, StorageError> {
+    text.map(|text| RawJson::from_stored(text).ok_or_else(|| corrupt(what, "not JSON")))
         .transpose()
 }
 
@@ -334,7 +334,7 @@ impl SessionRecord {
     /// The session's info, whether it is deleted, and its ownership epoch.
     fn into_info(self) -> Result<(SessionInfo, bool, i64), StorageError> {
         let metadata =
-            serde_json::from_str(&self.metadata).map_err(|error| corrupt("metadata", error))?;
+            RawJson::from_stored(self.metadata).ok_or_else(|| corrupt("metadata", "not JSON"))?;
         Ok((
             SessionInfo {
                 id: self.id,

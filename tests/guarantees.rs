@@ -462,7 +462,7 @@ async fn bad_input_is_refused_and_changes_nothing(db: TestDb) {
     let bad_tool_calls = session
         .append(vec![NewMessage {
             role: Role::Assistant,
-            tool_calls: Some(json!({"not": "an array"})),
+            tool_calls: Some(json!({"not": "an array"}).into()),
             ..NewMessage::default()
         }])
         .await;
@@ -486,7 +486,7 @@ async fn bad_input_is_refused_and_changes_nothing(db: TestDb) {
         matches!(nul_in_title, Err(Error::InvalidInput { .. })),
         "{nul_in_title:?}"
     );
-    let bad_metadata = session.update(None, Some(json!([1, 2]))).await;
+    let bad_metadata = session.update(None, Some(json!([1, 2]).into())).await;
     assert!(matches!(bad_metadata, Err(Error::InvalidInput { .. })));
 
     let intruder = engine.session("intruder", session.id());
@@ -564,7 +564,7 @@ async fn metadata_usage_and_listing(db: TestDb) {
     let updated = session
         .update(
             Some("renamed".into()),
-            Some(json!({"model": "gpt", "n": 1})),
+            Some(json!({"model": "gpt", "n": 1}).into()),
         )
         .await
         .expect("update");
@@ -641,19 +641,25 @@ async fn content_round_trips_exactly(db: TestDb) {
             NewMessage::user(tricky),
             NewMessage {
                 role: Role::Assistant,
-                tool_calls: Some(tool_calls.clone()),
+                tool_calls: Some(tool_calls.clone().into()),
                 ..NewMessage::default()
             },
         ])
         .await
         .expect("append");
     session
-        .update(None, Some(json!({"k": tricky})))
+        .update(None, Some(json!({"k": tricky}).into()))
         .await
         .expect("update");
     let check = |page: soloist::SessionPage| {
         assert_eq!(page.messages[0].content.as_deref(), Some(tricky));
-        assert_eq!(page.messages[1].tool_calls.as_ref(), Some(&tool_calls));
+        assert_eq!(
+            page.messages[1]
+                .tool_calls
+                .as_ref()
+                .map(|json| json.to_value()),
+            Some(tool_calls.clone())
+        );
         assert_eq!(page.session.metadata, json!({"k": tricky}));
     };
     check(session.get(None, None).await.expect("get"));

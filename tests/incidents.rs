@@ -343,7 +343,10 @@ async fn concurrent_upserts_and_deltas(db: TestDb) {
             let handle = engine.session("u", id);
             handle.add_usage(prompt, completion).await?;
             handle
-                .update(Some(format!("title {task}")), Some(json!({"writer": task})))
+                .update(
+                    Some(format!("title {task}")),
+                    Some(json!({"writer": task}).into()),
+                )
                 .await?;
             Ok::<_, Error>(())
         }));
@@ -370,7 +373,7 @@ async fn concurrent_upserts_and_deltas(db: TestDb) {
         expected,
         "usage totals are the exact sum of the deltas"
     );
-    let writer = page.session.metadata["writer"]
+    let writer = page.session.metadata.to_value()["writer"]
         .as_u64()
         .expect("metadata set");
     assert_eq!(

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use soloist::uuid::Uuid;
 use soloist::{
     AddUsage, AppendMessages, CreateSession, DeleteSession, Engine, EngineConfig, Error,
-    GetSession, Limits, ListSessions, Message, NewMessage, Role, SessionCursor, SessionId,
+    GetSession, Limits, ListSessions, Message, NewMessage, RawJson, Role, SessionCursor, SessionId,
     SessionInfo, SessionPage, UpdateSession, Usage,
 };
 
@@ -332,18 +332,18 @@ fn build_message(msg: &Msg, pool: &[Uuid]) -> NewMessage {
         },
         Body::ToolCalls(n) => NewMessage {
             role: Role::Assistant,
-            tool_calls: Some(tool_calls(*n)),
+            tool_calls: Some(tool_calls(*n).into()),
             ..base
         },
         Body::ToolCallsNotArray => NewMessage {
             role: Role::Assistant,
-            tool_calls: Some(json!({"id": "c0"})),
+            tool_calls: Some(json!({"id": "c0"}).into()),
             ..base
         },
         Body::UserWithToolCalls(text) => NewMessage {
             role: Role::User,
             content: Some(text.render()),
-            tool_calls: Some(tool_calls(1)),
+            tool_calls: Some(tool_calls(1).into()),
             ..base
         },
         Body::FunctionResult(name) => NewMessage {
@@ -354,7 +354,7 @@ fn build_message(msg: &Msg, pool: &[Uuid]) -> NewMessage {
         },
         Body::FunctionCall(n) => NewMessage {
             role: Role::Assistant,
-            function_call: Some(json!({"name": "f", "arguments": format!("{n}")})),
+            function_call: Some(json!({"name": "f", "arguments": format!("{n}")}).into()),
             ..base
         },
         Body::Refusal(text) => NewMessage {
@@ -537,7 +537,7 @@ struct ModelMessage {
 struct ModelSession {
     owner: usize,
     title: Option<String>,
-    metadata: Value,
+    metadata: RawJson,
     usage: Usage,
     messages: Vec<ModelMessage>,
     /// Client message id → sequence.
@@ -563,13 +563,14 @@ fn len_fault(text: &Option<String>, limit: usize) -> Option<Kind> {
         .map(|_| Kind::TooLarge)
 }
 
-fn json_faults(value: &Option<Value>, want_object: bool, limit: usize) -> Vec<Kind> {
+fn json_faults(value: &Option<RawJson>, want_object: bool, limit: usize) -> Vec<Kind> {
     match value {
         None => Vec::new(),
         Some(value) if want_object && !value.is_object() => vec![Kind::InvalidInput],
         Some(value) if !want_object && !value.is_array() => vec![Kind::InvalidInput],
         Some(value) => {
-            let size = serde_json::to_string(value).map_or(0, |json| json.len());
+            // Measured as sent.
+            let size = value.get().len();
             if size > limit {
                 vec![Kind::TooLarge]
             } else {
@@ -631,7 +632,11 @@ impl Model {
         faults
     }
 
-    fn session_field_faults(&self, title: &Option<String>, metadata: &Option<Value>) -> Vec<Kind> {
+    fn session_field_faults(
+        &self,
+        title: &Option<String>,
+        metadata: &Option<RawJson>,
+    ) -> Vec<Kind> {
         let mut faults: Vec<Kind> = len_fault(title, self.limits.max_text_bytes)
             .into_iter()
             .collect();
@@ -660,7 +665,7 @@ impl Model {
         id: SessionId,
         user: usize,
         title: Option<String>,
-        metadata: Option<Value>,
+        metadata: Option<RawJson>,
     ) -> Expected<bool> {
         let faults = self.session_field_faults(&title, &metadata);
         if !faults.is_empty() {
@@ -676,7 +681,7 @@ impl Model {
                     ModelSession {
                         owner: user,
                         title,
-                        metadata: metadata.unwrap_or_else(|| json!({})),
+                        metadata: metadata.unwrap_or_else(RawJson::empty_object),
                         usage: Usage::default(),
                         messages: Vec::new(),
                         ids: HashMap::new(),
@@ -763,7 +768,7 @@ impl Model {
         id: SessionId,
         user: usize,
         title: Option<String>,
-        metadata: Option<Value>,
+        metadata: Option<RawJson>,
     ) -> Expected<()> {
         let faults = self.session_field_faults(&title, &metadata);
         if !faults.is_empty() {
@@ -982,7 +987,7 @@ impl Run<'_> {
             } => {
                 let id = self.ids[*session];
                 let title = title.as_ref().map(Text::render);
-                let metadata = metadata.value();
+                let metadata = metadata.value().map(RawJson::from);
                 let actual = self
                     .engine
                     .create_session(CreateSession {
@@ -1055,7 +1060,7 @@ impl Run<'_> {
             } => {
                 let id = self.ids[*session];
                 let title = title.as_ref().map(Text::render);
-                let metadata = metadata.value();
+                let metadata = metadata.value().map(RawJson::from);
                 let actual = self
                     .engine
                     .update_session(UpdateSession {

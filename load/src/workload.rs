@@ -127,7 +127,7 @@ impl Outgoing {
             id: Some(self.id),
             role: self.role,
             content: Some(self.content.clone()),
-            tool_calls: self.tool_calls.clone(),
+            tool_calls: self.tool_calls.clone().map(Into::into),
             ..NewMessage::default()
         }
     }

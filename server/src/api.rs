@@ -1,14 +1,14 @@
 //! Request and response bodies of the JSON API. Field names are the wire names.
 #![allow(missing_docs)]
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use soloist::{
-    Message, NewMessage, Role, SessionCursor, SessionId, SessionInfo, SessionList, SessionPage,
+    Message, NewMessage, RawJson, SessionCursor, SessionId, SessionInfo, SessionList, SessionPage,
     Usage,
 };
-use uuid::Uuid;
 
 use crate::error::ApiError;
 
@@ -19,7 +19,7 @@ pub struct CreateBody {
     /// Client-chosen id; creating the same id again returns the same session.
     pub id: Option<SessionId>,
     pub title: Option<String>,
-    pub metadata: Option<Value>,
+    pub metadata: Option<RawJson>,
 }
 
 /// A session without its messages.
@@ -27,7 +27,7 @@ pub struct CreateBody {
 pub struct CreatedBody {
     pub session_id: SessionId,
     pub title: Option<String>,
-    pub metadata: Value,
+    pub metadata: RawJson,
     pub usage: UsageBody,
     pub message_count: i64,
     pub created_at: DateTime<Utc>,
@@ -70,56 +70,19 @@ pub struct PageQuery {
     pub fresh: Option<bool>,
 }
 
-/// A stored message.
-#[derive(Debug, Serialize)]
-pub struct MessageBody {
-    pub seq: i64,
-    pub id: Uuid,
-    pub role: Role,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub content: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool_calls: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool_call_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub function_call: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub refusal: Option<String>,
-    pub created_at: DateTime<Utc>,
-}
-
-impl From<&Message> for MessageBody {
-    fn from(message: &Message) -> Self {
-        Self {
-            seq: message.seq,
-            id: message.id,
-            role: message.role,
-            content: message.content.clone(),
-            name: message.name.clone(),
-            tool_calls: message.tool_calls.clone(),
-            tool_call_id: message.tool_call_id.clone(),
-            function_call: message.function_call.clone(),
-            refusal: message.refusal.clone(),
-            created_at: message.created_at,
-        }
-    }
-}
-
 /// `GET /v1/sessions/{id}`.
 #[derive(Debug, Serialize)]
 pub struct SessionBody {
     pub session_id: SessionId,
     pub user_id: String,
     pub title: Option<String>,
-    pub metadata: Value,
+    pub metadata: RawJson,
     pub usage: UsageBody,
     pub message_count: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-    pub messages: Vec<MessageBody>,
+    /// Serialized as stored: [`Message`] is the wire shape.
+    pub messages: Vec<Arc<Message>>,
     /// Pass as `after_seq` for the next page; absent at the end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_after_seq: Option<i64>,
@@ -137,11 +100,7 @@ impl From<SessionPage> for SessionBody {
             message_count: info.message_count,
             created_at: info.created_at,
             updated_at: info.updated_at,
-            messages: page
-                .messages
-                .iter()
-                .map(|m| MessageBody::from(&**m))
-                .collect(),
+            messages: page.messages,
             next_after_seq: page.next_after_seq,
         }
     }
@@ -196,7 +155,7 @@ pub fn parse_cursor(text: &str) -> Result<SessionCursor, ApiError> {
 #[serde(deny_unknown_fields)]
 pub struct UpdateBody {
     pub title: Option<String>,
-    pub metadata: Option<Value>,
+    pub metadata: Option<RawJson>,
 }
 
 /// `POST /v1/sessions/{id}/usage`: tokens to add.
@@ -227,4 +186,28 @@ impl From<Usage> for UsageBody {
 #[derive(Debug, Deserialize)]
 pub struct EventsQuery {
     pub after_seq: Option<i64>,
+}
+
+impl crate::body::BodyKind for CreateBody {
+    fn limit(limits: &crate::BodyLimits) -> usize {
+        limits.session_bytes
+    }
+}
+
+impl crate::body::BodyKind for UpdateBody {
+    fn limit(limits: &crate::BodyLimits) -> usize {
+        limits.session_bytes
+    }
+}
+
+impl crate::body::BodyKind for AppendBody {
+    fn limit(limits: &crate::BodyLimits) -> usize {
+        limits.append_bytes
+    }
+}
+
+impl crate::body::BodyKind for UsageDeltaBody {
+    fn limit(limits: &crate::BodyLimits) -> usize {
+        limits.small_bytes
+    }
 }

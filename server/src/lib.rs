@@ -13,14 +13,17 @@
 //! - `metrics`: the Prometheus text rendering of [`soloist::Stats`].
 
 mod api;
+mod body;
 mod error;
 mod metrics;
 
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, State};
+use std::sync::Arc;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -34,11 +37,12 @@ use soloist::{
 };
 use tokio_util::sync::CancellationToken;
 
+pub use body::{BodyBudget, BodyLimits, JsonBody};
 pub use error::ApiError;
 
 use api::{
-    AppendBody, AppendedBody, CreateBody, CreatedBody, EventsQuery, ListQuery, MessageBody,
-    PageQuery, SessionBody, SessionListBody, UpdateBody, UsageBody, UsageDeltaBody,
+    AppendBody, AppendedBody, CreateBody, CreatedBody, EventsQuery, ListQuery, PageQuery,
+    SessionBody, SessionListBody, UpdateBody, UsageBody, UsageDeltaBody,
 };
 
 /// What every handler shares.
@@ -48,15 +52,39 @@ pub struct AppState {
     pub engine: Engine,
     /// Cancelled at shutdown so that long-lived event streams end and the server can drain.
     pub shutdown: CancellationToken,
+    /// Request body limits and the memory budget all bodies in flight share.
+    pub bodies: Arc<BodyBudget>,
+}
+
+impl AppState {
+    /// The state for `engine`, with body limits fitted to the engine's input limits.
+    pub fn new(engine: Engine, shutdown: CancellationToken) -> Self {
+        let limits = BodyLimits::for_engine(&engine.config().limits);
+        Self::with_body_limits(engine, shutdown, limits)
+    }
+
+    /// The state for `engine` with the given body limits.
+    pub fn with_body_limits(
+        engine: Engine,
+        shutdown: CancellationToken,
+        limits: BodyLimits,
+    ) -> Self {
+        Self {
+            engine,
+            shutdown,
+            bodies: BodyBudget::new(limits),
+        }
+    }
 }
 
 /// The router of the JSON API.
 pub fn app(state: AppState) -> Router {
-    // A body may carry a full append: every message at the content limit, plus JSON overhead.
-    let limits = &state.engine.config().limits;
-    let body_limit = limits.max_messages_per_append
-        * (limits.max_content_bytes + 2 * limits.max_json_bytes + 4 * limits.max_text_bytes)
-        + 64 * 1024;
+    // Each JSON route holds its body to its own limit (`JsonBody`); this is the outer bound for
+    // anything else that might read a body.
+    let body_limit = {
+        let limits = state.bodies.limits();
+        limits.append_bytes.max(limits.session_bytes)
+    };
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -71,52 +99,61 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/sessions/{id}/usage", post(add_usage))
         .route("/v1/sessions/{id}/events", get(events))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 
-/// The caller's identity, from the `x-user-id` header set by the trusted proxy in front.
+/// The caller's identity, from the `x-user-id` header set by the trusted proxy in front: 1 to
+/// 1,024 bytes of visible ASCII (`!` to `~`: no spaces, no control characters). Missing or empty
+/// is a 401; several `x-user-id` headers, or other characters, a 400 (a proxy that appends
+/// instead of replacing the header must not let a client choose which one counts).
 pub struct UserId(pub String);
+
+/// The longest user id (the engine's text limit).
+const MAX_USER_ID_BYTES: usize = 1024;
 
 impl<S: Send + Sync> FromRequestParts<S> for UserId {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        match parts.headers.get("x-user-id").map(|value| value.to_str()) {
-            Some(Ok(user)) if !user.is_empty() => Ok(UserId(user.to_owned())),
-            _ => Err(ApiError::new(
+        let mut values = parts.headers.get_all("x-user-id").iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            if parts.headers.contains_key("x-user-id") {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_input",
+                    "several x-user-id headers; send exactly one",
+                ));
+            }
+            return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthenticated",
-                "missing or invalid x-user-id header",
-            )),
+                "missing x-user-id header",
+            ));
+        };
+        let bytes = value.as_bytes();
+        if bytes.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "empty x-user-id header",
+            ));
         }
-    }
-}
-
-/// `Json` whose rejections are API errors (400, 413) instead of axum's plain-text ones.
-pub struct JsonBody<T>(pub T);
-
-impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(request, state).await {
-            Ok(Json(value)) => Ok(JsonBody(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
+        if bytes.len() > MAX_USER_ID_BYTES || !bytes.iter().all(|byte| byte.is_ascii_graphic()) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                "x-user-id must be 1 to 1024 characters of visible ASCII (no spaces)",
+            ));
         }
-    }
-}
-
-fn json_rejection(rejection: JsonRejection) -> ApiError {
-    let status = rejection.status();
-    if status == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(status, "too_large", rejection.body_text())
-    } else {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_input",
-            rejection.body_text(),
-        )
+        Ok(UserId(String::from_utf8_lossy(bytes).into_owned()))
     }
 }
 
@@ -343,7 +380,7 @@ async fn events(
                 Ok(message) => Event::default()
                     .event("message")
                     .id(message.seq.to_string())
-                    .json_data(MessageBody::from(&*message))
+                    .json_data(&*message)
                     .unwrap_or_else(|_| Event::default().event("error").data("encoding")),
                 // The stream ended (session deleted, engine stopping): say why, then close.
                 Err(error) => {

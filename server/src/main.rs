@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use soloist::{Engine, EngineConfig, SqliteSync};
-use soloist_server::{AppState, app};
+use soloist_server::{AppState, BodyLimits, app};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -45,6 +45,41 @@ struct Args {
     /// Connections for reads.
     #[arg(long, default_value = "4")]
     read_connections: u32,
+    /// Largest body of an append (`POST /v1/sessions/{id}/messages`); larger ones get 413
+    /// before they are read. Other routes' limits follow from what their bodies may hold.
+    #[arg(
+        long,
+        env = "SOLOIST_MAX_APPEND_BODY_BYTES",
+        default_value = "8388608",
+        value_name = "BYTES"
+    )]
+    max_append_body_bytes: usize,
+    /// Request body bytes all requests in flight may hold at once; a request that finds no
+    /// room within 5 s gets 503 `busy`.
+    #[arg(
+        long,
+        env = "SOLOIST_BODY_MEMORY_BYTES",
+        default_value = "134217728",
+        value_name = "BYTES"
+    )]
+    body_memory_bytes: usize,
+    /// Grace period of a request body: it must arrive within this long plus its size at the
+    /// minimum rate, or the request gets 408.
+    #[arg(
+        long,
+        env = "SOLOIST_BODY_TIMEOUT_MS",
+        default_value = "10000",
+        value_name = "MS"
+    )]
+    body_timeout_ms: u64,
+    /// The slowest rate a request body may arrive at, after the grace period.
+    #[arg(
+        long,
+        env = "SOLOIST_MIN_BODY_RATE",
+        default_value = "65536",
+        value_name = "BYTES_PER_SECOND"
+    )]
+    min_body_rate: u64,
 }
 
 #[tokio::main]
@@ -89,10 +124,16 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     println!("listening on http://{address}");
     info!(%address, "soloist-server listening");
 
-    let router = app(AppState {
-        engine: engine.clone(),
-        shutdown: shutdown.clone(),
-    });
+    let mut body_limits = BodyLimits::for_engine(&engine.config().limits);
+    body_limits.append_bytes = args.max_append_body_bytes;
+    body_limits.memory_bytes = args.body_memory_bytes.max(args.max_append_body_bytes);
+    body_limits.grace = Duration::from_millis(args.body_timeout_ms);
+    body_limits.min_bytes_per_second = args.min_body_rate.max(1);
+    let router = app(AppState::with_body_limits(
+        engine.clone(),
+        shutdown.clone(),
+        body_limits,
+    ));
     let stop = shutdown.clone();
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {

@@ -1,0 +1,236 @@
+//! Reading request bodies without letting one request take the server's memory or time.
+//!
+//! Every JSON body goes through [`JsonBody`], which, in this order:
+//! 1. refuses a declared `Content-Length` over the route's limit before reading a byte (413);
+//! 2. reserves the body's size from a budget shared by every request in flight, so that many
+//!    large bodies at once wait their turn instead of adding up (503 `busy` if the budget stays
+//!    taken);
+//! 3. reads the body frame by frame, refusing it as soon as it passes the limit (413) or falls
+//!    behind a minimum transfer rate (408: a client that trickles its body cannot hold a
+//!    connection, a task and its buffer for long);
+//! 4. parses it straight into the route's typed body: no intermediate `serde_json::Value`, JSON
+//!    fields kept as raw text ([`soloist::RawJson`]), unknown fields refused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequest, Request};
+use axum::http::{StatusCode, header};
+use http_body_util::BodyExt;
+use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use crate::{ApiError, AppState};
+
+/// Limits on what a request body may take.
+#[derive(Clone, Debug)]
+pub struct BodyLimits {
+    /// Largest body of `POST /v1/sessions/{id}/messages`.
+    pub append_bytes: usize,
+    /// Largest body of a create or update of a session (title and metadata).
+    pub session_bytes: usize,
+    /// Largest body of the small commands (usage deltas).
+    pub small_bytes: usize,
+    /// Body bytes all requests in flight may hold at once.
+    pub memory_bytes: usize,
+    /// How long a body may take beyond what the minimum rate allows.
+    pub grace: Duration,
+    /// Bytes per second a body must arrive at, at least, after the grace.
+    pub min_bytes_per_second: u64,
+    /// How long a request waits for room in the memory budget before a 503.
+    pub memory_wait: Duration,
+}
+
+impl BodyLimits {
+    /// Limits that fit the engine's input limits: a session body holds at most a title and a
+    /// metadata object; an append is capped at `append_bytes` (8 MiB by default), which the
+    /// operator raises when clients append many large messages at once.
+    pub fn for_engine(limits: &soloist::Limits) -> Self {
+        Self {
+            append_bytes: 8 * 1024 * 1024,
+            // The metadata is measured as sent; a title may be escaped six bytes per byte
+            // (`\u0000`); plus the id and the JSON around them.
+            session_bytes: limits.max_json_bytes + 6 * limits.max_text_bytes + 1024,
+            small_bytes: 1024,
+            memory_bytes: 128 * 1024 * 1024,
+            grace: Duration::from_secs(10),
+            min_bytes_per_second: 64 * 1024,
+            memory_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The shared budget of body bytes in flight.
+#[derive(Debug)]
+pub struct BodyBudget {
+    limits: BodyLimits,
+    /// One permit per KiB of body held by a request in flight.
+    kibibytes: Semaphore,
+}
+
+impl BodyBudget {
+    /// A budget of `limits.memory_bytes`.
+    pub fn new(limits: BodyLimits) -> Arc<Self> {
+        let kibibytes = Semaphore::new(limits.memory_bytes.div_ceil(1024));
+        Arc::new(Self { limits, kibibytes })
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &BodyLimits {
+        &self.limits
+    }
+}
+
+/// Which limit a body type is held to.
+pub trait BodyKind {
+    /// The largest body of this kind.
+    fn limit(limits: &BodyLimits) -> usize;
+}
+
+/// A JSON body parsed into `T` under the limits above; every refusal is an [`ApiError`].
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned + BodyKind + Send> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
+        let budget = &state.bodies;
+        let limit = T::limit(budget.limits());
+        let bytes = read_body(request, limit, budget).await?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|error| invalid_json(&error))
+    }
+}
+
+fn invalid_json(error: &serde_json::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_input",
+        format!("invalid JSON body: {error}"),
+    )
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("the request body is larger than this route's limit of {limit} bytes"),
+    )
+}
+
+/// Reads a whole body under the limit, the budget and the minimum rate.
+async fn read_body(
+    request: Request,
+    limit: usize,
+    budget: &BodyBudget,
+) -> Result<Vec<u8>, ApiError> {
+    let headers = request.headers();
+    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
+        let json = content_type
+            .to_str()
+            .ok()
+            .and_then(|value| value.split(';').next())
+            .map(str::trim)
+            .is_some_and(|essence| {
+                essence.eq_ignore_ascii_case("application/json")
+                    || essence.to_ascii_lowercase().ends_with("+json")
+            });
+        if !json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "the body must be JSON (content-type: application/json)",
+            ));
+        }
+    } else {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "missing content-type: application/json",
+        ));
+    }
+    let declared = match headers.get(header::CONTENT_LENGTH) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|text| text.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_input",
+                        "invalid content-length",
+                    )
+                })?,
+        ),
+    };
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large(limit));
+    }
+    // A body of unknown length reserves the route's limit.
+    let reserve = declared.map_or(limit, |length| length as usize);
+    let permits = u32::try_from(reserve.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let _reserved = match tokio::time::timeout(
+        budget.limits.memory_wait,
+        budget.kibibytes.acquire_many(permits),
+    )
+    .await
+    {
+        Ok(Ok(permit)) => permit,
+        // Closed never happens (the semaphore lives as long as the server); a wait past the
+        // limit is the server being busy with other large bodies.
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many large request bodies in flight; retry",
+            ));
+        }
+    };
+
+    let limits = &budget.limits;
+    let started = Instant::now();
+    let deadline_for = |bytes: u64| {
+        started
+            + limits.grace
+            + Duration::from_secs_f64(bytes as f64 / limits.min_bytes_per_second as f64)
+    };
+    // The declared length sets the deadline for the whole body at once; without one, it moves
+    // with what has arrived.
+    let mut body = request.into_body();
+    let mut bytes = Vec::with_capacity(reserve.min(64 * 1024));
+    loop {
+        let expected = declared.unwrap_or(bytes.len() as u64);
+        let frame = match tokio::time::timeout_at(deadline_for(expected), body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    format!(
+                        "the request body arrived slower than {} bytes per second",
+                        limits.min_bytes_per_second
+                    ),
+                ));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(error))) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_input",
+                    format!("the request body could not be read: {error}"),
+                ));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            if bytes.len() + data.len() > limit {
+                return Err(too_large(limit));
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Ok(bytes)
+}
