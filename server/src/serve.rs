@@ -45,6 +45,9 @@ const MAX_REFUSALS: usize = 64;
 /// spinning on it.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// "Too many open files": the same number on every Unix.
+const EMFILE: i32 = 24;
+
 /// The longest a refusal waits for its client to read the answer and hang up.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
@@ -133,9 +136,11 @@ pub async fn serve(
     let mut refusals = JoinSet::new();
     let mut report = ServeReport::default();
     let mut next_id = 0u64;
-    let mut full_warning = RateLimit::new(Duration::from_secs(10));
+    let mut evict_warning = RateLimit::new(Duration::from_secs(10));
+    let mut refuse_warning = RateLimit::new(Duration::from_secs(10));
     let mut accept_warning = RateLimit::new(Duration::from_secs(1));
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut max_connections = config.max_connections;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -148,12 +153,18 @@ pub async fn serve(
             Ok((stream, _)) => stream,
             Err(error) if is_per_connection(&error) => continue,
             Err(error) => {
-                // Most likely out of descriptors (EMFILE/ENFILE): accepting again at once
-                // would fail again, so free one if an idle connection can spare it, and rest.
+                // Most likely out of descriptors: accepting again at once would fail again, so
+                // free one if an idle connection can spare it, and rest.
+                let open = registry.len();
+                if error.raw_os_error() == Some(EMFILE) && open > 1 && open <= max_connections {
+                    // The cap does not fit the descriptors left: lower it, so that from now on
+                    // a new connection evicts an idle one before accept runs out again.
+                    max_connections = open - 1;
+                }
                 let evicted = registry.evict_idlest();
                 report.evicted += u64::from(evicted);
                 if accept_warning.ready() {
-                    warn!(%error, evicted, "accept failed; backing off");
+                    warn!(%error, evicted, max_connections, "accept failed; backing off");
                 }
                 tokio::select! {
                     biased;
@@ -162,20 +173,20 @@ pub async fn serve(
                 }
             }
         };
-        if registry.len() >= config.max_connections {
+        if registry.len() >= max_connections {
             if registry.evict_idlest() {
                 report.evicted += 1;
-                if full_warning.ready() {
+                if evict_warning.ready() {
                     warn!(
-                        max_connections = config.max_connections,
+                        max_connections,
                         "connection cap reached: evicting the longest-idle connections"
                     );
                 }
             } else {
                 report.refused += 1;
-                if full_warning.ready() {
+                if refuse_warning.ready() {
                     warn!(
-                        max_connections = config.max_connections,
+                        max_connections,
                         "connection cap reached with a request in flight on every connection: \
                          refusing new connections"
                     );
