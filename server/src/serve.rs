@@ -59,7 +59,8 @@ pub struct ServeConfig {
     /// on a keep-alive connection (so it is also how long an idle keep-alive connection stays
     /// open).
     pub header_read_timeout: Duration,
-    /// Connections open at once; see [`default_max_connections`].
+    /// Connections open at once; see [`default_max_connections`]. Lowered while serving if
+    /// `accept` runs out of descriptors below it.
     pub max_connections: usize,
     /// At shutdown, how long in-flight requests may take before their connections are cut.
     pub shutdown_timeout: Duration,
