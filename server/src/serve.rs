@@ -91,7 +91,11 @@ pub fn default_max_connections() -> usize {
 /// The soft limit on open files, from `/proc` (so without `unsafe`); `None` where that is not
 /// available, and a large number when unlimited.
 pub fn open_file_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    soft_open_file_limit(&std::fs::read_to_string("/proc/self/limits").ok()?)
+}
+
+/// The soft limit in the text of `/proc/<pid>/limits`.
+fn soft_open_file_limit(limits: &str) -> Option<u64> {
     let line = limits
         .lines()
         .find(|line| line.starts_with("Max open files"))?;
@@ -452,5 +456,26 @@ impl RateLimit {
         }
         self.last = Some(now);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_soft_open_file_limit() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             63704                63704                processes \n\
+                      Max open files            1024                 524288               files     \n";
+        assert_eq!(soft_open_file_limit(limits), Some(1024));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(soft_open_file_limit(unlimited), Some(1 << 20));
+        assert_eq!(
+            soft_open_file_limit("Max processes 10 10 processes\n"),
+            None
+        );
+        assert!(default_max_connections() >= 1);
     }
 }
