@@ -48,6 +48,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// "Too many open files": the same number on every Unix.
 const EMFILE: i32 = 24;
 
+/// Descriptors the cap is lowered by below what was open when `accept` ran out of them.
+const EMFILE_HEADROOM: usize = 16;
+
 /// The longest a refusal waits for its client to read the answer and hang up.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
@@ -162,12 +165,19 @@ pub async fn serve(
                 // free one if an idle connection can spare it, and rest.
                 let open = registry.len();
                 if error.raw_os_error() == Some(EMFILE) && open > 1 && open <= max_connections {
-                    // The cap does not fit the descriptors left: lower it, so that from now on
-                    // a new connection evicts an idle one before accept runs out again.
-                    max_connections = open - 1;
+                    // The cap does not fit the descriptors left: lower it, with some room for
+                    // evicted connections still closing, so that from now on a new connection
+                    // evicts an idle one before accept runs out again.
+                    max_connections = open.saturating_sub(EMFILE_HEADROOM).max(open / 2);
                 }
-                let evicted = registry.evict_idlest();
-                report.evicted += u64::from(evicted);
+                let mut evicted = 0u64;
+                while registry.len() > max_connections.saturating_sub(1) || evicted == 0 {
+                    if !registry.evict_idlest() {
+                        break;
+                    }
+                    evicted += 1;
+                }
+                report.evicted += evicted;
                 if accept_warning.ready() {
                     warn!(%error, evicted, max_connections, "accept failed; backing off");
                 }
