@@ -11,12 +11,12 @@
 //! - `api`: request and response bodies of the JSON API.
 //! - `error`: [`ApiError`], the mapping from engine errors and bad requests to HTTP.
 //! - `metrics`: the Prometheus text rendering of [`soloist::Stats`].
-//! - [`serve`]: the accept loop, with the connection cap, timeouts and bounded drain.
+//! - [`serve()`]: the accept loop, with the connection cap, timeouts and bounded drain.
 
 mod api;
 mod error;
 mod metrics;
-pub mod serve;
+mod serve;
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -37,7 +37,7 @@ use soloist::{
 use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
-pub use serve::{ServeConfig, ServeReport, default_max_connections, serve};
+pub use serve::{ServeConfig, ServeReport, default_max_connections, open_file_limit, serve};
 
 use api::{
     AppendBody, AppendedBody, CreateBody, CreatedBody, EventsQuery, ListQuery, MessageBody,
