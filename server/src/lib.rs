@@ -11,11 +11,13 @@
 //! - `api`: request and response bodies of the JSON API.
 //! - `error`: [`ApiError`], the mapping from engine errors and bad requests to HTTP.
 //! - `metrics`: the Prometheus text rendering of [`soloist::Stats`].
+//! - [`serve()`]: the accept loop, with the connection cap, timeouts and bounded drain.
 
 mod api;
 mod body;
 mod error;
 mod metrics;
+mod serve;
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -39,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use body::{BodyBudget, BodyLimits, JsonBody};
 pub use error::ApiError;
+pub use serve::{ServeConfig, ServeReport, default_max_connections, open_file_limit, serve};
 
 use api::{
     AppendBody, AppendedBody, CreateBody, CreatedBody, EventsQuery, ListQuery, PageQuery,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use soloist::{Engine, EngineConfig, SqliteSync};
-use soloist_server::{AppState, BodyLimits, app};
+use soloist_server::{AppState, BodyLimits, ServeConfig, app, default_max_connections, serve};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -80,6 +80,25 @@ struct Args {
         value_name = "BYTES_PER_SECOND"
     )]
     min_body_rate: u64,
+    /// The longest a client may take to send a request's headers; also how long an idle
+    /// keep-alive connection stays open.
+    #[arg(long, env = "SOLOIST_HEADER_READ_TIMEOUT_MS", default_value = "10000", value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    header_read_timeout_ms: u64,
+    /// Connections open at once; past it the longest-idle connection is closed, or, when every
+    /// connection has a request in flight, the new one gets a 503 `too_many_connections`.
+    /// Default: the open-file limit less 128 (at least half of it).
+    #[arg(long, env = "SOLOIST_MAX_CONNECTIONS", value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
+    /// At shutdown, how long in-flight requests may take before their connections are cut.
+    #[arg(
+        long,
+        env = "SOLOIST_SHUTDOWN_TIMEOUT_MS",
+        default_value = "30000",
+        value_name = "MS"
+    )]
+    shutdown_timeout_ms: u64,
 }
 
 #[tokio::main]
@@ -134,15 +153,34 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         shutdown.clone(),
         body_limits,
     ));
+    let serve_config = ServeConfig {
+        header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
+        max_connections: args
+            .max_connections
+            .map_or_else(default_max_connections, |max| {
+                usize::try_from(max).unwrap_or(usize::MAX)
+            }),
+        shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
+    };
+    info!(
+        max_connections = serve_config.max_connections,
+        "connection cap"
+    );
     let stop = shutdown.clone();
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            wait_for_signal().await;
-            info!("shutting down: no new connections, finishing in-flight requests");
-            // Ends the event streams, which would otherwise hold the drain open forever.
-            stop.cancel();
-        })
-        .await?;
+    let report = serve(listener, router, serve_config, async move {
+        wait_for_signal().await;
+        info!("shutting down: no new connections, finishing in-flight requests");
+        // Ends the event streams, which would otherwise hold the drain open forever.
+        stop.cancel();
+    })
+    .await;
+    info!(
+        accepted = report.accepted,
+        evicted = report.evicted,
+        refused = report.refused,
+        cut = report.cut,
+        "connections closed"
+    );
     engine.shutdown().await;
     info!("soloist-server stopped cleanly");
     Ok(())

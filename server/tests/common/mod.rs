@@ -52,7 +52,40 @@ impl Server {
     /// Starts the binary listening on `listen` and waits until it is accepting connections;
     /// an error if it exits first (e.g. the port is still taken).
     pub fn try_start(listen: &str, database_url: &str, extra: &[&str]) -> Result<Server, String> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_soloist-server"))
+        Server::try_start_command(
+            Command::new(env!("CARGO_BIN_EXE_soloist-server")),
+            listen,
+            database_url,
+            extra,
+        )
+    }
+
+    /// Starts the binary on a fresh SQLite file with at most `open_files` descriptors (the
+    /// shell's `ulimit -n`, which the binary inherits through `exec`, so its process id is the
+    /// server's).
+    pub fn sqlite_with_open_files(open_files: u32, extra: &[&str]) -> Server {
+        let dir = std::env::temp_dir().join(format!("soloist-server-test-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let url = format!("sqlite://{}", dir.join("chat.db").display());
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            &format!("ulimit -n {open_files} && exec \"$0\" \"$@\""),
+            env!("CARGO_BIN_EXE_soloist-server"),
+        ]);
+        let mut server = Server::try_start_command(command, "127.0.0.1:0", &url, extra)
+            .unwrap_or_else(|error| panic!("{error}"));
+        server.dir = Some(TempDir(dir));
+        server
+    }
+
+    fn try_start_command(
+        mut command: Command,
+        listen: &str,
+        database_url: &str,
+        extra: &[&str],
+    ) -> Result<Server, String> {
+        let mut child = command
             .args(["--listen", listen, "--database-url", database_url])
             .args(extra)
             .env("RUST_LOG", "warn")
@@ -102,6 +135,11 @@ impl Server {
             .expect("kill");
         assert!(status.success());
         self.child.wait().expect("wait")
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Sends SIGKILL (the process gets no chance to finish anything) and reaps it.

@@ -1,0 +1,491 @@
+//! The accept loop: HTTP/1 connections served by hyper, with the limits that keep clients from
+//! taking the server down.
+//!
+//! - A connection must finish each request's headers within the header-read timeout (hyper's
+//!   own timer, which also runs while a keep-alive connection waits for its next request).
+//! - At most `max_connections` are open. A new connection beyond that evicts the connection
+//!   that has been idle longest (no request in flight: still reading headers, or idle between
+//!   requests), so that clients that hold connections without using them cannot lock others
+//!   out. Only when every connection has a request in flight is the new one refused, with a
+//!   503 `too_many_connections`.
+//! - At shutdown, idle connections close at once and in-flight requests get until the drain
+//!   deadline; whatever is still open then is cut.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::Request;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tower_service::Service;
+use tracing::{debug, info, warn};
+
+/// Descriptors kept back from the connection cap for everything else the process opens: the
+/// listener, database connections (an SQLite connection holds several files), logs.
+const DESCRIPTOR_RESERVE: u64 = 128;
+
+/// Refusals being written at once; past that a refused connection is closed without an answer,
+/// so that answering a flood cannot itself exhaust descriptors.
+const MAX_REFUSALS: usize = 64;
+
+/// How long `accept` rests after an error such as running out of descriptors, instead of
+/// spinning on it.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// "Too many open files": the same number on every Unix.
+const EMFILE: i32 = 24;
+
+/// Descriptors the cap is lowered by below what was open when `accept` ran out of them.
+const EMFILE_HEADROOM: usize = 16;
+
+/// The longest a refusal waits for its client to read the answer and hang up.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// Limits of [`serve`].
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// The longest a connection may take to send a request's headers, counted from when the
+    /// server starts waiting for them: from accept, and from the end of the previous response
+    /// on a keep-alive connection (so it is also how long an idle keep-alive connection stays
+    /// open).
+    pub header_read_timeout: Duration,
+    /// Connections open at once; see [`default_max_connections`]. Lowered while serving if
+    /// `accept` runs out of descriptors below it.
+    pub max_connections: usize,
+    /// At shutdown, how long in-flight requests may take before their connections are cut.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: default_max_connections(),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The connection cap that fits the process's open-file limit (the soft `RLIMIT_NOFILE`): the
+/// limit less a reserve of 128 descriptors for everything else, and at least half the limit.
+/// Where the limit cannot be read, as if it were 1,024.
+pub fn default_max_connections() -> usize {
+    let limit = open_file_limit().unwrap_or(1024);
+    let cap = limit
+        .saturating_sub(DESCRIPTOR_RESERVE)
+        .max(limit / 2)
+        .max(1);
+    usize::try_from(cap).unwrap_or(usize::MAX)
+}
+
+/// The soft limit on open files, from `/proc` (so without `unsafe`); `None` where that is not
+/// available, and a large number when unlimited.
+pub fn open_file_limit() -> Option<u64> {
+    soft_open_file_limit(&std::fs::read_to_string("/proc/self/limits").ok()?)
+}
+
+/// The soft limit in the text of `/proc/<pid>/limits`.
+fn soft_open_file_limit(limits: &str) -> Option<u64> {
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))?;
+    match line
+        .trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?
+    {
+        "unlimited" => Some(1 << 20),
+        soft => soft.parse().ok(),
+    }
+}
+
+/// What happened to the connections of one [`serve`] run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServeReport {
+    /// Connections accepted and served.
+    pub accepted: u64,
+    /// Idle connections closed to make room for new ones.
+    pub evicted: u64,
+    /// Connections answered 503 `too_many_connections` (or closed unanswered) because every
+    /// open connection had a request in flight.
+    pub refused: u64,
+    /// Connections still open at the shutdown deadline, and cut.
+    pub cut: usize,
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then drains: stops accepting,
+/// lets every connection finish its in-flight request (idle ones close at once) for at most
+/// `shutdown_timeout`, and cuts the rest. Returns when no connection task is left.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> ServeReport {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout);
+    let registry = Arc::new(Registry::new());
+    let drain = CancellationToken::new();
+    let mut connections = JoinSet::new();
+    let mut refusals = JoinSet::new();
+    let mut report = ServeReport::default();
+    let mut next_id = 0u64;
+    let mut evict_warning = RateLimit::new(Duration::from_secs(10));
+    let mut refuse_warning = RateLimit::new(Duration::from_secs(10));
+    let mut accept_warning = RateLimit::new(Duration::from_secs(1));
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut max_connections = config.max_connections;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            Some(_) = refusals.join_next(), if !refusals.is_empty() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) if is_per_connection(&error) => continue,
+            Err(error) => {
+                // Most likely out of descriptors: accepting again at once would fail again, so
+                // free one if an idle connection can spare it, and rest.
+                let open = registry.len();
+                if error.raw_os_error() == Some(EMFILE) && open > 1 && open <= max_connections {
+                    // The cap does not fit the descriptors left: lower it, with some room for
+                    // evicted connections still closing, so that from now on a new connection
+                    // evicts an idle one before accept runs out again.
+                    max_connections = open.saturating_sub(EMFILE_HEADROOM).max(open / 2);
+                }
+                let mut evicted = 0u64;
+                while registry.len() > max_connections.saturating_sub(1) || evicted == 0 {
+                    if !registry.evict_idlest() {
+                        break;
+                    }
+                    evicted += 1;
+                }
+                report.evicted += evicted;
+                if accept_warning.ready() {
+                    warn!(%error, evicted, max_connections, "accept failed; backing off");
+                }
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                }
+            }
+        };
+        if registry.len() >= max_connections {
+            if registry.evict_idlest() {
+                report.evicted += 1;
+                if evict_warning.ready() {
+                    warn!(
+                        max_connections,
+                        "connection cap reached: evicting the longest-idle connections"
+                    );
+                }
+            } else {
+                report.refused += 1;
+                if refuse_warning.ready() {
+                    warn!(
+                        max_connections,
+                        "connection cap reached with a request in flight on every connection: \
+                         refusing new connections"
+                    );
+                }
+                if refusals.len() < MAX_REFUSALS {
+                    refusals.spawn(refuse(stream));
+                }
+                continue;
+            }
+        }
+        report.accepted += 1;
+        next_id += 1;
+        let tracked = registry.insert(next_id);
+        let guard = Registered {
+            registry: Arc::clone(&registry),
+            id: next_id,
+        };
+        connections.spawn(connection(
+            stream,
+            http.clone(),
+            router.clone(),
+            tracked,
+            guard,
+            drain.clone(),
+        ));
+    }
+
+    drop(listener);
+    refusals.abort_all();
+    let open = connections.len();
+    info!(
+        open,
+        timeout_ms = config.shutdown_timeout.as_millis(),
+        "draining connections"
+    );
+    drain.cancel();
+    let deadline = tokio::time::sleep(config.shutdown_timeout);
+    let mut deadline = std::pin::pin!(deadline);
+    loop {
+        tokio::select! {
+            biased;
+            next = connections.join_next() => if next.is_none() { break },
+            () = &mut deadline => {
+                report.cut = connections.len();
+                connections.shutdown().await;
+                break;
+            }
+        }
+    }
+    while refusals.join_next().await.is_some() {}
+    if report.cut > 0 {
+        warn!(
+            cut = report.cut,
+            "shutdown deadline passed: cut connections with requests still in flight"
+        );
+    } else {
+        info!("every connection drained");
+    }
+    report
+}
+
+/// Errors of `accept` that concern only the connection being accepted.
+fn is_per_connection(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// Serves one connection until it ends, is evicted, or is cut at shutdown.
+async fn connection(
+    stream: TcpStream,
+    http: http1::Builder,
+    router: Router,
+    tracked: Arc<Tracked>,
+    _registered: Registered,
+    drain: CancellationToken,
+) {
+    let evict = tracked.evict.clone();
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let in_flight = InFlight::start(Arc::clone(&tracked));
+        let mut router = router.clone();
+        async move {
+            let response = router.call(request).await?;
+            // The request stays in flight until its response body is sent, so that an event
+            // stream is never taken for an idle connection.
+            Ok::<_, Infallible>(response.map(|body| {
+                Body::new(body.map_frame(move |frame| {
+                    let _in_flight = &in_flight;
+                    frame
+                }))
+            }))
+        }
+    });
+    let connection = http.serve_connection(TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    let result = tokio::select! {
+        biased;
+        () = evict.cancelled() => return,
+        result = connection.as_mut() => result,
+        () = drain.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = evict.cancelled() => return,
+            }
+        }
+    };
+    if let Err(error) = result {
+        debug!(%error, "connection ended with an error");
+    }
+}
+
+/// Answers a connection that cannot be served with a 503 and closes it.
+async fn refuse(mut stream: TcpStream) {
+    const BODY: &str = r#"{"error":{"code":"too_many_connections","message":"the server has too many connections with requests in flight; retry later"}}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let answer = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Closing with the request unread would reset the connection, and a reset can destroy
+        // the answer before the client reads it: read until the client hangs up.
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, io::Error>(())
+    };
+    let _ = tokio::time::timeout(REFUSAL_LINGER, answer).await;
+}
+
+/// The open connections, for the cap and eviction.
+struct Registry {
+    /// When the registry was made; activity instants are milliseconds since.
+    epoch: Instant,
+    open: Mutex<HashMap<u64, Arc<Tracked>>>,
+}
+
+/// What the accept loop knows of one connection.
+struct Tracked {
+    /// Requests whose response has not been sent completely.
+    in_flight: AtomicUsize,
+    /// Milliseconds since [`Registry::epoch`] at which the connection last became idle: when
+    /// it was accepted or when its last response ended. Bytes of a request still being read
+    /// do not count, or a client trickling headers would look busy.
+    idle_since: AtomicU64,
+    /// Cancelled to close the connection at once.
+    evict: CancellationToken,
+    /// The registry's epoch.
+    epoch: Instant,
+}
+
+impl Registry {
+    fn new() -> Registry {
+        Registry {
+            epoch: Instant::now(),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    fn insert(&self, id: u64) -> Arc<Tracked> {
+        let tracked = Arc::new(Tracked {
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(millis_since(self.epoch)),
+            evict: CancellationToken::new(),
+            epoch: self.epoch,
+        });
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, Arc::clone(&tracked));
+        tracked
+    }
+
+    /// Closes the connection idle the longest, if any has no request in flight.
+    fn evict_idlest(&self) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let idlest = open
+            .iter()
+            .filter(|(_, tracked)| tracked.in_flight.load(Ordering::Acquire) == 0)
+            .min_by_key(|(_, tracked)| tracked.idle_since.load(Ordering::Relaxed))
+            .map(|(id, _)| *id);
+        let Some(tracked) = idlest.and_then(|id| open.remove(&id)) else {
+            return false;
+        };
+        drop(open);
+        tracked.evict.cancel();
+        true
+    }
+}
+
+/// Removes its connection from the registry when the connection's task ends (or is aborted).
+struct Registered {
+    registry: Arc<Registry>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+/// One request in flight on its connection, until dropped.
+struct InFlight(Arc<Tracked>);
+
+impl InFlight {
+    fn start(tracked: Arc<Tracked>) -> InFlight {
+        tracked.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(tracked)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let tracked = &self.0;
+        tracked
+            .idle_since
+            .store(millis_since(tracked.epoch), Ordering::Relaxed);
+        tracked.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn millis_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Lets a warning through at most once per period, so that a flood does not flood the log.
+struct RateLimit {
+    period: Duration,
+    last: Option<Instant>,
+}
+
+impl RateLimit {
+    fn new(period: Duration) -> RateLimit {
+        RateLimit { period, last: None }
+    }
+
+    fn ready(&mut self) -> bool {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < self.period)
+        {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_soft_open_file_limit() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             63704                63704                processes \n\
+                      Max open files            1024                 524288               files     \n";
+        assert_eq!(soft_open_file_limit(limits), Some(1024));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(soft_open_file_limit(unlimited), Some(1 << 20));
+        assert_eq!(
+            soft_open_file_limit("Max processes 10 10 processes\n"),
+            None
+        );
+        assert!(default_max_connections() >= 1);
+    }
+}
