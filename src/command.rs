@@ -74,6 +74,12 @@ pub struct CreateSession {
     /// Optional JSON object; `{}` when absent.
     #[serde(default)]
     pub metadata: Option<RawJson>,
+    /// Makes a retry exact (HTTP `Idempotency-Key`): a command with a key already used on this
+    /// session within [`EngineConfig::idempotency_retention`](crate::EngineConfig::idempotency_retention)
+    /// applies nothing and returns the first answer; the same key with a different command is
+    /// [`Error::IdempotencyKeyReused`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// The answer to [`CreateSession`].
@@ -95,6 +101,10 @@ pub struct AppendMessages {
     /// The messages, stored in this order at consecutive sequences (unless some were stored
     /// before under the same ids).
     pub messages: Vec<NewMessage>,
+    /// Apply only if the session is still at this version (its ETag; HTTP `If-Match`):
+    /// otherwise [`Error::PreconditionFailed`] and nothing changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_version: Option<i64>,
 }
 
 /// The answer to [`AppendMessages`]: each message's sequence, in the order sent.
@@ -179,6 +189,16 @@ pub struct UpdateSession {
     /// New metadata object (replaces the old one), when present.
     #[serde(default)]
     pub metadata: Option<RawJson>,
+    /// Apply only if the session is still at this version (its ETag; HTTP `If-Match`):
+    /// otherwise [`Error::PreconditionFailed`] and nothing changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_version: Option<i64>,
+    /// Makes a retry exact (HTTP `Idempotency-Key`): a command with a key already used on this
+    /// session within [`EngineConfig::idempotency_retention`](crate::EngineConfig::idempotency_retention)
+    /// applies nothing and returns the first answer; the same key with a different command is
+    /// [`Error::IdempotencyKeyReused`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Add token usage; the counters move by these deltas in the database (`x = x + delta`).
@@ -192,6 +212,12 @@ pub struct AddUsage {
     pub prompt_tokens: u32,
     /// Completion tokens to add.
     pub completion_tokens: u32,
+    /// Makes a retry exact (HTTP `Idempotency-Key`): a command with a key already used on this
+    /// session within [`EngineConfig::idempotency_retention`](crate::EngineConfig::idempotency_retention)
+    /// applies nothing and returns the first answer; the same key with a different command is
+    /// [`Error::IdempotencyKeyReused`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Delete a session and its messages. Later commands on it answer
@@ -202,6 +228,16 @@ pub struct DeleteSession {
     pub user_id: String,
     /// The session.
     pub session_id: SessionId,
+    /// Apply only if the session is still at this version (its ETag; HTTP `If-Match`):
+    /// otherwise [`Error::PreconditionFailed`] and nothing changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_version: Option<i64>,
+    /// Makes a retry exact (HTTP `Idempotency-Key`): a command with a key already used on this
+    /// session within [`EngineConfig::idempotency_retention`](crate::EngineConfig::idempotency_retention)
+    /// applies nothing and returns the first answer; the same key with a different command is
+    /// [`Error::IdempotencyKeyReused`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Default page size of [`GetSession`].
@@ -284,7 +320,16 @@ pub(crate) fn validate_messages(
     }
     check_len("messages", messages.len(), limits.max_messages_per_append)?;
     let mut valid = Vec::with_capacity(messages.len());
+    let mut ids = std::collections::HashSet::with_capacity(messages.len());
     for (index, message) in messages.into_iter().enumerate() {
+        if let Some(id) = message.id {
+            if !ids.insert(id) {
+                return Err(Error::invalid(
+                    format!("messages[{index}].id"),
+                    "the same message id appears twice in one append",
+                ));
+            }
+        }
         let field = |name: &str| format!("messages[{index}].{name}");
         // Content is stored as bytes, so any text round-trips, NUL included.
         if let Some(content) = &message.content {

@@ -109,6 +109,9 @@ pub struct EngineConfig {
     /// [`Error::Forbidden`](crate::Error::Forbidden) to a user who does not own the session, so
     /// that session ids cannot be probed. Default `true`.
     pub hide_foreign_sessions: bool,
+    /// How long an idempotency key is remembered: a command with the same key within this
+    /// time replays the first answer. Default 24 hours.
+    pub idempotency_retention: Duration,
     /// Input limits.
     pub limits: Limits,
 }
@@ -137,6 +140,7 @@ impl EngineConfig {
             listen_for_changes: true,
             ownership_lease: Duration::from_secs(10),
             hide_foreign_sessions: true,
+            idempotency_retention: Duration::from_secs(24 * 3600),
             limits: Limits::default(),
         }
     }

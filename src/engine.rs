@@ -17,10 +17,11 @@ use crate::command::{
 };
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
+use crate::idempotency::{Keyed, check_key, derived_session_id};
 use crate::model::{NewMessage, RawJson, SessionId, SessionInfo, Usage};
 use crate::session::{
-    AppendRequest, CreateRequest, Mail, Respond, SessionActor, SessionRequest, Shared,
-    SubscribeRequest, Subscribed, UpdateRequest,
+    AppendRequest, CreateRequest, DeleteRequest, Mail, Respond, SessionActor, SessionRequest,
+    Shared, SubscribeRequest, Subscribed, UpdateRequest, UsageRequest,
 };
 use crate::stats::{EngineStats, Stats};
 use crate::store::Store;
@@ -194,13 +195,24 @@ impl Engine {
         let limits = &self.config().limits;
         check_user(&command.user_id, limits)?;
         validate_title(&command.title, limits)?;
-        let metadata = command.metadata.unwrap_or_else(RawJson::empty_object);
-        check_json("metadata", &metadata, true, limits)?;
-        let session_id = command.session_id.unwrap_or_else(Uuid::now_v7);
+        if let Some(metadata) = &command.metadata {
+            check_json("metadata", metadata, true, limits)?;
+        }
+        let keyed = keyed(&command.idempotency_key, || {
+            Command::CreateSession(command.clone())
+        })?;
+        // Without an id, a keyed create derives one from the key, so that its retries reach
+        // the same session (and the record of the first answer).
+        let session_id = match (command.session_id, &command.idempotency_key) {
+            (Some(id), _) => id,
+            (None, Some(key)) => derived_session_id(&command.user_id, key),
+            (None, None) => Uuid::now_v7(),
+        };
         let request = CreateRequest {
             user_id: command.user_id,
             title: command.title,
-            metadata,
+            metadata: command.metadata.unwrap_or_else(RawJson::empty_object),
+            keyed,
         };
         self.ask(session_id, "create_session", |respond| {
             Box::new(SessionRequest::Create(request, respond))
@@ -216,6 +228,7 @@ impl Engine {
         let request = AppendRequest {
             user_id: command.user_id,
             messages,
+            if_version: command.if_version,
         };
         self.ask(command.session_id, "append", |respond| {
             Box::new(SessionRequest::Append(request, respond))
@@ -274,11 +287,15 @@ impl Engine {
         if let Some(metadata) = &command.metadata {
             check_json("metadata", metadata, true, limits)?;
         }
-        let metadata = command.metadata;
+        let keyed = keyed(&command.idempotency_key, || {
+            Command::UpdateSession(command.clone())
+        })?;
         let request = UpdateRequest {
             user_id: command.user_id,
             title: command.title,
-            metadata,
+            metadata: command.metadata,
+            if_version: command.if_version,
+            keyed,
         };
         self.ask(command.session_id, "update_session", |respond| {
             Box::new(SessionRequest::Update(request, respond))
@@ -290,8 +307,12 @@ impl Engine {
     pub async fn add_usage(&self, command: AddUsage) -> Result<Usage> {
         check_user(&command.user_id, &self.config().limits)?;
         let session_id = command.session_id;
+        let keyed = keyed(&command.idempotency_key, || {
+            Command::AddUsage(command.clone())
+        })?;
+        let request = UsageRequest { command, keyed };
         self.ask(session_id, "add_usage", |respond| {
-            Box::new(SessionRequest::AddUsage(command, respond))
+            Box::new(SessionRequest::AddUsage(request, respond))
         })
         .await
     }
@@ -300,8 +321,12 @@ impl Engine {
     pub async fn delete_session(&self, command: DeleteSession) -> Result<()> {
         check_user(&command.user_id, &self.config().limits)?;
         let session_id = command.session_id;
+        let keyed = keyed(&command.idempotency_key, || {
+            Command::DeleteSession(command.clone())
+        })?;
+        let request = DeleteRequest { command, keyed };
         self.ask(session_id, "delete_session", |respond| {
-            Box::new(SessionRequest::Delete(command, respond))
+            Box::new(SessionRequest::Delete(request, respond))
         })
         .await
     }
@@ -472,6 +497,7 @@ impl SessionHandle {
                 session_id: Some(self.session_id),
                 title,
                 metadata,
+                ..Default::default()
             })
             .await
     }
@@ -483,6 +509,7 @@ impl SessionHandle {
                 user_id: self.user_id.clone(),
                 session_id: self.session_id,
                 messages,
+                if_version: None,
             })
             .await
             .map(|appended| appended.sequences)
@@ -513,6 +540,7 @@ impl SessionHandle {
                 session_id: self.session_id,
                 title,
                 metadata,
+                ..Default::default()
             })
             .await
     }
@@ -525,6 +553,7 @@ impl SessionHandle {
                 session_id: self.session_id,
                 prompt_tokens,
                 completion_tokens,
+                idempotency_key: None,
             })
             .await
     }
@@ -547,6 +576,7 @@ impl SessionHandle {
             .delete_session(DeleteSession {
                 user_id: self.user_id.clone(),
                 session_id: self.session_id,
+                ..DeleteSession::default()
             })
             .await
     }
@@ -570,4 +600,21 @@ impl Drop for ChangeFeedPaused {
     fn drop(&mut self) {
         self.pause.send_replace(false);
     }
+}
+
+/// Checks a command's idempotency key and fingerprints the command without it.
+fn keyed(key: &Option<String>, command: impl FnOnce() -> Command) -> Result<Option<Keyed>> {
+    let Some(key) = key else {
+        return Ok(None);
+    };
+    check_key(key)?;
+    let mut command = command();
+    match &mut command {
+        Command::CreateSession(create) => create.idempotency_key = None,
+        Command::UpdateSession(update) => update.idempotency_key = None,
+        Command::AddUsage(add) => add.idempotency_key = None,
+        Command::DeleteSession(delete) => delete.idempotency_key = None,
+        _ => {}
+    }
+    Ok(Keyed::of(Some(key), &command))
 }

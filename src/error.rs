@@ -43,6 +43,26 @@ pub enum Error {
     /// retries, or a session id is already taken by another user. HTTP 409.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A message id that is already stored in the session (or sent earlier in the same
+    /// request) came with a different message. Re-sending the same message is fine (it returns
+    /// the original sequence); reusing its id for other content is a client bug, refused whole.
+    /// HTTP 409.
+    #[error("message id {id} is already used by a different message in this session")]
+    MessageIdReused {
+        /// The reused id.
+        id: uuid::Uuid,
+    },
+    /// The command was conditional on the session's version (`If-Match`) and the session is at
+    /// another one: it changed since the caller read it. Nothing was applied. HTTP 412.
+    #[error("the session is at version {current}, not the one the command was conditional on")]
+    PreconditionFailed {
+        /// The session's current version (its ETag).
+        current: i64,
+    },
+    /// An idempotency key was used before on this session with a different command (another
+    /// body, route or session field): nothing was applied. HTTP 409.
+    #[error("the idempotency key was already used for a different request")]
+    IdempotencyKeyReused,
     /// The session's mailbox stayed full past the configured send timeout. HTTP 429/503.
     #[error("overloaded: the session's mailbox stayed full for {0:?}")]
     Overloaded(Duration),
@@ -141,7 +161,8 @@ impl Error {
             Error::Forbidden => 403,
             Error::InvalidInput { .. } => 400,
             Error::TooLarge { .. } => 413,
-            Error::Conflict(_) => 409,
+            Error::Conflict(_) | Error::MessageIdReused { .. } | Error::IdempotencyKeyReused => 409,
+            Error::PreconditionFailed { .. } => 412,
             Error::Overloaded(_) => 429,
             Error::ShuttingDown | Error::ActorFailed | Error::Timeout(_) | Error::Storage(_) => 503,
         }
@@ -155,6 +176,9 @@ impl Error {
             Error::InvalidInput { .. } => "invalid_input",
             Error::TooLarge { .. } => "too_large",
             Error::Conflict(_) => "conflict",
+            Error::MessageIdReused { .. } => "message_id_reused",
+            Error::IdempotencyKeyReused => "idempotency_key_reused",
+            Error::PreconditionFailed { .. } => "precondition_failed",
             Error::Overloaded(_) => "overloaded",
             Error::ShuttingDown => "shutting_down",
             Error::ActorFailed => "actor_failed",

@@ -49,6 +49,7 @@ pub mod command;
 pub mod config;
 pub mod engine;
 pub mod error;
+mod idempotency;
 pub mod model;
 mod session;
 pub mod stats;

@@ -268,6 +268,20 @@ pub struct Message {
     pub created_at: DateTime<Utc>,
 }
 
+impl Message {
+    /// Whether `message` is this one sent again: every field the client chose is the same
+    /// (the id aside, which the caller matched already).
+    pub fn is_resend_of(&self, message: &NewMessage) -> bool {
+        self.role == message.role
+            && self.content == message.content
+            && self.name == message.name
+            && self.tool_calls == message.tool_calls
+            && self.tool_call_id == message.tool_call_id
+            && self.function_call == message.function_call
+            && self.refusal == message.refusal
+    }
+}
+
 /// Token usage counters of a session; they only move by deltas.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {

@@ -13,14 +13,17 @@ use tracing::{Instrument, debug, info_span};
 use uuid::Uuid;
 
 use crate::command::{
-    AddUsage, Appended, Created, DEFAULT_MESSAGE_PAGE, DeleteSession, GetSession, SessionPage,
-    ValidMessage, validate_page,
+    AddUsage, Appended, Created, DEFAULT_MESSAGE_PAGE, DeleteSession, GetSession, Reply,
+    SessionPage, ValidMessage, validate_page,
 };
 use crate::config::EngineConfig;
 use crate::error::{Error, Result, StorageError};
+use crate::idempotency::{KeyRecord, Keyed};
 use crate::model::{Message, RawJson, SessionId, SessionInfo, Usage, from_micros, now_micros};
 use crate::stats::EngineStats;
-use crate::store::{FlushOutcome, LoadedSession, MessageRow, NewSessionRow, SessionWrite, Store};
+use crate::store::{
+    FlushOutcome, KeyRow, LoadedSession, MessageRow, NewSessionRow, SessionWrite, Store,
+};
 use crate::writer::Writer;
 
 /// Where an actor sends its answer.
@@ -32,6 +35,7 @@ pub(crate) struct CreateRequest {
     pub user_id: String,
     pub title: Option<String>,
     pub metadata: RawJson,
+    pub keyed: Option<Keyed>,
 }
 
 /// A validated [`AppendMessages`](crate::AppendMessages).
@@ -39,6 +43,7 @@ pub(crate) struct CreateRequest {
 pub(crate) struct AppendRequest {
     pub user_id: String,
     pub messages: Vec<ValidMessage>,
+    pub if_version: Option<i64>,
 }
 
 /// A validated [`UpdateSession`](crate::UpdateSession).
@@ -47,6 +52,22 @@ pub(crate) struct UpdateRequest {
     pub user_id: String,
     pub title: Option<String>,
     pub metadata: Option<RawJson>,
+    pub if_version: Option<i64>,
+    pub keyed: Option<Keyed>,
+}
+
+/// A validated [`AddUsage`](crate::AddUsage).
+#[derive(Debug)]
+pub(crate) struct UsageRequest {
+    pub command: AddUsage,
+    pub keyed: Option<Keyed>,
+}
+
+/// A validated [`DeleteSession`](crate::DeleteSession).
+#[derive(Debug)]
+pub(crate) struct DeleteRequest {
+    pub command: DeleteSession,
+    pub keyed: Option<Keyed>,
 }
 
 /// What goes through a session's mailbox, boxed whole ([`Mail`]).
@@ -56,8 +77,8 @@ pub(crate) enum SessionRequest {
     Append(AppendRequest, Respond<Appended>),
     Get(GetSession, Respond<SessionPage>),
     Update(UpdateRequest, Respond<SessionInfo>),
-    AddUsage(AddUsage, Respond<Usage>),
-    Delete(DeleteSession, Respond<()>),
+    AddUsage(UsageRequest, Respond<Usage>),
+    Delete(DeleteRequest, Respond<()>),
     Subscribe(SubscribeRequest, Respond<Subscribed>),
     /// Another process committed this version of the session: catch up before the next read.
     /// Nobody waits for an answer. (Sent by the PostgreSQL change listener only.)
@@ -125,6 +146,8 @@ struct Loaded {
     /// Whether this actor has taken the session over (its writes then check `epoch` without
     /// bumping it). A reload gives the session up: the next write claims it again.
     owned: bool,
+    /// Idempotency records looked up or written since the load, by key; `None`: not stored.
+    keys: HashMap<String, Option<KeyRecord>>,
 }
 
 impl Loaded {
@@ -137,6 +160,7 @@ impl Loaded {
                 ids: HashMap::new(),
                 epoch: 0,
                 owned: false,
+                keys: HashMap::new(),
             },
             Some(loaded) => {
                 let ids = loaded
@@ -151,6 +175,7 @@ impl Loaded {
                     ids,
                     epoch: loaded.epoch,
                     owned: false,
+                    keys: HashMap::new(),
                 }
             }
         }
@@ -164,7 +189,18 @@ impl Loaded {
         let count = self.info.as_ref().map_or(0, |info| info.message_count);
         count - self.tail.len() as i64
     }
+
+    /// The cached message with this id.
+    fn cached(&self, id: &Uuid) -> Option<&Arc<Message>> {
+        let seq = *self.ids.get(id)?;
+        self.tail
+            .get(usize::try_from(seq - self.tail_start()).ok()?)
+    }
 }
+
+/// Idempotency records kept per live session at most; past it the cache starts over (records
+/// are looked up again from the database when a key comes back).
+const CACHED_KEYS: usize = 1024;
 
 /// One actor per live session.
 pub(crate) struct SessionActor {
@@ -201,8 +237,68 @@ enum Outcome {
     Updated(SessionInfo),
     UsageAdded(Usage),
     Deleted,
+    /// The stored answer of an earlier command with the same idempotency key (a JSON
+    /// [`Reply`]); `with_this_write`: that command is in this batch, so the answer stands only
+    /// if the write commits.
+    Replayed {
+        response: String,
+        with_this_write: bool,
+    },
+    /// While staging: the same key as an earlier command of this batch.
+    SameAs(String),
     /// Nothing to answer (a refresh notice).
     Nothing,
+}
+
+impl Outcome {
+    /// Whether the command changes the session once the write commits.
+    fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Created { .. }
+                | Outcome::Appended(_)
+                | Outcome::Updated(_)
+                | Outcome::UsageAdded(_)
+                | Outcome::Deleted
+        )
+    }
+
+    /// The answer a write gets once committed at `version`, at time `now`.
+    fn committed(&self, version: i64, now: i64) -> Option<Reply> {
+        let commit = |info: &SessionInfo| SessionInfo {
+            version,
+            updated_at: from_micros(now),
+            ..info.clone()
+        };
+        Some(match self {
+            Outcome::Created { created, info } => Reply::SessionCreated(Created {
+                session: commit(info),
+                created: *created,
+            }),
+            Outcome::Appended(sequences) => Reply::MessagesAppended(Appended {
+                sequences: sequences.clone(),
+            }),
+            Outcome::Updated(info) => Reply::SessionUpdated(commit(info)),
+            Outcome::UsageAdded(usage) => Reply::UsageAdded(*usage),
+            Outcome::Deleted => Reply::SessionDeleted,
+            _ => return None,
+        })
+    }
+}
+
+impl SessionRequest {
+    /// The command's idempotency key and its sender, if it has one.
+    fn keyed(&self) -> Option<(&Keyed, &str)> {
+        match self {
+            SessionRequest::Create(create, _) => create.keyed.as_ref().zip(Some(&*create.user_id)),
+            SessionRequest::Update(update, _) => update.keyed.as_ref().zip(Some(&*update.user_id)),
+            SessionRequest::AddUsage(add, _) => add.keyed.as_ref().zip(Some(&*add.command.user_id)),
+            SessionRequest::Delete(delete, _) => {
+                delete.keyed.as_ref().zip(Some(&*delete.command.user_id))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// What a write put in the database, kept to settle a flush whose outcome was lost.
@@ -393,10 +489,15 @@ impl SessionActor {
             self.reply(requests, outcomes, None);
             return;
         }
-        let mut known_ids = HashMap::new();
+        let mut known = HashMap::new();
         let mut attempt = 0;
         loop {
-            let mut staged = self.stage(&requests, &known_ids);
+            if let Err(error) = self.look_up_keys(&requests).await {
+                let outcomes = requests.iter().map(|_| Outcome::Nothing).collect();
+                self.reply(requests, outcomes, Some(Error::Storage(error)));
+                return;
+            }
+            let mut staged = self.stage(&requests, &known);
             self.resolve_reads(&requests, &mut staged.outcomes).await;
             if staged.write.is_empty() {
                 self.reply(requests, staged.outcomes, None);
@@ -411,6 +512,18 @@ impl SessionActor {
             } = staged;
             let now = write.now;
             let written = WrittenRows::of(&write);
+            let records: Vec<(String, KeyRecord)> = write
+                .keys
+                .iter()
+                .map(|row| {
+                    let record = KeyRecord {
+                        user_id: row.user_id.clone(),
+                        fingerprint: row.fingerprint.clone(),
+                        response: row.response.clone(),
+                    };
+                    (row.key.clone(), record)
+                })
+                .collect();
             // The epoch this actor holds once the write commits.
             let held_epoch = write.epoch + i64::from(write.claim);
             let outcome = match self.shared.writer.write(write).await {
@@ -437,6 +550,12 @@ impl SessionActor {
                     if let Some(state) = self.state.as_mut() {
                         state.epoch = held_epoch;
                         state.owned = true;
+                        if state.keys.len() + records.len() > CACHED_KEYS {
+                            state.keys.clear();
+                        }
+                        for (key, record) in records {
+                            state.keys.insert(key, Some(record));
+                        }
                     }
                     for outcome in &mut outcomes {
                         if let Outcome::Created { info, .. } | Outcome::Updated(info) = outcome {
@@ -471,7 +590,7 @@ impl SessionActor {
                     let backoff = Duration::from_millis(1 << attempt.min(7));
                     tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64() / 2.0)).await;
                     match self.reload_for_conflict(&requests).await {
-                        Ok(ids) => known_ids = ids,
+                        Ok(stored) => known = stored,
                         Err(error) => {
                             self.state = None;
                             self.reply(requests, outcomes, Some(Error::Storage(error)));
@@ -537,12 +656,48 @@ impl SessionActor {
         }
     }
 
+    /// Makes sure the state knows, for every idempotency key of the batch, whether a record of
+    /// it is stored (and not expired).
+    async fn look_up_keys(&mut self, requests: &[SessionRequest]) -> Result<(), StorageError> {
+        let Some(state) = self.state.as_mut() else {
+            return Ok(());
+        };
+        let mut unknown: Vec<String> = requests
+            .iter()
+            .filter_map(SessionRequest::keyed)
+            .map(|(key, _)| &key.key)
+            .filter(|key| !state.keys.contains_key(*key))
+            .cloned()
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        unknown.sort_unstable();
+        unknown.dedup();
+        let retention = self.shared.config.idempotency_retention;
+        let since =
+            now_micros().saturating_sub(i64::try_from(retention.as_micros()).unwrap_or(i64::MAX));
+        let mut found = self
+            .shared
+            .store
+            .key_records(self.id, &unknown, since)
+            .await?;
+        if state.keys.len() + unknown.len() > CACHED_KEYS {
+            state.keys.clear();
+        }
+        for key in unknown {
+            let record = found.remove(&key);
+            state.keys.insert(key, record);
+        }
+        Ok(())
+    }
+
     /// After a conflict: reload the session and look up which of the batch's message ids are
-    /// already stored, with their sequences.
+    /// already stored, as stored.
     async fn reload_for_conflict(
         &mut self,
         requests: &[SessionRequest],
-    ) -> Result<HashMap<Uuid, i64>, StorageError> {
+    ) -> Result<HashMap<Uuid, Arc<Message>>, StorageError> {
         self.load().await?;
         let ids: Vec<Uuid> = requests
             .iter()
@@ -552,12 +707,16 @@ impl SessionActor {
             })
             .flat_map(|append| append.messages.iter().filter_map(|valid| valid.message.id))
             .collect();
-        self.shared.store.stored_ids(self.id, &ids).await
+        let stored = self.shared.store.stored_messages(self.id, &ids).await?;
+        Ok(stored
+            .into_iter()
+            .map(|message| (message.id, Arc::new(message)))
+            .collect())
     }
 
     /// Walks the batch in command order over a staged copy of the session, producing one write
     /// and each command's outcome.
-    fn stage(&self, requests: &[SessionRequest], known_ids: &HashMap<Uuid, i64>) -> Staged {
+    fn stage(&self, requests: &[SessionRequest], known: &HashMap<Uuid, Arc<Message>>) -> Staged {
         let state = self.state.as_ref();
         let now = now_micros();
         let mut info = state.and_then(|state| state.info.clone());
@@ -567,15 +726,64 @@ impl SessionActor {
             write.epoch = state.epoch;
             write.claim = !state.owned;
         }
-        let mut pending_ids: HashMap<Uuid, i64> = HashMap::new();
+        let retention =
+            i64::try_from(self.shared.config.idempotency_retention.as_micros()).unwrap_or(i64::MAX);
+        write.keys_expire_before = now.saturating_sub(retention);
+        let mut pending: HashMap<Uuid, Arc<Message>> = HashMap::new();
+        let mut pending_keys: HashMap<&str, (&str, &[u8])> = HashMap::new();
+        let mut keyed = Vec::new();
         let mut outcomes = Vec::with_capacity(requests.len());
         let mut messages = Vec::new();
+        // Whether a command of this batch changed the session already: a command conditional
+        // on the version it read (`if_version`) then finds the session changed.
+        let mut wrote = false;
         let hide_foreign = self.shared.config.hide_foreign_sessions;
 
         for request in requests {
             let check = |info: &Option<SessionInfo>, deleted: bool, user_id: &str| {
                 check_access(info.as_ref(), deleted, user_id, hide_foreign)
             };
+            let precondition =
+                |if_version: Option<i64>, info: &SessionInfo, wrote: bool| match if_version {
+                    Some(expected) if wrote || expected != info.version => {
+                        Err(Error::PreconditionFailed {
+                            current: info.version + i64::from(wrote),
+                        })
+                    }
+                    _ => Ok(()),
+                };
+            // A key seen before answers from its record, whatever the session's state now.
+            if let Some((key, user_id)) = request.keyed() {
+                let stored = state
+                    .and_then(|state| state.keys.get(&key.key))
+                    .and_then(Option::as_ref)
+                    .map(|record| (record.user_id.as_str(), record.fingerprint.as_slice()))
+                    .or_else(|| pending_keys.get(key.key.as_str()).copied());
+                match stored {
+                    // Another user's record is not theirs to see: the command goes on, and is
+                    // refused like any command on a session that is not theirs.
+                    Some((owner, _)) if owner != user_id => {}
+                    Some((_, fingerprint)) if fingerprint != key.fingerprint.as_slice() => {
+                        outcomes.push(Outcome::Failed(Error::IdempotencyKeyReused));
+                        continue;
+                    }
+                    Some(_) => {
+                        let record = state
+                            .and_then(|state| state.keys.get(&key.key))
+                            .and_then(Option::as_ref);
+                        outcomes.push(match record {
+                            Some(record) => Outcome::Replayed {
+                                response: record.response.clone(),
+                                with_this_write: false,
+                            },
+                            // Sent twice in one batch: the second gets the first's answer.
+                            None => Outcome::SameAs(key.key.clone()),
+                        });
+                        continue;
+                    }
+                    None => {}
+                }
+            }
             let outcome = match request {
                 SessionRequest::Create(create, _) => match &info {
                     None => {
@@ -596,6 +804,7 @@ impl SessionActor {
                             updated_at: from_micros(now),
                         };
                         info = Some(created.clone());
+                        wrote = true;
                         Outcome::Created {
                             created: true,
                             info: created,
@@ -617,26 +826,53 @@ impl SessionActor {
                 SessionRequest::Append(append, _) => {
                     match (check(&info, deleted, &append.user_id), info.as_mut()) {
                         (Ok(()), Some(staged)) => {
-                            let mut sequences = Vec::with_capacity(append.messages.len());
+                            // Each message is either stored already (a resend: its sequence) or
+                            // new; an id stored with other content refuses the whole append.
+                            let mut plan = Vec::with_capacity(append.messages.len());
+                            let mut reused = None;
                             for valid in &append.messages {
                                 let id = valid.message.id.unwrap_or_else(Uuid::now_v7);
-                                let existing = state
-                                    .and_then(|state| state.ids.get(&id))
-                                    .or_else(|| pending_ids.get(&id))
-                                    .or_else(|| known_ids.get(&id));
-                                if let Some(&seq) = existing {
-                                    sequences.push(seq);
-                                    continue;
+                                let stored = state
+                                    .and_then(|state| state.cached(&id))
+                                    .or_else(|| pending.get(&id))
+                                    .or_else(|| known.get(&id));
+                                match stored {
+                                    Some(stored) if stored.is_resend_of(&valid.message) => {
+                                        plan.push((id, Some(stored.seq)));
+                                    }
+                                    Some(_) => {
+                                        reused = Some(id);
+                                        break;
+                                    }
+                                    None => plan.push((id, None)),
                                 }
-                                let seq = staged.message_count;
-                                staged.message_count += 1;
-                                pending_ids.insert(id, seq);
-                                sequences.push(seq);
-                                let (message, row) = new_message(seq, id, valid, now);
-                                write.rows.push(row);
-                                messages.push(message);
                             }
-                            Outcome::Appended(sequences)
+                            let adds = plan.iter().any(|(_, seq)| seq.is_none());
+                            if let Some(id) = reused {
+                                Outcome::Failed(Error::MessageIdReused { id })
+                            } else if let (true, Err(error)) =
+                                (adds, precondition(append.if_version, staged, wrote))
+                            {
+                                Outcome::Failed(error)
+                            } else {
+                                let mut sequences = Vec::with_capacity(plan.len());
+                                for ((id, stored), valid) in plan.into_iter().zip(&append.messages)
+                                {
+                                    if let Some(seq) = stored {
+                                        sequences.push(seq);
+                                        continue;
+                                    }
+                                    let seq = staged.message_count;
+                                    staged.message_count += 1;
+                                    sequences.push(seq);
+                                    let (message, row) = new_message(seq, id, valid, now);
+                                    pending.insert(id, message.clone());
+                                    write.rows.push(row);
+                                    messages.push(message);
+                                }
+                                wrote |= adds;
+                                Outcome::Appended(sequences)
+                            }
                         }
                         (Err(error), _) => Outcome::Failed(error),
                         (Ok(()), None) => Outcome::Failed(Error::NotFound),
@@ -656,21 +892,29 @@ impl SessionActor {
                 SessionRequest::Update(update, _) => {
                     match (check(&info, deleted, &update.user_id), info.as_mut()) {
                         (Ok(()), Some(staged)) => {
-                            if let Some(title) = &update.title {
-                                write.title = Some(title.clone());
-                                staged.title = Some(title.clone());
+                            match precondition(update.if_version, staged, wrote) {
+                                Err(error) => Outcome::Failed(error),
+                                Ok(()) => {
+                                    if let Some(title) = &update.title {
+                                        write.title = Some(title.clone());
+                                        staged.title = Some(title.clone());
+                                        wrote = true;
+                                    }
+                                    if let Some(metadata) = &update.metadata {
+                                        write.metadata = Some(metadata.get().to_owned());
+                                        staged.metadata = metadata.clone();
+                                        wrote = true;
+                                    }
+                                    Outcome::Updated(staged.clone())
+                                }
                             }
-                            if let Some(metadata) = &update.metadata {
-                                write.metadata = Some(metadata.get().to_owned());
-                                staged.metadata = metadata.clone();
-                            }
-                            Outcome::Updated(staged.clone())
                         }
                         (Err(error), _) => Outcome::Failed(error),
                         (Ok(()), None) => Outcome::Failed(Error::NotFound),
                     }
                 }
                 SessionRequest::AddUsage(add, _) => {
+                    let add = &add.command;
                     match (check(&info, deleted, &add.user_id), info.as_mut()) {
                         (Ok(()), Some(staged)) => {
                             let (prompt, completion) = (
@@ -681,22 +925,64 @@ impl SessionActor {
                             write.usage.completion_tokens += completion;
                             staged.usage.prompt_tokens += prompt;
                             staged.usage.completion_tokens += completion;
+                            wrote |= prompt != 0 || completion != 0;
                             Outcome::UsageAdded(staged.usage)
                         }
                         (Err(error), _) => Outcome::Failed(error),
                         (Ok(()), None) => Outcome::Failed(Error::NotFound),
                     }
                 }
-                SessionRequest::Delete(delete, _) => match check(&info, deleted, &delete.user_id) {
-                    Err(error) => Outcome::Failed(error),
-                    Ok(()) => {
-                        write.delete = true;
-                        deleted = true;
-                        Outcome::Deleted
+                SessionRequest::Delete(delete, _) => {
+                    let command = &delete.command;
+                    match (check(&info, deleted, &command.user_id), info.as_ref()) {
+                        (Ok(()), Some(staged)) => {
+                            match precondition(command.if_version, staged, wrote) {
+                                Err(error) => Outcome::Failed(error),
+                                Ok(()) => {
+                                    write.delete = true;
+                                    deleted = true;
+                                    wrote = true;
+                                    Outcome::Deleted
+                                }
+                            }
+                        }
+                        (Err(error), _) => Outcome::Failed(error),
+                        (Ok(()), None) => Outcome::Failed(Error::NotFound),
                     }
-                },
+                }
             };
+            // A keyed command that succeeds stores its record with its effect (in the same
+            // write, so neither lands without the other).
+            if let Some((key, user_id)) = request.keyed() {
+                if outcome.is_write() {
+                    pending_keys.insert(key.key.as_str(), (user_id, key.fingerprint.as_slice()));
+                    keyed.push((outcomes.len(), key.clone(), user_id.to_owned()));
+                }
+            }
             outcomes.push(outcome);
+        }
+        // The recorded answers are the ones the commands get once the write commits.
+        let version = write.expected_version + 1;
+        for (index, key, user_id) in keyed {
+            if let Some(reply) = outcomes[index].committed(version, now) {
+                write.keys.push(KeyRow {
+                    key: key.key,
+                    user_id,
+                    fingerprint: key.fingerprint,
+                    response: serde_json::to_string(&reply).unwrap_or_default(),
+                });
+            }
+        }
+        for outcome in &mut outcomes {
+            if let Outcome::SameAs(key) = outcome {
+                *outcome = match write.keys.iter().find(|row| &row.key == key) {
+                    Some(row) => Outcome::Replayed {
+                        response: row.response.clone(),
+                        with_this_write: true,
+                    },
+                    None => Outcome::Failed(Error::IdempotencyKeyReused),
+                };
+            }
         }
         Staged {
             write,
@@ -786,7 +1072,11 @@ impl SessionActor {
                     | Outcome::Appended(_)
                     | Outcome::Updated(_)
                     | Outcome::UsageAdded(_)
-                    | Outcome::Deleted,
+                    | Outcome::Deleted
+                    | Outcome::Replayed {
+                        with_this_write: true,
+                        ..
+                    },
                 ) => Outcome::Failed(error.clone()),
                 (_, outcome) => outcome,
             };
@@ -822,6 +1112,9 @@ impl SessionActor {
                 }
                 (SessionRequest::Delete(_, respond), Outcome::Deleted) => {
                     send(stats, respond, Ok(()));
+                }
+                (request, Outcome::Replayed { response, .. }) => {
+                    replay(stats, request, &response);
                 }
                 (request, _) => {
                     // Staging gives each request an outcome of its own kind, so this cannot
@@ -930,6 +1223,31 @@ fn send<T>(stats: &EngineStats, respond: Respond<T>, result: Result<T>) {
     stats.record_command(result.is_ok());
     // The caller may have gone away; the command's effect stands regardless.
     let _ = respond.send(result);
+}
+
+/// Answers a command with the recorded answer of the first command with its idempotency key.
+fn replay(stats: &EngineStats, request: SessionRequest, response: &str) {
+    let reply = serde_json::from_str::<Reply>(response);
+    match (request, reply) {
+        (SessionRequest::Create(_, respond), Ok(Reply::SessionCreated(created))) => {
+            send(stats, respond, Ok(created));
+        }
+        (SessionRequest::Update(_, respond), Ok(Reply::SessionUpdated(info))) => {
+            send(stats, respond, Ok(info));
+        }
+        (SessionRequest::AddUsage(_, respond), Ok(Reply::UsageAdded(usage))) => {
+            send(stats, respond, Ok(usage));
+        }
+        (SessionRequest::Delete(_, respond), Ok(Reply::SessionDeleted)) => {
+            send(stats, respond, Ok(()));
+        }
+        // The fingerprint covers the command's kind, so a record of another kind (or one this
+        // version cannot read) is the key used for something else.
+        (request, _) => {
+            stats.record_command(false);
+            reply_error(request, Error::IdempotencyKeyReused);
+        }
+    }
 }
 
 fn reply_error(request: SessionRequest, error: Error) {

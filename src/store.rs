@@ -20,6 +20,7 @@ use uuid::Uuid;
 use crate::command::SessionCursor;
 use crate::config::EngineConfig;
 use crate::error::{Error, StorageError};
+use crate::idempotency::KeyRecord;
 use crate::model::{Message, RawJson, Role, SessionId, SessionInfo, Usage, from_micros};
 
 /// A session's row and the newest messages, as loaded on activation.
@@ -73,8 +74,24 @@ pub(crate) struct SessionWrite {
     pub metadata: Option<String>,
     pub usage: Usage,
     pub delete: bool,
+    /// Idempotency records to store with the write; a key already stored (and not expired) is
+    /// a conflict, like a stored message id.
+    pub keys: Vec<KeyRow>,
+    /// Idempotency records of the session older than this (microseconds) are expired: deleted
+    /// when the write stores a key.
+    pub keys_expire_before: i64,
     /// Commit time (microseconds) for `updated_at` and the new rows' `created_at`.
     pub now: i64,
+}
+
+/// An idempotency record to insert.
+#[derive(Clone, Debug)]
+pub(crate) struct KeyRow {
+    pub key: String,
+    pub user_id: String,
+    pub fingerprint: Vec<u8>,
+    /// The answer, as a JSON [`Reply`](crate::Reply).
+    pub response: String,
 }
 
 impl SessionWrite {
@@ -90,6 +107,8 @@ impl SessionWrite {
             metadata: None,
             usage: Usage::default(),
             delete: false,
+            keys: Vec::new(),
+            keys_expire_before: 0,
             now,
         }
     }
@@ -118,6 +137,7 @@ impl SessionWrite {
             && self.metadata.is_none()
             && self.usage == Usage::default()
             && !self.delete
+            && self.keys.is_empty()
     }
 }
 
@@ -241,6 +261,22 @@ pub(crate) fn short_writes(
         .filter(|&index| {
             let write = &writes[index];
             inserted.get(&write.session_id).copied().unwrap_or(0) != write.rows.len()
+        })
+        .collect()
+}
+
+/// After the idempotency records' insert: the active writes whose keys were not all inserted
+/// (a key of theirs is already stored).
+pub(crate) fn short_key_writes(
+    plan: &FlushPlan,
+    writes: &[SessionWrite],
+    inserted: &HashMap<Uuid, usize>,
+) -> Vec<usize> {
+    plan.active()
+        .into_iter()
+        .filter(|&index| {
+            let write = &writes[index];
+            inserted.get(&write.session_id).copied().unwrap_or(0) != write.keys.len()
         })
         .collect()
 }
@@ -445,6 +481,44 @@ impl Store {
             return Ok(HashMap::new());
         }
         dispatch!(self, store => store.stored_ids(id, ids).await)
+    }
+
+    /// Those of `ids` that are stored in the session, as stored.
+    pub async fn stored_messages(
+        &self,
+        id: SessionId,
+        ids: &[Uuid],
+    ) -> Result<Vec<Message>, StorageError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        dispatch!(self, store => store.stored_messages(id, ids).await)
+    }
+
+    /// The idempotency records of the session under `keys` created at or after `since`
+    /// (microseconds), by key.
+    pub async fn key_records(
+        &self,
+        id: SessionId,
+        keys: &[String],
+        since: i64,
+    ) -> Result<HashMap<String, KeyRecord>, StorageError> {
+        if keys.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(String, String, Vec<u8>, String)> =
+            dispatch!(self, store => store.key_records(id, keys, since).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, user_id, fingerprint, response)| {
+                let record = KeyRecord {
+                    user_id,
+                    fingerprint,
+                    response,
+                };
+                (key, record)
+            })
+            .collect())
     }
 
     pub async fn read_messages(

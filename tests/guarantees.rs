@@ -323,6 +323,7 @@ async fn every_command_gets_one_reply(db: TestDb) {
                     user_id: user.into(),
                     session_id,
                     messages: vec![role_message],
+                    if_version: None,
                 };
                 let result = client.append_command(&engine, command).await;
                 match result {

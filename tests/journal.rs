@@ -549,14 +549,14 @@ async fn highest_sequence_never_goes_down(db: TestDb) {
                 count += 2;
             }
             1 => {
-                // Re-send an old id (usually outside the cached tail) with a new message.
+                // Re-send an old message (usually outside the cached tail) with a new one.
                 let (old, old_seq) = ids[step % ids.len()];
                 let new = Uuid::now_v7();
                 let sequences = client
                     .append(
                         &through,
                         vec![
-                            NewMessage::user("resent").with_id(old),
+                            NewMessage::user(format!("m{old_seq}")).with_id(old),
                             NewMessage::user(format!("m{count}")).with_id(new),
                         ],
                     )
@@ -616,7 +616,7 @@ async fn highest_sequence_never_goes_down(db: TestDb) {
                     .iter()
                     .rev()
                     .take(3)
-                    .map(|(id, _)| NewMessage::user("again").with_id(*id))
+                    .map(|(id, seq)| NewMessage::user(format!("m{seq}")).with_id(*id))
                     .collect();
                 let expected: Vec<i64> = ids.iter().rev().take(3).map(|(_, seq)| *seq).collect();
                 let sequences = client.append(&through, tail).await.expect("resend");

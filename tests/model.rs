@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
 use std::time::Duration;
 
@@ -505,6 +505,7 @@ enum Kind {
     InvalidInput,
     TooLarge,
     Conflict,
+    MessageIdReused,
     /// Anything else (storage, shutdown, actor failure...): never expected here.
     Other,
 }
@@ -516,6 +517,7 @@ fn kind(error: &Error) -> Kind {
         Error::InvalidInput { .. } => Kind::InvalidInput,
         Error::TooLarge { .. } => Kind::TooLarge,
         Error::Conflict(_) => Kind::Conflict,
+        Error::MessageIdReused { .. } => Kind::MessageIdReused,
         _ => Kind::Other,
     }
 }
@@ -713,10 +715,27 @@ impl Model {
         for message in messages {
             faults.extend(self.message_faults(message));
         }
+        let mut sent = HashSet::new();
+        if messages
+            .iter()
+            .filter_map(|message| message.id)
+            .any(|id| !sent.insert(id))
+        {
+            faults.push(Kind::InvalidInput);
+        }
         if !faults.is_empty() {
             return Err(faults);
         }
         let session = self.access(id, user)?;
+        // An id stored with other content refuses the whole append; the same message again
+        // is a resend.
+        for message in messages {
+            if let Some(&seq) = message.id.and_then(|id| session.ids.get(&id)) {
+                if session.messages[seq as usize].message != *message {
+                    return Err(vec![Kind::MessageIdReused]);
+                }
+            }
+        }
         let mut sequences = Vec::new();
         let mut added = false;
         for message in messages {
@@ -995,6 +1014,7 @@ impl Run<'_> {
                         session_id: Some(id),
                         title: title.clone(),
                         metadata: metadata.clone(),
+                        ..Default::default()
                     })
                     .await;
                 let expected = self.model.create(id, *user, title, metadata);
@@ -1027,6 +1047,7 @@ impl Run<'_> {
                         user_id: USERS[*user].into(),
                         session_id: id,
                         messages: messages.clone(),
+                        ..Default::default()
                     })
                     .await;
                 let expected = self.model.append(id, *user, &messages);
@@ -1068,6 +1089,7 @@ impl Run<'_> {
                         session_id: id,
                         title: title.clone(),
                         metadata: metadata.clone(),
+                        ..Default::default()
                     })
                     .await;
                 let expected = self.model.update(id, *user, title, metadata);
@@ -1089,6 +1111,7 @@ impl Run<'_> {
                         session_id: id,
                         prompt_tokens: *prompt,
                         completion_tokens: *completion,
+                        ..Default::default()
                     })
                     .await;
                 let expected = self.model.add_usage(id, *user, *prompt, *completion);
@@ -1106,6 +1129,7 @@ impl Run<'_> {
                     .delete_session(DeleteSession {
                         user_id: USERS[*user].into(),
                         session_id: id,
+                        ..Default::default()
                     })
                     .await;
                 pair(&actual, self.model.delete(id, *user))?;

@@ -182,6 +182,75 @@ fn path_rejection(rejection: PathRejection) -> ApiError {
     )
 }
 
+/// The value of a header that may appear at most once; several are a 400.
+fn single_header<'a>(parts: &'a Parts, name: &str) -> Result<Option<&'a str>, ApiError> {
+    let mut values = parts.headers.get_all(name).iter();
+    let (first, second) = (values.next(), values.next());
+    if second.is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            format!("several {name} headers; send one"),
+        ));
+    }
+    first
+        .map(|value| {
+            value.to_str().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_input",
+                    format!("the {name} header must be visible ASCII"),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// The `Idempotency-Key` header of a create, update, usage or delete: a retry with the same
+/// key (within 24 hours by default) applies nothing and gets the first answer; the same key
+/// with another request is a 409 `idempotency_key_reused`. 1 to 255 visible ASCII characters.
+pub struct IdempotencyKey(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        Ok(IdempotencyKey(
+            single_header(parts, "idempotency-key")?.map(str::to_owned),
+        ))
+    }
+}
+
+/// The `If-Match` header: the session's `ETag` (its version, quoted) the write is conditional
+/// on; `*` matches any existing session. A session at another version answers 412.
+pub struct IfMatch(pub Option<i64>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let Some(value) = single_header(parts, "if-match")? else {
+            return Ok(IfMatch(None));
+        };
+        let value = value.trim();
+        if value == "*" {
+            return Ok(IfMatch(None));
+        }
+        value
+            .strip_prefix('"')
+            .and_then(|rest| rest.strip_suffix('"'))
+            .and_then(|version| version.parse::<i64>().ok())
+            .map(|version| IfMatch(Some(version)))
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_input",
+                    "If-Match takes one ETag of this session, such as \"7\", or *",
+                )
+            })
+    }
+}
+
 /// `Query` whose rejections are 400 API errors.
 pub struct QueryParams<T>(pub T);
 
@@ -220,9 +289,21 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// A session answer with its version as the `ETag`, for `If-Match` on the next write.
+fn with_etag(status: StatusCode, version: i64, body: impl serde::Serialize) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    if let Ok(value) = axum::http::HeaderValue::from_str(&format!("\"{version}\"")) {
+        response
+            .headers_mut()
+            .insert(axum::http::header::ETAG, value);
+    }
+    response
+}
+
 async fn create_session(
     State(state): State<AppState>,
     UserId(user_id): UserId,
+    IdempotencyKey(idempotency_key): IdempotencyKey,
     JsonBody(body): JsonBody<CreateBody>,
 ) -> Result<Response, ApiError> {
     let created = state
@@ -232,6 +313,7 @@ async fn create_session(
             session_id: body.id,
             title: body.title,
             metadata: body.metadata,
+            idempotency_key,
         })
         .await?;
     let status = if created.created {
@@ -239,13 +321,19 @@ async fn create_session(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(CreatedBody::from(created.session))).into_response())
+    let version = created.session.version;
+    Ok(with_etag(
+        status,
+        version,
+        CreatedBody::from(created.session),
+    ))
 }
 
 async fn append_messages(
     State(state): State<AppState>,
     UserId(user_id): UserId,
     SessionPath(session_id): SessionPath,
+    IfMatch(if_version): IfMatch,
     JsonBody(body): JsonBody<AppendBody>,
 ) -> Result<Json<AppendedBody>, ApiError> {
     let appended = state
@@ -254,6 +342,7 @@ async fn append_messages(
             user_id,
             session_id,
             messages: body.messages,
+            if_version,
         })
         .await?;
     Ok(Json(AppendedBody {
@@ -266,7 +355,7 @@ async fn get_session(
     UserId(user_id): UserId,
     SessionPath(session_id): SessionPath,
     QueryParams(query): QueryParams<PageQuery>,
-) -> Result<Json<SessionBody>, ApiError> {
+) -> Result<Response, ApiError> {
     let page = state
         .engine
         .get_session(GetSession {
@@ -277,7 +366,8 @@ async fn get_session(
             fresh: query.fresh.unwrap_or(false),
         })
         .await?;
-    Ok(Json(SessionBody::from(page)))
+    let version = page.session.version;
+    Ok(with_etag(StatusCode::OK, version, SessionBody::from(page)))
 }
 
 async fn list_sessions(
@@ -297,12 +387,16 @@ async fn list_sessions(
     Ok(Json(SessionListBody::from(list)))
 }
 
+/// `PATCH`: the title and/or the metadata are replaced by the ones sent (metadata is replaced
+/// whole, not merged); absent fields stay as they are.
 async fn update_session(
     State(state): State<AppState>,
     UserId(user_id): UserId,
     SessionPath(session_id): SessionPath,
+    IfMatch(if_version): IfMatch,
+    IdempotencyKey(idempotency_key): IdempotencyKey,
     JsonBody(body): JsonBody<UpdateBody>,
-) -> Result<Json<CreatedBody>, ApiError> {
+) -> Result<Response, ApiError> {
     let session = state
         .engine
         .update_session(UpdateSession {
@@ -310,15 +404,23 @@ async fn update_session(
             session_id,
             title: body.title,
             metadata: body.metadata,
+            if_version,
+            idempotency_key,
         })
         .await?;
-    Ok(Json(CreatedBody::from(session)))
+    let version = session.version;
+    Ok(with_etag(
+        StatusCode::OK,
+        version,
+        CreatedBody::from(session),
+    ))
 }
 
 async fn add_usage(
     State(state): State<AppState>,
     UserId(user_id): UserId,
     SessionPath(session_id): SessionPath,
+    IdempotencyKey(idempotency_key): IdempotencyKey,
     JsonBody(body): JsonBody<UsageDeltaBody>,
 ) -> Result<Json<UsageBody>, ApiError> {
     let usage = state
@@ -328,6 +430,7 @@ async fn add_usage(
             session_id,
             prompt_tokens: body.prompt_tokens,
             completion_tokens: body.completion_tokens,
+            idempotency_key,
         })
         .await?;
     Ok(Json(UsageBody::from(usage)))
@@ -337,12 +440,16 @@ async fn delete_session(
     State(state): State<AppState>,
     UserId(user_id): UserId,
     SessionPath(session_id): SessionPath,
+    IfMatch(if_version): IfMatch,
+    IdempotencyKey(idempotency_key): IdempotencyKey,
 ) -> Result<StatusCode, ApiError> {
     state
         .engine
         .delete_session(DeleteSession {
             user_id,
             session_id,
+            if_version,
+            idempotency_key,
         })
         .await?;
     Ok(StatusCode::NO_CONTENT)

@@ -11,9 +11,9 @@ use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{
-    FlushOutcome, FlushPlan, HeadRow, LoadedSession, MessageRecord, Ownership, SessionRecord,
-    SessionWrite, check_heads, heads, into_messages, message_columns, session_columns,
-    short_writes,
+    FlushOutcome, FlushPlan, HeadRow, KeyRow, LoadedSession, MessageRecord, Ownership,
+    SessionRecord, SessionWrite, check_heads, heads, into_messages, message_columns,
+    session_columns, short_key_writes, short_writes,
 };
 use crate::command::SessionCursor;
 use crate::config::EngineConfig;
@@ -156,6 +156,40 @@ impl PostgresStore {
         Ok(rows.into_iter().collect())
     }
 
+    pub async fn stored_messages(
+        &self,
+        id: SessionId,
+        ids: &[Uuid],
+    ) -> Result<Vec<Message>, StorageError> {
+        let records: Vec<MessageRecord> = sqlx::query_as(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE session_id = $1 AND message_id = ANY($2)"
+        ))
+        .bind(id)
+        .bind(ids)
+        .fetch_all(&self.readers)
+        .await?;
+        into_messages(records)
+    }
+
+    pub async fn key_records(
+        &self,
+        id: SessionId,
+        keys: &[String],
+        since: i64,
+    ) -> Result<Vec<(String, String, Vec<u8>, String)>, StorageError> {
+        Ok(sqlx::query_as(
+            "SELECT key, user_id, fingerprint, response FROM idempotency_keys \
+             WHERE session_id = $1 AND key = ANY($2) AND created_at >= $3",
+        )
+        .bind(id)
+        .bind(keys)
+        .bind(since)
+        .fetch_all(&self.readers)
+        .await?)
+    }
+
     pub async fn read_messages(
         &self,
         id: SessionId,
@@ -252,7 +286,7 @@ impl PostgresStore {
         // written by something other than soloist (a unique violation).
         if writes
             .iter()
-            .all(|write| write.create.is_none() && !write.delete)
+            .all(|write| write.create.is_none() && !write.delete && write.keys.is_empty())
         {
             match self.flush_in_one_statement(writes).await {
                 Err(error) if error.code() == Some(UNIQUE_VIOLATION) => {}
@@ -358,7 +392,8 @@ impl PostgresStore {
             .collect())
     }
 
-    /// The general flush: several statements in one transaction, for creates and deletes.
+    /// The general flush: several statements in one transaction, for creates, deletes and
+    /// idempotency records.
     async fn flush_in_transaction(
         &self,
         writes: &[SessionWrite],
@@ -392,6 +427,15 @@ impl PostgresStore {
             let short = short_writes(&plan, writes, &inserted);
             if !short.is_empty() {
                 // Some of these sessions' rows went in: undo all and retry without them.
+                tx.rollback().await?;
+                for index in short {
+                    plan.conflict(index);
+                }
+                continue;
+            }
+            let inserted = insert_keys(&mut tx, writes, &plan).await?;
+            let short = short_key_writes(&plan, writes, &inserted);
+            if !short.is_empty() {
                 tx.rollback().await?;
                 for index in short {
                     plan.conflict(index);
@@ -513,6 +557,72 @@ async fn insert_messages(
     let returned: Vec<Uuid> = bind_message_arrays!(query, rows)
         .fetch_all(&mut **tx)
         .await?;
+    for session_id in returned {
+        *inserted.entry(session_id).or_default() += 1;
+    }
+    Ok(inserted)
+}
+
+/// Stores the idempotency records of the active writes, after deleting their sessions' expired
+/// ones; returns how many went in per session (a key already stored does not).
+async fn insert_keys(
+    tx: &mut Transaction<'static, Postgres>,
+    writes: &[SessionWrite],
+    plan: &FlushPlan,
+) -> Result<HashMap<Uuid, usize>, StorageError> {
+    let keyed: Vec<&SessionWrite> = plan
+        .active()
+        .into_iter()
+        .map(|index| &writes[index])
+        .filter(|write| !write.keys.is_empty())
+        .collect();
+    let mut inserted = HashMap::new();
+    if keyed.is_empty() {
+        return Ok(inserted);
+    }
+    let sessions: Vec<Uuid> = keyed.iter().map(|write| write.session_id).collect();
+    let cutoffs: Vec<i64> = keyed.iter().map(|write| write.keys_expire_before).collect();
+    sqlx::query(
+        "DELETE FROM idempotency_keys k USING unnest($1::uuid[], $2::int8[]) AS e(id, cutoff) \
+         WHERE k.session_id = e.id AND k.created_at < e.cutoff",
+    )
+    .bind(&sessions)
+    .bind(&cutoffs)
+    .execute(&mut **tx)
+    .await?;
+    let records: Vec<(&SessionWrite, &KeyRow)> = keyed
+        .iter()
+        .flat_map(|write| write.keys.iter().map(move |key| (*write, key)))
+        .collect();
+    let ids: Vec<Uuid> = records.iter().map(|(write, _)| write.session_id).collect();
+    let keys: Vec<&str> = records.iter().map(|(_, key)| key.key.as_str()).collect();
+    let users: Vec<&str> = records
+        .iter()
+        .map(|(_, key)| key.user_id.as_str())
+        .collect();
+    let fingerprints: Vec<&[u8]> = records
+        .iter()
+        .map(|(_, key)| key.fingerprint.as_slice())
+        .collect();
+    let responses: Vec<&str> = records
+        .iter()
+        .map(|(_, key)| key.response.as_str())
+        .collect();
+    let times: Vec<i64> = records.iter().map(|(write, _)| write.now).collect();
+    let returned: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO idempotency_keys (session_id, key, user_id, fingerprint, response, created_at) \
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], \
+                              $6::int8[]) \
+         ON CONFLICT DO NOTHING RETURNING session_id",
+    )
+    .bind(&ids)
+    .bind(&keys)
+    .bind(&users)
+    .bind(&fingerprints)
+    .bind(&responses)
+    .bind(&times)
+    .fetch_all(&mut **tx)
+    .await?;
     for session_id in returned {
         *inserted.entry(session_id).or_default() += 1;
     }

@@ -16,9 +16,9 @@ use sqlx::{QueryBuilder, Sqlite};
 use uuid::Uuid;
 
 use super::{
-    FlushOutcome, FlushPlan, HeadRow, LoadedSession, MessageRecord, Ownership, SessionRecord,
-    SessionWrite, check_heads, heads, into_messages, message_columns, session_columns,
-    short_writes,
+    FlushOutcome, FlushPlan, HeadRow, KeyRow, LoadedSession, MessageRecord, Ownership,
+    SessionRecord, SessionWrite, check_heads, heads, into_messages, message_columns,
+    session_columns, short_key_writes, short_writes,
 };
 use crate::command::SessionCursor;
 use crate::config::{EngineConfig, SqliteSync};
@@ -177,6 +177,48 @@ impl SqliteStore {
         query.push(")");
         let rows: Vec<(Uuid, i64)> = query.build_query_as().fetch_all(&self.readers).await?;
         Ok(rows.into_iter().collect())
+    }
+
+    pub async fn stored_messages(
+        &self,
+        id: SessionId,
+        ids: &[Uuid],
+    ) -> Result<Vec<Message>, StorageError> {
+        let mut query = QueryBuilder::<Sqlite>::new(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM messages WHERE session_id = "
+        ));
+        query.push_bind(id).push(" AND message_id IN (");
+        let mut list = query.separated(", ");
+        for message_id in ids {
+            list.push_bind(*message_id);
+        }
+        query.push(")");
+        let records: Vec<MessageRecord> = query.build_query_as().fetch_all(&self.readers).await?;
+        into_messages(records)
+    }
+
+    pub async fn key_records(
+        &self,
+        id: SessionId,
+        keys: &[String],
+        since: i64,
+    ) -> Result<Vec<(String, String, Vec<u8>, String)>, StorageError> {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT key, user_id, fingerprint, response FROM idempotency_keys WHERE session_id = ",
+        );
+        query
+            .push_bind(id)
+            .push(" AND created_at >= ")
+            .push_bind(since)
+            .push(" AND key IN (");
+        let mut list = query.separated(", ");
+        for key in keys {
+            list.push_bind(key.as_str());
+        }
+        query.push(")");
+        Ok(query.build_query_as().fetch_all(&self.readers).await?)
     }
 
     pub async fn read_messages(
@@ -366,6 +408,15 @@ impl SqliteStore {
                 }
                 continue;
             }
+            let inserted = insert_keys(&mut tx, writes, &plan).await?;
+            let short = short_key_writes(&plan, writes, &inserted);
+            if !short.is_empty() {
+                tx.rollback().await?;
+                for index in short {
+                    plan.conflict(index);
+                }
+                continue;
+            }
 
             // Every session in one statement: on SQLite each statement is a round trip to the
             // connection's worker thread.
@@ -438,6 +489,54 @@ impl SqliteStore {
         self.readers.close().await;
         self.writer.close().await;
     }
+}
+
+/// Stores the idempotency records of the active writes, after deleting their sessions' expired
+/// ones; returns how many went in per session (a key already stored does not).
+async fn insert_keys(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    writes: &[SessionWrite],
+    plan: &FlushPlan,
+) -> Result<HashMap<Uuid, usize>, StorageError> {
+    let keyed: Vec<&SessionWrite> = plan
+        .active()
+        .into_iter()
+        .map(|index| &writes[index])
+        .filter(|write| !write.keys.is_empty())
+        .collect();
+    let mut inserted = HashMap::new();
+    for write in &keyed {
+        sqlx::query("DELETE FROM idempotency_keys WHERE session_id = ? AND created_at < ?")
+            .bind(write.session_id)
+            .bind(write.keys_expire_before)
+            .execute(&mut **tx)
+            .await?;
+    }
+    let records: Vec<(&SessionWrite, &KeyRow)> = keyed
+        .iter()
+        .flat_map(|write| write.keys.iter().map(move |key| (*write, key)))
+        .collect();
+    for chunk in statement_chunks(&records) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO idempotency_keys \
+             (session_id, key, user_id, fingerprint, response, created_at) ",
+        );
+        query.push_values(chunk, |mut values, (write, key)| {
+            values
+                .push_bind(write.session_id)
+                .push_bind(key.key.as_str())
+                .push_bind(key.user_id.as_str())
+                .push_bind(key.fingerprint.as_slice())
+                .push_bind(key.response.as_str())
+                .push_bind(write.now);
+        });
+        query.push(" ON CONFLICT DO NOTHING RETURNING session_id");
+        let returned: Vec<Uuid> = query.build_query_scalar().fetch_all(&mut **tx).await?;
+        for session_id in returned {
+            *inserted.entry(session_id).or_default() += 1;
+        }
+    }
+    Ok(inserted)
 }
 
 #[cfg(test)]

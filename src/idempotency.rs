@@ -1,0 +1,108 @@
+//! Exact retries of the commands that carry no message ids (create, update, usage, delete).
+//!
+//! A command may carry an idempotency key. The first command with a key on a session stores,
+//! in the same transaction as its effect, the key, a fingerprint of the command and the answer
+//! it got; a later command with that key on that session applies nothing and gets the stored
+//! answer (or [`Error::IdempotencyKeyReused`] if its fingerprint differs). Records live
+//! in the database, so a retry is exact across restarts and processes, for
+//! [`EngineConfig::idempotency_retention`](crate::EngineConfig::idempotency_retention).
+//! Across processes the table's primary key `(session_id, key)` catches two processes racing
+//! with the same key: the loser's flush conflicts, reloads, finds the record and replays it.
+
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::command::Command;
+use crate::error::{Error, Result};
+
+/// The longest idempotency key, in bytes.
+pub const MAX_KEY_BYTES: usize = 255;
+
+/// A key with the fingerprint of the command that carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Keyed {
+    pub key: String,
+    pub fingerprint: Vec<u8>,
+}
+
+impl Keyed {
+    /// The key of `command` (if it has one) with the command's fingerprint. The fingerprint
+    /// covers every field of the command but the key itself, the caller included.
+    pub fn of(key: Option<&str>, command: &Command) -> Option<Self> {
+        key.map(|key| Keyed {
+            key: key.to_owned(),
+            fingerprint: fingerprint(command),
+        })
+    }
+}
+
+/// A stored record of a keyed command.
+#[derive(Clone, Debug)]
+pub(crate) struct KeyRecord {
+    /// Who sent the command: a record answers only its own user.
+    pub user_id: String,
+    pub fingerprint: Vec<u8>,
+    /// The answer, as a JSON [`Reply`](crate::Reply).
+    pub response: String,
+}
+
+/// Idempotency keys are 1 to 255 bytes of visible ASCII.
+pub(crate) fn check_key(key: &str) -> Result<()> {
+    if key.is_empty()
+        || key.len() > MAX_KEY_BYTES
+        || !key.bytes().all(|byte| byte.is_ascii_graphic())
+    {
+        return Err(Error::invalid(
+            "idempotency_key",
+            "must be 1 to 255 characters of visible ASCII",
+        ));
+    }
+    Ok(())
+}
+
+/// SHA-256 of the command as JSON (its key cleared by the caller). JSON fields are hashed as
+/// the text they were sent as, so a resend of the same request has the same fingerprint.
+fn fingerprint(command: &Command) -> Vec<u8> {
+    // Plain data always serializes; an empty fingerprint would only ever match itself.
+    let bytes = serde_json::to_vec(command).unwrap_or_default();
+    Sha256::digest(&bytes).to_vec()
+}
+
+/// The id of a session created with an idempotency key and no id: derived from the user and
+/// the key, so that every retry of the create reaches the same session (and its record).
+pub(crate) fn derived_session_id(user_id: &str, key: &str) -> Uuid {
+    let mut hash = Sha256::new();
+    hash.update(b"soloist create\0");
+    hash.update(user_id.as_bytes());
+    hash.update(b"\0");
+    hash.update(key.as_bytes());
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    Uuid::new_v8(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_ids_depend_on_user_and_key() {
+        let a = derived_session_id("alice", "k1");
+        assert_eq!(a, derived_session_id("alice", "k1"));
+        assert_ne!(a, derived_session_id("alice", "k2"));
+        assert_ne!(a, derived_session_id("bob", "k1"));
+        // The separator keeps ("a", "bc") and ("ab", "c") apart.
+        assert_ne!(derived_session_id("a", "bc"), derived_session_id("ab", "c"));
+        assert_eq!(a.get_version_num(), 8);
+    }
+
+    #[test]
+    fn keys_are_visible_ascii() {
+        assert!(check_key("retry-7f3a").is_ok());
+        assert!(check_key("").is_err());
+        assert!(check_key("has space").is_err());
+        assert!(check_key(&"k".repeat(256)).is_err());
+        assert!(check_key(&"k".repeat(255)).is_ok());
+    }
+}
