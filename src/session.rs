@@ -211,6 +211,9 @@ pub(crate) struct SessionActor {
     /// Publishes committed messages to subscribers; created by the first subscription,
     /// dropped on delete (which ends the subscriptions) and with the actor.
     events: Option<broadcast::Sender<Arc<Message>>>,
+    /// Whether a command of the session's owner (or a create) came through this activation.
+    /// Until then the actor holds nothing anyone may read, and passivates after each batch.
+    served_owner: bool,
 }
 
 /// What staging decided for one command, turned into its reply once the batch is resolved.
@@ -287,6 +290,20 @@ impl Outcome {
 }
 
 impl SessionRequest {
+    /// Who sent the command (`None` for a notice).
+    fn user(&self) -> Option<&str> {
+        Some(match self {
+            SessionRequest::Create(create, _) => &create.user_id,
+            SessionRequest::Append(append, _) => &append.user_id,
+            SessionRequest::Get(get, _) => &get.user_id,
+            SessionRequest::Update(update, _) => &update.user_id,
+            SessionRequest::AddUsage(add, _) => &add.command.user_id,
+            SessionRequest::Delete(delete, _) => &delete.command.user_id,
+            SessionRequest::Subscribe(subscribe, _) => &subscribe.user_id,
+            SessionRequest::Refresh(_) => return None,
+        })
+    }
+
     /// The command's idempotency key and its sender, if it has one.
     fn keyed(&self) -> Option<(&Keyed, &str)> {
         match self {
@@ -373,6 +390,24 @@ impl Actor for SessionActor {
             shared: shared.clone(),
             state: None,
             events: None,
+            served_owner: false,
+        }
+    }
+
+    /// Nothing to keep once the batch is answered: the session does not exist (or is deleted),
+    /// its state is unknown, or only other users asked for it. Reads of missing or foreign
+    /// sessions then leave no actor behind, however many come.
+    fn finished(&self) -> bool {
+        if self
+            .events
+            .as_ref()
+            .is_some_and(|events| events.receiver_count() > 0)
+        {
+            return false;
+        }
+        match &self.state {
+            None => true,
+            Some(state) => state.info.is_none() || state.deleted || !self.served_owner,
         }
     }
 
@@ -418,12 +453,13 @@ impl SessionActor {
         hooks.remove(&self.id)
     }
 
-    async fn load(&mut self) -> Result<(), StorageError> {
+    /// Loads the session; with `readers`, its messages only if one of them owns it.
+    async fn load(&mut self, readers: &[&str]) -> Result<(), StorageError> {
         self.shared.stats.record_load();
         let loaded = self
             .shared
             .store
-            .load(self.id, self.shared.config.cached_messages)
+            .load(self.id, self.shared.config.cached_messages, readers)
             .await?;
         self.state = Some(Loaded::from_store(loaded));
         Ok(())
@@ -432,8 +468,18 @@ impl SessionActor {
     /// Makes sure the state is loaded and, if a command asked for it, current.
     async fn prepare(&mut self, requests: &[SessionRequest]) -> Result<(), StorageError> {
         let Some(state) = &self.state else {
-            return self.load().await;
+            let readers: Vec<&str> = requests.iter().filter_map(SessionRequest::user).collect();
+            return self.load(&readers).await;
         };
+        // Refusing someone else's commands from memory would answer faster than a missing
+        // session (which is a database read) and tell them apart: pay the same read.
+        if let Some(info) = &state.info {
+            let mut users = requests.iter().filter_map(SessionRequest::user).peekable();
+            let foreign_only = users.peek().is_some() && users.all(|user| user != info.user_id);
+            if foreign_only {
+                self.shared.store.version(self.id).await?;
+            }
+        }
         let newer_elsewhere = requests.iter().any(
             |request| matches!(request, SessionRequest::Refresh(version) if *version > state.version()),
         );
@@ -466,7 +512,7 @@ impl SessionActor {
             .as_ref()
             .and_then(|state| state.info.as_ref())
             .map_or(0, |info| info.message_count);
-        self.load().await?;
+        self.load(&[]).await?;
         if let (Some(events), Some(state)) = (&self.events, &self.state) {
             if events.receiver_count() > 0 {
                 for message in state.tail.iter().filter(|message| message.seq >= known) {
@@ -488,6 +534,17 @@ impl SessionActor {
                 .collect();
             self.reply(requests, outcomes, None);
             return;
+        }
+        if !self.served_owner {
+            let owner = self
+                .state
+                .as_ref()
+                .and_then(|state| state.info.as_ref())
+                .map(|info| info.user_id.as_str());
+            self.served_owner = requests.iter().any(|request| match owner {
+                Some(owner) => request.user() == Some(owner),
+                None => matches!(request, SessionRequest::Create(..)),
+            });
         }
         let mut known = HashMap::new();
         let mut attempt = 0;
@@ -698,7 +755,7 @@ impl SessionActor {
         &mut self,
         requests: &[SessionRequest],
     ) -> Result<HashMap<Uuid, Arc<Message>>, StorageError> {
-        self.load().await?;
+        self.load(&[]).await?;
         let ids: Vec<Uuid> = requests
             .iter()
             .filter_map(|request| match request {

@@ -463,12 +463,17 @@ impl Store {
         }
     }
 
+    /// The session's row and its newest `tail` messages; `None` if there is no such row. With
+    /// `readers` (the users whose commands asked for the load), the messages are read only if
+    /// one of them owns the session: a load for someone else's commands costs what a load of
+    /// a missing session costs, and keeps nothing of the conversation in memory.
     pub async fn load(
         &self,
         id: SessionId,
         tail: usize,
+        readers: &[&str],
     ) -> Result<Option<LoadedSession>, StorageError> {
-        dispatch!(self, store => store.load(id, tail).await)
+        dispatch!(self, store => store.load(id, tail, readers).await)
     }
 
     /// Sequences of those of `ids` that are stored in the session.

@@ -48,6 +48,14 @@ pub trait Actor: Sized + Send + 'static {
     /// asker gets [`AskError::ActorFailed`](crate::AskError::ActorFailed)).
     fn handle(&mut self, batch: &mut Vec<Self::Message>) -> impl Future<Output = ()> + Send;
 
+    /// Whether the actor has nothing worth keeping in memory after its last batch (say, it
+    /// found that its key names nothing): the runtime then passivates it at once instead of
+    /// after the idle timeout, so that requests for keys that lead nowhere leave nothing
+    /// resident. Default: `false`.
+    fn finished(&self) -> bool {
+        false
+    }
+
     /// Called once when the actor stops normally (idle passivation, eviction, shutdown) after its
     /// mailbox was drained. Default: nothing.
     fn stop(self) -> impl Future<Output = ()> + Send {
@@ -128,6 +136,8 @@ enum StopReason {
     Shutdown,
     /// `Registry::passivate` or LRU eviction asked for it.
     Requested,
+    /// The actor said it has nothing left to keep ([`Actor::finished`]).
+    Finished,
     /// No message arrived within the idle timeout.
     Idle,
     /// The mailbox closed by itself (cannot happen while the slot holds a sender).
@@ -222,6 +232,9 @@ async fn drive<A: Actor>(
             }
         }
         last_active = Instant::now();
+        if actor.finished() {
+            break StopReason::Finished;
+        }
     };
     Box::pin(passivate_actor(departure, mailbox, batch, actor, reason)).await;
 }

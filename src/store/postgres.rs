@@ -97,6 +97,7 @@ impl PostgresStore {
         &self,
         id: SessionId,
         tail: usize,
+        readers: &[&str],
     ) -> Result<Option<LoadedSession>, StorageError> {
         // One snapshot for the row and the messages.
         let mut tx = self
@@ -116,7 +117,8 @@ impl PostgresStore {
             return Ok(None);
         };
         let (info, deleted, epoch) = record.into_info()?;
-        let records: Vec<MessageRecord> = if deleted || tail == 0 {
+        let foreign = !readers.is_empty() && !readers.contains(&info.user_id.as_str());
+        let records: Vec<MessageRecord> = if deleted || tail == 0 || foreign {
             Vec::new()
         } else {
             sqlx::query_as(concat!(

@@ -121,6 +121,7 @@ impl SqliteStore {
         &self,
         id: SessionId,
         tail: usize,
+        readers: &[&str],
     ) -> Result<Option<LoadedSession>, StorageError> {
         // One read transaction, so the row and the messages are one snapshot.
         let mut tx = self.readers.begin().await?;
@@ -137,7 +138,8 @@ impl SqliteStore {
             return Ok(None);
         };
         let (info, deleted, epoch) = record.into_info()?;
-        let records: Vec<MessageRecord> = if deleted || tail == 0 {
+        let foreign = !readers.is_empty() && !readers.contains(&info.user_id.as_str());
+        let records: Vec<MessageRecord> = if deleted || tail == 0 || foreign {
             Vec::new()
         } else {
             sqlx::query_as(concat!(
