@@ -37,9 +37,8 @@ fn zeros(prefix: &str, suffix: &str, total: usize) -> Vec<u8> {
     let mut body = Vec::with_capacity(total);
     body.extend_from_slice(prefix.as_bytes());
     body.push(b'0');
-    while body.len() + 2 + suffix.len() <= total {
-        body.extend_from_slice(b",0");
-    }
+    let pairs = (total - body.len() - suffix.len()) / 2;
+    body.extend_from_slice(",0".repeat(pairs).as_bytes());
     // One byte short when the lengths' parities differ: JSON allows a space.
     if body.len() + suffix.len() < total {
         body.push(b' ');
