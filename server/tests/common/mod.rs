@@ -32,15 +32,18 @@ pub struct Memory {
     pub peak_kib: u64,
     /// `VmRSS`: the resident set size now.
     pub rss_kib: u64,
+    /// `VmPeak`: the peak address space (what `ulimit -v` bounds).
+    pub address_space_peak_kib: u64,
 }
 
 impl std::fmt::Display for Memory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "VmHWM {:.1} MiB, VmRSS {:.1} MiB",
+            "VmHWM {:.1} MiB, VmRSS {:.1} MiB, VmPeak {:.1} MiB",
             self.peak_kib as f64 / 1024.0,
-            self.rss_kib as f64 / 1024.0
+            self.rss_kib as f64 / 1024.0,
+            self.address_space_peak_kib as f64 / 1024.0
         )
     }
 }
@@ -190,6 +193,7 @@ impl Server {
         Memory {
             peak_kib: field("VmHWM:"),
             rss_kib: field("VmRSS:"),
+            address_space_peak_kib: field("VmPeak:"),
         }
     }
 
