@@ -10,25 +10,33 @@
 //!   503 `too_many_connections`.
 //! - At shutdown, idle connections close at once and in-flight requests get until the drain
 //!   deadline; whatever is still open then is cut.
+//! - A connection closed with a request body left unread (refused with a 413 or a 408 before
+//!   its end) lingers: its answer is sent and its write side shut, then what the client still
+//!   sends is read and discarded for a short while. Closing at once would reset the connection,
+//!   and a reset can destroy the answer before the client reads it: a client still sending its
+//!   body would see a broken pipe instead of the 413.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::http::Request;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 use tracing::{debug, info, warn};
@@ -53,6 +61,14 @@ const EMFILE_HEADROOM: usize = 16;
 
 /// The longest a refusal waits for its client to read the answer and hang up.
 const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// The longest a connection closed with a request body unread discards what its client still
+/// sends, so that the client reads the answer instead of a reset.
+const BODY_LINGER: Duration = Duration::from_secs(2);
+
+/// ... and the longest it waits for more of it: a client that has stopped sending is not
+/// waited for.
+const BODY_LINGER_QUIET: Duration = Duration::from_millis(500);
 
 /// Limits of [`serve`].
 #[derive(Clone, Debug)]
@@ -284,8 +300,22 @@ async fn connection(
     drain: CancellationToken,
 ) {
     let evict = tracked.evict.clone();
+    let io = TokioIo::new(Lingering {
+        stream,
+        tracked: Arc::clone(&tracked),
+        shut: false,
+        linger: None,
+    });
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        // A new request: whatever the previous one left unread has been read since.
+        tracked.unread_body.store(false, Ordering::Relaxed);
         let in_flight = InFlight::start(Arc::clone(&tracked));
+        let tracked = Arc::clone(&tracked);
+        let request = request.map(|inner| Watched {
+            inner,
+            ended: false,
+            tracked,
+        });
         let mut router = router.clone();
         async move {
             let response = router.call(request).await?;
@@ -299,7 +329,7 @@ async fn connection(
             }))
         }
     });
-    let connection = http.serve_connection(TokioIo::new(stream), service);
+    let connection = http.serve_connection(io, service);
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {
         biased;
@@ -315,6 +345,138 @@ async fn connection(
     };
     if let Err(error) = result {
         debug!(%error, "connection ended with an error");
+    }
+}
+
+/// A request body that marks its connection when it is dropped before its end (its handler
+/// refused it part-read), so that the connection lingers when it closes.
+struct Watched {
+    inner: Incoming,
+    /// Whether the end of the body has been read.
+    ended: bool,
+    tracked: Arc<Tracked>,
+}
+
+impl HttpBody for Watched {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if frame.is_none() {
+            this.ended = true;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if !self.ended && !self.inner.is_end_stream() {
+            self.tracked.unread_body.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A connection's socket. Its shutdown, hyper's last act on a connection it closes, shuts the
+/// write side (the client sees the end of the answer) and then, if a request body was left
+/// unread, discards what the client still sends until it stops (end of stream, or nothing for
+/// [`BODY_LINGER_QUIET`]), for at most [`BODY_LINGER`].
+struct Lingering {
+    stream: TcpStream,
+    tracked: Arc<Tracked>,
+    /// Whether the write side has been shut.
+    shut: bool,
+    /// The deadlines of the linger, once it has started.
+    linger: Option<Linger>,
+}
+
+/// The deadlines of a linger: the whole of it, and the quiet one (moved on by each read).
+struct Linger {
+    whole: Pin<Box<Sleep>>,
+    quiet: Pin<Box<Sleep>>,
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.shut {
+            ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
+            this.shut = true;
+        }
+        if !this.tracked.unread_body.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        let Linger { whole, quiet } = this.linger.get_or_insert_with(|| Linger {
+            whole: Box::pin(tokio::time::sleep(BODY_LINGER)),
+            quiet: Box::pin(tokio::time::sleep(BODY_LINGER_QUIET)),
+        });
+        let mut sink = [0u8; 16 * 1024];
+        loop {
+            if whole.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut sink);
+            match Pin::new(&mut this.stream).poll_read(cx, &mut buf) {
+                // The client has sent everything, or is gone.
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {
+                    let more = tokio::time::Instant::now() + BODY_LINGER_QUIET;
+                    quiet.as_mut().reset(more);
+                }
+                Poll::Pending => {
+                    ready!(quiet.as_mut().poll(cx));
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
     }
 }
 
@@ -349,6 +511,8 @@ struct Registry {
 struct Tracked {
     /// Requests whose response has not been sent completely.
     in_flight: AtomicUsize,
+    /// Whether the last request's body was dropped before its end (see [`Lingering`]).
+    unread_body: AtomicBool,
     /// Milliseconds since [`Registry::epoch`] at which the connection last became idle: when
     /// it was accepted or when its last response ended. Bytes of a request still being read
     /// do not count, or a client trickling headers would look busy.
@@ -377,6 +541,7 @@ impl Registry {
     fn insert(&self, id: u64) -> Arc<Tracked> {
         let tracked = Arc::new(Tracked {
             in_flight: AtomicUsize::new(0),
+            unread_body: AtomicBool::new(false),
             idle_since: AtomicU64::new(millis_since(self.epoch)),
             evict: CancellationToken::new(),
             epoch: self.epoch,

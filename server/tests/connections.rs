@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Server, client, create, get, post};
+use common::{Server, client, create, get, post, read_response, read_until};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,42 +42,6 @@ async fn start_slow_post(address: &str) -> TcpStream {
     // The first byte of the body: the rest never comes, or comes late.
     stream.write_all(b"{").await.expect("first byte");
     stream
-}
-
-/// Reads until `end` has been read (or the connection ends), a byte at a time so that nothing
-/// after it is consumed.
-async fn read_until(stream: &mut TcpStream, end: &[u8]) -> String {
-    let mut read = Vec::new();
-    let mut byte = [0u8; 1];
-    while !read.ends_with(end) {
-        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte)).await {
-            Ok(Ok(1)) => read.push(byte[0]),
-            Ok(_) => break,
-            Err(_) => panic!("nothing read for 10 s; so far {read:?}"),
-        }
-    }
-    String::from_utf8_lossy(&read).into_owned()
-}
-
-/// Reads one response with a `content-length`: status, lower-cased head, body.
-async fn read_response(stream: &mut TcpStream) -> (u16, String, String) {
-    let head = read_until(stream, b"\r\n\r\n").await.to_ascii_lowercase();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|status| status.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    let length: usize = head
-        .lines()
-        .find_map(|line| line.strip_prefix("content-length:"))
-        .map(|length| length.trim().parse().expect("content-length"))
-        .unwrap_or_else(|| panic!("no content-length in {head:?}"));
-    let mut body = vec![0u8; length];
-    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut body))
-        .await
-        .expect("body within 10 s")
-        .expect("body");
-    (status, head, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Waits until the server closes the connection (end of stream or reset), at most `limit`;

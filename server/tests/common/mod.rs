@@ -1,6 +1,9 @@
 //! What the server's test binaries share: starting the real `soloist-server` binary as a child
-//! process (killed when dropped, even when a test panics), JSON requests, and a fresh
-//! PostgreSQL schema.
+//! process (killed when dropped, even when a test panics), its memory as `/proc` reports it,
+//! JSON requests, raw HTTP/1 over TCP, and a fresh PostgreSQL schema.
+//!
+//! `SOLOIST_SERVER_BIN` points the tests at another build of the binary (e.g.
+//! `target/release/soloist-server`, to measure the release build).
 
 // Each test binary compiles its own copy of this module and uses only some of it.
 #![allow(dead_code)]
@@ -12,7 +15,38 @@ use std::time::Duration;
 
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 use uuid::Uuid;
+
+/// The binary under test: `SOLOIST_SERVER_BIN` if set, else the one cargo built for the tests.
+pub fn server_binary() -> String {
+    std::env::var("SOLOIST_SERVER_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_soloist-server").to_owned())
+}
+
+/// A process's memory, from `/proc/<pid>/status`, in KiB.
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    /// `VmHWM`: the peak resident set size.
+    pub peak_kib: u64,
+    /// `VmRSS`: the resident set size now.
+    pub rss_kib: u64,
+    /// `VmPeak`: the peak address space (what `ulimit -v` bounds).
+    pub address_space_peak_kib: u64,
+}
+
+impl std::fmt::Display for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "VmHWM {:.1} MiB, VmRSS {:.1} MiB, VmPeak {:.1} MiB",
+            self.peak_kib as f64 / 1024.0,
+            self.rss_kib as f64 / 1024.0,
+            self.address_space_peak_kib as f64 / 1024.0
+        )
+    }
+}
 
 /// A server process, killed when dropped.
 pub struct Server {
@@ -21,6 +55,9 @@ pub struct Server {
     base: String,
     /// The SQLite database's directory, removed with the server.
     dir: Option<TempDir>,
+    /// The `--database-url` and extra arguments it was started with, for [`Server::restart`].
+    database_url: String,
+    extra: Vec<String>,
 }
 
 /// A directory removed when dropped.
@@ -52,31 +89,38 @@ impl Server {
     /// Starts the binary listening on `listen` and waits until it is accepting connections;
     /// an error if it exits first (e.g. the port is still taken).
     pub fn try_start(listen: &str, database_url: &str, extra: &[&str]) -> Result<Server, String> {
-        Server::try_start_command(
-            Command::new(env!("CARGO_BIN_EXE_soloist-server")),
-            listen,
-            database_url,
-            extra,
-        )
+        Server::try_start_command(Command::new(server_binary()), listen, database_url, extra)
     }
 
     /// Starts the binary on a fresh SQLite file with at most `open_files` descriptors (the
     /// shell's `ulimit -n`, which the binary inherits through `exec`, so its process id is the
     /// server's).
     pub fn sqlite_with_open_files(open_files: u32, extra: &[&str]) -> Server {
+        Server::sqlite_under_ulimit(&format!("-n {open_files}"), extra)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Starts the binary on a fresh SQLite file with at most `kib` KiB of address space
+    /// (`ulimit -v`, `RLIMIT_AS`: every mapping counts, resident or not); an error if it does
+    /// not start under that limit.
+    pub fn sqlite_with_address_space(kib: u64, extra: &[&str]) -> Result<Server, String> {
+        Server::sqlite_under_ulimit(&format!("-v {kib}"), extra)
+    }
+
+    /// Starts the binary on a fresh SQLite file under `ulimit <limit>`.
+    fn sqlite_under_ulimit(limit: &str, extra: &[&str]) -> Result<Server, String> {
         let dir = std::env::temp_dir().join(format!("soloist-server-test-{}", Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let url = format!("sqlite://{}", dir.join("chat.db").display());
         let mut command = Command::new("sh");
         command.args([
             "-c",
-            &format!("ulimit -n {open_files} && exec \"$0\" \"$@\""),
-            env!("CARGO_BIN_EXE_soloist-server"),
+            &format!("ulimit {limit} && exec \"$0\" \"$@\""),
+            &server_binary(),
         ]);
-        let mut server = Server::try_start_command(command, "127.0.0.1:0", &url, extra)
-            .unwrap_or_else(|error| panic!("{error}"));
+        let mut server = Server::try_start_command(command, "127.0.0.1:0", &url, extra)?;
         server.dir = Some(TempDir(dir));
-        server
+        Ok(server)
     }
 
     fn try_start_command(
@@ -88,7 +132,8 @@ impl Server {
         let mut child = command
             .args(["--listen", listen, "--database-url", database_url])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            // Not the slow-statement warnings of sqlx, which quote a whole multi-row insert.
+            .env("RUST_LOG", "warn,sqlx::query=error")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -101,6 +146,8 @@ impl Server {
                 base: base.to_owned(),
                 child,
                 dir: None,
+                database_url: database_url.to_owned(),
+                extra: extra.iter().map(|arg| (*arg).to_owned()).collect(),
             }),
             _ => {
                 let _ = child.kill();
@@ -125,6 +172,40 @@ impl Server {
     /// The directory of the SQLite database started by [`Server::sqlite`].
     pub fn sqlite_dir(&self) -> &Path {
         &self.dir.as_ref().expect("an SQLite server").0
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its peak and current resident set size.
+    pub fn memory(&self) -> Memory {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("/proc/<pid>/status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/<pid>/status"))
+        };
+        Memory {
+            peak_kib: field("VmHWM:"),
+            rss_kib: field("VmRSS:"),
+            address_space_peak_kib: field("VmPeak:"),
+        }
+    }
+
+    /// Kills the process (SIGKILL) and starts the binary again on the same database (and the
+    /// same arguments, on a new port), so that what a test reads next comes from storage.
+    pub fn restart(&mut self) {
+        self.kill();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let next = Server::start(&self.database_url, &extra);
+        let dir = self.dir.take();
+        *self = next;
+        self.dir = dir;
     }
 
     /// Sends SIGTERM and returns the exit status.
@@ -234,4 +315,40 @@ pub async fn postgres_schema() -> Option<(sqlx::PgPool, String, String)> {
         .expect("schema");
     let url = format!("{base}?options=-c%20search_path%3D{schema}");
     Some((pool, schema, url))
+}
+
+/// Reads until `end` has been read (or the connection ends), a byte at a time so that nothing
+/// after it is consumed.
+pub async fn read_until(stream: &mut TcpStream, end: &[u8]) -> String {
+    let mut read = Vec::new();
+    let mut byte = [0u8; 1];
+    while !read.ends_with(end) {
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte)).await {
+            Ok(Ok(1)) => read.push(byte[0]),
+            Ok(_) => break,
+            Err(_) => panic!("nothing read for 10 s; so far {read:?}"),
+        }
+    }
+    String::from_utf8_lossy(&read).into_owned()
+}
+
+/// Reads one response with a `content-length`: status, lower-cased head, body.
+pub async fn read_response(stream: &mut TcpStream) -> (u16, String, String) {
+    let head = read_until(stream, b"\r\n\r\n").await.to_ascii_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|status| status.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map(|length| length.trim().parse().expect("content-length"))
+        .unwrap_or_else(|| panic!("no content-length in {head:?}"));
+    let mut body = vec![0u8; length];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut body))
+        .await
+        .expect("body within 10 s")
+        .expect("body");
+    (status, head, String::from_utf8_lossy(&body).into_owned())
 }
