@@ -299,7 +299,14 @@ pub(crate) fn check_json(
         let shape = if want_object { "an object" } else { "an array" };
         return Err(Error::invalid(field, format!("must be a JSON {shape}")));
     }
-    check_len(field, value.get().len(), limits.max_json_bytes)
+    check_len(field, value.get().len(), limits.max_json_bytes)?;
+    if value.depth() > limits.max_json_depth {
+        return Err(Error::invalid(
+            field,
+            format!("nested deeper than {} levels", limits.max_json_depth),
+        ));
+    }
+    Ok(())
 }
 
 /// A message that passed validation.

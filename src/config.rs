@@ -29,6 +29,10 @@ pub struct Limits {
     pub max_text_bytes: usize,
     /// Messages a read returns at most. Default 1000.
     pub max_page_size: usize,
+    /// Nesting of arrays and objects in a JSON field at most. Default 100, so that a message
+    /// or session carrying the field stays readable by JSON parsers with a recursion limit
+    /// (serde_json's is 128).
+    pub max_json_depth: usize,
 }
 
 impl Default for Limits {
@@ -39,6 +43,7 @@ impl Default for Limits {
             max_json_bytes: 64 * 1024,
             max_text_bytes: 1024,
             max_page_size: 1000,
+            max_json_depth: 100,
         }
     }
 }

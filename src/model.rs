@@ -67,6 +67,37 @@ impl RawJson {
         self.get().starts_with('[')
     }
 
+    /// The deepest nesting of arrays and objects. Parsing the text into a [`Value`] recurses
+    /// once per level, so a reader with a recursion limit (serde_json's is 128) cannot read a
+    /// value nested deeper than its limit; [`Limits::max_json_depth`](crate::Limits) keeps
+    /// stored values well under it.
+    pub fn depth(&self) -> usize {
+        let (mut depth, mut deepest) = (0usize, 0usize);
+        let (mut in_string, mut escaped) = (false, false);
+        for byte in self.get().bytes() {
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if byte == b'\\' {
+                    escaped = true;
+                } else if byte == b'"' {
+                    in_string = false;
+                }
+                continue;
+            }
+            match byte {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    deepest = deepest.max(depth);
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        deepest
+    }
+
     /// Builds from text that is known to be valid JSON (the engine's own stored text); `None`
     /// if it is not.
     pub(crate) fn from_stored(text: String) -> Option<Self> {
@@ -322,4 +353,34 @@ pub(crate) fn from_micros(micros: i64) -> DateTime<Utc> {
 /// The current time in microseconds since the Unix epoch, the unit timestamps are stored in.
 pub(crate) fn now_micros() -> i64 {
     Utc::now().timestamp_micros()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RawJson;
+
+    fn depth(text: &str) -> usize {
+        RawJson::parse(text).expect("valid JSON").depth()
+    }
+
+    #[test]
+    fn depth_counts_nesting_outside_strings() {
+        assert_eq!(depth("1"), 0);
+        assert_eq!(depth(r#"{"a":[1,{"b":[]}]}"#), 4);
+        assert_eq!(depth(r#"["[[[[", "\"[", "{{"]"#), 1);
+        assert_eq!(depth(r#"["\\", [1]]"#), 2);
+        assert_eq!(
+            depth(&format!("{}{}", "[".repeat(500), "]".repeat(500))),
+            500
+        );
+    }
+
+    #[test]
+    fn text_is_kept_as_sent() {
+        let text = r#"{"big":18446744073709551616,"dup":1,"dup":2,"f":1.50}"#;
+        let json = RawJson::parse(format!("  {text} ")).expect("valid JSON");
+        assert_eq!(json.get(), text);
+        assert!(json.is_object());
+        assert!(RawJson::parse("{").is_err());
+    }
 }

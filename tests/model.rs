@@ -54,6 +54,8 @@ fn limits() -> Limits {
         max_json_bytes: 64,
         max_text_bytes: SHORT,
         max_page_size: 4,
+        // Deeper than anything generated: nesting is checked by the unit tests of `RawJson`.
+        max_json_depth: 100,
     }
 }
 

@@ -10,7 +10,6 @@ use soloist::{
     Usage,
 };
 
-use crate::body::check_depth;
 use crate::error::ApiError;
 
 /// `POST /v1/sessions`.
@@ -193,41 +192,17 @@ impl crate::body::BodyKind for CreateBody {
     fn limit(limits: &crate::BodyLimits) -> usize {
         limits.session_bytes
     }
-
-    fn check(&self) -> Result<(), ApiError> {
-        self.metadata
-            .as_ref()
-            .map_or(Ok(()), |metadata| check_depth("metadata", metadata))
-    }
 }
 
 impl crate::body::BodyKind for UpdateBody {
     fn limit(limits: &crate::BodyLimits) -> usize {
         limits.session_bytes
     }
-
-    fn check(&self) -> Result<(), ApiError> {
-        self.metadata
-            .as_ref()
-            .map_or(Ok(()), |metadata| check_depth("metadata", metadata))
-    }
 }
 
 impl crate::body::BodyKind for AppendBody {
     fn limit(limits: &crate::BodyLimits) -> usize {
         limits.append_bytes
-    }
-
-    fn check(&self) -> Result<(), ApiError> {
-        for (index, message) in self.messages.iter().enumerate() {
-            if let Some(tool_calls) = &message.tool_calls {
-                check_depth(&format!("messages[{index}].tool_calls"), tool_calls)?;
-            }
-            if let Some(function_call) = &message.function_call {
-                check_depth(&format!("messages[{index}].function_call"), function_call)?;
-            }
-        }
-        Ok(())
     }
 }
 

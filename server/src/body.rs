@@ -90,56 +90,6 @@ impl BodyBudget {
 pub trait BodyKind {
     /// The largest body of this kind.
     fn limit(limits: &BodyLimits) -> usize;
-
-    /// Checks what parsing does not: the nesting of its raw JSON fields.
-    fn check(&self) -> Result<(), ApiError> {
-        Ok(())
-    }
-}
-
-/// The deepest nesting of a raw JSON field (metadata, tool calls, function call): a response
-/// that carries it, nested 3 levels deeper at most, stays under serde_json's default recursion
-/// limit of 128.
-pub const MAX_JSON_DEPTH: usize = 100;
-
-/// Refuses `raw` if it nests deeper than [`MAX_JSON_DEPTH`].
-pub fn check_depth(field: &str, raw: &soloist::RawJson) -> Result<(), ApiError> {
-    if json_depth(raw.get()) > MAX_JSON_DEPTH {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_input",
-            format!("{field}: JSON nested deeper than {MAX_JSON_DEPTH} levels"),
-        ));
-    }
-    Ok(())
-}
-
-/// The deepest nesting of arrays and objects in valid JSON text.
-fn json_depth(text: &str) -> usize {
-    let (mut depth, mut deepest) = (0usize, 0usize);
-    let (mut in_string, mut escaped) = (false, false);
-    for byte in text.bytes() {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if byte == b'\\' {
-                escaped = true;
-            } else if byte == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
-        match byte {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                deepest = deepest.max(depth);
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    deepest
 }
 
 /// A JSON body parsed into `T` under the limits above; every refusal is an [`ApiError`].
@@ -152,9 +102,9 @@ impl<T: DeserializeOwned + BodyKind + Send> FromRequest<AppState> for JsonBody<T
         let budget = &state.bodies;
         let limit = T::limit(budget.limits());
         let bytes = read_body(request, limit, budget).await?;
-        let body: T = serde_json::from_slice(&bytes).map_err(|error| invalid_json(&error))?;
-        body.check()?;
-        Ok(JsonBody(body))
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|error| invalid_json(&error))
     }
 }
 
@@ -287,21 +237,4 @@ async fn read_body(
         }
     }
     Ok(bytes)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::json_depth;
-
-    #[test]
-    fn measures_nesting_outside_strings() {
-        assert_eq!(json_depth("1"), 0);
-        assert_eq!(json_depth(r#"{"a":[1,{"b":[]}]}"#), 4);
-        assert_eq!(json_depth(r#"["[[[[", "\"[", "{{"]"#), 1);
-        assert_eq!(json_depth(r#"["\\", [1]]"#), 2);
-        assert_eq!(
-            json_depth(&format!("{}{}", "[".repeat(500), "]".repeat(500))),
-            500
-        );
-    }
 }
