@@ -11,9 +11,11 @@ use crate::config::Limits;
 use crate::error::{Error, Result};
 use crate::model::{Message, NewMessage, RawJson, Role, SessionId, SessionInfo, Usage};
 
-/// Every command the engine understands.
+/// Every command the engine understands. As JSON, externally tagged:
+/// `{"append_messages": {"user_id": ..., "session_id": ..., "messages": [...]}}` (an internal
+/// tag would make serde buffer the command, which cannot hold the raw JSON fields).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Command {
     /// Create a session.
     CreateSession(CreateSession),
@@ -39,9 +41,9 @@ impl Command {
     }
 }
 
-/// The answer to a [`Command`], one variant per command.
+/// The answer to a [`Command`], one variant per command; externally tagged like [`Command`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Reply {
     /// Answer to [`Command::CreateSession`].
     SessionCreated(Created),
@@ -400,4 +402,45 @@ pub(crate) fn validate_title(title: &Option<String>, limits: &Limits) -> Result<
 
 pub(crate) fn validate_page(limit: Option<usize>, default: usize, limits: &Limits) -> usize {
     limit.unwrap_or(default).min(limits.max_page_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Commands and replies travel as JSON (idempotency records, and between processes): the
+    /// raw JSON fields must survive the round trip exactly.
+    #[test]
+    fn commands_and_replies_round_trip_with_raw_json() {
+        let metadata = RawJson::parse(r#"{"n":18446744073709551616,"k":"v"}"#).expect("json");
+        let command = Command::CreateSession(CreateSession {
+            user_id: "alice".into(),
+            metadata: Some(metadata.clone()),
+            idempotency_key: Some("k".into()),
+            ..CreateSession::default()
+        });
+        let text = serde_json::to_string(&command).expect("serialize");
+        let Command::CreateSession(back) = Command::from_json(&text).expect("parse") else {
+            panic!("another command: {text}");
+        };
+        assert_eq!(back.metadata, Some(metadata.clone()));
+
+        let info = SessionInfo {
+            id: Uuid::nil(),
+            user_id: "alice".into(),
+            title: None,
+            metadata: metadata.clone(),
+            usage: Usage::default(),
+            message_count: 0,
+            version: 3,
+            created_at: chrono::DateTime::UNIX_EPOCH,
+            updated_at: chrono::DateTime::UNIX_EPOCH,
+        };
+        let reply = Reply::SessionUpdated(info.clone());
+        let text = serde_json::to_string(&reply).expect("serialize");
+        let Ok(Reply::SessionUpdated(back)) = serde_json::from_str::<Reply>(&text) else {
+            panic!("not read back: {text}");
+        };
+        assert_eq!(back, info);
+    }
 }

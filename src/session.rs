@@ -266,22 +266,17 @@ impl Outcome {
         )
     }
 
-    /// The answer a write gets once committed at `version`, at time `now`.
-    fn committed(&self, version: i64, now: i64) -> Option<Reply> {
-        let commit = |info: &SessionInfo| SessionInfo {
-            version,
-            updated_at: from_micros(now),
-            ..info.clone()
-        };
+    /// The answer a write gets once committed (staging set its version and time).
+    fn reply(&self) -> Option<Reply> {
         Some(match self {
             Outcome::Created { created, info } => Reply::SessionCreated(Created {
-                session: commit(info),
+                session: info.clone(),
                 created: *created,
             }),
             Outcome::Appended(sequences) => Reply::MessagesAppended(Appended {
                 sequences: sequences.clone(),
             }),
-            Outcome::Updated(info) => Reply::SessionUpdated(commit(info)),
+            Outcome::Updated(info) => Reply::SessionUpdated(info.clone()),
             Outcome::UsageAdded(usage) => Reply::UsageAdded(*usage),
             Outcome::Deleted => Reply::SessionDeleted,
             _ => return None,
@@ -321,6 +316,8 @@ impl SessionRequest {
 /// What a write put in the database, kept to settle a flush whose outcome was lost.
 struct WrittenRows {
     expected_version: i64,
+    /// How far the write moves the version.
+    steps: i64,
     /// The epoch the session has once this write committed (and the owner is this process).
     held_epoch: i64,
     creates: bool,
@@ -333,6 +330,7 @@ impl WrittenRows {
     fn of(write: &SessionWrite) -> Self {
         Self {
             expected_version: write.expected_version,
+            steps: write.steps,
             held_epoch: write.epoch + i64::from(write.claim),
             creates: write.create.is_some(),
             delete: write.delete,
@@ -562,12 +560,11 @@ impl SessionActor {
             }
             let Staged {
                 write,
-                mut outcomes,
+                outcomes,
                 info,
                 deleted,
                 messages,
             } = staged;
-            let now = write.now;
             let written = WrittenRows::of(&write);
             let records: Vec<(String, KeyRecord)> = write
                 .keys
@@ -614,13 +611,7 @@ impl SessionActor {
                             state.keys.insert(key, Some(record));
                         }
                     }
-                    for outcome in &mut outcomes {
-                        if let Outcome::Created { info, .. } | Outcome::Updated(info) = outcome {
-                            info.version = version;
-                            info.updated_at = from_micros(now);
-                        }
-                    }
-                    self.apply(info, deleted, messages, version, now);
+                    self.apply(info, deleted, messages, version);
                     self.reply(requests, outcomes, None);
                     return;
                 }
@@ -691,7 +682,7 @@ impl SessionActor {
             // from one actor at a time, so the version and epoch pin the write down even when
             // it carries no message rows to look up.
             Some((version, true, epoch))
-                if version == expected + 1
+                if version == expected + written.steps
                     && epoch == written.held_epoch
                     && all_stored
                     && !written.delete =>
@@ -791,24 +782,24 @@ impl SessionActor {
         let mut keyed = Vec::new();
         let mut outcomes = Vec::with_capacity(requests.len());
         let mut messages = Vec::new();
-        // Whether a command of this batch changed the session already: a command conditional
-        // on the version it read (`if_version`) then finds the session changed.
-        let mut wrote = false;
+        // How many commands of this batch changed the session so far. Each change has a version
+        // of its own (the committed one plus its place in the batch), so a command conditional
+        // on a version (`if_version`) sees the changes queued before it, and two answers with
+        // one version always show the same session.
+        let mut steps: i64 = 0;
+        let base = write.expected_version;
         let hide_foreign = self.shared.config.hide_foreign_sessions;
 
         for request in requests {
             let check = |info: &Option<SessionInfo>, deleted: bool, user_id: &str| {
                 check_access(info.as_ref(), deleted, user_id, hide_foreign)
             };
-            let precondition =
-                |if_version: Option<i64>, info: &SessionInfo, wrote: bool| match if_version {
-                    Some(expected) if wrote || expected != info.version => {
-                        Err(Error::PreconditionFailed {
-                            current: info.version + i64::from(wrote),
-                        })
-                    }
-                    _ => Ok(()),
-                };
+            let precondition = |if_version: Option<i64>, steps: i64| match if_version {
+                Some(expected) if expected != base + steps => Err(Error::PreconditionFailed {
+                    current: base + steps,
+                }),
+                _ => Ok(()),
+            };
             // A key seen before answers from its record, whatever the session's state now.
             if let Some((key, user_id)) = request.keyed() {
                 let stored = state
@@ -860,8 +851,12 @@ impl SessionActor {
                             created_at: from_micros(now),
                             updated_at: from_micros(now),
                         };
+                        steps += 1;
+                        let created = SessionInfo {
+                            version: base + steps,
+                            ..created
+                        };
                         info = Some(created.clone());
-                        wrote = true;
                         Outcome::Created {
                             created: true,
                             info: created,
@@ -908,7 +903,7 @@ impl SessionActor {
                             if let Some(id) = reused {
                                 Outcome::Failed(Error::MessageIdReused { id })
                             } else if let (true, Err(error)) =
-                                (adds, precondition(append.if_version, staged, wrote))
+                                (adds, precondition(append.if_version, steps))
                             {
                                 Outcome::Failed(error)
                             } else {
@@ -927,7 +922,11 @@ impl SessionActor {
                                     write.rows.push(row);
                                     messages.push(message);
                                 }
-                                wrote |= adds;
+                                if adds {
+                                    steps += 1;
+                                    staged.version = base + steps;
+                                    staged.updated_at = from_micros(now);
+                                }
                                 Outcome::Appended(sequences)
                             }
                         }
@@ -948,24 +947,25 @@ impl SessionActor {
                 }
                 SessionRequest::Update(update, _) => {
                     match (check(&info, deleted, &update.user_id), info.as_mut()) {
-                        (Ok(()), Some(staged)) => {
-                            match precondition(update.if_version, staged, wrote) {
-                                Err(error) => Outcome::Failed(error),
-                                Ok(()) => {
-                                    if let Some(title) = &update.title {
-                                        write.title = Some(title.clone());
-                                        staged.title = Some(title.clone());
-                                        wrote = true;
-                                    }
-                                    if let Some(metadata) = &update.metadata {
-                                        write.metadata = Some(metadata.get().to_owned());
-                                        staged.metadata = metadata.clone();
-                                        wrote = true;
-                                    }
-                                    Outcome::Updated(staged.clone())
+                        (Ok(()), Some(staged)) => match precondition(update.if_version, steps) {
+                            Err(error) => Outcome::Failed(error),
+                            Ok(()) => {
+                                if let Some(title) = &update.title {
+                                    write.title = Some(title.clone());
+                                    staged.title = Some(title.clone());
                                 }
+                                if let Some(metadata) = &update.metadata {
+                                    write.metadata = Some(metadata.get().to_owned());
+                                    staged.metadata = metadata.clone();
+                                }
+                                if update.title.is_some() || update.metadata.is_some() {
+                                    steps += 1;
+                                    staged.version = base + steps;
+                                    staged.updated_at = from_micros(now);
+                                }
+                                Outcome::Updated(staged.clone())
                             }
-                        }
+                        },
                         (Err(error), _) => Outcome::Failed(error),
                         (Ok(()), None) => Outcome::Failed(Error::NotFound),
                     }
@@ -982,7 +982,11 @@ impl SessionActor {
                             write.usage.completion_tokens += completion;
                             staged.usage.prompt_tokens += prompt;
                             staged.usage.completion_tokens += completion;
-                            wrote |= prompt != 0 || completion != 0;
+                            if prompt != 0 || completion != 0 {
+                                steps += 1;
+                                staged.version = base + steps;
+                                staged.updated_at = from_micros(now);
+                            }
                             Outcome::UsageAdded(staged.usage)
                         }
                         (Err(error), _) => Outcome::Failed(error),
@@ -992,17 +996,15 @@ impl SessionActor {
                 SessionRequest::Delete(delete, _) => {
                     let command = &delete.command;
                     match (check(&info, deleted, &command.user_id), info.as_ref()) {
-                        (Ok(()), Some(staged)) => {
-                            match precondition(command.if_version, staged, wrote) {
-                                Err(error) => Outcome::Failed(error),
-                                Ok(()) => {
-                                    write.delete = true;
-                                    deleted = true;
-                                    wrote = true;
-                                    Outcome::Deleted
-                                }
+                        (Ok(()), Some(_)) => match precondition(command.if_version, steps) {
+                            Err(error) => Outcome::Failed(error),
+                            Ok(()) => {
+                                write.delete = true;
+                                deleted = true;
+                                steps += 1;
+                                Outcome::Deleted
                             }
-                        }
+                        },
                         (Err(error), _) => Outcome::Failed(error),
                         (Ok(()), None) => Outcome::Failed(Error::NotFound),
                     }
@@ -1018,10 +1020,21 @@ impl SessionActor {
             }
             outcomes.push(outcome);
         }
+        // A write that only records keys (of commands that changed nothing) still moves the
+        // version, as every committed write does.
+        if !write.is_empty() {
+            steps = steps.max(1);
+        }
+        write.steps = steps;
+        if let Some(info) = info.as_mut() {
+            if steps > 0 {
+                info.version = base + steps;
+                info.updated_at = from_micros(now);
+            }
+        }
         // The recorded answers are the ones the commands get once the write commits.
-        let version = write.expected_version + 1;
         for (index, key, user_id) in keyed {
-            if let Some(reply) = outcomes[index].committed(version, now) {
+            if let Some(reply) = outcomes[index].reply() {
                 write.keys.push(KeyRow {
                     key: key.key,
                     user_id,
@@ -1072,14 +1085,13 @@ impl SessionActor {
         deleted: bool,
         messages: Vec<Arc<Message>>,
         version: i64,
-        now: i64,
     ) {
         let Some(state) = self.state.as_mut() else {
             return;
         };
         state.info = info.map(|mut info| {
+            // As staged; the database's word on the version wins all the same.
             info.version = version;
-            info.updated_at = from_micros(now);
             info
         });
         if let Some(events) = &self.events {

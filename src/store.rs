@@ -80,6 +80,9 @@ pub(crate) struct SessionWrite {
     /// Idempotency records of the session older than this (microseconds) are expired: deleted
     /// when the write stores a key.
     pub keys_expire_before: i64,
+    /// How far the write moves the session's version: one per command of the batch that
+    /// changes the session (at least one), so that every change has a version of its own.
+    pub steps: i64,
     /// Commit time (microseconds) for `updated_at` and the new rows' `created_at`.
     pub now: i64,
 }
@@ -109,6 +112,7 @@ impl SessionWrite {
             delete: false,
             keys: Vec::new(),
             keys_expire_before: 0,
+            steps: 1,
             now,
         }
     }
@@ -220,7 +224,7 @@ impl FlushPlan {
             .zip(&self.took_over)
             .map(|((outcome, write), &took_over)| {
                 outcome.unwrap_or(FlushOutcome::Committed {
-                    version: write.expected_version + 1,
+                    version: write.expected_version + write.steps,
                     took_over,
                 })
             })

@@ -469,7 +469,7 @@ async fn bad_input_is_refused_and_changes_nothing(db: TestDb) {
         .await;
     assert!(matches!(bad_tool_calls, Err(Error::InvalidInput { .. })));
     let unknown_role = soloist::Command::from_json(
-        r#"{"type":"append_messages","user_id":"owner","session_id":"00000000-0000-7000-8000-000000000001","messages":[{"role":"wizard","content":"hi"}]}"#,
+        r#"{"append_messages":{"user_id":"owner","session_id":"00000000-0000-7000-8000-000000000001","messages":[{"role":"wizard","content":"hi"}]}}"#,
     );
     assert!(matches!(unknown_role, Err(Error::InvalidInput { .. })));
     let nul_in_name = session

@@ -317,9 +317,9 @@ impl PostgresStore {
             "WITH w AS ( \
                  SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::text[], \
                                       $5::text[], $6::int8[], $7::int8[], $8::int8[], \
-                                      $20::int8[], $21::bool[]) \
+                                      $20::int8[], $21::bool[], $24::int8[]) \
                      AS w(id, expected, at, title, metadata, prompt, completion, added, \
-                          epoch, claim)), \
+                          epoch, claim, steps)), \
              locked AS MATERIALIZED ( \
                  SELECT s.id, s.version, s.deleted_at IS NOT NULL AS deleted, s.epoch, \
                         COALESCE(s.owner <> $22 AND s.lease_until > ",
@@ -342,7 +342,7 @@ impl PostgresStore {
                                        created_at) \
                  SELECT m.* FROM m WHERE m.session_id IN (SELECT id FROM ok)), \
              updated AS ( \
-                 UPDATE sessions AS s SET version = s.version + 1, updated_at = ok.at, \
+                 UPDATE sessions AS s SET version = s.version + ok.steps, updated_at = ok.at, \
                         title = COALESCE(ok.title, s.title), \
                         metadata = COALESCE(ok.metadata, s.metadata), \
                         prompt_tokens = s.prompt_tokens + ok.prompt, \
@@ -370,6 +370,7 @@ impl PostgresStore {
             .bind(&sessions.claims)
             .bind(self.ownership.owner)
             .bind(self.ownership.lease_micros)
+            .bind(&sessions.steps)
             .fetch_all(&self.pool)
             .await?;
         let written: HashSet<Uuid> = found.iter().filter(|row| row.5).map(|row| row.0).collect();
@@ -646,7 +647,7 @@ async fn update_sessions(
         .map(|write| write.session_id)
         .collect();
     sqlx::query(concat!(
-        "UPDATE sessions AS s SET version = s.version + 1, updated_at = u.at, \
+        "UPDATE sessions AS s SET version = s.version + u.steps, updated_at = u.at, \
                 title = COALESCE(u.title, s.title), metadata = COALESCE(u.metadata, s.metadata), \
                 prompt_tokens = s.prompt_tokens + u.prompt, \
                 completion_tokens = s.completion_tokens + u.completion, \
@@ -656,8 +657,8 @@ async fn update_sessions(
         db_now_micros!(),
         " + $11 \
          FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::text[], $5::int8[], $6::int8[], \
-                     $7::int8[], $8::bool[], $9::bool[]) \
-              AS u(id, at, title, metadata, prompt, completion, added, del, claim) \
+                     $7::int8[], $8::bool[], $9::bool[], $12::int8[]) \
+              AS u(id, at, title, metadata, prompt, completion, added, del, claim, steps) \
          WHERE s.id = u.id",
     ))
     .bind(&sessions.ids)
@@ -671,6 +672,7 @@ async fn update_sessions(
     .bind(&sessions.claims)
     .bind(ownership.owner)
     .bind(ownership.lease_micros)
+    .bind(&sessions.steps)
     .execute(&mut **tx)
     .await?;
     if !deleted_ids.is_empty() {
@@ -720,6 +722,7 @@ struct SessionArrays<'a> {
     deletes: Vec<bool>,
     epochs: Vec<i64>,
     claims: Vec<bool>,
+    steps: Vec<i64>,
 }
 
 impl<'a> SessionArrays<'a> {
@@ -737,6 +740,7 @@ impl<'a> SessionArrays<'a> {
             deletes: Vec::with_capacity(count),
             epochs: Vec::with_capacity(count),
             claims: Vec::with_capacity(count),
+            steps: Vec::with_capacity(count),
         };
         for &index in indexes {
             let write = &writes[index];
@@ -751,6 +755,7 @@ impl<'a> SessionArrays<'a> {
             arrays.deletes.push(write.delete);
             arrays.epochs.push(write.epoch);
             arrays.claims.push(write.claim);
+            arrays.steps.push(write.steps);
         }
         arrays
     }

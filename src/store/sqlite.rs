@@ -425,7 +425,7 @@ impl SqliteStore {
             let active = plan.active();
             for chunk in statement_chunks(&active) {
                 let mut query = QueryBuilder::<Sqlite>::new(
-                    "WITH u(id, at, title, metadata, prompt, completion, added, del, claim) AS (",
+                    "WITH u(id, at, title, metadata, prompt, completion, added, del, claim, steps) AS (",
                 );
                 query.push_values(chunk, |mut values, &index| {
                     let write = &writes[index];
@@ -438,7 +438,8 @@ impl SqliteStore {
                         .push_bind(write.usage.completion_tokens)
                         .push_bind(write.rows.len() as i64)
                         .push_bind(write.delete)
-                        .push_bind(write.claim);
+                        .push_bind(write.claim)
+                        .push_bind(write.steps);
                 });
                 query
                     .push(") UPDATE sessions SET owner = ")
@@ -446,7 +447,7 @@ impl SqliteStore {
                     .push(", lease_until = ")
                     .push_bind(now.saturating_add(self.ownership.lease_micros))
                     .push(
-                        ", epoch = epoch + u.claim, version = version + 1, updated_at = u.at, \
+                        ", epoch = epoch + u.claim, version = version + u.steps, updated_at = u.at, \
                      title = COALESCE(u.title, sessions.title), \
                      metadata = COALESCE(u.metadata, sessions.metadata), \
                      prompt_tokens = prompt_tokens + u.prompt, \
