@@ -780,9 +780,21 @@ async fn same_keys_through_two_servers_apply_once() {
     .await
     .expect("count");
     assert_eq!(records, n, "one record per key");
+    // How often a server lost a write to the other one and restaged (the replay path).
+    let mut conflict_retries = 0.0;
+    for server in &servers {
+        let (_, metrics) = send(client.get(server.url("/metrics"))).await;
+        let metrics = metrics.as_str().expect("metrics text").to_owned();
+        conflict_retries += metrics
+            .lines()
+            .filter(|line| line.starts_with("soloist_conflict_retries_total"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
     println!(
         "postgres, two servers: {KEYS} keys each sent to both at once: totals {n}/{} stored, \
-         {records} records, {attempts} resends after 409 conflict or 503",
+         {records} records, {attempts} resends after 409 conflict or 503, {conflict_retries} \
+         conflict retries inside the servers",
         2 * n
     );
     drop(servers);
