@@ -256,6 +256,26 @@ pub async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
     (status, body)
 }
 
+/// Like [`send`], with the answer's `ETag` header (the session's version) when it has one.
+pub async fn send_tagged(request: reqwest::RequestBuilder) -> (StatusCode, Value, Option<i64>) {
+    let response = request.send().await.expect("request");
+    let etag = response.headers().get(reqwest::header::ETAG).map(|value| {
+        let text = value.to_str().expect("ETag is ASCII");
+        text.strip_prefix('"')
+            .and_then(|rest| rest.strip_suffix('"'))
+            .and_then(|version| version.parse().ok())
+            .unwrap_or_else(|| panic!("ETag {text:?} is not a quoted version"))
+    });
+    let status = response.status();
+    let text = response.text().await.expect("body");
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (status, body, etag)
+}
+
 /// `POST path` as `user` with a JSON body.
 pub async fn post(
     client: &Client,
