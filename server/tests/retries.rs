@@ -339,12 +339,9 @@ async fn usage_retried_after_timeouts_is_counted_once_postgres() {
 }
 
 /// `N` keyed PATCHes, each setting its own title, while the write lock is held, retried until
-/// answered: the retries apply nothing again (version and title stay what the first attempts
-/// left), and the version moved once per write, not once per PATCH.
-///
-/// Not checked: that each retry answers 200 with its own title. Replays of update (and create)
-/// answers fail at present with 409 `idempotency_key_reused`: the stored answer holds the
-/// metadata as raw JSON, which the engine cannot read back into its internally tagged `Reply`.
+/// answered: each retry answers 200 with its own PATCH's first answer (its own title, although
+/// later PATCHes changed it), the retries apply nothing again (version and title stay what the
+/// first attempts left), and the version moved once per PATCH.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patch_retried_after_timeouts_applies_once() {
     let server = Server::sqlite(&["--command-timeout-ms", COMMAND_TIMEOUT_MS]);
@@ -371,11 +368,11 @@ async fn patch_retried_after_timeouts_applies_once() {
     let blocker = Blocker::sqlite(server).await;
     let (wave, before) = locked_wave(blocker, make, &read).await;
     for (i, answer) in wave.last.iter().enumerate() {
-        assert!(
-            !answer.0.is_server_error(),
-            "PATCH {i}: {} {}",
-            answer.0,
-            answer.1
+        assert_eq!(answer.0, StatusCode::OK, "PATCH {i}: {}", answer.1);
+        assert_eq!(
+            answer.1["title"],
+            format!("t{i}"),
+            "PATCH {i}: its own first answer"
         );
     }
     let stored = read().await;
@@ -384,9 +381,9 @@ async fn patch_retried_after_timeouts_applies_once() {
     assert_eq!(stored, before, "the retries applied nothing again");
     let end = stored["version"].as_i64().expect("version");
     let writes = usize::try_from(end - start).expect("versions only grow");
-    assert!(
-        (1..=N).contains(&writes),
-        "one version per write: {start} -> {end} for {N} PATCHes"
+    assert_eq!(
+        writes, N,
+        "one version per PATCH: {start} -> {end} for {N} PATCHes"
     );
     let title = stored["title"].as_str().expect("title");
     let titles: HashSet<String> = (0..N).map(|i| format!("t{i}")).collect();
@@ -409,10 +406,8 @@ async fn patch_retried_after_timeouts_applies_once() {
 }
 
 /// `N` keyed creates without an id while the write lock is held, retried until answered:
-/// exactly `N` sessions exist, one per key (its title), and the retries created nothing more.
-///
-/// Not checked: that each key's retries answer 201 with the same session; replays of create
-/// answers fail at present (see the PATCH test).
+/// exactly `N` sessions exist, one per key (its title), each key's retries answer 201 with its
+/// session, and the retries created nothing more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_retried_after_timeouts_makes_one_session_per_key() {
     let server = Server::sqlite(&["--command-timeout-ms", COMMAND_TIMEOUT_MS]);
@@ -447,11 +442,11 @@ async fn create_retried_after_timeouts_makes_one_session_per_key() {
     let blocker = Blocker::sqlite(server).await;
     let (wave, before) = locked_wave(blocker, make, &list).await;
     for (i, answer) in wave.last.iter().enumerate() {
-        assert!(
-            !answer.0.is_server_error(),
-            "create {i}: {} {}",
-            answer.0,
-            answer.1
+        assert_eq!(answer.0, StatusCode::CREATED, "create {i}: {}", answer.1);
+        assert_eq!(
+            answer.1["title"],
+            format!("c{i}"),
+            "create {i}: its own session"
         );
     }
     let created_before: HashSet<String> = before
@@ -684,6 +679,11 @@ async fn replays_survive_a_restart() {
 
     assert!(first.terminate().success(), "a clean exit on SIGTERM");
     let second = Server::try_start("127.0.0.1:0", &url, &[]).expect("restart on the same file");
+    assert_eq!(
+        send(create_keyed(&second)).await,
+        created,
+        "the create replay after the restart: the first answer, 201 and all"
+    );
     assert_eq!(
         send(usage(&client, &second, "alice", &session, "u-1", 3, 4)).await,
         applied,
