@@ -129,6 +129,11 @@ impl Engine {
             config,
         });
         let registry = Registry::new(shared.clone(), runtime);
+        writers.spawn(crate::idempotency::purge_expired(
+            shared.store.clone(),
+            shared.config.idempotency_retention,
+            stop_feed.clone(),
+        ));
         #[cfg(feature = "postgres")]
         if let (true, Store::Postgres(postgres)) = (feed_listens, &shared.store) {
             writers.spawn(crate::changes::listen(

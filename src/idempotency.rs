@@ -9,11 +9,20 @@
 //! Across processes the table's primary key `(session_id, key)` catches two processes racing
 //! with the same key: the loser's flush conflicts, reloads, finds the record and replays it.
 
+use std::time::Duration;
+
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
 use uuid::Uuid;
 
 use crate::command::Command;
 use crate::error::{Error, Result};
+use crate::model::now_micros;
+use crate::store::Store;
+
+/// Records deleted per statement by the purge, so that it never holds the writer long.
+const PURGE_BATCH: i64 = 1000;
 
 /// The longest idempotency key, in bytes.
 pub const MAX_KEY_BYTES: usize = 255;
@@ -44,6 +53,8 @@ pub(crate) struct KeyRecord {
     pub fingerprint: Vec<u8>,
     /// The answer, as a JSON [`Reply`](crate::Reply).
     pub response: String,
+    /// When it was stored (microseconds): past the retention it no longer counts.
+    pub created_at: i64,
 }
 
 /// Idempotency keys are 1 to 255 bytes of visible ASCII.
@@ -80,6 +91,41 @@ pub(crate) fn derived_session_id(user_id: &str, key: &str) -> Uuid {
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     Uuid::new_v8(bytes)
+}
+
+/// Deletes expired records of every session, a bounded batch at a time: sessions that store
+/// keys clean their own as they go, this catches the ones never written again. Runs every
+/// quarter of the retention (at most hourly) until `stop`.
+pub(crate) async fn purge_expired(store: Store, retention: Duration, stop: CancellationToken) {
+    let period = (retention / 4).clamp(Duration::from_millis(100), Duration::from_secs(3600));
+    let retention = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        let cutoff = now_micros().saturating_sub(retention);
+        let mut purged = 0;
+        loop {
+            match store.purge_keys(cutoff, PURGE_BATCH).await {
+                Ok(count) => {
+                    purged += count;
+                    if count < PURGE_BATCH as u64 {
+                        break;
+                    }
+                    // Let the flushes queued behind this batch go first.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(error) => {
+                    warn!(%error, "purging expired idempotency records failed; retrying later");
+                    break;
+                }
+            }
+        }
+        if purged > 0 {
+            debug!(purged, "expired idempotency records deleted");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -574,6 +574,7 @@ impl SessionActor {
                         user_id: row.user_id.clone(),
                         fingerprint: row.fingerprint.clone(),
                         response: row.response.clone(),
+                        created_at: write.now,
                     };
                     (row.key.clone(), record)
                 })
@@ -802,9 +803,11 @@ impl SessionActor {
             };
             // A key seen before answers from its record, whatever the session's state now.
             if let Some((key, user_id)) = request.keyed() {
+                let live = |record: &&KeyRecord| record.created_at >= write.keys_expire_before;
                 let stored = state
                     .and_then(|state| state.keys.get(&key.key))
                     .and_then(Option::as_ref)
+                    .filter(live)
                     .map(|record| (record.user_id.as_str(), record.fingerprint.as_slice()))
                     .or_else(|| pending_keys.get(key.key.as_str()).copied());
                 match stored {
@@ -818,7 +821,8 @@ impl SessionActor {
                     Some(_) => {
                         let record = state
                             .and_then(|state| state.keys.get(&key.key))
-                            .and_then(Option::as_ref);
+                            .and_then(Option::as_ref)
+                            .filter(live);
                         outcomes.push(match record {
                             Some(record) => Outcome::Replayed {
                                 response: record.response.clone(),

@@ -515,19 +515,26 @@ impl Store {
         if keys.is_empty() {
             return Ok(HashMap::new());
         }
-        let rows: Vec<(String, String, Vec<u8>, String)> =
+        let rows: Vec<(String, String, Vec<u8>, String, i64)> =
             dispatch!(self, store => store.key_records(id, keys, since).await)?;
         Ok(rows
             .into_iter()
-            .map(|(key, user_id, fingerprint, response)| {
+            .map(|(key, user_id, fingerprint, response, created_at)| {
                 let record = KeyRecord {
                     user_id,
                     fingerprint,
                     response,
+                    created_at,
                 };
                 (key, record)
             })
             .collect())
+    }
+
+    /// Deletes at most `limit` idempotency records created before `cutoff` (microseconds), of
+    /// any session; returns how many.
+    pub async fn purge_keys(&self, cutoff: i64, limit: i64) -> Result<u64, StorageError> {
+        dispatch!(self, store => store.purge_keys(cutoff, limit).await)
     }
 
     pub async fn read_messages(

@@ -1,4 +1,5 @@
-//! Each guarantee of DESIGN.md, on every backend (SQLite file, SQLite in memory, PostgreSQL).
+//! Each guarantee listed in docs/guarantees.md, on every backend (SQLite file, SQLite in memory,
+//! PostgreSQL).
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Regression tests for the reference incidents of DESIGN.md: each reproduces the situation
+//! Regression tests for the reference incidents listed in docs/guarantees.md: each reproduces the situation
 //! against soloist and shows that it cannot happen.
 
 mod common;

@@ -442,6 +442,63 @@ async fn reads_of_missing_and_foreign_sessions_leave_nothing_live(db: TestDb) {
     engine.shutdown().await;
 }
 
+/// Expiry needs a second connection to the database: the backends it can share.
+mod expiry {
+    use super::*;
+
+    /// Idempotency records stored with the session.
+    async fn stored_keys(url: &str) -> i64 {
+        use sqlx::Connection;
+        if url.starts_with("postgres") {
+            let mut connection = sqlx::PgConnection::connect(url).await.expect("connect");
+            sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+                .fetch_one(&mut connection)
+                .await
+                .expect("count")
+        } else {
+            let mut connection = sqlx::SqliteConnection::connect(url).await.expect("connect");
+            sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+                .fetch_one(&mut connection)
+                .await
+                .expect("count")
+        }
+    }
+
+    async fn expired_keys_are_forgotten_and_purged(db: TestDb) {
+        let engine = db
+            .engine_with(EngineConfig {
+                idempotency_retention: Duration::from_millis(400),
+                ..db.config()
+            })
+            .await;
+        let session = created(&engine).await;
+        // A session that never stores a key again: only the engine's purge can delete its record.
+        engine
+            .add_usage(usage(&session, "old", 2))
+            .await
+            .expect("usage");
+        assert_eq!(stored_keys(&db.url).await, 1);
+        let mut left = 1;
+        for _ in 0..100 {
+            left = stored_keys(&db.url).await;
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(left, 0, "the purge deleted the expired record");
+        // Past the retention a key is new again.
+        let again = engine
+            .add_usage(usage(&session, "old", 2))
+            .await
+            .expect("usage");
+        assert_eq!(again.prompt_tokens, 4);
+        engine.shutdown().await;
+    }
+
+    on_shared_backends!(expired_keys_are_forgotten_and_purged);
+}
+
 on_every_backend!(
     a_keyed_usage_applies_once,
     a_timed_out_keyed_usage_retried_applies_once,

@@ -45,6 +45,15 @@ struct Args {
     /// Connections for reads.
     #[arg(long, default_value = "4")]
     read_connections: u32,
+    /// How long an `Idempotency-Key` is remembered: a retry with it within this time replays
+    /// the first answer.
+    #[arg(
+        long,
+        env = "SOLOIST_IDEMPOTENCY_RETENTION_SECS",
+        default_value = "86400",
+        value_name = "SECONDS"
+    )]
+    idempotency_retention_secs: u64,
     /// Largest body of an append (`POST /v1/sessions/{id}/messages`); larger ones get 413
     /// before they are read. Other routes' limits follow from what their bodies may hold.
     #[arg(
@@ -133,6 +142,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         hide_foreign_sessions: !args.reveal_foreign_sessions,
         writer_connections: args.writer_connections,
         read_pool_size: args.read_connections,
+        idempotency_retention: Duration::from_secs(args.idempotency_retention_secs),
         ..EngineConfig::new(&args.database_url)
     };
     let engine = Engine::start(config).await?;

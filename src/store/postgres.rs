@@ -180,9 +180,9 @@ impl PostgresStore {
         id: SessionId,
         keys: &[String],
         since: i64,
-    ) -> Result<Vec<(String, String, Vec<u8>, String)>, StorageError> {
+    ) -> Result<Vec<(String, String, Vec<u8>, String, i64)>, StorageError> {
         Ok(sqlx::query_as(
-            "SELECT key, user_id, fingerprint, response FROM idempotency_keys \
+            "SELECT key, user_id, fingerprint, response, created_at FROM idempotency_keys \
              WHERE session_id = $1 AND key = ANY($2) AND created_at >= $3",
         )
         .bind(id)
@@ -190,6 +190,18 @@ impl PostgresStore {
         .bind(since)
         .fetch_all(&self.readers)
         .await?)
+    }
+
+    pub async fn purge_keys(&self, cutoff: i64, limit: i64) -> Result<u64, StorageError> {
+        let done = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE ctid IN \
+             (SELECT ctid FROM idempotency_keys WHERE created_at < $1 LIMIT $2)",
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     pub async fn read_messages(

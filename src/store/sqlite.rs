@@ -206,9 +206,9 @@ impl SqliteStore {
         id: SessionId,
         keys: &[String],
         since: i64,
-    ) -> Result<Vec<(String, String, Vec<u8>, String)>, StorageError> {
+    ) -> Result<Vec<(String, String, Vec<u8>, String, i64)>, StorageError> {
         let mut query = QueryBuilder::<Sqlite>::new(
-            "SELECT key, user_id, fingerprint, response FROM idempotency_keys WHERE session_id = ",
+            "SELECT key, user_id, fingerprint, response, created_at FROM idempotency_keys WHERE session_id = ",
         );
         query
             .push_bind(id)
@@ -221,6 +221,18 @@ impl SqliteStore {
         }
         query.push(")");
         Ok(query.build_query_as().fetch_all(&self.readers).await?)
+    }
+
+    pub async fn purge_keys(&self, cutoff: i64, limit: i64) -> Result<u64, StorageError> {
+        let done = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE rowid IN \
+             (SELECT rowid FROM idempotency_keys WHERE created_at < ? LIMIT ?)",
+        )
+        .bind(cutoff)
+        .bind(limit)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     pub async fn read_messages(
