@@ -754,4 +754,80 @@ mod tests {
         );
         assert!(default_max_connections() >= 1);
     }
+
+    /// What a [`Lingering`] socket sends for the writes `write` makes on it, then shut.
+    async fn sent<F>(in_flight: bool, write: F) -> String
+    where
+        F: AsyncFnOnce(&mut Lingering),
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let mut client = TcpStream::connect(address).await.expect("connect");
+        // Nothing to send: the linger after hyper's answer ends at once.
+        client.shutdown().await.expect("client shutdown");
+        let (stream, _) = listener.accept().await.expect("accept");
+        let tracked = Registry::new().insert(1);
+        let _in_flight = in_flight.then(|| InFlight::start(Arc::clone(&tracked)));
+        let mut socket = Lingering {
+            stream,
+            tracked,
+            shut: false,
+            linger: None,
+            answer: None,
+            head_unread: false,
+        };
+        write(&mut socket).await;
+        socket.shutdown().await.expect("shutdown");
+        let mut sent = String::new();
+        client.read_to_string(&mut sent).await.expect("read");
+        sent
+    }
+
+    #[tokio::test]
+    async fn writes_the_json_error_in_place_of_hypers_own_answer() {
+        const EARLIER: &str = "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+        const HYPERS: &str = "HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\
+                              content-length: 0\r\ndate: Mon, 30 Nov 2026 13:06:53 GMT\r\n\r\n";
+        let json = automatic_answer(HYPERS.as_bytes()).expect("found").json();
+        let json = String::from_utf8(json).expect("UTF-8");
+        let both = format!("{EARLIER}{HYPERS}");
+
+        // In one buffer after an earlier answer, and in the last of several.
+        let sent_alone = sent(false, async |socket| {
+            socket.write_all(both.as_bytes()).await.expect("write");
+        })
+        .await;
+        assert_eq!(sent_alone, format!("{EARLIER}{json}"));
+        let sent_vectored = sent(false, async |socket| {
+            let bufs = [
+                io::IoSlice::new(b"HTTP/1.1 204 No Content\r\n\r\n"),
+                io::IoSlice::new(both.as_bytes()),
+            ];
+            let mut written = 0;
+            while written < bufs.iter().map(|buf| buf.len()).sum() {
+                let skip = written;
+                let rest: Vec<io::IoSlice<'_>> = bufs
+                    .iter()
+                    .scan(skip, |skip, buf| {
+                        let from = (*skip).min(buf.len());
+                        *skip -= from;
+                        Some(io::IoSlice::new(&buf[from..]))
+                    })
+                    .collect();
+                written += socket.write_vectored(&rest).await.expect("write");
+            }
+        })
+        .await;
+        assert_eq!(
+            sent_vectored,
+            format!("HTTP/1.1 204 No Content\r\n\r\n{EARLIER}{json}")
+        );
+
+        // The same bytes while a request is in flight are its answer's.
+        let sent_in_flight = sent(true, async |socket| {
+            socket.write_all(HYPERS.as_bytes()).await.expect("write");
+        })
+        .await;
+        assert_eq!(sent_in_flight, HYPERS);
+    }
 }
