@@ -11,11 +11,14 @@
 //! - `api`: request and response bodies of the JSON API.
 //! - `error`: [`ApiError`], the mapping from engine errors and bad requests to HTTP.
 //! - `metrics`: the Prometheus text rendering of [`soloist::Stats`].
+//! - `malformed`: the JSON error for requests hyper answers itself (malformed or too large
+//!   heads).
 //! - [`serve()`]: the accept loop, with the connection cap, timeouts and bounded drain.
 
 mod api;
 mod body;
 mod error;
+mod malformed;
 mod metrics;
 mod serve;
 

@@ -15,6 +15,11 @@
 //!   sends is read and discarded for a short while. Closing at once would reset the connection,
 //!   and a reset can destroy the answer before the client reads it: a client still sending its
 //!   body would see a broken pipe instead of the 413.
+//! - A request head longer than 64 KiB ([`MAX_HEAD_BYTES`]), or one hyper cannot parse, never
+//!   reaches the router: hyper answers it itself, with a bare 431, 414 or 400 head, and closes
+//!   the connection. The socket writes the JSON error answer in its place (see
+//!   [`crate::malformed`]) and lingers like after a refused body, since the rest of the head
+//!   may still be coming.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -40,6 +45,8 @@ use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 use tracing::{debug, info, warn};
+
+use crate::malformed::{MAX_HEAD_BYTES, automatic_answer};
 
 /// Descriptors kept back from the connection cap for everything else the process opens: the
 /// listener, database connections (an SQLite connection holds several files), logs.
@@ -153,7 +160,8 @@ pub async fn serve(
 ) -> ServeReport {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout);
+        .header_read_timeout(config.header_read_timeout)
+        .max_header_size(MAX_HEAD_BYTES);
     let registry = Arc::new(Registry::new());
     let drain = CancellationToken::new();
     let mut connections = JoinSet::new();
@@ -305,6 +313,8 @@ async fn connection(
         tracked: Arc::clone(&tracked),
         shut: false,
         linger: None,
+        answer: None,
+        head_unread: false,
     });
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         // A new request: whatever the previous one left unread has been read since.
@@ -394,6 +404,9 @@ impl Drop for Watched {
 /// write side (the client sees the end of the answer) and then, if a request body was left
 /// unread, discards what the client still sends until it stops (end of stream, or nothing for
 /// [`BODY_LINGER_QUIET`]), for at most [`BODY_LINGER`].
+///
+/// Its writes replace hyper's own answer to a request head it could not parse with the JSON
+/// error (see [`crate::malformed`]); that answer is always the last thing hyper writes.
 struct Lingering {
     stream: TcpStream,
     tracked: Arc<Tracked>,
@@ -401,6 +414,64 @@ struct Lingering {
     shut: bool,
     /// The deadlines of the linger, once it has started.
     linger: Option<Linger>,
+    /// The JSON error answer written in place of hyper's, and how much of it has been sent.
+    answer: Option<(Vec<u8>, usize)>,
+    /// Whether hyper answered a request head itself, so that the rest of the head may still
+    /// be unread when the connection closes.
+    head_unread: bool,
+}
+
+/// What a write does with the bytes hyper gives it.
+enum Intercept {
+    /// Writes them: an answer of the app.
+    Pass,
+    /// Writes only the first ones: the end of an earlier answer, before hyper's own.
+    Before(usize),
+    /// Writes this JSON error answer instead of hyper's own.
+    Replace(Vec<u8>),
+}
+
+impl Lingering {
+    /// Whether `last` (the last bytes hyper gives this write, after `before` others) ends with
+    /// hyper's own answer. While a request is in flight the bytes are its answer's: hyper
+    /// answers a head itself only between requests.
+    fn intercept(&self, before: usize, last: &[u8]) -> Intercept {
+        if self.tracked.in_flight.load(Ordering::Acquire) != 0 {
+            return Intercept::Pass;
+        }
+        match automatic_answer(last) {
+            None => Intercept::Pass,
+            Some(found) if before == 0 && found.start == 0 => Intercept::Replace(found.json()),
+            Some(found) => Intercept::Before(found.start),
+        }
+    }
+
+    /// Starts writing `answer` in place of hyper's, which the caller reports written.
+    fn replace(&mut self, answer: Vec<u8>, cx: &mut Context<'_>) -> io::Result<()> {
+        debug!("answering a request head hyper refused with the JSON error");
+        self.answer = Some((answer, 0));
+        self.head_unread = true;
+        match self.poll_answer(cx) {
+            Poll::Ready(Err(error)) => Err(error),
+            // The rest goes out on the flush or the shutdown that follows.
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes what is left of the JSON error answer, if any; everything else waits for it.
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some((answer, sent)) = &mut self.answer {
+            while *sent < answer.len() {
+                let n = ready!(Pin::new(&mut self.stream).poll_write(cx, &answer[*sent..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                *sent += n;
+            }
+            self.answer = None;
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// The deadlines of a linger: the whole of it, and the quiet one (moved on by each read).
@@ -425,7 +496,16 @@ impl AsyncWrite for Lingering {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        ready!(this.poll_answer(cx))?;
+        match this.intercept(0, buf) {
+            Intercept::Pass => Pin::new(&mut this.stream).poll_write(cx, buf),
+            Intercept::Before(start) => Pin::new(&mut this.stream).poll_write(cx, &buf[..start]),
+            Intercept::Replace(answer) => {
+                this.replace(answer, cx)?;
+                Poll::Ready(Ok(buf.len()))
+            }
+        }
     }
 
     fn poll_write_vectored(
@@ -433,7 +513,25 @@ impl AsyncWrite for Lingering {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        ready!(this.poll_answer(cx))?;
+        // hyper writes its own answer's head into one buffer, the last it holds.
+        let Some(last) = bufs.iter().rposition(|buf| !buf.is_empty()) else {
+            return Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        };
+        let before = bufs[..last].iter().map(|buf| buf.len()).sum();
+        match this.intercept(before, &bufs[last]) {
+            Intercept::Pass => Pin::new(&mut this.stream).poll_write_vectored(cx, bufs),
+            Intercept::Before(start) => {
+                let mut earlier = bufs[..last].to_vec();
+                earlier.push(io::IoSlice::new(&bufs[last][..start]));
+                Pin::new(&mut this.stream).poll_write_vectored(cx, &earlier)
+            }
+            Intercept::Replace(answer) => {
+                this.replace(answer, cx)?;
+                Poll::Ready(Ok(bufs[last].len()))
+            }
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -441,16 +539,19 @@ impl AsyncWrite for Lingering {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(this.poll_answer(cx))?;
+        Pin::new(&mut this.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.shut {
+            ready!(this.poll_answer(cx))?;
             ready!(Pin::new(&mut this.stream).poll_shutdown(cx))?;
             this.shut = true;
         }
-        if !this.tracked.unread_body.load(Ordering::Relaxed) {
+        if !this.head_unread && !this.tracked.unread_body.load(Ordering::Relaxed) {
             return Poll::Ready(Ok(()));
         }
         let Linger { whole, quiet } = this.linger.get_or_insert_with(|| Linger {
@@ -652,5 +753,81 @@ mod tests {
             None
         );
         assert!(default_max_connections() >= 1);
+    }
+
+    /// What a [`Lingering`] socket sends for the writes `write` makes on it, then shut.
+    async fn sent<F>(in_flight: bool, write: F) -> String
+    where
+        F: AsyncFnOnce(&mut Lingering),
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let mut client = TcpStream::connect(address).await.expect("connect");
+        // Nothing to send: the linger after hyper's answer ends at once.
+        client.shutdown().await.expect("client shutdown");
+        let (stream, _) = listener.accept().await.expect("accept");
+        let tracked = Registry::new().insert(1);
+        let _in_flight = in_flight.then(|| InFlight::start(Arc::clone(&tracked)));
+        let mut socket = Lingering {
+            stream,
+            tracked,
+            shut: false,
+            linger: None,
+            answer: None,
+            head_unread: false,
+        };
+        write(&mut socket).await;
+        socket.shutdown().await.expect("shutdown");
+        let mut sent = String::new();
+        client.read_to_string(&mut sent).await.expect("read");
+        sent
+    }
+
+    #[tokio::test]
+    async fn writes_the_json_error_in_place_of_hypers_own_answer() {
+        const EARLIER: &str = "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+        const HYPERS: &str = "HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\
+                              content-length: 0\r\ndate: Mon, 30 Nov 2026 13:06:53 GMT\r\n\r\n";
+        let json = automatic_answer(HYPERS.as_bytes()).expect("found").json();
+        let json = String::from_utf8(json).expect("UTF-8");
+        let both = format!("{EARLIER}{HYPERS}");
+
+        // In one buffer after an earlier answer, and in the last of several.
+        let sent_alone = sent(false, async |socket| {
+            socket.write_all(both.as_bytes()).await.expect("write");
+        })
+        .await;
+        assert_eq!(sent_alone, format!("{EARLIER}{json}"));
+        let sent_vectored = sent(false, async |socket| {
+            let bufs = [
+                io::IoSlice::new(b"HTTP/1.1 204 No Content\r\n\r\n"),
+                io::IoSlice::new(both.as_bytes()),
+            ];
+            let mut written = 0;
+            while written < bufs.iter().map(|buf| buf.len()).sum() {
+                let skip = written;
+                let rest: Vec<io::IoSlice<'_>> = bufs
+                    .iter()
+                    .scan(skip, |skip, buf| {
+                        let from = (*skip).min(buf.len());
+                        *skip -= from;
+                        Some(io::IoSlice::new(&buf[from..]))
+                    })
+                    .collect();
+                written += socket.write_vectored(&rest).await.expect("write");
+            }
+        })
+        .await;
+        assert_eq!(
+            sent_vectored,
+            format!("HTTP/1.1 204 No Content\r\n\r\n{EARLIER}{json}")
+        );
+
+        // The same bytes while a request is in flight are its answer's.
+        let sent_in_flight = sent(true, async |socket| {
+            socket.write_all(HYPERS.as_bytes()).await.expect("write");
+        })
+        .await;
+        assert_eq!(sent_in_flight, HYPERS);
     }
 }
