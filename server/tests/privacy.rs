@@ -436,11 +436,16 @@ async fn timing_probe(
     (live, cold)
 }
 
-/// Asserts that `separation` does not tell a foreign session from a missing one.
+/// Asserts that `separation` does not tell a foreign session from a missing one: the faster of
+/// a round's two requests is the foreign one in 25% to 75% of rounds, and the medians are
+/// within 20% of each other. Measured on two busy cores: a foreign session that skipped the
+/// missing one's read transaction was the faster in 84% to 88% of rounds (medians 21% to 27%
+/// apart); reading the same way, 31% to 54% in debug builds (at most 11% apart), the spread
+/// coming from the found row's decoding, which a missing session does not have.
 #[track_caller]
 fn assert_indistinguishable(separation: &Separation, label: &str) {
     assert!(
-        separation.relative_difference() < 0.25,
+        (separation.foreign_faster - 0.5).abs() < 0.25 && separation.relative_difference() < 0.2,
         "{}",
         separation.report(label)
     );
