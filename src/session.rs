@@ -475,7 +475,13 @@ impl SessionActor {
             let mut users = requests.iter().filter_map(SessionRequest::user).peekable();
             let foreign_only = users.peek().is_some() && users.all(|user| user != info.user_id);
             if foreign_only {
-                self.shared.store.version(self.id).await?;
+                // The very read a load for them is (one read transaction, the row, no
+                // messages): a lighter one would still answer sooner.
+                let readers: Vec<&str> = requests.iter().filter_map(SessionRequest::user).collect();
+                self.shared
+                    .store
+                    .load(self.id, self.shared.config.cached_messages, &readers)
+                    .await?;
             }
         }
         let newer_elsewhere = requests.iter().any(
