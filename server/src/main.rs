@@ -89,11 +89,17 @@ struct Args {
         value_name = "BYTES_PER_SECOND"
     )]
     min_body_rate: u64,
-    /// The longest a client may take to send a request's headers; also how long an idle
-    /// keep-alive connection stays open.
+    /// The longest a client may take to send a request's headers: from accept for the first
+    /// request, from its first bytes for the next ones on a kept-alive connection.
     #[arg(long, env = "SOLOIST_HEADER_READ_TIMEOUT_MS", default_value = "10000", value_name = "MS",
           value_parser = clap::value_parser!(u64).range(1..))]
     header_read_timeout_ms: u64,
+    /// How long an answered connection may wait for its next request before it is closed. Keep
+    /// it above the idle timeout of a load balancer or proxy in front (often 60 s), so that the
+    /// proxy never sends a request on a connection this server is closing.
+    #[arg(long, env = "SOLOIST_KEEP_ALIVE_TIMEOUT_MS", default_value = "75000", value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    keep_alive_timeout_ms: u64,
     /// Connections open at once; past it the longest-idle connection is closed, or, when every
     /// connection has a request in flight, the new one gets a 503 `too_many_connections`.
     /// Default: the open-file limit less 128 (at least half of it).
@@ -165,6 +171,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     ));
     let serve_config = ServeConfig {
         header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
+        keep_alive_timeout: Duration::from_millis(args.keep_alive_timeout_ms),
         max_connections: args
             .max_connections
             .map_or_else(default_max_connections, |max| {

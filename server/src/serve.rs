@@ -1,8 +1,11 @@
 //! The accept loop: HTTP/1 connections served by hyper, with the limits that keep clients from
 //! taking the server down.
 //!
-//! - A connection must finish each request's headers within the header-read timeout (hyper's
-//!   own timer, which also runs while a keep-alive connection waits for its next request).
+//! - A new connection must send its first request's headers within the header-read timeout,
+//!   and so must a kept-alive connection once the next request's first bytes arrived; a
+//!   kept-alive connection waiting for its next request closes after the keep-alive timeout,
+//!   which is longer by default, so that it outlives a balancer's idle timeout towards this
+//!   server (otherwise the balancer may send a request on a connection being closed).
 //! - At most `max_connections` are open. A new connection beyond that evicts the connection
 //!   that has been idle longest (no request in flight: still reading headers, or idle between
 //!   requests), so that clients that hold connections without using them cannot lock others
@@ -85,6 +88,9 @@ pub struct ServeConfig {
     /// on a keep-alive connection (so it is also how long an idle keep-alive connection stays
     /// open).
     pub header_read_timeout: Duration,
+    /// How long a connection that has been answered may wait for its next request (no byte of
+    /// it yet) before it is closed.
+    pub keep_alive_timeout: Duration,
     /// Connections open at once; see [`default_max_connections`]. Lowered while serving if
     /// `accept` runs out of descriptors below it.
     pub max_connections: usize,
@@ -96,6 +102,7 @@ impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
             header_read_timeout: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(75),
             max_connections: default_max_connections(),
             shutdown_timeout: Duration::from_secs(30),
         }
@@ -159,9 +166,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> ServeReport {
     let mut http = http1::Builder::new();
+    // Both waits for a request head are timed by `idle_watch`: hyper's own header timer also
+    // runs while a kept-alive connection waits, and would close it after the shorter one.
     http.timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
+        .header_read_timeout(None)
         .max_header_size(MAX_HEAD_BYTES);
+    let timeouts = Timeouts {
+        header: config.header_read_timeout,
+        keep_alive: config.keep_alive_timeout,
+    };
     let registry = Arc::new(Registry::new());
     let drain = CancellationToken::new();
     let mut connections = JoinSet::new();
@@ -250,6 +263,7 @@ pub async fn serve(
             tracked,
             guard,
             drain.clone(),
+            timeouts,
         ));
     }
 
@@ -298,7 +312,46 @@ fn is_per_connection(error: &io::Error) -> bool {
     )
 }
 
-/// Serves one connection until it ends, is evicted, or is cut at shutdown.
+/// The waits for a request head.
+#[derive(Clone, Copy, Debug)]
+struct Timeouts {
+    header: Duration,
+    keep_alive: Duration,
+}
+
+/// Returns when the connection has waited too long for a request head: a new connection for
+/// its first head, a kept-alive one since the first bytes of its next head arrived (header
+/// timeout), or since its last answer ended with no byte of a next request (keep-alive
+/// timeout). A request in flight is bounded elsewhere (its body's rate, the command timeout).
+async fn idle_watch(tracked: &Tracked, timeouts: Timeouts) {
+    loop {
+        let wait = if tracked.in_flight.load(Ordering::Acquire) > 0 {
+            timeouts.header
+        } else {
+            let head = tracked.head_since.load(Ordering::Acquire);
+            let (since, limit) = if !tracked.served.load(Ordering::Acquire) {
+                (tracked.idle_since.load(Ordering::Acquire), timeouts.header)
+            } else if head != 0 {
+                (head - 1, timeouts.header)
+            } else {
+                (
+                    tracked.idle_since.load(Ordering::Acquire),
+                    timeouts.keep_alive,
+                )
+            };
+            let due = since.saturating_add(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX));
+            let now = millis_since(tracked.epoch);
+            if now >= due {
+                return;
+            }
+            Duration::from_millis(due - now)
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Serves one connection until it ends, is evicted, times out waiting for a request, or is
+/// cut at shutdown.
 async fn connection(
     stream: TcpStream,
     http: http1::Builder,
@@ -306,8 +359,10 @@ async fn connection(
     tracked: Arc<Tracked>,
     _registered: Registered,
     drain: CancellationToken,
+    timeouts: Timeouts,
 ) {
     let evict = tracked.evict.clone();
+    let watched = Arc::clone(&tracked);
     let io = TokioIo::new(Lingering {
         stream,
         tracked: Arc::clone(&tracked),
@@ -344,6 +399,10 @@ async fn connection(
     let result = tokio::select! {
         biased;
         () = evict.cancelled() => return,
+        () = idle_watch(&watched, timeouts) => {
+            debug!("closing a connection that waited too long for a request");
+            return;
+        }
         result = connection.as_mut() => result,
         () = drain.cancelled() => {
             connection.as_mut().graceful_shutdown();
@@ -486,7 +545,19 @@ impl AsyncRead for Lingering {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let tracked = &this.tracked;
+        // The first bytes of a request head, read between requests, start its header timeout.
+        if buf.filled().len() > before
+            && tracked.in_flight.load(Ordering::Acquire) == 0
+            && tracked.head_since.load(Ordering::Acquire) == 0
+        {
+            let now = millis_since(tracked.epoch).saturating_add(1);
+            tracked.head_since.store(now, Ordering::Release);
+        }
+        read
     }
 }
 
@@ -618,6 +689,12 @@ struct Tracked {
     /// it was accepted or when its last response ended. Bytes of a request still being read
     /// do not count, or a client trickling headers would look busy.
     idle_since: AtomicU64,
+    /// Whether an answer has ended on this connection: from then on it waits for its next
+    /// request under the keep-alive timeout.
+    served: AtomicBool,
+    /// 1 + the milliseconds since [`Registry::epoch`] at which the first bytes of the next
+    /// request head arrived while no request was in flight; 0 while none have.
+    head_since: AtomicU64,
     /// Cancelled to close the connection at once.
     evict: CancellationToken,
     /// The registry's epoch.
@@ -644,6 +721,8 @@ impl Registry {
             in_flight: AtomicUsize::new(0),
             unread_body: AtomicBool::new(false),
             idle_since: AtomicU64::new(millis_since(self.epoch)),
+            served: AtomicBool::new(false),
+            head_since: AtomicU64::new(0),
             evict: CancellationToken::new(),
             epoch: self.epoch,
         });
@@ -693,6 +772,7 @@ struct InFlight(Arc<Tracked>);
 impl InFlight {
     fn start(tracked: Arc<Tracked>) -> InFlight {
         tracked.in_flight.fetch_add(1, Ordering::AcqRel);
+        tracked.head_since.store(0, Ordering::Release);
         InFlight(tracked)
     }
 }
@@ -703,6 +783,7 @@ impl Drop for InFlight {
         tracked
             .idle_since
             .store(millis_since(tracked.epoch), Ordering::Relaxed);
+        tracked.served.store(true, Ordering::Release);
         tracked.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }

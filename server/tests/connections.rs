@@ -243,9 +243,34 @@ async fn accept_running_out_of_descriptors_evicts_and_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_headers_and_idle_keep_alive_connections_are_closed() {
-    let server = Server::sqlite(&["--header-read-timeout-ms", "500"]);
+    let server = Server::sqlite(&[
+        "--header-read-timeout-ms",
+        "500",
+        "--keep-alive-timeout-ms",
+        "1500",
+    ]);
     let address = server.address().to_owned();
     let limit = Duration::from_secs(5);
+    // Answered once, then half of a next head: the header timeout runs from its first bytes,
+    // not the longer keep-alive timeout.
+    let mut stalled = TcpStream::connect(&address).await.expect("connect");
+    stalled
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .expect("request");
+    let (status, _, _) = read_response(&mut stalled).await;
+    assert_eq!(status, 200);
+    stalled
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: t")
+        .await
+        .expect("half a next head");
+    let stalled = closed_within(&mut stalled, limit)
+        .await
+        .expect("a stalled next head is closed");
+    assert!(
+        stalled >= Duration::from_millis(300) && stalled < Duration::from_millis(1200),
+        "a stalled next head closed after {stalled:?}: header timeout 500 ms, keep-alive 1.5 s"
+    );
 
     let mut silent = TcpStream::connect(&address).await.expect("connect");
     let mut partial = TcpStream::connect(&address).await.expect("connect");
@@ -268,20 +293,22 @@ async fn slow_headers_and_idle_keep_alive_connections_are_closed() {
         closed_within(&mut keep_alive, limit),
     );
     eprintln!(
-        "closed after: silent {silent:?}, half a header {partial:?}, idle keep-alive {keep_alive:?}"
+        "closed after: stalled next head {stalled:?}, silent {silent:?}, half a header \
+         {partial:?}, idle keep-alive {keep_alive:?}"
     );
-    for (what, closed) in [
-        ("silent", silent),
-        ("half a header", partial),
-        ("idle keep-alive", keep_alive),
-    ] {
+    for (what, closed) in [("silent", silent), ("half a header", partial)] {
         let closed = closed.unwrap_or_else(|| panic!("{what} connection still open after 5 s"));
         // The server starts counting slightly before this test does.
         assert!(
-            closed >= Duration::from_millis(300) && closed < Duration::from_millis(2500),
+            closed >= Duration::from_millis(300) && closed < Duration::from_millis(1200),
             "{what} connection closed after {closed:?}, header timeout 500 ms"
         );
     }
+    let keep_alive = keep_alive.expect("idle keep-alive connection still open after 5 s");
+    assert!(
+        keep_alive >= Duration::from_millis(1200) && keep_alive < Duration::from_millis(3500),
+        "idle keep-alive connection closed after {keep_alive:?}, keep-alive timeout 1.5 s"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
