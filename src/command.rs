@@ -67,7 +67,10 @@ pub enum Reply {
 pub struct CreateSession {
     /// The caller, who becomes the owner.
     pub user_id: String,
-    /// The id to use; a new UUIDv7 when absent.
+    /// The id to use; when absent, derived from the user and the idempotency key if there is
+    /// one, else a new UUIDv7. An id taken by another user is a [`Error::Conflict`], so an
+    /// application that lets untrusted users choose ids lets them learn which ids exist:
+    /// derive them per user instead (as `soloist-server` does, which accepts no ids).
     #[serde(default)]
     pub session_id: Option<SessionId>,
     /// Optional title.

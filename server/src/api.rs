@@ -16,8 +16,9 @@ use crate::error::ApiError;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
-    /// Client-chosen id; creating the same id again returns the same session.
-    pub id: Option<SessionId>,
+    /// Refused when present: session ids are the server's to choose (see `create_session`).
+    /// Read only to answer with a clear error instead of "unknown field".
+    pub id: Option<serde::de::IgnoredAny>,
     pub title: Option<String>,
     pub metadata: Option<RawJson>,
 }

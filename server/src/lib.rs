@@ -303,17 +303,29 @@ fn with_etag(status: StatusCode, version: i64, body: impl serde::Serialize) -> R
     response
 }
 
+/// `POST /v1/sessions`. The server chooses the session's id: a client that could choose one
+/// could try another user's id and learn from the answer that it exists. A create is made
+/// retryable with an `Idempotency-Key` instead: its id is then derived from the user and the
+/// key, so each user's keys name sessions of their own, and a retry reaches the same session.
 async fn create_session(
     State(state): State<AppState>,
     UserId(user_id): UserId,
     IdempotencyKey(idempotency_key): IdempotencyKey,
     JsonBody(body): JsonBody<CreateBody>,
 ) -> Result<Response, ApiError> {
+    if body.id.is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            "`id` is not accepted: the server chooses session ids; send an Idempotency-Key \
+             header to make a create retryable",
+        ));
+    }
     let created = state
         .engine
         .create_session(CreateSession {
             user_id,
-            session_id: body.id,
+            session_id: None,
             title: body.title,
             metadata: body.metadata,
             idempotency_key,

@@ -21,31 +21,28 @@ async fn every_endpoint() {
     let (status, body) = send(client.get(server.url("/healthz"))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
-    // Create, then create again with the same id: 201 then 200, same session.
-    let id = Uuid::now_v7();
-    let created = post(
-        &client,
-        &server,
-        "/v1/sessions",
-        "alice",
-        &json!({"id": id, "title": "Trip", "metadata": {"k": 1}}),
-    )
-    .await;
+    // Create with an idempotency key, then again: 201 twice, the same session (the first
+    // answer); the server chose the id.
+    let keyed_create = || {
+        send(
+            client
+                .post(server.url("/v1/sessions"))
+                .header("x-user-id", "alice")
+                .header("idempotency-key", "trip-1")
+                .json(&json!({"title": "Trip", "metadata": {"k": 1}})),
+        )
+    };
+    let created = keyed_create().await;
     assert_eq!(created.0, StatusCode::CREATED, "{}", created.1);
-    assert_eq!(created.1["session_id"], id.to_string());
+    let id: Uuid = created.1["session_id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .expect("session_id");
     assert_eq!(created.1["title"], "Trip");
     assert_eq!(created.1["metadata"], json!({"k": 1}));
     assert!(created.1["created_at"].is_string());
-    let again = post(
-        &client,
-        &server,
-        "/v1/sessions",
-        "alice",
-        &json!({"id": id}),
-    )
-    .await;
-    assert_eq!(again.0, StatusCode::OK);
-    assert_eq!(again.1["created_at"], created.1["created_at"]);
+    let again = keyed_create().await;
+    assert_eq!(again, created, "a retried create answers the first answer");
 
     // Append (with a tool call), resend the same ids: same sequences.
     let messages = json!({"messages": [
@@ -268,7 +265,8 @@ async fn every_error_code() {
         StatusCode::NOT_FOUND,
         "not_found",
     );
-    // 409: a session id taken by another user.
+    // 400: a client cannot choose a session id, so cannot try another user's; with the same
+    // idempotency key as another user, it gets a session of its own.
     assert_error(
         post(
             &client,
@@ -278,9 +276,24 @@ async fn every_error_code() {
             &json!({"id": id}),
         )
         .await,
-        StatusCode::CONFLICT,
-        "conflict",
+        StatusCode::BAD_REQUEST,
+        "invalid_input",
     );
+    let keyed = |user: &str| {
+        send(
+            client
+                .post(server.url("/v1/sessions"))
+                .header("x-user-id", user)
+                .header("idempotency-key", "same-key")
+                .json(&json!({})),
+        )
+    };
+    let (alices, mallorys) = (keyed("alice").await, keyed("mallory").await);
+    assert_eq!(
+        (alices.0, mallorys.0),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
+    assert_ne!(alices.1["session_id"], mallorys.1["session_id"]);
     // 413: content over the 64 KiB limit.
     assert_error(
         post(
