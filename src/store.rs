@@ -253,34 +253,22 @@ pub(crate) fn check_heads(
     }
 }
 
-/// After the message insert: the active writes whose rows were not all inserted (some id or
-/// sequence was already stored).
+/// After the inserts of message rows and idempotency records (counted per session): the
+/// active writes that did not get all of theirs in, because some message id, sequence or key
+/// of theirs was already stored.
 pub(crate) fn short_writes(
     plan: &FlushPlan,
     writes: &[SessionWrite],
-    inserted: &HashMap<Uuid, usize>,
+    rows: &HashMap<Uuid, usize>,
+    keys: &HashMap<Uuid, usize>,
 ) -> Vec<usize> {
+    let count = |inserted: &HashMap<Uuid, usize>, id| inserted.get(id).copied().unwrap_or(0);
     plan.active()
         .into_iter()
         .filter(|&index| {
             let write = &writes[index];
-            inserted.get(&write.session_id).copied().unwrap_or(0) != write.rows.len()
-        })
-        .collect()
-}
-
-/// After the idempotency records' insert: the active writes whose keys were not all inserted
-/// (a key of theirs is already stored).
-pub(crate) fn short_key_writes(
-    plan: &FlushPlan,
-    writes: &[SessionWrite],
-    inserted: &HashMap<Uuid, usize>,
-) -> Vec<usize> {
-    plan.active()
-        .into_iter()
-        .filter(|&index| {
-            let write = &writes[index];
-            inserted.get(&write.session_id).copied().unwrap_or(0) != write.keys.len()
+            count(rows, &write.session_id) != write.rows.len()
+                || count(keys, &write.session_id) != write.keys.len()
         })
         .collect()
 }

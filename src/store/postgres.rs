@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::{
     FlushOutcome, FlushPlan, HeadRow, KeyRow, LoadedSession, MessageRecord, Ownership,
     SessionRecord, SessionWrite, check_heads, heads, into_messages, message_columns,
-    session_columns, short_key_writes, short_writes,
+    session_columns, short_writes,
 };
 use crate::command::SessionCursor;
 use crate::config::EngineConfig;
@@ -439,18 +439,10 @@ impl PostgresStore {
             check_heads(&mut plan, writes, &heads(stored));
 
             let inserted = insert_messages(&mut tx, writes, &plan).await?;
-            let short = short_writes(&plan, writes, &inserted);
+            let keys = insert_keys(&mut tx, writes, &plan).await?;
+            let short = short_writes(&plan, writes, &inserted, &keys);
             if !short.is_empty() {
-                // Some of these sessions' rows went in: undo all and retry without them.
-                tx.rollback().await?;
-                for index in short {
-                    plan.conflict(index);
-                }
-                continue;
-            }
-            let inserted = insert_keys(&mut tx, writes, &plan).await?;
-            let short = short_key_writes(&plan, writes, &inserted);
-            if !short.is_empty() {
+                // Some of these sessions' rows or keys went in: undo all and retry without them.
                 tx.rollback().await?;
                 for index in short {
                     plan.conflict(index);
