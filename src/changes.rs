@@ -20,17 +20,33 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use soloist_actors::Registry;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
 use crate::error::StorageError;
+use crate::faults::FeedPause;
 use crate::model::SessionId;
-use crate::session::{SessionActor, SessionRequest};
 use crate::store::postgres::PostgresStore;
-use crate::writer::Announcements;
+use crate::writer::Committed;
+
+/// The sessions live in this process, as the listener sees them.
+pub(crate) trait LiveSessions: Send + Sync + 'static {
+    /// Whether the session has a live actor here.
+    fn is_live(&self, session: SessionId) -> bool;
+    /// Every live session.
+    fn live(&self) -> Vec<SessionId>;
+    /// Tells a live session that `version` of it is stored; done once the notice is in its
+    /// mailbox.
+    fn refresh(
+        &self,
+        session: SessionId,
+        version: i64,
+    ) -> impl std::future::Future<Output = ()> + Send;
+    /// Whether the listener is down: while it is, reads check the stored version.
+    fn feed_down(&self, down: bool);
+}
 
 /// How long a notice waits for room in a session's mailbox.
 const REFRESH_WAIT: Duration = Duration::from_millis(50);
@@ -137,23 +153,19 @@ enum Event {
 pub(crate) async fn listen(
     store: PostgresStore,
     instance: Uuid,
-    registry: Registry<SessionActor>,
-    mut paused: watch::Receiver<bool>,
+    registry: impl LiveSessions,
+    mut pause: FeedPause,
     stop: CancellationToken,
 ) {
-    let feed_down = |down: bool| {
-        registry
-            .context()
-            .feed_down
-            .store(down, std::sync::atomic::Ordering::Release);
-    };
+    let registry = &registry;
+    let feed_down = |down: bool| registry.feed_down(down);
     let mut backoff = Duration::from_millis(100);
     loop {
         feed_down(true);
         // Paused (a test's fault hook): stay disconnected until resumed.
         tokio::select! {
-            resumed = paused.wait_for(|paused| !*paused) => {
-                if resumed.is_err() {
+            resumed = pause.resumed() => {
+                if !resumed {
                     return;
                 }
             }
@@ -177,7 +189,7 @@ pub(crate) async fn listen(
         };
         // Listening from here on: anything committed before is found by this query.
         let caught_up = tokio::select! {
-            caught_up = catch_up_live_sessions(&store, &registry) => caught_up,
+            caught_up = catch_up_live_sessions(&store, registry) => caught_up,
             () = stop.cancelled() => return,
         };
         if let Err(error) = caught_up {
@@ -208,13 +220,13 @@ pub(crate) async fn listen(
                 notification = listener.try_recv() => Event::Notice(notification),
                 _ = retry.tick(), if !missed.is_empty() => Event::Retry,
                 _ = heartbeat.tick() => Event::Heartbeat,
-                _ = paused.wait_for(|paused| *paused) => break,
+                () = pause.paused() => break,
                 () = stop.cancelled() => return,
             };
             let notification = match event {
                 Event::Retry => {
                     for (session, version) in std::mem::take(&mut missed) {
-                        if !refresh(&registry, session, version, REFRESH_WAIT).await {
+                        if !refresh(registry, session, version, REFRESH_WAIT).await {
                             missed.insert(session, version);
                         }
                     }
@@ -249,7 +261,7 @@ pub(crate) async fn listen(
                 let (Ok(session), Ok(version)) = (session.parse(), version.parse()) else {
                     continue;
                 };
-                if !refresh(&registry, session, version, REFRESH_WAIT).await {
+                if !refresh(registry, session, version, REFRESH_WAIT).await {
                     let newest = missed.entry(session).or_insert(version);
                     *newest = (*newest).max(version);
                 }
@@ -263,15 +275,15 @@ pub(crate) async fn listen(
 /// full for `wait`: rather than stall every other session's notices, the caller tries again
 /// later.
 async fn refresh(
-    registry: &Registry<SessionActor>,
+    registry: &impl LiveSessions,
     session: SessionId,
     version: i64,
     wait: Duration,
 ) -> bool {
-    if !registry.is_live(&session) {
+    if !registry.is_live(session) {
         return true; // its next activation loads the stored state
     }
-    let refresh = registry.send(session, Box::new(SessionRequest::Refresh(version)));
+    let refresh = registry.refresh(session, version);
     let delivered = tokio::time::timeout(wait, refresh).await.is_ok();
     if !delivered {
         debug!(session_id = %session, "mailbox full: change notice deferred");
@@ -283,9 +295,9 @@ async fn refresh(
 /// actor, which catches up if it is behind (and publishes what it missed to its subscribers).
 async fn catch_up_live_sessions(
     store: &PostgresStore,
-    registry: &Registry<SessionActor>,
+    registry: &impl LiveSessions,
 ) -> Result<(), StorageError> {
-    let live = registry.live_keys();
+    let live = registry.live();
     for chunk in live.chunks(10_000) {
         for (session, version) in store.versions(chunk).await? {
             // Reads keep checking the stored version until this is done, so a busy session's
@@ -295,6 +307,56 @@ async fn catch_up_live_sessions(
         }
     }
     Ok(())
+}
+
+/// The committed versions not yet announced: the writers add to it, the announcer takes it.
+/// A session written many times before the announcer comes round is announced once, at its
+/// newest version, so nothing is ever dropped for lack of room, and a notice that fails to go
+/// out is put back and sent again.
+#[derive(Default)]
+pub(crate) struct Announcements {
+    pending: std::sync::Mutex<HashMap<SessionId, i64>>,
+    ready: Notify,
+}
+
+impl Announcements {
+    /// Records committed versions (one lock for a whole flush) and wakes the announcer.
+    pub(crate) fn add(&self, committed: impl IntoIterator<Item = (SessionId, i64)>) {
+        let mut added = false;
+        {
+            let mut pending = self.lock();
+            for (session, version) in committed {
+                let newest = pending.entry(session).or_insert(version);
+                *newest = (*newest).max(version);
+                added = true;
+            }
+        }
+        if added {
+            self.ready.notify_one();
+        }
+    }
+
+    pub(crate) fn take(&self) -> HashMap<SessionId, i64> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// Waits until something was added since the last wait.
+    pub(crate) async fn wait(&self) {
+        self.ready.notified().await;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, i64>> {
+        // The map stays consistent whatever panicked while holding it.
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Committed for Announcements {
+    fn committed(&self, versions: &mut dyn Iterator<Item = (SessionId, i64)>) {
+        self.add(versions);
+    }
 }
 
 #[cfg(test)]

@@ -11,18 +11,15 @@ use tracing::{Instrument, info, info_span};
 use uuid::Uuid;
 
 use crate::command::{
-    AddUsage, AppendMessages, Appended, Command, CreateSession, Created, DEFAULT_SESSION_PAGE,
-    DeleteSession, GetSession, ListSessions, Reply, SessionCursor, SessionList, SessionPage,
-    UpdateSession, check_json, check_user, validate_messages, validate_page, validate_title,
+    AddUsage, AppendMessages, Appended, Command, CreateSession, Created, DeleteSession, GetSession,
+    ListSessions, Reply, SessionCommand, SessionList, SessionPage, UpdateSession, check_user,
 };
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
-use crate::idempotency::{Keyed, check_key, derived_session_id};
+use crate::faults::FeedPause;
 use crate::model::{NewMessage, RawJson, SessionId, SessionInfo, Usage};
-use crate::session::{
-    AppendRequest, CreateRequest, DeleteRequest, Mail, Respond, SessionActor, SessionRequest,
-    Shared, SubscribeRequest, Subscribed, UpdateRequest, UsageRequest,
-};
+use crate::session::protocol::{Mail, Read, Request, Responder, Subscribe, Subscribed};
+use crate::session::{SessionActor, Shared};
 use crate::stats::{EngineStats, Stats};
 use crate::store::Store;
 use crate::subscription::MessageStream;
@@ -44,8 +41,10 @@ struct Inner {
     /// Stops announcing and listening for other processes' commits (PostgreSQL).
     stop_feed: CancellationToken,
     /// Test hook: while `true`, the change listener drops its connection and waits.
+    #[cfg(any(test, feature = "fault-injection"))]
     feed_pause: tokio::sync::watch::Sender<bool>,
     /// Whether a change listener runs.
+    #[cfg(any(test, feature = "fault-injection"))]
     feed_listens: bool,
 }
 
@@ -85,11 +84,11 @@ impl Engine {
         let writers = TaskTracker::new();
         let stop_writers = CancellationToken::new();
         let stop_feed = CancellationToken::new();
-        let (feed_pause, feed_paused) = tokio::sync::watch::channel(false);
-        let (changes, announced) = match &store {
+        let (feed_pause, feed_paused) = FeedPause::new();
+        let (changes, announced): (Option<Arc<dyn crate::writer::Committed>>, bool) = match &store {
             #[cfg(feature = "postgres")]
             Store::Postgres(postgres) => {
-                let changes = Arc::new(crate::writer::Announcements::default());
+                let changes = Arc::new(crate::changes::Announcements::default());
                 // Stopped with the writers: after the last commit, so that it is announced.
                 writers.spawn(crate::changes::announce(
                     postgres.clone(),
@@ -122,11 +121,11 @@ impl Engine {
             store,
             writer,
             stats,
-            panic_next_batch: Default::default(),
-            faults_armed: Default::default(),
             // Until the feed listens for the first time, reads check the stored version.
             feed_down: AtomicBool::new(feed_listens),
             config,
+            #[cfg(any(test, feature = "fault-injection"))]
+            faults: Default::default(),
         });
         let registry = Registry::new(shared.clone(), runtime);
         writers.spawn(crate::idempotency::purge_expired(
@@ -146,6 +145,8 @@ impl Engine {
         }
         #[cfg(not(feature = "postgres"))]
         let _ = (announced, feed_paused);
+        #[cfg(not(any(test, feature = "fault-injection")))]
+        let () = feed_pause;
         writers.close();
         info!(database = %redact(&shared.config.database_url), "soloist engine started");
         Ok(Engine {
@@ -155,7 +156,9 @@ impl Engine {
                 writers,
                 stop_writers,
                 stop_feed,
+                #[cfg(any(test, feature = "fault-injection"))]
                 feed_pause,
+                #[cfg(any(test, feature = "fault-injection"))]
                 feed_listens,
             }),
         })
@@ -177,161 +180,55 @@ impl Engine {
 
     /// Runs any command; the typed methods below do the same with typed replies.
     pub async fn execute(&self, command: Command) -> Result<Reply> {
-        Ok(match command {
-            Command::CreateSession(create) => {
-                Reply::SessionCreated(self.create_session(create).await?)
-            }
-            Command::AppendMessages(append) => Reply::MessagesAppended(self.append(append).await?),
-            Command::GetSession(get) => Reply::Session(self.get_session(get).await?),
-            Command::ListSessions(list) => Reply::Sessions(self.list_sessions(list).await?),
-            Command::UpdateSession(update) => {
-                Reply::SessionUpdated(self.update_session(update).await?)
-            }
-            Command::AddUsage(add) => Reply::UsageAdded(self.add_usage(add).await?),
-            Command::DeleteSession(delete) => {
-                self.delete_session(delete).await?;
-                Reply::SessionDeleted
-            }
-        })
+        command.execute(self).await
     }
 
     /// Creates a session (idempotent on its id).
     pub async fn create_session(&self, command: CreateSession) -> Result<Created> {
-        let limits = &self.config().limits;
-        check_user(&command.user_id, limits)?;
-        validate_title(&command.title, limits)?;
-        if let Some(metadata) = &command.metadata {
-            check_json("metadata", metadata, true, limits)?;
-        }
-        let keyed = keyed(&command.idempotency_key, || {
-            Command::CreateSession(command.clone())
-        })?;
-        // Without an id, a keyed create derives one from the key, so that its retries reach
-        // the same session (and the record of the first answer).
-        let session_id = match (command.session_id, &command.idempotency_key) {
-            (Some(id), _) => id,
-            (None, Some(key)) => derived_session_id(&command.user_id, key),
-            (None, None) => Uuid::now_v7(),
-        };
-        let request = CreateRequest {
-            user_id: command.user_id,
-            title: command.title,
-            metadata: command.metadata.unwrap_or_else(RawJson::empty_object),
-            keyed,
-        };
-        self.ask(session_id, "create_session", |respond| {
-            Box::new(SessionRequest::Create(request, respond))
-        })
-        .await
+        self.run(command).await
     }
 
     /// Appends messages; answers with their sequences once they are committed.
     pub async fn append(&self, command: AppendMessages) -> Result<Appended> {
-        let limits = &self.config().limits;
-        check_user(&command.user_id, limits)?;
-        let messages = validate_messages(command.messages, limits)?;
-        let request = AppendRequest {
-            user_id: command.user_id,
-            messages,
-            if_version: command.if_version,
-        };
-        self.ask(command.session_id, "append", |respond| {
-            Box::new(SessionRequest::Append(request, respond))
-        })
-        .await
+        self.run(command).await
     }
 
     /// Reads a session's metadata and a page of its messages.
     pub async fn get_session(&self, command: GetSession) -> Result<SessionPage> {
-        check_user(&command.user_id, &self.config().limits)?;
-        let session_id = command.session_id;
-        self.ask(session_id, "get_session", |respond| {
-            Box::new(SessionRequest::Get(command, respond))
-        })
-        .await
+        self.run(command).await
     }
 
     /// Lists a user's sessions, newest first. Served by the database, which holds every
     /// acknowledged change.
     pub async fn list_sessions(&self, command: ListSessions) -> Result<SessionList> {
-        let limits = &self.config().limits;
-        check_user(&command.user_id, limits)?;
-        let limit = validate_page(command.limit, DEFAULT_SESSION_PAGE, limits);
         let span = info_span!("list_sessions", user_id = %command.user_id);
-        // One more than asked tells whether another page follows.
-        let list = self
-            .inner
-            .shared
-            .store
-            .list_sessions(&command.user_id, command.before, limit + 1)
-            .instrument(span);
-        let mut sessions = self
-            .within_command_timeout(async { Ok(list.await?) })
-            .await?;
-        let more = sessions.len() > limit;
-        sessions.truncate(limit);
-        let next_before = if more {
-            sessions.last().map(|last| SessionCursor {
-                created_at_micros: last.created_at.timestamp_micros(),
-                id: last.id,
-            })
-        } else {
-            None
-        };
-        Ok(SessionList {
-            sessions,
-            next_before,
-        })
+        let shared = &self.inner.shared;
+        let list = command.run(&shared.store, &shared.config.limits);
+        self.within_command_timeout(list.instrument(span)).await
     }
 
     /// Changes a session's title and/or metadata.
     pub async fn update_session(&self, command: UpdateSession) -> Result<SessionInfo> {
-        let limits = &self.config().limits;
-        check_user(&command.user_id, limits)?;
-        validate_title(&command.title, limits)?;
-        if let Some(metadata) = &command.metadata {
-            check_json("metadata", metadata, true, limits)?;
-        }
-        let keyed = keyed(&command.idempotency_key, || {
-            Command::UpdateSession(command.clone())
-        })?;
-        let request = UpdateRequest {
-            user_id: command.user_id,
-            title: command.title,
-            metadata: command.metadata,
-            if_version: command.if_version,
-            keyed,
-        };
-        self.ask(command.session_id, "update_session", |respond| {
-            Box::new(SessionRequest::Update(request, respond))
-        })
-        .await
+        self.run(command).await
     }
 
     /// Adds token usage deltas; answers with the new totals.
     pub async fn add_usage(&self, command: AddUsage) -> Result<Usage> {
-        check_user(&command.user_id, &self.config().limits)?;
-        let session_id = command.session_id;
-        let keyed = keyed(&command.idempotency_key, || {
-            Command::AddUsage(command.clone())
-        })?;
-        let request = UsageRequest { command, keyed };
-        self.ask(session_id, "add_usage", |respond| {
-            Box::new(SessionRequest::AddUsage(request, respond))
-        })
-        .await
+        self.run(command).await
     }
 
     /// Deletes a session and its messages.
     pub async fn delete_session(&self, command: DeleteSession) -> Result<()> {
-        check_user(&command.user_id, &self.config().limits)?;
-        let session_id = command.session_id;
-        let keyed = keyed(&command.idempotency_key, || {
-            Command::DeleteSession(command.clone())
-        })?;
-        let request = DeleteRequest { command, keyed };
-        self.ask(session_id, "delete_session", |respond| {
-            Box::new(SessionRequest::Delete(request, respond))
+        self.run(command).await
+    }
+
+    /// Runs a command through its session's actor: validated here, whole, before it is sent.
+    pub(crate) async fn run<C: SessionCommand>(&self, mut command: C) -> Result<C::Reply> {
+        // The key is fingerprinted as sent, before routing fills anything in.
+        let keyed = command.keyed()?;
+        let session_id = command.route(&self.config().limits)?;
+        self.ask(session_id, C::NAME, |respond| {
+            Box::new(command.into_request(keyed, respond))
         })
         .await
     }
@@ -344,12 +241,12 @@ impl Engine {
         after_seq: i64,
     ) -> Result<Subscribed> {
         check_user(user_id, &self.config().limits)?;
-        let request = SubscribeRequest {
+        let subscribe = Subscribe {
             user_id: user_id.to_owned(),
             after_seq,
         };
         self.ask(session_id, "subscribe", |respond| {
-            Box::new(SessionRequest::Subscribe(request, respond))
+            Box::new(Request::Read(Read::Subscribe(subscribe, respond)))
         })
         .await
     }
@@ -365,25 +262,16 @@ impl Engine {
     /// `pause`, as a bug in the actor would. The commands of that batch get
     /// [`Error::ActorFailed`]; the actor is restarted (reloading the session from the database)
     /// and handles the commands queued behind. Never call this in production.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "fault-injection"))]
     pub fn inject_panic(&self, session_id: SessionId, pause: std::time::Duration) {
-        self.inner
-            .shared
-            .panic_next_batch
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(session_id, pause);
-        self.inner
-            .shared
-            .faults_armed
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.inner.shared.faults.arm_panic(session_id, pause);
     }
 
     /// Fault injection for tests of fencing: holds back every write this engine has not yet
     /// sent to the database until the returned guard is dropped, as if the process were paused
     /// (a stop-the-world pause, a stalled network) between staging a batch and writing it.
     /// Never call this in production.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "fault-injection"))]
     pub async fn pause_writes(&self) -> WritesPaused {
         WritesPaused {
             _guard: self.inner.shared.writer.pause().await,
@@ -395,7 +283,7 @@ impl Engine {
     /// it is down. Meanwhile other processes' notices are missed and every read checks the
     /// stored version; on reconnection the live sessions that missed a write catch up. Never
     /// call this in production.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "fault-injection"))]
     pub async fn pause_change_feed(&self) -> ChangeFeedPaused {
         self.inner.feed_pause.send_replace(true);
         // Without a listener (SQLite, or `listen_for_changes` off) there is nothing to wait for.
@@ -442,10 +330,14 @@ impl Engine {
         &self,
         session_id: SessionId,
         command: &'static str,
-        make: impl FnOnce(Respond<T>) -> Mail,
+        make: impl FnOnce(Responder<T>) -> Mail,
     ) -> Result<T> {
         let span = info_span!("command", command, session_id = %session_id);
-        let ask = self.inner.registry.ask(session_id, make).instrument(span);
+        let ask = self
+            .inner
+            .registry
+            .ask(session_id, |sender| make(Responder::new(sender)))
+            .instrument(span);
         // On timeout the reply channel is dropped: the actor's later answer goes nowhere, and
         // the command may still be applied (the caller retries with the same ids).
         self.within_command_timeout(async {
@@ -588,38 +480,22 @@ impl SessionHandle {
 }
 
 /// Returned by [`Engine::pause_writes`]: the engine's writes resume when it is dropped.
-#[doc(hidden)]
+#[cfg(any(test, feature = "fault-injection"))]
 #[must_use = "writes resume as soon as this is dropped"]
 pub struct WritesPaused {
     _guard: tokio::sync::OwnedRwLockWriteGuard<()>,
 }
 
 /// Returned by [`Engine::pause_change_feed`]: the change listener reconnects when it is dropped.
-#[doc(hidden)]
+#[cfg(any(test, feature = "fault-injection"))]
 #[must_use = "the change feed resumes as soon as this is dropped"]
 pub struct ChangeFeedPaused {
     pause: tokio::sync::watch::Sender<bool>,
 }
 
+#[cfg(any(test, feature = "fault-injection"))]
 impl Drop for ChangeFeedPaused {
     fn drop(&mut self) {
         self.pause.send_replace(false);
     }
-}
-
-/// Checks a command's idempotency key and fingerprints the command without it.
-fn keyed(key: &Option<String>, command: impl FnOnce() -> Command) -> Result<Option<Keyed>> {
-    let Some(key) = key else {
-        return Ok(None);
-    };
-    check_key(key)?;
-    let mut command = command();
-    match &mut command {
-        Command::CreateSession(create) => create.idempotency_key = None,
-        Command::UpdateSession(update) => update.idempotency_key = None,
-        Command::AddUsage(add) => add.idempotency_key = None,
-        Command::DeleteSession(delete) => delete.idempotency_key = None,
-        _ => {}
-    }
-    Ok(Keyed::of(Some(key), &command))
 }

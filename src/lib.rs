@@ -43,12 +43,14 @@
 //! The generic actor runtime (activation, mailboxes, passivation, supervision, drain) is the
 //! `soloist-actors` crate.
 
+mod backoff;
 #[cfg(feature = "postgres")]
 mod changes;
 pub mod command;
 pub mod config;
 pub mod engine;
 pub mod error;
+mod faults;
 mod idempotency;
 pub mod model;
 mod session;
@@ -62,7 +64,9 @@ pub use command::{
     ListSessions, Reply, SessionCursor, SessionList, SessionPage, UpdateSession,
 };
 pub use config::{EngineConfig, Limits, SqliteSync};
-pub use engine::{ChangeFeedPaused, Engine, SessionHandle, WritesPaused};
+#[cfg(any(test, feature = "fault-injection"))]
+pub use engine::{ChangeFeedPaused, WritesPaused};
+pub use engine::{Engine, SessionHandle};
 pub use error::{Error, Result, StorageError};
 pub use model::{Message, NewMessage, RawJson, Role, SessionId, SessionInfo, Usage};
 pub use stats::Stats;

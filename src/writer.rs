@@ -6,15 +6,14 @@
 //! fills up, so the number of commits grows much slower than the load. SQLite gets one writer
 //! task (it has one writer anyway); PostgreSQL gets several, each with its own connection.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::sync::{Mutex, Notify, OwnedRwLockWriteGuard, RwLock, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::backoff::Backoff;
 use crate::config::EngineConfig;
 use crate::error::StorageError;
 use crate::model::SessionId;
@@ -33,8 +32,12 @@ pub(crate) struct Writer {
     jobs: mpsc::Sender<WriteJob>,
     /// Held shared by every flush; a test's fault hook holds it exclusively to pause the
     /// writers between taking writes and sending them (see `Engine::pause_writes`).
-    gate: Arc<RwLock<()>>,
+    #[cfg(any(test, feature = "fault-injection"))]
+    gate: Gate,
 }
+
+#[cfg(any(test, feature = "fault-injection"))]
+type Gate = Arc<tokio::sync::RwLock<()>>;
 
 /// Attempts for a flush that the database refused before anything committed.
 const TRANSIENT_RETRIES: u32 = 5;
@@ -48,11 +51,12 @@ impl Writer {
         stats: Arc<EngineStats>,
         tracker: &TaskTracker,
         stop: CancellationToken,
-        changes: Option<Arc<Announcements>>,
+        changes: Option<Arc<dyn Committed>>,
     ) -> Self {
         let (jobs, queue) = mpsc::channel(config.max_sessions_per_flush.max(1) * 4);
         let queue = Arc::new(Mutex::new(queue));
-        let gate = Arc::new(RwLock::new(()));
+        #[cfg(any(test, feature = "fault-injection"))]
+        let gate = Gate::default();
         for worker in 0..store.writer_count(config) {
             let task = WriterTask {
                 store: store.clone(),
@@ -63,17 +67,23 @@ impl Writer {
                 max_bytes: config.max_bytes_per_flush.max(1),
                 stop: stop.clone(),
                 changes: changes.clone(),
+                #[cfg(any(test, feature = "fault-injection"))]
                 gate: gate.clone(),
             };
             tracker.spawn(task.run().instrument(info_span!("writer", worker)));
         }
-        Self { jobs, gate }
+        Self {
+            jobs,
+            #[cfg(any(test, feature = "fault-injection"))]
+            gate,
+        }
     }
 
     /// Pauses every flush that has not yet reached the database until the guard is dropped
     /// (a fault hook for tests: a writer stalled between staging and writing, as a paused
     /// process would be).
-    pub async fn pause(&self) -> OwnedRwLockWriteGuard<()> {
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub async fn pause(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
         self.gate.clone().write_owned().await
     }
 
@@ -99,8 +109,9 @@ struct WriterTask {
     max_bytes: usize,
     stop: CancellationToken,
     /// Where committed `(session, version)` pairs go to be announced to other processes.
-    changes: Option<Arc<Announcements>>,
-    gate: Arc<RwLock<()>>,
+    changes: Option<Arc<dyn Committed>>,
+    #[cfg(any(test, feature = "fault-injection"))]
+    gate: Gate,
 }
 
 impl WriterTask {
@@ -157,6 +168,7 @@ impl WriterTask {
             batch.into_iter().map(|job| (job.write, job.reply)).unzip();
         let rows: usize = writes.iter().map(|write| write.rows.len()).sum();
         let span = info_span!("flush", sessions = writes.len(), rows);
+        #[cfg(any(test, feature = "fault-injection"))]
         let _open = self.gate.read().await;
         let mut attempt = 0;
         let result = loop {
@@ -166,8 +178,7 @@ impl WriterTask {
                     attempt += 1;
                     self.stats.record_transient_retry();
                     debug!(parent: &span, %error, attempt, "transient flush failure; retrying");
-                    let backoff = Duration::from_millis(2u64 << attempt);
-                    tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64())).await;
+                    Backoff::WRITE.sleep(attempt).await;
                 }
                 other => break other,
             }
@@ -191,14 +202,17 @@ impl WriterTask {
                 self.stats
                     .record_flush(written_sessions, written_rows, refused);
                 if let Some(changes) = &self.changes {
-                    changes.add(writes.iter().zip(&outcomes).filter_map(|(write, outcome)| {
-                        match outcome {
-                            FlushOutcome::Committed { version, .. } => {
-                                Some((write.session_id, *version))
-                            }
-                            _ => None,
-                        }
-                    }));
+                    let mut committed =
+                        writes
+                            .iter()
+                            .zip(&outcomes)
+                            .filter_map(|(write, outcome)| match outcome {
+                                FlushOutcome::Committed { version, .. } => {
+                                    Some((write.session_id, *version))
+                                }
+                                _ => None,
+                            });
+                    changes.committed(&mut committed);
                 }
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
@@ -215,48 +229,9 @@ impl WriterTask {
     }
 }
 
-/// The committed versions not yet announced: the writers add to it, the announcer takes it.
-/// A session written many times before the announcer comes round is announced once, at its
-/// newest version, so nothing is ever dropped for lack of room, and a notice that fails to go
-/// out is put back and sent again.
-#[derive(Default)]
-pub(crate) struct Announcements {
-    pending: std::sync::Mutex<HashMap<SessionId, i64>>,
-    ready: Notify,
-}
-
-impl Announcements {
-    /// Records committed versions (one lock for a whole flush) and wakes the announcer.
-    pub(crate) fn add(&self, committed: impl IntoIterator<Item = (SessionId, i64)>) {
-        let mut added = false;
-        {
-            let mut pending = self.lock();
-            for (session, version) in committed {
-                let newest = pending.entry(session).or_insert(version);
-                *newest = (*newest).max(version);
-                added = true;
-            }
-        }
-        if added {
-            self.ready.notify_one();
-        }
-    }
-
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub(crate) fn take(&self) -> HashMap<SessionId, i64> {
-        std::mem::take(&mut *self.lock())
-    }
-
-    /// Waits until something was added since the last wait.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub(crate) async fn wait(&self) {
-        self.ready.notified().await;
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, i64>> {
-        // The map stays consistent whatever panicked while holding it.
-        self.pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+/// Told of every commit: the versions each session was committed at (the PostgreSQL
+/// backend announces them to other processes).
+pub(crate) trait Committed: Send + Sync {
+    /// `(session, version)` of each session a flush committed.
+    fn committed(&self, versions: &mut dyn Iterator<Item = (SessionId, i64)>);
 }

@@ -1,0 +1,96 @@
+//! `append`: messages at the end of a session, each at the next sequence.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::validate::{check_messages, check_user};
+use super::{Reply, SessionCommand};
+use crate::config::Limits;
+use crate::error::{Error, Result};
+use crate::idempotency::Keyed;
+use crate::model::{NewMessage, SessionId};
+use crate::session::protocol::{Pending, Request, Responder, Write};
+use crate::session::stage::{Batch, StageWrite};
+
+/// Append 1..N messages; answered after the transaction holding them committed.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AppendMessages {
+    /// The caller; must own the session.
+    pub user_id: String,
+    /// The session.
+    pub session_id: SessionId,
+    /// The messages, stored in this order at consecutive sequences (unless some were stored
+    /// before under the same ids).
+    pub messages: Vec<NewMessage>,
+    /// Apply only if the session is still at this version (its ETag; HTTP `If-Match`):
+    /// otherwise [`Error::PreconditionFailed`] and nothing changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_version: Option<i64>,
+}
+
+/// The answer to [`AppendMessages`]: each message's sequence, in the order sent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Appended {
+    /// Sequence of each message.
+    pub sequences: Vec<i64>,
+}
+
+impl SessionCommand for AppendMessages {
+    type Reply = Appended;
+    const NAME: &'static str = "append";
+
+    fn user_id(&self) -> &str {
+        &self.user_id
+    }
+
+    fn route(&mut self, limits: &Limits) -> Result<SessionId> {
+        check_user(&self.user_id, limits)?;
+        check_messages(&self.messages, limits)?;
+        Ok(self.session_id)
+    }
+
+    fn into_request(self, keyed: Option<Keyed>, respond: Responder<Appended>) -> Request {
+        Request::Write(Write::Append(Pending::new(self, keyed, respond)))
+    }
+
+    fn reply(answer: Appended) -> Reply {
+        Reply::MessagesAppended(answer)
+    }
+
+    fn from_reply(reply: Reply) -> Option<Appended> {
+        match reply {
+            Reply::MessagesAppended(appended) => Some(appended),
+            _ => None,
+        }
+    }
+}
+
+impl StageWrite for AppendMessages {
+    /// Each message is either stored already (a resend: its sequence) or new; an id stored with
+    /// other content refuses the whole append.
+    fn stage(&self, batch: &mut Batch<'_>) -> Result<Appended> {
+        batch.session(&self.user_id)?;
+        let mut plan = Vec::with_capacity(self.messages.len());
+        for message in &self.messages {
+            let id = message.id.unwrap_or_else(Uuid::now_v7);
+            match batch.stored_message(&id) {
+                Some(stored) if stored.is_resend_of(message) => plan.push((id, Some(stored.seq))),
+                Some(_) => return Err(Error::MessageIdReused { id }),
+                None => plan.push((id, None)),
+            }
+        }
+        let adds = plan.iter().any(|(_, stored)| stored.is_none());
+        if adds {
+            batch.precondition(self.if_version)?;
+        }
+        let sequences = plan
+            .into_iter()
+            .zip(&self.messages)
+            .map(|((id, stored), message)| stored.unwrap_or_else(|| batch.add_message(id, message)))
+            .collect();
+        if adds {
+            batch.changed();
+        }
+        Ok(Appended { sequences })
+    }
+}

@@ -1,0 +1,120 @@
+//! `create_session`: a new session, idempotent on its id.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::validate::{check_title_and_metadata, check_user};
+use super::{Command, Reply, SessionCommand, keyed_by};
+use crate::config::Limits;
+use crate::error::{Error, Result};
+use crate::idempotency::{Keyed, derived_session_id};
+use crate::model::{RawJson, SessionId, SessionInfo};
+use crate::session::protocol::{Pending, Request, Responder, Write};
+use crate::session::stage::{Batch, StageWrite};
+
+/// Create a session. Idempotent on `session_id`: creating an existing session of the same user
+/// returns it with `created == false`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CreateSession {
+    /// The caller, who becomes the owner.
+    pub user_id: String,
+    /// The id to use; when absent, derived from the user and the idempotency key if there is
+    /// one, else a new UUIDv7. An id taken by another user is a [`Error::Conflict`], so an
+    /// application that lets untrusted users choose ids lets them learn which ids exist:
+    /// derive them per user instead (as `soloist-server` does, which accepts no ids).
+    #[serde(default)]
+    pub session_id: Option<SessionId>,
+    /// Optional title.
+    #[serde(default)]
+    pub title: Option<String>,
+    /// Optional JSON object; `{}` when absent.
+    #[serde(default)]
+    pub metadata: Option<RawJson>,
+    /// Makes a retry exact (HTTP `Idempotency-Key`): a command with a key already used on this
+    /// session within [`EngineConfig::idempotency_retention`](crate::EngineConfig::idempotency_retention)
+    /// applies nothing and returns the first answer; the same key with a different command is
+    /// [`Error::IdempotencyKeyReused`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// The answer to [`CreateSession`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Created {
+    /// The session as stored.
+    pub session: SessionInfo,
+    /// `false` when the session already existed (an idempotent repeat).
+    pub created: bool,
+}
+
+impl SessionCommand for CreateSession {
+    type Reply = Created;
+    const NAME: &'static str = "create_session";
+
+    fn user_id(&self) -> &str {
+        &self.user_id
+    }
+
+    fn route(&mut self, limits: &Limits) -> Result<SessionId> {
+        check_user(&self.user_id, limits)?;
+        check_title_and_metadata(&self.title, &self.metadata, limits)?;
+        self.metadata.get_or_insert_with(RawJson::empty_object);
+        // Without an id, a keyed create derives one from the key, so that its retries reach
+        // the same session (and the record of the first answer).
+        let id = match (self.session_id, &self.idempotency_key) {
+            (Some(id), _) => id,
+            (None, Some(key)) => derived_session_id(&self.user_id, key),
+            (None, None) => Uuid::now_v7(),
+        };
+        Ok(*self.session_id.insert(id))
+    }
+
+    fn keyed(&self) -> Result<Option<Keyed>> {
+        keyed_by(self, &self.idempotency_key, |mut create| {
+            create.idempotency_key = None;
+            Command::CreateSession(create)
+        })
+    }
+
+    fn into_request(self, keyed: Option<Keyed>, respond: Responder<Created>) -> Request {
+        Request::Write(Write::Create(Pending::new(self, keyed, respond)))
+    }
+
+    fn reply(answer: Created) -> Reply {
+        Reply::SessionCreated(answer)
+    }
+
+    fn from_reply(reply: Reply) -> Option<Created> {
+        match reply {
+            Reply::SessionCreated(created) => Some(created),
+            _ => None,
+        }
+    }
+}
+
+impl StageWrite for CreateSession {
+    fn stage(&self, batch: &mut Batch<'_>) -> Result<Created> {
+        match batch.existing() {
+            None => {
+                let metadata = self.metadata.clone().unwrap_or_else(RawJson::empty_object);
+                let session = batch.create(&self.user_id, self.title.clone(), metadata);
+                Ok(Created {
+                    session,
+                    created: true,
+                })
+            }
+            // Another user's session, live or deleted, gets one answer: it must not tell
+            // whether that session was deleted.
+            Some((existing, _)) if existing.user_id != self.user_id => {
+                Err(Error::Conflict("the session id is taken".into()))
+            }
+            Some((_, true)) => Err(Error::Conflict(
+                "the session id belonged to a deleted session".into(),
+            )),
+            Some((existing, false)) => Ok(Created {
+                session: existing.clone(),
+                created: false,
+            }),
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! `delete_session`: a session and its messages gone; its id is never reused.
+
+use serde::{Deserialize, Serialize};
+
+use super::validate::check_user;
+use super::{Command, Reply, SessionCommand, keyed_by};
+use crate::config::Limits;
+use crate::error::Result;
+use crate::idempotency::Keyed;
+use crate::model::SessionId;
+use crate::session::protocol::{Pending, Request, Responder, Write};
+use crate::session::stage::{Batch, StageWrite};
+
+/// Delete a session and its messages. Later commands on it answer
+/// [`Error::NotFound`](crate::Error::NotFound), and its id cannot be reused.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DeleteSession {
+    /// The caller; must own the session.
+    pub user_id: String,
+    /// The session.
+    pub session_id: SessionId,
+    /// Apply only if the session is still at this version (its ETag; HTTP `If-Match`):
+    /// otherwise [`Error::PreconditionFailed`](crate::Error::PreconditionFailed) and nothing
+    /// changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_version: Option<i64>,
+    /// Makes a retry exact (HTTP `Idempotency-Key`): a command with a key already used on this
+    /// session within [`EngineConfig::idempotency_retention`](crate::EngineConfig::idempotency_retention)
+    /// applies nothing and returns the first answer; the same key with a different command is
+    /// [`Error::IdempotencyKeyReused`](crate::Error::IdempotencyKeyReused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+impl SessionCommand for DeleteSession {
+    type Reply = ();
+    const NAME: &'static str = "delete_session";
+
+    fn user_id(&self) -> &str {
+        &self.user_id
+    }
+
+    fn route(&mut self, limits: &Limits) -> Result<SessionId> {
+        check_user(&self.user_id, limits)?;
+        Ok(self.session_id)
+    }
+
+    fn keyed(&self) -> Result<Option<Keyed>> {
+        keyed_by(self, &self.idempotency_key, |mut delete| {
+            delete.idempotency_key = None;
+            Command::DeleteSession(delete)
+        })
+    }
+
+    fn into_request(self, keyed: Option<Keyed>, respond: Responder<()>) -> Request {
+        Request::Write(Write::Delete(Pending::new(self, keyed, respond)))
+    }
+
+    fn reply((): ()) -> Reply {
+        Reply::SessionDeleted
+    }
+
+    fn from_reply(reply: Reply) -> Option<()> {
+        match reply {
+            Reply::SessionDeleted => Some(()),
+            _ => None,
+        }
+    }
+}
+
+impl StageWrite for DeleteSession {
+    fn stage(&self, batch: &mut Batch<'_>) -> Result<()> {
+        batch.session(&self.user_id)?;
+        batch.precondition(self.if_version)?;
+        batch.delete();
+        Ok(())
+    }
+}

@@ -1,0 +1,76 @@
+//! `get_session`: a session's metadata and a page of its messages.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::validate::check_user;
+use super::{Reply, SessionCommand};
+use crate::config::Limits;
+use crate::error::Result;
+use crate::idempotency::Keyed;
+use crate::model::{Message, SessionId, SessionInfo};
+use crate::session::protocol::{Read, Request, Responder};
+
+/// Default page size of [`GetSession`].
+pub const DEFAULT_MESSAGE_PAGE: usize = 100;
+
+/// Read a session: metadata, usage and the messages after `after_seq`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct GetSession {
+    /// The caller; must own the session.
+    pub user_id: String,
+    /// The session.
+    pub session_id: SessionId,
+    /// Only messages with `seq > after_seq` (all when absent).
+    #[serde(default)]
+    pub after_seq: Option<i64>,
+    /// At most this many messages (default 100, capped by
+    /// [`Limits::max_page_size`]); 0 returns metadata only.
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Check the session's version in the database first, so that writes made through other
+    /// processes are visible.
+    #[serde(default)]
+    pub fresh: bool,
+}
+
+/// The answer to [`GetSession`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionPage {
+    /// Metadata and usage.
+    pub session: SessionInfo,
+    /// Messages in ascending `seq`.
+    pub messages: Vec<Arc<Message>>,
+    /// Pass as `after_seq` to read the next page; `None` when this page reached the end.
+    pub next_after_seq: Option<i64>,
+}
+
+impl SessionCommand for GetSession {
+    type Reply = SessionPage;
+    const NAME: &'static str = "get_session";
+
+    fn user_id(&self) -> &str {
+        &self.user_id
+    }
+
+    fn route(&mut self, limits: &Limits) -> Result<SessionId> {
+        check_user(&self.user_id, limits)?;
+        Ok(self.session_id)
+    }
+
+    fn into_request(self, _: Option<Keyed>, respond: Responder<SessionPage>) -> Request {
+        Request::Read(Read::Get(self, respond))
+    }
+
+    fn reply(answer: SessionPage) -> Reply {
+        Reply::Session(answer)
+    }
+
+    fn from_reply(reply: Reply) -> Option<SessionPage> {
+        match reply {
+            Reply::Session(page) => Some(page),
+            _ => None,
+        }
+    }
+}

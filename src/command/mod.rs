@@ -1,0 +1,183 @@
+//! The message-passing API: commands are plain data (serde-friendly), each answered with a typed
+//! [`Reply`] or an [`Error`]. Each command has a file of its own here holding everything about
+//! it: its type, its answer, its validation (a command is refused whole, before it reaches its
+//! session or any SQL, if any part of it is invalid) and, for a write, how the session's actor
+//! stages it. Adding a command means: its file here, its variant in [`Command`] and [`Reply`],
+//! its variant in the actor's mailbox (`session::protocol`), and its route in the server.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Limits;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::idempotency::{Keyed, check_key};
+use crate::model::{SessionId, SessionInfo, Usage};
+use crate::session::protocol::{Request, Responder};
+
+mod append;
+mod create;
+mod delete;
+mod get;
+mod list;
+mod update;
+mod usage;
+mod validate;
+
+pub use append::{AppendMessages, Appended};
+pub use create::{CreateSession, Created};
+pub use delete::DeleteSession;
+pub use get::{DEFAULT_MESSAGE_PAGE, GetSession, SessionPage};
+pub use list::{DEFAULT_SESSION_PAGE, ListSessions, SessionCursor, SessionList};
+pub use update::UpdateSession;
+pub use usage::AddUsage;
+pub(crate) use validate::{check_user, validate_page};
+
+/// Every command the engine understands. As JSON, externally tagged:
+/// `{"append_messages": {"user_id": ..., "session_id": ..., "messages": [...]}}` (an internal
+/// tag would make serde buffer the command, which cannot hold the raw JSON fields).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Command {
+    /// Create a session.
+    CreateSession(CreateSession),
+    /// Append messages to a session.
+    AppendMessages(AppendMessages),
+    /// Read a session's metadata and a page of its messages.
+    GetSession(GetSession),
+    /// List a user's sessions, newest first.
+    ListSessions(ListSessions),
+    /// Change a session's title and/or metadata.
+    UpdateSession(UpdateSession),
+    /// Add token usage deltas.
+    AddUsage(AddUsage),
+    /// Delete a session and its messages.
+    DeleteSession(DeleteSession),
+}
+
+impl Command {
+    /// Parses a JSON command; a malformed one (unknown role, missing field...) is an
+    /// [`Error::InvalidInput`].
+    pub fn from_json(json: &str) -> Result<Command> {
+        serde_json::from_str(json).map_err(|error| Error::invalid("command", error.to_string()))
+    }
+
+    /// Runs the command on `engine`.
+    pub(crate) async fn execute(self, engine: &Engine) -> Result<Reply> {
+        match self {
+            Command::CreateSession(create) => engine.run(create).await.map(CreateSession::reply),
+            Command::AppendMessages(append) => engine.run(append).await.map(AppendMessages::reply),
+            Command::GetSession(get) => engine.run(get).await.map(GetSession::reply),
+            Command::ListSessions(list) => engine.list_sessions(list).await.map(Reply::Sessions),
+            Command::UpdateSession(update) => engine.run(update).await.map(UpdateSession::reply),
+            Command::AddUsage(add) => engine.run(add).await.map(AddUsage::reply),
+            Command::DeleteSession(delete) => engine.run(delete).await.map(DeleteSession::reply),
+        }
+    }
+}
+
+/// The answer to a [`Command`], one variant per command; externally tagged like [`Command`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    /// Answer to [`Command::CreateSession`].
+    SessionCreated(Created),
+    /// Answer to [`Command::AppendMessages`].
+    MessagesAppended(Appended),
+    /// Answer to [`Command::GetSession`].
+    Session(SessionPage),
+    /// Answer to [`Command::ListSessions`].
+    Sessions(SessionList),
+    /// Answer to [`Command::UpdateSession`].
+    SessionUpdated(SessionInfo),
+    /// Answer to [`Command::AddUsage`]: the new totals.
+    UsageAdded(Usage),
+    /// Answer to [`Command::DeleteSession`].
+    SessionDeleted,
+}
+
+/// A command addressed to one session's actor: how it is checked, where it goes, and how it
+/// travels through the session's mailbox.
+pub(crate) trait SessionCommand: Send + Sized + 'static {
+    /// What the command is answered with.
+    type Reply: Send + 'static;
+    /// The command's name, in spans.
+    const NAME: &'static str;
+
+    /// Who sends the command.
+    fn user_id(&self) -> &str;
+
+    /// Validates the command against `limits` and names the session it goes to (filling it in
+    /// where the command may leave it open).
+    fn route(&mut self, limits: &Limits) -> Result<SessionId>;
+
+    /// The command's idempotency key with the command's fingerprint, if it carries a key.
+    fn keyed(&self) -> Result<Option<Keyed>> {
+        Ok(None)
+    }
+
+    /// The command, its key and its responder, as the session's mailbox carries them.
+    fn into_request(self, keyed: Option<Keyed>, respond: Responder<Self::Reply>) -> Request;
+
+    /// The command's answer as a [`Reply`] (what an idempotency record stores).
+    fn reply(answer: Self::Reply) -> Reply;
+
+    /// The command's answer read back from a recorded [`Reply`] (an idempotent replay);
+    /// `None` when the record is of another kind.
+    fn from_reply(reply: Reply) -> Option<Self::Reply>;
+}
+
+/// The key of a command that carries one, and the fingerprint of the command without it:
+/// `strip` clears the key of a copy and wraps it as a [`Command`].
+fn keyed_by<C: Clone>(
+    command: &C,
+    key: &Option<String>,
+    strip: impl FnOnce(C) -> Command,
+) -> Result<Option<Keyed>> {
+    let Some(key) = key else {
+        return Ok(None);
+    };
+    check_key(key)?;
+    Ok(Keyed::of(Some(key), &strip(command.clone())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::RawJson;
+
+    /// Commands and replies travel as JSON (idempotency records, and between processes): the
+    /// raw JSON fields must survive the round trip exactly.
+    #[test]
+    fn commands_and_replies_round_trip_with_raw_json() {
+        let metadata = RawJson::parse(r#"{"n":18446744073709551616,"k":"v"}"#).expect("json");
+        let command = Command::CreateSession(CreateSession {
+            user_id: "alice".into(),
+            metadata: Some(metadata.clone()),
+            idempotency_key: Some("k".into()),
+            ..CreateSession::default()
+        });
+        let text = serde_json::to_string(&command).expect("serialize");
+        let Command::CreateSession(back) = Command::from_json(&text).expect("parse") else {
+            panic!("another command: {text}");
+        };
+        assert_eq!(back.metadata, Some(metadata.clone()));
+
+        let info = SessionInfo {
+            id: uuid::Uuid::nil(),
+            user_id: "alice".into(),
+            title: None,
+            metadata: metadata.clone(),
+            usage: Usage::default(),
+            message_count: 0,
+            version: 3,
+            created_at: chrono::DateTime::UNIX_EPOCH,
+            updated_at: chrono::DateTime::UNIX_EPOCH,
+        };
+        let reply = Reply::SessionUpdated(info.clone());
+        let text = serde_json::to_string(&reply).expect("serialize");
+        let Ok(Reply::SessionUpdated(back)) = serde_json::from_str::<Reply>(&text) else {
+            panic!("not read back: {text}");
+        };
+        assert_eq!(back, info);
+    }
+}

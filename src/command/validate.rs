@@ -1,0 +1,169 @@
+//! Checks shared by the commands: identifiers, texts, JSON fields, messages, page sizes.
+
+use uuid::Uuid;
+
+use crate::config::Limits;
+use crate::error::{Error, Result};
+use crate::model::{NewMessage, RawJson, Role};
+
+pub(crate) fn check_user(user_id: &str, limits: &Limits) -> Result<()> {
+    if user_id.is_empty() {
+        return Err(Error::invalid("user_id", "must not be empty"));
+    }
+    check_len("user_id", user_id.len(), limits.max_text_bytes)?;
+    check_no_nul("user_id", user_id)
+}
+
+/// Identifiers and short texts are stored as SQL text, which (on PostgreSQL) cannot hold NUL;
+/// message content is stored as bytes and may.
+fn check_no_nul(field: &str, text: &str) -> Result<()> {
+    if text.contains('\0') {
+        return Err(Error::invalid(field, "must not contain NUL characters"));
+    }
+    Ok(())
+}
+
+fn check_len(field: impl Into<String>, size: usize, limit: usize) -> Result<()> {
+    if size > limit {
+        return Err(Error::TooLarge {
+            field: field.into(),
+            size,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+fn check_text(field: &str, text: &Option<String>, limit: usize) -> Result<()> {
+    match text {
+        Some(text) => {
+            check_len(field, text.len(), limit)?;
+            check_no_nul(field, text)
+        }
+        None => Ok(()),
+    }
+}
+
+/// Checks a JSON field's shape and size (its text as sent, which is what is stored).
+pub(crate) fn check_json(
+    field: &str,
+    value: &RawJson,
+    want_object: bool,
+    limits: &Limits,
+) -> Result<()> {
+    let shape_ok = if want_object {
+        value.is_object()
+    } else {
+        value.is_array()
+    };
+    if !shape_ok {
+        let shape = if want_object { "an object" } else { "an array" };
+        return Err(Error::invalid(field, format!("must be a JSON {shape}")));
+    }
+    check_len(field, value.get().len(), limits.max_json_bytes)?;
+    if value.depth() > limits.max_json_depth {
+        return Err(Error::invalid(
+            field,
+            format!("nested deeper than {} levels", limits.max_json_depth),
+        ));
+    }
+    Ok(())
+}
+
+/// A session's title and metadata, as create and update take them.
+pub(crate) fn check_title_and_metadata(
+    title: &Option<String>,
+    metadata: &Option<RawJson>,
+    limits: &Limits,
+) -> Result<()> {
+    check_text("title", title, limits.max_text_bytes)?;
+    match metadata {
+        Some(metadata) => check_json("metadata", metadata, true, limits),
+        None => Ok(()),
+    }
+}
+
+/// The messages of one append.
+pub(crate) fn check_messages(messages: &[NewMessage], limits: &Limits) -> Result<()> {
+    if messages.is_empty() {
+        return Err(Error::invalid(
+            "messages",
+            "at least one message is required",
+        ));
+    }
+    check_len("messages", messages.len(), limits.max_messages_per_append)?;
+    let mut ids = std::collections::HashSet::with_capacity(messages.len());
+    for (index, message) in messages.iter().enumerate() {
+        if let Some(id) = message.id {
+            if !ids.insert(id) {
+                return Err(Error::invalid(
+                    format!("messages[{index}].id"),
+                    "the same message id appears twice in one append",
+                ));
+            }
+        }
+        check_message(index, message, limits)?;
+    }
+    Ok(())
+}
+
+fn check_message(index: usize, message: &NewMessage, limits: &Limits) -> Result<()> {
+    let field = |name: &str| format!("messages[{index}].{name}");
+    // Content is stored as bytes, so any text round-trips, NUL included.
+    if let Some(content) = &message.content {
+        check_len(field("content"), content.len(), limits.max_content_bytes)?;
+    }
+    check_text(
+        &field("refusal"),
+        &message.refusal,
+        limits.max_content_bytes,
+    )?;
+    check_text(&field("name"), &message.name, limits.max_text_bytes)?;
+    check_text(
+        &field("tool_call_id"),
+        &message.tool_call_id,
+        limits.max_text_bytes,
+    )?;
+    if let Some(value) = &message.tool_calls {
+        check_json(&field("tool_calls"), value, false, limits)?;
+    }
+    if let Some(value) = &message.function_call {
+        check_json(&field("function_call"), value, true, limits)?;
+    }
+    if message.role == Role::Tool && message.tool_call_id.is_none() {
+        return Err(Error::invalid(
+            field("tool_call_id"),
+            "a tool message must say which tool call it answers",
+        ));
+    }
+    if message.role != Role::Assistant
+        && (message.tool_calls.is_some() || message.function_call.is_some())
+    {
+        return Err(Error::invalid(
+            field("tool_calls"),
+            "only assistant messages make tool or function calls",
+        ));
+    }
+    if message.content.is_none()
+        && message.tool_calls.is_none()
+        && message.function_call.is_none()
+        && message.refusal.is_none()
+    {
+        return Err(Error::invalid(
+            field("content"),
+            "a message needs content, tool_calls, function_call or refusal",
+        ));
+    }
+    if message.id == Some(Uuid::nil()) {
+        return Err(Error::invalid(
+            field("id"),
+            "the nil UUID is not a message id",
+        ));
+    }
+    Ok(())
+}
+
+/// A page size: the caller's, or `default`, at most [`Limits::max_page_size`].
+pub(crate) fn validate_page(limit: Option<usize>, default: usize, limits: &Limits) -> usize {
+    limit.unwrap_or(default).min(limits.max_page_size)
+}

@@ -1,0 +1,157 @@
+//! Loading the session, keeping it current, and answering reads from the committed state.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::broadcast;
+use tracing::debug;
+
+use super::protocol::{Read, Subscribed};
+use super::state::SessionState;
+use super::{SessionActor, Sorted};
+use crate::command::{DEFAULT_MESSAGE_PAGE, GetSession, SessionPage, validate_page};
+use crate::error::{Error, Result, StorageError};
+use crate::model::Message;
+
+/// Committed messages buffered per session for subscribers that fall behind; past it they
+/// catch up from the database.
+const SUBSCRIBER_BUFFER: usize = 1024;
+
+impl SessionActor {
+    /// Loads the session; with `readers`, its messages only if one of them owns it.
+    pub(super) async fn load(&mut self, readers: &[&str]) -> Result<(), StorageError> {
+        self.shared.stats.record_load();
+        let loaded = self
+            .shared
+            .store
+            .load(self.id, self.shared.config.cached_messages, readers)
+            .await?;
+        self.state = Some(SessionState::from_store(loaded));
+        Ok(())
+    }
+
+    /// Makes sure the state is loaded and, if a command asked for it, current.
+    pub(super) async fn prepare(&mut self, batch: &Sorted) -> Result<(), StorageError> {
+        let users = batch.users();
+        let Some(state) = &self.state else {
+            return self.load(&users).await;
+        };
+        // Refusing someone else's commands from memory would answer faster than a missing
+        // session (which is a database read) and tell them apart: pay the same read.
+        if let Some(info) = &state.info {
+            let foreign_only = !users.is_empty() && users.iter().all(|user| *user != info.user_id);
+            if foreign_only {
+                // The very read a load for them is (one read transaction, the row, no
+                // messages): a lighter one would still answer sooner.
+                self.shared
+                    .store
+                    .load(self.id, self.shared.config.cached_messages, &users)
+                    .await?;
+            }
+        }
+        if batch
+            .refresh
+            .is_some_and(|version| version > state.version())
+        {
+            debug!(session_id = %self.id, "written by another process; catching up");
+            return self.catch_up().await;
+        }
+        // A read asked to be fresh, or any read while the change feed is down (the fallback:
+        // other processes' writes are not being announced here).
+        let feed_down = self.shared.feed_down.load(Ordering::Acquire);
+        let wants_fresh = batch.reads.iter().any(|read| match read {
+            Read::Get(get, _) => get.fresh || feed_down,
+            Read::Subscribe(..) => feed_down,
+        });
+        if wants_fresh {
+            let stored = self.shared.store.version(self.id).await?;
+            if stored.unwrap_or(0) != state.version() {
+                debug!(session_id = %self.id, "stale copy; reloading for a fresh read");
+                return self.catch_up().await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reloads the session and publishes to subscribers the messages other processes added.
+    pub(super) async fn catch_up(&mut self) -> Result<(), StorageError> {
+        let known = self.state.as_ref().map_or(0, SessionState::message_count);
+        self.load(&[]).await?;
+        if let (Some(events), Some(state)) = (&self.events, &self.state) {
+            if events.receiver_count() > 0 {
+                for message in state.tail.iter().filter(|message| message.seq >= known) {
+                    // A subscriber that finds a gap (messages older than the tail) reads them.
+                    let _ = events.send(message.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers a read from the session as committed before the batch's writes.
+    pub(super) async fn answer(&mut self, read: Read) {
+        let stats = self.shared.stats.clone();
+        match read {
+            Read::Get(get, respond) => respond.send(&stats, self.page(&get).await),
+            Read::Subscribe(subscribe, respond) => {
+                let subscribed = self.subscribe(&subscribe.user_id, subscribe.after_seq);
+                respond.send(&stats, subscribed.await);
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, user_id: &str, after_seq: i64) -> Result<Subscribed> {
+        let limit = self.shared.config.limits.max_page_size;
+        let page = self
+            .page(&GetSession {
+                user_id: user_id.to_owned(),
+                after_seq: Some(after_seq),
+                limit: Some(limit),
+                ..GetSession::default()
+            })
+            .await?;
+        let events = self
+            .events
+            .get_or_insert_with(|| broadcast::channel(SUBSCRIBER_BUFFER).0);
+        Ok(Subscribed {
+            caught_up: page.next_after_seq.is_none(),
+            backlog: page.messages,
+            live: events.subscribe(),
+        })
+    }
+
+    /// A page of the session as committed, if the caller may read it.
+    async fn page(&self, get: &GetSession) -> Result<SessionPage> {
+        let state = self.state.as_ref().ok_or(Error::NotFound)?;
+        let hide_foreign = self.shared.config.hide_foreign_sessions;
+        let info = state.readable_by(&get.user_id, hide_foreign)?.clone();
+        let limit = validate_page(get.limit, DEFAULT_MESSAGE_PAGE, &self.shared.config.limits);
+        // Saturating: `after_seq` comes from the caller and may be anything.
+        let start = get.after_seq.unwrap_or(-1).max(-1).saturating_add(1);
+        let count = info.message_count;
+        let messages: Vec<Arc<Message>> = if limit == 0 || start >= count {
+            Vec::new()
+        } else if start >= state.tail_start() {
+            let skip = (start - state.tail_start()) as usize;
+            state.tail.iter().skip(skip).take(limit).cloned().collect()
+        } else {
+            // Older than the cached tail: committed rows never change, so the database's copy
+            // is the same as ours would be.
+            let stored = self
+                .shared
+                .store
+                .read_messages(self.id, start - 1, limit)
+                .await?;
+            stored.into_iter().map(Arc::new).collect()
+        };
+        let next_after_seq = messages
+            .last()
+            .map(|message| message.seq)
+            .filter(|&last| last + 1 < count);
+        Ok(SessionPage {
+            session: info,
+            messages,
+            next_after_seq,
+        })
+    }
+}

@@ -1,0 +1,335 @@
+//! Staging: a batch of write commands applied, in command order, to a copy of the session in
+//! memory, giving one [`SessionWrite`] for the whole batch and each command's [`Decision`].
+//! Pure: no database, no clock but the one passed in, so it is unit-tested on its own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::protocol::{Decision, Pending, Write, each_write};
+use super::state::{SessionState, access};
+use crate::command::SessionCommand;
+use crate::error::{Error, Result};
+use crate::idempotency::Keyed;
+use crate::model::{Message, NewMessage, RawJson, SessionId, SessionInfo, Usage, from_micros};
+use crate::store::{KeyRow, MessageRow, NewSessionRow, SessionWrite};
+
+/// How a write command changes the staged session; its reply is what it answers once the
+/// batch committed, an error refuses it (and changes nothing).
+pub(crate) trait StageWrite: SessionCommand<Reply: Clone> {
+    /// Stages the command on `batch`.
+    fn stage(&self, batch: &mut Batch<'_>) -> Result<Self::Reply>;
+}
+
+/// The rules staging follows, from the engine's configuration.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StageRules {
+    /// Answer another user's commands as if the session did not exist.
+    pub hide_foreign: bool,
+    /// How long idempotency records count, in microseconds.
+    pub key_retention: i64,
+}
+
+/// What staging a batch gives: the write, and what to apply once it committed.
+#[derive(Debug)]
+pub(crate) struct Staged {
+    pub write: SessionWrite,
+    /// The session after the batch (the version is confirmed at commit).
+    pub info: Option<SessionInfo>,
+    pub deleted: bool,
+    /// The new messages, for the cached tail and the subscribers.
+    pub messages: Vec<Arc<Message>>,
+}
+
+/// Stages `writes` on `state` (`None`: not loaded, as after a failed write), deciding each
+/// command. `known` holds messages found stored after a conflict (by id), which a resend
+/// answers from.
+pub(crate) fn stage(
+    session_id: SessionId,
+    state: Option<&SessionState>,
+    writes: &mut [Write],
+    known: &HashMap<Uuid, Arc<Message>>,
+    rules: StageRules,
+    now: i64,
+) -> Staged {
+    let info = state.and_then(|state| state.info.clone());
+    let mut write = SessionWrite::new(session_id, info.as_ref().map_or(0, |i| i.version), now);
+    if let Some(state) = state {
+        write.epoch = state.epoch;
+        write.claim = !state.owned;
+    }
+    write.keys_expire_before = now.saturating_sub(rules.key_retention);
+    let mut batch = Batch {
+        state,
+        known,
+        hide_foreign: rules.hide_foreign,
+        now,
+        base: write.expected_version,
+        steps: 0,
+        info,
+        deleted: state.is_some_and(|state| state.deleted),
+        write,
+        pending: HashMap::new(),
+        messages: Vec::new(),
+    };
+    for command in writes.iter_mut() {
+        each_write!(command, pending => pending.stage(&mut batch));
+    }
+    let Batch {
+        mut write,
+        mut info,
+        deleted,
+        messages,
+        mut steps,
+        base,
+        ..
+    } = batch;
+    // A write that only records keys (of commands that changed nothing) still moves the
+    // version, as every committed write does.
+    if !write.is_empty() {
+        steps = steps.max(1);
+    }
+    write.steps = steps;
+    if let (Some(info), true) = (info.as_mut(), steps > 0) {
+        info.version = base + steps;
+        info.updated_at = from_micros(now);
+    }
+    Staged {
+        write,
+        info,
+        deleted,
+        messages,
+    }
+}
+
+impl<C: StageWrite> Pending<C> {
+    /// Decides the command on the batch: from its idempotency record if its key was seen,
+    /// else by staging it (recording its key with its answer when it succeeds).
+    fn stage(&mut self, batch: &mut Batch<'_>) {
+        let user_id = self.command.user_id();
+        if let Some(keyed) = &self.keyed {
+            if let Some(decision) = batch.recorded(keyed, user_id) {
+                self.decision = decision;
+                return;
+            }
+        }
+        self.decision = match self.command.stage(batch) {
+            Err(error) => Decision::Refused(error),
+            Ok(reply) => {
+                // The record is stored with the effect (in the same write, so neither lands
+                // without the other) and holds the answer the command gets once committed.
+                if let Some(keyed) = &self.keyed {
+                    let response = serde_json::to_string(&C::reply(reply.clone()));
+                    batch.write.keys.push(KeyRow {
+                        key: keyed.key.clone(),
+                        user_id: user_id.to_owned(),
+                        fingerprint: keyed.fingerprint.clone(),
+                        response: response.unwrap_or_default(),
+                    });
+                }
+                Decision::OnCommit(reply)
+            }
+        };
+    }
+}
+
+/// The session as staged so far in a batch: what a command may read and change.
+pub(crate) struct Batch<'a> {
+    state: Option<&'a SessionState>,
+    known: &'a HashMap<Uuid, Arc<Message>>,
+    hide_foreign: bool,
+    now: i64,
+    /// The committed version the batch starts from.
+    base: i64,
+    /// How many commands of this batch changed the session so far. Each change has a version
+    /// of its own (the committed one plus its place in the batch), so a command conditional on
+    /// a version (`if_version`) sees the changes queued before it, and two answers with one
+    /// version always show the same session.
+    steps: i64,
+    info: Option<SessionInfo>,
+    deleted: bool,
+    write: SessionWrite,
+    /// Messages staged by earlier commands of the batch, by id.
+    pending: HashMap<Uuid, Arc<Message>>,
+    messages: Vec<Arc<Message>>,
+}
+
+impl Batch<'_> {
+    /// The session row, if there is one (deleted or not): `(info, deleted)`.
+    pub fn existing(&self) -> Option<(&SessionInfo, bool)> {
+        self.info.as_ref().map(|info| (info, self.deleted))
+    }
+
+    /// The session, if `user_id` may act on it.
+    pub fn session(&self, user_id: &str) -> Result<&SessionInfo> {
+        access(self.info.as_ref(), self.deleted, user_id, self.hide_foreign)
+    }
+
+    /// Refuses a command conditional on another version than the session's at this point.
+    pub fn precondition(&self, if_version: Option<i64>) -> Result<()> {
+        let current = self.base + self.steps;
+        match if_version {
+            Some(expected) if expected != current => Err(Error::PreconditionFailed { current }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records that a command changed the session: the change gets its own version.
+    pub fn changed(&mut self) {
+        self.steps += 1;
+        if let Some(info) = self.info.as_mut() {
+            info.version = self.base + self.steps;
+            info.updated_at = from_micros(self.now);
+        }
+    }
+
+    /// Creates the session row; returns the session as created.
+    pub fn create(
+        &mut self,
+        user_id: &str,
+        title: Option<String>,
+        metadata: RawJson,
+    ) -> SessionInfo {
+        self.write.create = Some(NewSessionRow {
+            user_id: user_id.to_owned(),
+            title: title.clone(),
+            metadata: metadata.get().to_owned(),
+        });
+        let created = self.info.insert(SessionInfo {
+            id: self.write.session_id,
+            user_id: user_id.to_owned(),
+            title,
+            metadata,
+            usage: Usage::default(),
+            message_count: 0,
+            version: 0,
+            created_at: from_micros(self.now),
+            updated_at: from_micros(self.now),
+        });
+        // The create is the session's first change.
+        created.version = self.base + self.steps + 1;
+        let created = created.clone();
+        self.changed();
+        created
+    }
+
+    /// The stored or staged message with this id: cached, staged earlier in the batch, or
+    /// found stored after a conflict.
+    pub fn stored_message(&self, id: &Uuid) -> Option<&Arc<Message>> {
+        self.state
+            .and_then(|state| state.cached(id))
+            .or_else(|| self.pending.get(id))
+            .or_else(|| self.known.get(id))
+    }
+
+    /// Stages a new message at the next sequence; returns the sequence.
+    pub fn add_message(&mut self, id: Uuid, new: &NewMessage) -> i64 {
+        let Some(info) = self.info.as_mut() else {
+            return 0;
+        };
+        let seq = info.message_count;
+        info.message_count += 1;
+        let message = Arc::new(Message {
+            seq,
+            id,
+            role: new.role,
+            content: new.content.clone(),
+            name: new.name.clone(),
+            tool_calls: new.tool_calls.clone(),
+            tool_call_id: new.tool_call_id.clone(),
+            function_call: new.function_call.clone(),
+            refusal: new.refusal.clone(),
+            created_at: from_micros(self.now),
+        });
+        self.write.rows.push(MessageRow {
+            seq,
+            id,
+            role: message.role,
+            content: message.content.clone(),
+            name: message.name.clone(),
+            tool_calls: message
+                .tool_calls
+                .as_ref()
+                .map(|json| json.get().to_owned()),
+            tool_call_id: message.tool_call_id.clone(),
+            function_call: message
+                .function_call
+                .as_ref()
+                .map(|json| json.get().to_owned()),
+            refusal: message.refusal.clone(),
+        });
+        self.pending.insert(id, message.clone());
+        self.messages.push(message);
+        seq
+    }
+
+    /// Sets the title.
+    pub fn set_title(&mut self, title: &str) {
+        self.write.title = Some(title.to_owned());
+        if let Some(info) = self.info.as_mut() {
+            info.title = Some(title.to_owned());
+        }
+    }
+
+    /// Replaces the metadata.
+    pub fn set_metadata(&mut self, metadata: &RawJson) {
+        self.write.metadata = Some(metadata.get().to_owned());
+        if let Some(info) = self.info.as_mut() {
+            info.metadata = metadata.clone();
+        }
+    }
+
+    /// Adds usage deltas (the database adds them to what it holds).
+    pub fn add_usage(&mut self, delta: Usage) {
+        self.write.usage.prompt_tokens += delta.prompt_tokens;
+        self.write.usage.completion_tokens += delta.completion_tokens;
+        if let Some(info) = self.info.as_mut() {
+            info.usage.prompt_tokens += delta.prompt_tokens;
+            info.usage.completion_tokens += delta.completion_tokens;
+        }
+    }
+
+    /// Deletes the session.
+    pub fn delete(&mut self) {
+        self.write.delete = true;
+        self.deleted = true;
+        self.steps += 1;
+    }
+
+    /// The decision for a command whose idempotency key was seen before (stored, or earlier
+    /// in this batch), whatever the session's state now; `None` to stage it.
+    fn recorded<T>(&self, keyed: &Keyed, user_id: &str) -> Option<Decision<T>> {
+        let expire_before = self.write.keys_expire_before;
+        let stored = self
+            .state
+            .and_then(|state| state.key(&keyed.key))
+            .and_then(Option::as_ref)
+            .filter(|record| record.created_at >= expire_before)
+            .map(|record| {
+                (
+                    &record.user_id,
+                    &record.fingerprint,
+                    &record.response,
+                    false,
+                )
+            });
+        // Sent twice in one batch: the second gets the first's answer if the write commits.
+        let staged = || {
+            let row = self.write.keys.iter().find(|row| row.key == keyed.key)?;
+            Some((&row.user_id, &row.fingerprint, &row.response, true))
+        };
+        match stored.or_else(staged)? {
+            // Another user's record is not theirs to see: the command goes on, and is refused
+            // like any command on a session that is not theirs.
+            (owner, ..) if owner != user_id => None,
+            (_, fingerprint, ..) if *fingerprint != keyed.fingerprint => {
+                Some(Decision::Refused(Error::IdempotencyKeyReused))
+            }
+            (_, _, response, with_this_write) => Some(Decision::Replay {
+                response: response.clone(),
+                with_this_write,
+            }),
+        }
+    }
+}
