@@ -333,3 +333,6 @@ impl Batch<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
