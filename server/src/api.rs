@@ -23,25 +23,29 @@ pub struct CreateBody {
     pub metadata: Option<RawJson>,
 }
 
-/// A session without its messages.
+/// A session without its messages, as every route shows it (create, update, list, and with its
+/// messages, get). The engine's [`SessionInfo`] names the id `id` and carries the version,
+/// which the API sends as the `ETag` header instead.
 #[derive(Debug, Serialize)]
-pub struct CreatedBody {
+pub struct SessionSummary {
     pub session_id: SessionId,
+    pub user_id: String,
     pub title: Option<String>,
     pub metadata: RawJson,
-    pub usage: UsageBody,
+    pub usage: Usage,
     pub message_count: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
-impl From<SessionInfo> for CreatedBody {
+impl From<SessionInfo> for SessionSummary {
     fn from(info: SessionInfo) -> Self {
         Self {
             session_id: info.id,
+            user_id: info.user_id,
             title: info.title,
             metadata: info.metadata,
-            usage: info.usage.into(),
+            usage: info.usage,
             message_count: info.message_count,
             created_at: info.created_at,
             updated_at: info.updated_at,
@@ -56,12 +60,6 @@ pub struct AppendBody {
     pub messages: Vec<NewMessage>,
 }
 
-/// The answer to an append, sent after the durable commit.
-#[derive(Debug, Serialize)]
-pub struct AppendedBody {
-    pub sequences: Vec<i64>,
-}
-
 /// `GET /v1/sessions/{id}` query.
 #[derive(Debug, Deserialize)]
 pub struct PageQuery {
@@ -71,17 +69,11 @@ pub struct PageQuery {
     pub fresh: Option<bool>,
 }
 
-/// `GET /v1/sessions/{id}`.
+/// `GET /v1/sessions/{id}`: the session and a page of its messages.
 #[derive(Debug, Serialize)]
-pub struct SessionBody {
-    pub session_id: SessionId,
-    pub user_id: String,
-    pub title: Option<String>,
-    pub metadata: RawJson,
-    pub usage: UsageBody,
-    pub message_count: i64,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
+pub struct SessionPageBody {
+    #[serde(flatten)]
+    pub session: SessionSummary,
     /// Serialized as stored: [`Message`] is the wire shape.
     pub messages: Vec<Arc<Message>>,
     /// Pass as `after_seq` for the next page; absent at the end.
@@ -89,18 +81,10 @@ pub struct SessionBody {
     pub next_after_seq: Option<i64>,
 }
 
-impl From<SessionPage> for SessionBody {
+impl From<SessionPage> for SessionPageBody {
     fn from(page: SessionPage) -> Self {
-        let info = page.session;
         Self {
-            session_id: info.id,
-            user_id: info.user_id,
-            title: info.title,
-            metadata: info.metadata,
-            usage: info.usage.into(),
-            message_count: info.message_count,
-            created_at: info.created_at,
-            updated_at: info.updated_at,
+            session: page.session.into(),
             messages: page.messages,
             next_after_seq: page.next_after_seq,
         }
@@ -118,7 +102,7 @@ pub struct ListQuery {
 /// `GET /v1/sessions`.
 #[derive(Debug, Serialize)]
 pub struct SessionListBody {
-    pub sessions: Vec<CreatedBody>,
+    pub sessions: Vec<SessionSummary>,
     /// Pass as `before` for the next page; absent at the end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_before: Option<String>,
@@ -127,7 +111,11 @@ pub struct SessionListBody {
 impl From<SessionList> for SessionListBody {
     fn from(list: SessionList) -> Self {
         Self {
-            sessions: list.sessions.into_iter().map(CreatedBody::from).collect(),
+            sessions: list
+                .sessions
+                .into_iter()
+                .map(SessionSummary::from)
+                .collect(),
             next_before: list
                 .next_before
                 .map(|cursor| format!("{}_{}", cursor.created_at_micros, cursor.id)),
@@ -165,22 +153,6 @@ pub struct UpdateBody {
 pub struct UsageDeltaBody {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
-}
-
-/// Token usage totals.
-#[derive(Debug, Serialize)]
-pub struct UsageBody {
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-}
-
-impl From<Usage> for UsageBody {
-    fn from(usage: Usage) -> Self {
-        Self {
-            prompt_tokens: usage.prompt_tokens,
-            completion_tokens: usage.completion_tokens,
-        }
-    }
 }
 
 /// `GET /v1/sessions/{id}/events` query.

@@ -37,8 +37,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::Stream;
 use soloist::{
-    AddUsage, AppendMessages, CreateSession, DeleteSession, Engine, GetSession, ListSessions,
-    SessionId, UpdateSession,
+    AddUsage, AppendMessages, Appended, CreateSession, DeleteSession, Engine, GetSession,
+    ListSessions, SessionId, UpdateSession, Usage,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -47,8 +47,8 @@ pub use error::ApiError;
 pub use serve::{ServeConfig, ServeReport, default_max_connections, open_file_limit, serve};
 
 use api::{
-    AppendBody, AppendedBody, CreateBody, CreatedBody, EventsQuery, ListQuery, PageQuery,
-    SessionBody, SessionListBody, UpdateBody, UsageBody, UsageDeltaBody,
+    AppendBody, CreateBody, EventsQuery, ListQuery, PageQuery, SessionListBody, SessionPageBody,
+    SessionSummary, UpdateBody, UsageDeltaBody,
 };
 
 /// What every handler shares.
@@ -340,7 +340,7 @@ async fn create_session(
     Ok(with_etag(
         status,
         version,
-        CreatedBody::from(created.session),
+        SessionSummary::from(created.session),
     ))
 }
 
@@ -350,7 +350,7 @@ async fn append_messages(
     SessionPath(session_id): SessionPath,
     IfMatch(if_version): IfMatch,
     JsonBody(body): JsonBody<AppendBody>,
-) -> Result<Json<AppendedBody>, ApiError> {
+) -> Result<Json<Appended>, ApiError> {
     let appended = state
         .engine
         .append(AppendMessages {
@@ -360,9 +360,7 @@ async fn append_messages(
             if_version,
         })
         .await?;
-    Ok(Json(AppendedBody {
-        sequences: appended.sequences,
-    }))
+    Ok(Json(appended))
 }
 
 async fn get_session(
@@ -382,7 +380,11 @@ async fn get_session(
         })
         .await?;
     let version = page.session.version;
-    Ok(with_etag(StatusCode::OK, version, SessionBody::from(page)))
+    Ok(with_etag(
+        StatusCode::OK,
+        version,
+        SessionPageBody::from(page),
+    ))
 }
 
 async fn list_sessions(
@@ -427,7 +429,7 @@ async fn update_session(
     Ok(with_etag(
         StatusCode::OK,
         version,
-        CreatedBody::from(session),
+        SessionSummary::from(session),
     ))
 }
 
@@ -437,7 +439,7 @@ async fn add_usage(
     SessionPath(session_id): SessionPath,
     IdempotencyKey(idempotency_key): IdempotencyKey,
     JsonBody(body): JsonBody<UsageDeltaBody>,
-) -> Result<Json<UsageBody>, ApiError> {
+) -> Result<Json<Usage>, ApiError> {
     let usage = state
         .engine
         .add_usage(AddUsage {
@@ -448,7 +450,7 @@ async fn add_usage(
             idempotency_key,
         })
         .await?;
-    Ok(Json(UsageBody::from(usage)))
+    Ok(Json(usage))
 }
 
 async fn delete_session(
