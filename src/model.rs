@@ -211,34 +211,87 @@ impl FromStr for Role {
     }
 }
 
-/// A message to append. `id` is the idempotency key: sending the same id again returns the
-/// sequence the message got the first time instead of storing it twice.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewMessage {
-    /// Client-supplied message id (idempotency key); generated (UUIDv7) when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<Uuid>,
-    /// Who wrote the message.
-    pub role: Role,
+/// Declares the fields a client chooses for a message once, for both [`NewMessage`] (what is
+/// sent) and [`Message`] (what is stored: the same, plus `seq`, `id` and `created_at`), with the
+/// one comparison and the one conversion between them. (`#[serde(flatten)]` would say the same
+/// without a macro, but a flattened struct is buffered by serde, which cannot hold the raw JSON
+/// fields, and it cannot deny unknown fields.) Every field but `role` is optional.
+macro_rules! message_types {
+    ($($(#[doc = $doc:literal])* $field:ident: $type:ty,)*) => {
+        /// A message to append. `id` is the idempotency key: sending the same id again returns
+        /// the sequence the message got the first time instead of storing it twice.
+        #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct NewMessage {
+            /// Client-supplied message id (idempotency key); generated (UUIDv7) when absent.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub id: Option<Uuid>,
+            /// Who wrote the message.
+            pub role: Role,
+            $(
+                $(#[doc = $doc])*
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                pub $field: Option<$type>,
+            )*
+        }
+
+        /// A stored message: what was appended, plus its place in the session.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        pub struct Message {
+            /// Position in the session: 0, 1, 2, ... without gaps.
+            pub seq: i64,
+            /// The message id (idempotency key).
+            pub id: Uuid,
+            /// Who wrote the message.
+            pub role: Role,
+            $(
+                $(#[doc = $doc])*
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                pub $field: Option<$type>,
+            )*
+            /// When the message was stored.
+            pub created_at: DateTime<Utc>,
+        }
+
+        impl Message {
+            /// Whether `message` is this one sent again: every field the client chose is the
+            /// same (the id aside, which the caller matched already).
+            pub fn is_resend_of(&self, message: &NewMessage) -> bool {
+                self.role == message.role $(&& self.$field == message.$field)*
+            }
+
+            /// `message` as stored at `seq` under `id`.
+            pub(crate) fn stored(
+                seq: i64,
+                id: Uuid,
+                message: &NewMessage,
+                created_at: DateTime<Utc>,
+            ) -> Self {
+                Self {
+                    seq,
+                    id,
+                    role: message.role,
+                    $($field: message.$field.clone(),)*
+                    created_at,
+                }
+            }
+        }
+    };
+}
+
+message_types! {
     /// The text. May be absent for an assistant message that only calls tools.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content: Option<String>,
+    content: String,
     /// Participant or function name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
+    name: String,
     /// Tool calls made by an assistant message (a JSON array).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool_calls: Option<RawJson>,
+    tool_calls: RawJson,
     /// The tool call a `tool` message answers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool_call_id: Option<String>,
+    tool_call_id: String,
     /// A legacy function call made by an assistant message (a JSON object).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub function_call: Option<RawJson>,
+    function_call: RawJson,
     /// The model's refusal text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refusal: Option<String>,
+    refusal: String,
 }
 
 impl NewMessage {
@@ -265,51 +318,6 @@ impl NewMessage {
     pub fn with_id(mut self, id: Uuid) -> Self {
         self.id = Some(id);
         self
-    }
-}
-
-/// A stored message: what was appended, plus its place in the session.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Message {
-    /// Position in the session: 0, 1, 2, ... without gaps.
-    pub seq: i64,
-    /// The message id (idempotency key).
-    pub id: Uuid,
-    /// Who wrote the message.
-    pub role: Role,
-    /// The text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content: Option<String>,
-    /// Participant or function name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// Tool calls (JSON array).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool_calls: Option<RawJson>,
-    /// The tool call a `tool` message answers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool_call_id: Option<String>,
-    /// A legacy function call (JSON object).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub function_call: Option<RawJson>,
-    /// The model's refusal text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub refusal: Option<String>,
-    /// When the message was stored.
-    pub created_at: DateTime<Utc>,
-}
-
-impl Message {
-    /// Whether `message` is this one sent again: every field the client chose is the same
-    /// (the id aside, which the caller matched already).
-    pub fn is_resend_of(&self, message: &NewMessage) -> bool {
-        self.role == message.role
-            && self.content == message.content
-            && self.name == message.name
-            && self.tool_calls == message.tool_calls
-            && self.tool_call_id == message.tool_call_id
-            && self.function_call == message.function_call
-            && self.refusal == message.refusal
     }
 }
 

@@ -230,18 +230,7 @@ impl Batch<'_> {
         };
         let seq = info.message_count;
         info.message_count += 1;
-        let message = Arc::new(Message {
-            seq,
-            id,
-            role: new.role,
-            content: new.content.clone(),
-            name: new.name.clone(),
-            tool_calls: new.tool_calls.clone(),
-            tool_call_id: new.tool_call_id.clone(),
-            function_call: new.function_call.clone(),
-            refusal: new.refusal.clone(),
-            created_at: from_micros(self.now),
-        });
+        let message = Arc::new(Message::stored(seq, id, new, from_micros(self.now)));
         self.write.rows.push(MessageRow {
             seq,
             id,
