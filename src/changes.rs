@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
+use crate::backoff::Backoff;
 use crate::error::StorageError;
 use crate::faults::FeedPause;
 use crate::model::SessionId;
@@ -60,10 +61,11 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long the catch-up after a reconnection waits for room in a session's mailbox.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
-/// How long the announcer waits before sending a notice again after a failure, at first and
-/// at most.
-const RETRY_MIN: Duration = Duration::from_millis(50);
-const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How long the announcer waits before sending a notice again after a failure.
+const ANNOUNCE_RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+
+/// How long the listener waits before connecting again.
+const LISTEN_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
 /// Stay under PostgreSQL's 8000-byte payload limit.
 const MAX_PAYLOAD: usize = 7_000;
@@ -78,7 +80,7 @@ pub(crate) async fn announce(
     announcements: Arc<Announcements>,
     stop: CancellationToken,
 ) {
-    let mut backoff = RETRY_MIN;
+    let mut failures = 0;
     loop {
         let stopping = tokio::select! {
             () = announcements.wait() => false,
@@ -99,13 +101,13 @@ pub(crate) async fn announce(
         if sent < pending.len() {
             // Put back what did not go out; newer versions added meanwhile win.
             announcements.add(pending[sent..].iter().copied());
+            failures += 1;
             tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
+                () = ANNOUNCE_RETRY.sleep(failures) => {}
                 () = stop.cancelled() => {}
             }
-            backoff = (backoff * 2).min(RETRY_MAX);
         } else {
-            backoff = RETRY_MIN;
+            failures = 0;
         }
     }
 }
@@ -159,7 +161,7 @@ pub(crate) async fn listen(
 ) {
     let registry = &registry;
     let feed_down = |down: bool| registry.feed_down(down);
-    let mut backoff = Duration::from_millis(100);
+    let mut failures = 0;
     loop {
         feed_down(true);
         // Paused (a test's fault hook): stay disconnected until resumed.
@@ -179,11 +181,11 @@ pub(crate) async fn listen(
             Ok(listener) => listener,
             Err(error) => {
                 warn!(%error, "cannot listen for other processes' writes; retrying");
+                failures += 1;
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = LISTEN_RETRY.sleep(failures) => {}
                     () = stop.cancelled() => return,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue;
             }
         };
@@ -194,14 +196,14 @@ pub(crate) async fn listen(
         };
         if let Err(error) = caught_up {
             debug!(%error, "could not check the live sessions after connecting; retrying");
+            failures += 1;
             tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
+                () = LISTEN_RETRY.sleep(failures) => {}
                 () = stop.cancelled() => return,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
             continue;
         }
-        backoff = Duration::from_millis(100);
+        failures = 0;
         feed_down(false);
         // Notices for sessions whose mailbox stayed full, delivered again on the next tick.
         let mut missed: HashMap<SessionId, i64> = HashMap::new();

@@ -157,10 +157,10 @@ impl SessionActor {
         if let Err(error) = self.prepare(&batch).await {
             let error = Error::Storage(error);
             for read in batch.reads {
-                Request::Read(read).fail(&stats, error.clone());
+                read.fail(&stats, error.clone());
             }
             for write in batch.writes {
-                Request::Write(write).fail(&stats, error.clone());
+                write.fail(&stats, error.clone());
             }
             return;
         }

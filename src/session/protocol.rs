@@ -92,26 +92,20 @@ pub(crate) struct Subscribed {
     pub live: broadcast::Receiver<Arc<Message>>,
 }
 
-impl Request {
-    /// Answers the command with `error` (a notice has nobody to answer).
-    pub fn fail(self, stats: &EngineStats, error: Error) {
-        match self {
-            Request::Write(write) => {
-                each_write!(write, pending => pending.respond.send(stats, Err(error)))
-            }
-            Request::Read(Read::Get(_, respond)) => respond.send(stats, Err(error)),
-            Request::Read(Read::Subscribe(_, respond)) => respond.send(stats, Err(error)),
-            Request::Refresh(_) => {}
-        }
-    }
-}
-
 impl Read {
     /// Who sent the command.
     pub fn user(&self) -> &str {
         match self {
             Read::Get(get, _) => &get.user_id,
             Read::Subscribe(subscribe, _) => &subscribe.user_id,
+        }
+    }
+
+    /// Answers the command with `error`.
+    pub fn fail(self, stats: &EngineStats, error: Error) {
+        match self {
+            Read::Get(_, respond) => respond.send(stats, Err(error)),
+            Read::Subscribe(_, respond) => respond.send(stats, Err(error)),
         }
     }
 }
@@ -134,6 +128,11 @@ impl Write {
             _ => &[],
         };
         messages.iter().filter_map(|message| message.id)
+    }
+
+    /// Answers the command with `error`, whatever staging decided.
+    pub fn fail(self, stats: &EngineStats, error: Error) {
+        each_write!(self, pending => pending.respond.send(stats, Err(error)))
     }
 
     /// Sends the command its answer: what staging decided, given how the batch's write ended
