@@ -226,7 +226,8 @@ impl Engine {
     pub(crate) async fn run<C: SessionCommand>(&self, mut command: C) -> Result<C::Reply> {
         // The key is fingerprinted as sent, before routing fills anything in.
         let keyed = command.keyed()?;
-        let session_id = command.route(&self.config().limits)?;
+        command.validate(&self.config().limits)?;
+        let session_id = command.session_id();
         self.ask(session_id, C::NAME, |respond| {
             Box::new(command.into_request(keyed, respond))
         })

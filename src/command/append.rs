@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::validate::{check_messages, check_user};
-use super::{Reply, SessionCommand};
+use super::{SessionCommand, addressed};
 use crate::config::Limits;
 use crate::error::{Error, Result};
 use crate::idempotency::Keyed;
@@ -39,29 +39,15 @@ impl SessionCommand for AppendMessages {
     type Reply = Appended;
     const NAME: &'static str = "append";
 
-    fn user_id(&self) -> &str {
-        &self.user_id
-    }
+    addressed!();
 
-    fn route(&mut self, limits: &Limits) -> Result<SessionId> {
+    fn validate(&mut self, limits: &Limits) -> Result<()> {
         check_user(&self.user_id, limits)?;
-        check_messages(&self.messages, limits)?;
-        Ok(self.session_id)
+        check_messages(&self.messages, limits)
     }
 
     fn into_request(self, keyed: Option<Keyed>, respond: Responder<Appended>) -> Request {
         Request::Write(Write::Append(Pending::new(self, keyed, respond)))
-    }
-
-    fn reply(answer: Appended) -> Reply {
-        Reply::MessagesAppended(answer)
-    }
-
-    fn from_reply(reply: Reply) -> Option<Appended> {
-        match reply {
-            Reply::MessagesAppended(appended) => Some(appended),
-            _ => None,
-        }
     }
 }
 

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::validate::{check_title_and_metadata, check_user};
-use super::{Command, Reply, SessionCommand, keyed_by};
+use super::{Command, SessionCommand, keyed_by};
 use crate::config::Limits;
 use crate::error::{Error, Result};
 use crate::idempotency::{Keyed, derived_session_id};
@@ -55,7 +55,12 @@ impl SessionCommand for CreateSession {
         &self.user_id
     }
 
-    fn route(&mut self, limits: &Limits) -> Result<SessionId> {
+    /// Chosen by [`Self::validate`] when the command leaves it open.
+    fn session_id(&self) -> SessionId {
+        self.session_id.unwrap_or_default()
+    }
+
+    fn validate(&mut self, limits: &Limits) -> Result<()> {
         check_user(&self.user_id, limits)?;
         check_title_and_metadata(&self.title, &self.metadata, limits)?;
         self.metadata.get_or_insert_with(RawJson::empty_object);
@@ -66,7 +71,8 @@ impl SessionCommand for CreateSession {
             (None, Some(key)) => derived_session_id(&self.user_id, key),
             (None, None) => Uuid::now_v7(),
         };
-        Ok(*self.session_id.insert(id))
+        self.session_id = Some(id);
+        Ok(())
     }
 
     fn keyed(&self) -> Result<Option<Keyed>> {
@@ -78,17 +84,6 @@ impl SessionCommand for CreateSession {
 
     fn into_request(self, keyed: Option<Keyed>, respond: Responder<Created>) -> Request {
         Request::Write(Write::Create(Pending::new(self, keyed, respond)))
-    }
-
-    fn reply(answer: Created) -> Reply {
-        Reply::SessionCreated(answer)
-    }
-
-    fn from_reply(reply: Reply) -> Option<Created> {
-        match reply {
-            Reply::SessionCreated(created) => Some(created),
-            _ => None,
-        }
     }
 }
 

@@ -2,9 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::validate::check_user;
-use super::{Command, Reply, SessionCommand, keyed_by};
-use crate::config::Limits;
+use super::{Command, SessionCommand, addressed, keyed_by};
 use crate::error::Result;
 use crate::idempotency::Keyed;
 use crate::model::SessionId;
@@ -36,14 +34,7 @@ impl SessionCommand for DeleteSession {
     type Reply = ();
     const NAME: &'static str = "delete_session";
 
-    fn user_id(&self) -> &str {
-        &self.user_id
-    }
-
-    fn route(&mut self, limits: &Limits) -> Result<SessionId> {
-        check_user(&self.user_id, limits)?;
-        Ok(self.session_id)
-    }
+    addressed!();
 
     fn keyed(&self) -> Result<Option<Keyed>> {
         keyed_by(self, &self.idempotency_key, |mut delete| {
@@ -54,17 +45,6 @@ impl SessionCommand for DeleteSession {
 
     fn into_request(self, keyed: Option<Keyed>, respond: Responder<()>) -> Request {
         Request::Write(Write::Delete(Pending::new(self, keyed, respond)))
-    }
-
-    fn reply((): ()) -> Reply {
-        Reply::SessionDeleted
-    }
-
-    fn from_reply(reply: Reply) -> Option<()> {
-        match reply {
-            Reply::SessionDeleted => Some(()),
-            _ => None,
-        }
     }
 }
 

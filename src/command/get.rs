@@ -4,10 +4,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::validate::check_user;
-use super::{Reply, SessionCommand};
-use crate::config::Limits;
-use crate::error::Result;
+use super::{SessionCommand, addressed};
 use crate::idempotency::Keyed;
 use crate::model::{Message, SessionId, SessionInfo};
 use crate::session::protocol::{Read, Request, Responder};
@@ -50,27 +47,9 @@ impl SessionCommand for GetSession {
     type Reply = SessionPage;
     const NAME: &'static str = "get_session";
 
-    fn user_id(&self) -> &str {
-        &self.user_id
-    }
-
-    fn route(&mut self, limits: &Limits) -> Result<SessionId> {
-        check_user(&self.user_id, limits)?;
-        Ok(self.session_id)
-    }
+    addressed!();
 
     fn into_request(self, _: Option<Keyed>, respond: Responder<SessionPage>) -> Request {
         Request::Read(Read::Get(self, respond))
-    }
-
-    fn reply(answer: SessionPage) -> Reply {
-        Reply::Session(answer)
-    }
-
-    fn from_reply(reply: Reply) -> Option<SessionPage> {
-        match reply {
-            Reply::Session(page) => Some(page),
-            _ => None,
-        }
     }
 }

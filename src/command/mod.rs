@@ -64,13 +64,13 @@ impl Command {
     /// Runs the command on `engine`.
     pub(crate) async fn execute(self, engine: &Engine) -> Result<Reply> {
         match self {
-            Command::CreateSession(create) => engine.run(create).await.map(CreateSession::reply),
-            Command::AppendMessages(append) => engine.run(append).await.map(AppendMessages::reply),
-            Command::GetSession(get) => engine.run(get).await.map(GetSession::reply),
-            Command::ListSessions(list) => engine.list_sessions(list).await.map(Reply::Sessions),
-            Command::UpdateSession(update) => engine.run(update).await.map(UpdateSession::reply),
-            Command::AddUsage(add) => engine.run(add).await.map(AddUsage::reply),
-            Command::DeleteSession(delete) => engine.run(delete).await.map(DeleteSession::reply),
+            Command::CreateSession(create) => engine.run(create).await.map(Reply::from),
+            Command::AppendMessages(append) => engine.run(append).await.map(Reply::from),
+            Command::GetSession(get) => engine.run(get).await.map(Reply::from),
+            Command::ListSessions(list) => engine.list_sessions(list).await.map(Reply::from),
+            Command::UpdateSession(update) => engine.run(update).await.map(Reply::from),
+            Command::AddUsage(add) => engine.run(add).await.map(Reply::from),
+            Command::DeleteSession(delete) => engine.run(delete).await.map(Reply::from),
         }
     }
 }
@@ -95,20 +95,76 @@ pub enum Reply {
     SessionDeleted,
 }
 
+/// Each answer as its [`Reply`] variant and back (what an idempotency record stores and
+/// replays).
+macro_rules! replies {
+    ($($answer:ty => $variant:ident),* $(,)?) => {$(
+        impl From<$answer> for Reply {
+            fn from(answer: $answer) -> Reply {
+                Reply::$variant(answer)
+            }
+        }
+
+        impl TryFrom<Reply> for $answer {
+            type Error = Reply;
+
+            fn try_from(reply: Reply) -> Result<Self, Reply> {
+                match reply {
+                    Reply::$variant(answer) => Ok(answer),
+                    other => Err(other),
+                }
+            }
+        }
+    )*};
+}
+
+replies! {
+    Created => SessionCreated,
+    Appended => MessagesAppended,
+    SessionPage => Session,
+    SessionList => Sessions,
+    SessionInfo => SessionUpdated,
+    Usage => UsageAdded,
+}
+
+/// A delete answers with nothing.
+impl From<()> for Reply {
+    fn from((): ()) -> Reply {
+        Reply::SessionDeleted
+    }
+}
+
+impl TryFrom<Reply> for () {
+    type Error = Reply;
+
+    fn try_from(reply: Reply) -> Result<(), Reply> {
+        match reply {
+            Reply::SessionDeleted => Ok(()),
+            other => Err(other),
+        }
+    }
+}
+
 /// A command addressed to one session's actor: how it is checked, where it goes, and how it
 /// travels through the session's mailbox.
 pub(crate) trait SessionCommand: Send + Sized + 'static {
-    /// What the command is answered with.
-    type Reply: Send + 'static;
+    /// What the command is answered with: one of the [`Reply`] variants' payloads.
+    type Reply: Send + 'static + Into<Reply> + TryFrom<Reply>;
     /// The command's name, in spans.
     const NAME: &'static str;
 
     /// Who sends the command.
     fn user_id(&self) -> &str;
 
-    /// Validates the command against `limits` and names the session it goes to (filling it in
-    /// where the command may leave it open).
-    fn route(&mut self, limits: &Limits) -> Result<SessionId>;
+    /// The session the command goes to (once validated: a create may leave it to
+    /// [`Self::validate`] to choose).
+    fn session_id(&self) -> SessionId;
+
+    /// Checks the command against `limits`; a command that fails is refused whole, before it
+    /// reaches its session. Every command checks its sender.
+    fn validate(&mut self, limits: &Limits) -> Result<()> {
+        check_user(self.user_id(), limits)
+    }
 
     /// The command's idempotency key with the command's fingerprint, if it carries a key.
     fn keyed(&self) -> Result<Option<Keyed>> {
@@ -117,14 +173,22 @@ pub(crate) trait SessionCommand: Send + Sized + 'static {
 
     /// The command, its key and its responder, as the session's mailbox carries them.
     fn into_request(self, keyed: Option<Keyed>, respond: Responder<Self::Reply>) -> Request;
-
-    /// The command's answer as a [`Reply`] (what an idempotency record stores).
-    fn reply(answer: Self::Reply) -> Reply;
-
-    /// The command's answer read back from a recorded [`Reply`] (an idempotent replay);
-    /// `None` when the record is of another kind.
-    fn from_reply(reply: Reply) -> Option<Self::Reply>;
 }
+
+/// The [`SessionCommand`] accessors of the commands that name their sender and session in
+/// fields `user_id` and `session_id`.
+macro_rules! addressed {
+    () => {
+        fn user_id(&self) -> &str {
+            &self.user_id
+        }
+
+        fn session_id(&self) -> crate::model::SessionId {
+            self.session_id
+        }
+    };
+}
+use addressed;
 
 /// The key of a command that carries one, and the fingerprint of the command without it:
 /// `strip` clears the key of a copy and wraps it as a [`Command`].

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::validate::{check_title_and_metadata, check_user};
-use super::{Command, Reply, SessionCommand, keyed_by};
+use super::{Command, SessionCommand, addressed, keyed_by};
 use crate::config::Limits;
 use crate::error::Result;
 use crate::idempotency::Keyed;
@@ -41,14 +41,11 @@ impl SessionCommand for UpdateSession {
     type Reply = SessionInfo;
     const NAME: &'static str = "update_session";
 
-    fn user_id(&self) -> &str {
-        &self.user_id
-    }
+    addressed!();
 
-    fn route(&mut self, limits: &Limits) -> Result<SessionId> {
+    fn validate(&mut self, limits: &Limits) -> Result<()> {
         check_user(&self.user_id, limits)?;
-        check_title_and_metadata(&self.title, &self.metadata, limits)?;
-        Ok(self.session_id)
+        check_title_and_metadata(&self.title, &self.metadata, limits)
     }
 
     fn keyed(&self) -> Result<Option<Keyed>> {
@@ -60,17 +57,6 @@ impl SessionCommand for UpdateSession {
 
     fn into_request(self, keyed: Option<Keyed>, respond: Responder<SessionInfo>) -> Request {
         Request::Write(Write::Update(Pending::new(self, keyed, respond)))
-    }
-
-    fn reply(answer: SessionInfo) -> Reply {
-        Reply::SessionUpdated(answer)
-    }
-
-    fn from_reply(reply: Reply) -> Option<SessionInfo> {
-        match reply {
-            Reply::SessionUpdated(info) => Some(info),
-            _ => None,
-        }
     }
 }
 

@@ -2,9 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::validate::check_user;
-use super::{Command, Reply, SessionCommand, keyed_by};
-use crate::config::Limits;
+use super::{Command, SessionCommand, addressed, keyed_by};
 use crate::error::Result;
 use crate::idempotency::Keyed;
 use crate::model::{SessionId, Usage};
@@ -34,14 +32,7 @@ impl SessionCommand for AddUsage {
     type Reply = Usage;
     const NAME: &'static str = "add_usage";
 
-    fn user_id(&self) -> &str {
-        &self.user_id
-    }
-
-    fn route(&mut self, limits: &Limits) -> Result<SessionId> {
-        check_user(&self.user_id, limits)?;
-        Ok(self.session_id)
-    }
+    addressed!();
 
     fn keyed(&self) -> Result<Option<Keyed>> {
         keyed_by(self, &self.idempotency_key, |mut add| {
@@ -52,17 +43,6 @@ impl SessionCommand for AddUsage {
 
     fn into_request(self, keyed: Option<Keyed>, respond: Responder<Usage>) -> Request {
         Request::Write(Write::AddUsage(Pending::new(self, keyed, respond)))
-    }
-
-    fn reply(answer: Usage) -> Reply {
-        Reply::UsageAdded(answer)
-    }
-
-    fn from_reply(reply: Reply) -> Option<Usage> {
-        match reply {
-            Reply::UsageAdded(usage) => Some(usage),
-            _ => None,
-        }
     }
 }
 

@@ -229,6 +229,6 @@ impl<C: SessionCommand> Pending<C> {
 fn replay<C: SessionCommand>(response: &str) -> Result<C::Reply> {
     serde_json::from_str::<Reply>(response)
         .ok()
-        .and_then(C::from_reply)
+        .and_then(|reply| C::Reply::try_from(reply).ok())
         .ok_or(Error::IdempotencyKeyReused)
 }

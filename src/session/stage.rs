@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::protocol::{Decision, Pending, Write, each_write};
 use super::state::{SessionState, access};
-use crate::command::SessionCommand;
+use crate::command::{Reply, SessionCommand};
 use crate::error::{Error, Result};
 use crate::idempotency::Keyed;
 use crate::model::{Message, NewMessage, RawJson, SessionId, SessionInfo, Usage, from_micros};
@@ -120,7 +120,7 @@ impl<C: StageWrite> Pending<C> {
                 // The record is stored with the effect (in the same write, so neither lands
                 // without the other) and holds the answer the command gets once committed.
                 if let Some(keyed) = &self.keyed {
-                    let response = serde_json::to_string(&C::reply(reply.clone()));
+                    let response = serde_json::to_string(&Into::<Reply>::into(reply.clone()));
                     batch.write.keys.push(KeyRow {
                         key: keyed.key.clone(),
                         user_id: user_id.to_owned(),
