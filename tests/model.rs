@@ -8,13 +8,10 @@
 //! three tunings so that reads cross the boundary between the cached tail and the database,
 //! and so that actors passivate and reload between commands.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
 use std::time::Duration;
 
-use common::{Backend, TestDb};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -25,6 +22,7 @@ use soloist::{
     GetSession, Limits, ListSessions, Message, NewMessage, RawJson, Role, SessionCursor, SessionId,
     SessionInfo, SessionPage, UpdateSession, Usage,
 };
+use soloist_testkit::{Backend, TestDb};
 
 type Timestamp = chrono::DateTime<chrono::Utc>;
 
@@ -1325,7 +1323,10 @@ fn run(backend: Backend, case: &Case) -> Result<(), TestCaseError> {
         .build()
         .map_err(|error| TestCaseError::fail(format!("runtime: {error}")))?;
     runtime.block_on(async {
-        let Some(db) = TestDb::new(backend).await else {
+        let db = TestDb::new(backend)
+            .await
+            .map_err(|error| TestCaseError::fail(format!("database: {error}")))?;
+        let Some(db) = db else {
             // PostgreSQL is not running outside CI: skipped (with a message) by TestDb.
             return Ok(());
         };
