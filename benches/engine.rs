@@ -14,22 +14,23 @@
 //!
 //! Each caller runs as a task on a 2-worker multi-thread runtime and times its own loop
 //! (`iter_custom`), so building inputs and waiting for passivation stay out of the numbers.
-//! PostgreSQL is `postgres://postgres@127.0.0.1:5432/test` unless `SOLOIST_TEST_POSTGRES` names
-//! another server; each engine gets a fresh schema, dropped afterwards. When PostgreSQL does not
-//! answer, its benchmarks are skipped with a message.
+//! Each engine gets a fresh database from `soloist_testkit` (an SQLite file under `target/`, or a
+//! PostgreSQL schema of its own), removed afterwards. PostgreSQL is
+//! `postgres://postgres@127.0.0.1:5432/test` unless `SOLOIST_TEST_POSTGRES` names another server;
+//! when it does not answer, its benchmarks are skipped with a message (under `CI=true` they fail,
+//! as the tests do).
 //!
 //! Run with `cargo bench --bench engine`.
 
 use std::{
     hint::black_box,
-    path::PathBuf,
-    sync::OnceLock,
+    path::Path,
     time::{Duration, Instant},
 };
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use soloist::{Engine, NewMessage, SessionHandle};
-use sqlx::Connection;
+use soloist_testkit::{Backend, TestDb};
 use tokio::runtime::Runtime;
 use uuid::Uuid;
 
@@ -39,132 +40,17 @@ const SESSION_MESSAGES: usize = 1000;
 /// Messages per append while seeding (the default limit per append is 256).
 const SEED_CHUNK: usize = 250;
 
-/// The databases the benchmarks run on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
-    /// An SQLite file in WAL mode with the default `synchronous=FULL`.
-    SqliteFile,
-    /// `sqlite::memory:`, shared by the engine's connections.
-    SqliteMemory,
-    /// PostgreSQL, one fresh schema per engine.
-    Postgres,
-}
-
-impl Backend {
-    fn name(self) -> &'static str {
-        match self {
-            Backend::SqliteFile => "sqlite_file",
-            Backend::SqliteMemory => "sqlite_memory",
-            Backend::Postgres => "postgres",
+/// A fresh database on `backend`, removed when dropped (after the engine on it has shut down);
+/// `None` when PostgreSQL is not answering (`TestDb` says so; under `CI=true` it fails).
+fn fresh_database(runtime: &Runtime, backend: Backend) -> Option<TestDb> {
+    let database = match backend {
+        // Under target/: on the build's disk, so `synchronous=FULL` pays real syncs.
+        Backend::SqliteFile => {
+            TestDb::sqlite_file_in(Path::new(env!("CARGO_TARGET_TMPDIR"))).map(Some)
         }
-    }
-}
-
-/// A fresh database, and what to remove once the engine on it has shut down.
-struct Database {
-    url: String,
-    cleanup: Cleanup,
-}
-
-/// What a [`Database`] leaves behind.
-enum Cleanup {
-    /// Nothing (in-memory).
-    Nothing,
-    /// The SQLite file's directory.
-    Directory(PathBuf),
-    /// The PostgreSQL schema.
-    Schema(String),
-}
-
-fn postgres_base_url() -> String {
-    std::env::var("SOLOIST_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
-/// Whether PostgreSQL answers; asked once per run, and a missing server is reported once.
-async fn postgres_available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    if let Some(&available) = AVAILABLE.get() {
-        return available;
-    }
-    let connect = sqlx::PgConnection::connect(&postgres_base_url());
-    let available = matches!(
-        tokio::time::timeout(Duration::from_secs(5), connect).await,
-        Ok(Ok(_))
-    );
-    if !available {
-        eprintln!(
-            "SKIPPED: PostgreSQL benchmarks: PostgreSQL is not answering at {}",
-            postgres_base_url()
-        );
-    }
-    *AVAILABLE.get_or_init(|| available)
-}
-
-impl Database {
-    /// A fresh database; `None` when PostgreSQL is not reachable.
-    async fn new(backend: Backend) -> Option<Database> {
-        match backend {
-            Backend::SqliteFile => {
-                // Under target/: on the build's disk, so `synchronous=FULL` pays real syncs.
-                let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-                    .join(format!("soloist-bench-{}", Uuid::new_v4()));
-                std::fs::create_dir_all(&dir).expect("create the SQLite bench directory");
-                Some(Database {
-                    url: format!("sqlite://{}", dir.join("bench.db").display()),
-                    cleanup: Cleanup::Directory(dir),
-                })
-            }
-            Backend::SqliteMemory => Some(Database {
-                url: "sqlite::memory:".to_owned(),
-                cleanup: Cleanup::Nothing,
-            }),
-            Backend::Postgres => {
-                if !postgres_available().await {
-                    return None;
-                }
-                let schema = format!("bench_{}", Uuid::new_v4().simple());
-                let mut connection = sqlx::PgConnection::connect(&postgres_base_url())
-                    .await
-                    .expect("connect to PostgreSQL");
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                    .execute(&mut connection)
-                    .await
-                    .expect("create the bench schema");
-                Some(Database {
-                    url: format!(
-                        "{}?options=-c%20search_path%3D{schema}",
-                        postgres_base_url()
-                    ),
-                    cleanup: Cleanup::Schema(schema),
-                })
-            }
-        }
-    }
-
-    /// Starts an engine with the default configuration on this database.
-    async fn engine(&self) -> Engine {
-        Engine::connect(&self.url).await.expect("start the engine")
-    }
-
-    /// Removes the database; call after the engine on it has shut down.
-    async fn remove(self) {
-        match self.cleanup {
-            Cleanup::Nothing => {}
-            Cleanup::Directory(dir) => {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-            Cleanup::Schema(schema) => {
-                let mut connection = sqlx::PgConnection::connect(&postgres_base_url())
-                    .await
-                    .expect("connect to PostgreSQL");
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-                    .execute(&mut connection)
-                    .await
-                    .expect("drop the bench schema");
-            }
-        }
-    }
+        backend => runtime.block_on(TestDb::new(backend)),
+    };
+    database.expect("a fresh database")
 }
 
 fn runtime() -> Runtime {
@@ -225,10 +111,10 @@ async fn seeded_session_of(engine: &Engine, count: usize) -> SessionHandle {
 
 fn read_live_session(c: &mut Criterion) {
     let runtime = runtime();
-    let database = runtime
-        .block_on(Database::new(Backend::SqliteMemory))
-        .expect("SQLite is always available");
-    let engine = runtime.block_on(database.engine());
+    let database = TestDb::sqlite_memory();
+    let engine = runtime
+        .block_on(database.engine())
+        .expect("start the engine");
     let session = runtime.block_on(seeded_session(&engine));
 
     let mut group = c.benchmark_group("read_live_session");
@@ -258,10 +144,8 @@ fn read_live_session(c: &mut Criterion) {
     );
     group.finish();
 
-    runtime.block_on(async {
-        engine.shutdown().await;
-        database.remove().await;
-    });
+    runtime.block_on(engine.shutdown());
+    drop(database);
 }
 
 fn activation(c: &mut Criterion) {
@@ -274,10 +158,12 @@ fn activation(c: &mut Criterion) {
     // Activation loads the session row and the newest `cached_messages` (1,000) messages
     // only, so a 100,000-message session should load about as fast as a 1,000-message one.
     for backend in [Backend::SqliteFile, Backend::Postgres] {
-        let Some(database) = runtime.block_on(Database::new(backend)) else {
+        let Some(database) = fresh_database(&runtime, backend) else {
             continue;
         };
-        let engine = runtime.block_on(database.engine());
+        let engine = runtime
+            .block_on(database.engine())
+            .expect("start the engine");
         for count in [SESSION_MESSAGES, 100 * SESSION_MESSAGES] {
             let session = runtime.block_on(seeded_session_of(&engine, count));
             let id = BenchmarkId::new(format!("first_get_{count}_messages"), backend.name());
@@ -306,10 +192,8 @@ fn activation(c: &mut Criterion) {
                 });
             });
         }
-        runtime.block_on(async {
-            engine.shutdown().await;
-            database.remove().await;
-        });
+        runtime.block_on(engine.shutdown());
+        drop(database);
     }
     group.finish();
 }
@@ -326,10 +210,12 @@ fn flush(c: &mut Criterion) {
         Backend::SqliteMemory,
         Backend::Postgres,
     ] {
-        let Some(database) = runtime.block_on(Database::new(backend)) else {
+        let Some(database) = fresh_database(&runtime, backend) else {
             continue;
         };
-        let engine = runtime.block_on(database.engine());
+        let engine = runtime
+            .block_on(database.engine())
+            .expect("start the engine");
         for messages in [1_usize, 16, 256] {
             let session = engine.session("bench-user", Uuid::now_v7());
             runtime
@@ -356,10 +242,8 @@ fn flush(c: &mut Criterion) {
                 });
             });
         }
-        runtime.block_on(async {
-            engine.shutdown().await;
-            database.remove().await;
-        });
+        runtime.block_on(engine.shutdown());
+        drop(database);
     }
     group.finish();
 }

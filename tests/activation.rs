@@ -8,14 +8,12 @@
 //! session, each three times, and the smallest figure of each is compared. Loading the whole
 //! 100,000-message session would take about 100 times as much.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Backend, TestDb};
 use peak_alloc::PeakAlloc;
 use soloist::uuid::Uuid;
 use soloist::{Engine, EngineConfig, NewMessage, SessionHandle};
+use soloist_testkit::{Backend, TestDb};
 
 /// Counts the bytes allocated and not yet freed, and their high-water mark.
 #[global_allocator]
@@ -66,7 +64,8 @@ async fn activation_memory_does_not_grow_with_the_conversation(db: TestDb) {
             cached_messages: CACHED,
             ..db.config()
         })
-        .await;
+        .await
+        .expect("engine");
     let short = seeded(&engine, CACHED).await;
     let long = seeded(&engine, 100 * CACHED).await;
     // Warm the pools and statement caches, so that neither measurement pays for them.
@@ -99,14 +98,14 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_file() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let db = TestDb::new(Backend::SqliteFile).await.expect("sqlite");
+    let db = TestDb::sqlite_file().expect("database");
     activation_memory_does_not_grow_with_the_conversation(db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    if let Some(db) = TestDb::new(Backend::Postgres).await {
+    if let Some(db) = TestDb::new(Backend::Postgres).await.expect("database") {
         activation_memory_does_not_grow_with_the_conversation(db).await;
     }
 }

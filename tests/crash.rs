@@ -6,8 +6,6 @@
 //! The child processes are this test binary itself, re-run with `SOLOIST_CRASH_CHILD` set, so
 //! the test needs no extra binary.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -15,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use soloist::uuid::Uuid;
 use soloist::{Engine, NewMessage};
+use soloist_testkit::{TestDb, assert_contiguous, stored_rows};
 use sqlx::Connection;
 
 const CHILD_ENV: &str = "SOLOIST_CRASH_CHILD";
@@ -58,12 +57,10 @@ async fn killed_processes_lose_no_acknowledged_append() {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
-    let db = common::TestDb::new(common::Backend::SqliteFile)
-        .await
-        .expect("sqlite");
+    let db = TestDb::sqlite_file().expect("database");
     let sessions: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
     {
-        let engine = db.engine().await;
+        let engine = db.engine().await.expect("engine");
         for &id in &sessions {
             engine
                 .session("crash", id)
@@ -139,8 +136,8 @@ async fn killed_processes_lose_no_acknowledged_append() {
     assert_eq!(integrity, "ok");
     let mut total = 0;
     for &session in &sessions {
-        let rows = common::stored_rows(&db.url, session).await;
-        common::assert_contiguous(&rows);
+        let rows = stored_rows(&db.url, session).await.expect("rows");
+        assert_contiguous(&rows);
         total += rows.len();
         let stored: HashMap<Uuid, i64> = rows.iter().map(|&(seq, id)| (id, seq)).collect();
         for (_, seq, id) in acked.iter().filter(|(s, _, _)| *s == session) {

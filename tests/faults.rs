@@ -2,24 +2,24 @@
 //! carrying one session that another writer changed. Each test states its pass criterion and
 //! prints its figures.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::history::History;
-use common::{Backend, TestDb, assert_contiguous, postgres_base_url, stored_rows};
 use soloist::uuid::Uuid;
 use soloist::{Engine, EngineConfig, Error, NewMessage};
+use soloist_testkit::history::History;
+use soloist_testkit::{
+    Backend, TestDb, assert_contiguous, on_every_backend, postgres_base_url, stored_rows,
+};
 use sqlx::Connection;
 
 /// Rows `(seq, message_id)` of a session: from the database when another connection can open
 /// it, else (a private in-memory database) through the engine.
 async fn rows_of(db: &TestDb, engine: &Engine, user: &str, session: Uuid) -> Vec<(i64, Uuid)> {
     if db.shareable() {
-        stored_rows(&db.url, session).await
+        stored_rows(&db.url, session).await.expect("rows")
     } else {
         let page = engine
             .session(user, session)
@@ -38,7 +38,7 @@ async fn rows_of(db: &TestDb, engine: &Engine, user: &str, session: Uuid) -> Vec
 /// append eventually acknowledged, and the engine still serves an append and a read afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pg_terminate_backend_during_flushes() {
-    let Some(db) = TestDb::new(Backend::Postgres).await else {
+    let Some(db) = TestDb::new(Backend::Postgres).await.expect("database") else {
         eprintln!("SKIPPED: pg_terminate_backend_during_flushes needs PostgreSQL");
         return;
     };
@@ -52,7 +52,7 @@ async fn pg_terminate_backend_during_flushes() {
     // the connections of other tests running at the same time.
     let app_name = format!("soloist-fault-{}", Uuid::new_v4().simple());
     let config = EngineConfig::new(format!("{}&application_name={app_name}", db.url));
-    let engine = db.engine_with(config).await;
+    let engine = db.engine_with(config).await.expect("engine");
     let user = "fault-user";
     let mut sessions = Vec::new();
     for _ in 0..WRITERS {
@@ -147,7 +147,7 @@ async fn pg_terminate_backend_during_flushes() {
     for (session, sent, acked, session_retried) in &results {
         appends += acked.len();
         retried += session_retried;
-        let rows = stored_rows(&db.url, *session).await;
+        let rows = stored_rows(&db.url, *session).await.expect("rows");
         assert_contiguous(&rows);
         let sent: HashSet<Uuid> = sent.iter().copied().collect();
         for (_, id) in &rows {
@@ -199,7 +199,7 @@ async fn pg_terminate_backend_during_flushes() {
         .expect("final read");
     assert_eq!(page.messages.len(), 1);
     assert_eq!(page.messages[0].id, id);
-    assert_contiguous(&stored_rows(&db.url, sessions[0]).await);
+    assert_contiguous(&stored_rows(&db.url, sessions[0]).await.expect("rows"));
 
     let stats = engine.stats();
     println!(
@@ -228,7 +228,7 @@ async fn overload_flood_is_typed_and_loses_nothing(db: TestDb) {
         send_timeout: Some(Duration::from_millis(1)),
         ..db.config()
     };
-    let engine = db.engine_with(config).await;
+    let engine = db.engine_with(config).await.expect("engine");
     let user = "flood-user";
     let session = Uuid::now_v7();
     engine
@@ -344,8 +344,9 @@ async fn planted_conflict(db: TestDb, check_rows_stat: bool) {
             writer_connections: 1,
             ..db.config()
         })
-        .await;
-    let b = db.engine().await;
+        .await
+        .expect("engine");
+    let b = db.engine().await.expect("engine");
     let history = History::new();
     let (a_client, b_client) = (history.client("a"), history.client("b"));
     let user = "batch-user";
@@ -427,12 +428,12 @@ async fn planted_conflict(db: TestDb, check_rows_stat: bool) {
     for (index, session) in [&s2, &s3].into_iter().enumerate() {
         let page = session.get(None, None).await.expect("get");
         assert_eq!(page.session.message_count, 2);
-        let rows = stored_rows(&db.url, session.id()).await;
+        let rows = stored_rows(&db.url, session.id()).await.expect("rows");
         assert_contiguous(&rows);
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[1], (1, new_ids[index + 1]));
     }
-    let rows = stored_rows(&db.url, ids[0]).await;
+    let rows = stored_rows(&db.url, ids[0]).await.expect("rows");
     assert_contiguous(&rows);
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[1], (1, planted));
@@ -456,17 +457,17 @@ async fn planted_conflict(db: TestDb, check_rows_stat: bool) {
 }
 
 mod a_batch_with_a_planted_conflict_reconciles_only_that_session {
-    use super::common::{Backend, TestDb};
+    use soloist_testkit::{Backend, TestDb};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn sqlite_file() {
-        let db = TestDb::new(Backend::SqliteFile).await.expect("sqlite");
+        let db = TestDb::sqlite_file().expect("database");
         super::a_batch_with_a_planted_conflict_reconciles_only_that_session(db).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn postgres() {
-        if let Some(db) = TestDb::new(Backend::Postgres).await {
+        if let Some(db) = TestDb::new(Backend::Postgres).await.expect("database") {
             super::a_batch_with_a_planted_conflict_reconciles_only_that_session(db).await;
         }
     }
@@ -476,7 +477,7 @@ mod a_batch_with_a_planted_conflict_reconciles_only_that_session {
 /// the planted-conflict scenario writes 3 rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stats_rows_count_only_committed_rows() {
-    let db = TestDb::new(Backend::SqliteFile).await.expect("sqlite");
+    let db = TestDb::sqlite_file().expect("database");
     planted_conflict(db, true).await;
 }
 
@@ -484,7 +485,7 @@ async fn stats_rows_count_only_committed_rows() {
 /// `ActorFailed`, the actor restarts from the database, and the commands queued behind it
 /// succeed, at the right sequences.
 async fn a_panicking_session_actor_restarts(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let session = engine.session("u", Uuid::now_v7());
     session.create(None, None).await.expect("create");
     let history = History::new();
@@ -550,14 +551,15 @@ mod panicking_actor {
 /// appends go through at the next sequence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_disk_full_is_typed_and_recovers() {
-    let db = TestDb::new(Backend::SqliteFile).await.expect("sqlite");
+    let db = TestDb::sqlite_file().expect("database");
     let engine = db
         .engine_with(soloist::EngineConfig {
             sqlite_max_pages: Some(64),
             max_conflict_retries: 1,
             ..db.config()
         })
-        .await;
+        .await
+        .expect("engine");
     let filler = engine.session("u", Uuid::now_v7());
     filler.create(None, None).await.expect("create");
     let session = engine.session("u", Uuid::now_v7());
@@ -583,7 +585,7 @@ async fn sqlite_disk_full_is_typed_and_recovers() {
     assert!(filled, "64 pages never filled up");
     let refused = session.append(vec![NewMessage::user(big.clone())]).await;
     assert!(matches!(refused, Err(Error::Storage(_))), "{refused:?}");
-    let rows = stored_rows(&db.url, session.id()).await;
+    let rows = stored_rows(&db.url, session.id()).await.expect("rows");
     assert_eq!(rows.len(), 1, "nothing partial was stored");
     // Room again: the filler goes away (its messages are deleted).
     filler.delete().await.expect("delete frees pages");
@@ -592,7 +594,7 @@ async fn sqlite_disk_full_is_typed_and_recovers() {
         .await
         .expect("works again once there is room");
     assert_eq!(sequences, vec![1]);
-    assert_contiguous(&stored_rows(&db.url, session.id()).await);
+    assert_contiguous(&stored_rows(&db.url, session.id()).await.expect("rows"));
     engine.shutdown().await;
 }
 
@@ -603,7 +605,7 @@ async fn sqlite_disk_full_is_typed_and_recovers() {
 /// retry with the same message id lands once the lock is released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stuck_lock_holder_cannot_wedge_the_engine() {
-    let Some(db) = TestDb::new(Backend::Postgres).await else {
+    let Some(db) = TestDb::new(Backend::Postgres).await.expect("database") else {
         eprintln!("SKIPPED: a_stuck_lock_holder_cannot_wedge_the_engine needs PostgreSQL");
         return;
     };
@@ -613,7 +615,8 @@ async fn a_stuck_lock_holder_cannot_wedge_the_engine() {
             command_timeout: Some(Duration::from_secs(60)),
             ..db.config()
         })
-        .await;
+        .await
+        .expect("engine");
     let user = "lock-user";
     let (stuck, free) = (
         engine.session(user, Uuid::now_v7()),
@@ -668,7 +671,7 @@ async fn a_stuck_lock_holder_cannot_wedge_the_engine() {
             .expect("retry once the lock is gone"),
         vec![1]
     );
-    let rows = stored_rows(&db.url, stuck.id()).await;
+    let rows = stored_rows(&db.url, stuck.id()).await.expect("rows");
     assert_contiguous(&rows);
     assert_eq!(rows[1], (1, id));
     println!(

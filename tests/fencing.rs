@@ -6,13 +6,11 @@
 //! collection pause or a network partition — let another process take the session over, and
 //! show that the paused write cannot land.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestDb, assert_contiguous, stored_rows};
 use soloist::uuid::Uuid;
 use soloist::{Engine, EngineConfig, NewMessage};
+use soloist_testkit::{TestDb, assert_contiguous, on_shared_backends, stored_rows};
 use sqlx::Connection;
 
 /// The ownership columns of a session: `(epoch, lease still running)`.
@@ -64,6 +62,7 @@ async fn engine(db: &TestDb, lease: Duration) -> Engine {
         ..db.config()
     })
     .await
+    .expect("engine")
 }
 
 /// The Redis-lock failure: A owns the session, stalls between staging a write and sending it
@@ -179,7 +178,7 @@ async fn paused_owner_is_fenced_after_takeover(db: TestDb) {
     );
     assert_eq!(ownership(&db.url, id).await, (3, true), "A owns it again");
 
-    let rows = stored_rows(&db.url, id).await;
+    let rows = stored_rows(&db.url, id).await.expect("rows");
     assert_contiguous(&rows);
     let expected: Vec<(i64, Uuid)> = [(0, a0), (1, b_ids[0]), (2, b_ids[1])]
         .into_iter()
@@ -228,7 +227,7 @@ async fn alternating_owners_fence_each_other(db: TestDb) {
     assert_eq!(fenced, 8, "every stale owner was fenced once");
     // The epoch: 1 for the create, then one claim per change of hands.
     assert_eq!(ownership(&db.url, id).await, (10, true));
-    assert_eq!(stored_rows(&db.url, id).await, acked);
+    assert_eq!(stored_rows(&db.url, id).await.expect("rows"), acked);
     for engine in engines {
         engine.shutdown().await;
     }
@@ -322,7 +321,7 @@ async fn a_claim_alone_fences_the_owner(db: TestDb) {
         "the write was refused once"
     );
     assert_eq!(ownership(&db.url, id).await, (3, true), "claimed back");
-    let rows = stored_rows(&db.url, id).await;
+    let rows = stored_rows(&db.url, id).await.expect("rows");
     assert_contiguous(&rows);
     assert_eq!(rows.len(), 2);
     engine.shutdown().await;

@@ -8,14 +8,12 @@
 //! listens again, its live sessions that missed a write catch up and their subscribers get the
 //! missed messages — with no read or write on A to trigger it.
 
-mod common;
-
 use std::time::Duration;
 
-use common::history::History;
-use common::{Backend, TestDb};
 use soloist::uuid::Uuid;
 use soloist::{Engine, NewMessage};
+use soloist_testkit::history::History;
+use soloist_testkit::{Backend, TestDb, ci};
 
 /// Two engines on one fresh PostgreSQL schema, and a session A created with one message.
 struct Setup {
@@ -28,8 +26,11 @@ struct Setup {
 
 impl Setup {
     async fn new() -> Option<Setup> {
-        let db = TestDb::new(Backend::Postgres).await?;
-        let (a, b) = (db.engine().await, db.engine().await);
+        let db = TestDb::new(Backend::Postgres).await.expect("database")?;
+        let (a, b) = (
+            db.engine().await.expect("engine"),
+            db.engine().await.expect("engine"),
+        );
         let history = History::new();
         let id = Uuid::now_v7();
         a.session("u", id).create(None, None).await.expect("create");
@@ -157,7 +158,7 @@ async fn subscribers_catch_up_after_the_feed_reconnects() {
 /// Needs the PostgreSQL server on this machine (the backend is stopped by pid).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_silent_listening_connection_is_detected() {
-    let Some(db) = TestDb::new(Backend::Postgres).await else {
+    let Some(db) = TestDb::new(Backend::Postgres).await.expect("database") else {
         return;
     };
     let app_name = format!("soloist-silent-{}", Uuid::new_v4().simple());
@@ -166,8 +167,9 @@ async fn a_silent_listening_connection_is_detected() {
             "{}&application_name={app_name}",
             db.url
         )))
-        .await;
-    let b = db.engine().await;
+        .await
+        .expect("engine");
+    let b = db.engine().await.expect("engine");
     let id = Uuid::now_v7();
     a.session("u", id).create(None, None).await.expect("create");
     a.session("u", id)
@@ -197,7 +199,7 @@ async fn a_silent_listening_connection_is_detected() {
     };
     if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
         assert!(
-            std::env::var("CI").is_err(),
+            !ci(),
             "CI: the PostgreSQL server must run on this machine for this test"
         );
         eprintln!("SKIPPED: a_silent_listening_connection_is_detected needs a local server");

@@ -1,18 +1,16 @@
 //! Each guarantee listed in docs/guarantees.md, on every backend (SQLite file, SQLite in memory,
 //! PostgreSQL).
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use common::history::History;
-use common::{TestDb, assert_contiguous, stored_rows};
 use serde_json::json;
 use soloist::uuid::Uuid;
 use soloist::{
     AppendMessages, Engine, EngineConfig, Error, GetSession, NewMessage, Role, SessionHandle,
 };
+use soloist_testkit::history::History;
+use soloist_testkit::{TestDb, assert_contiguous, on_every_backend, stored_rows};
 
 /// Every message of a session, page by page (the first pages come from the database when the
 /// session is longer than the cached tail).
@@ -41,7 +39,7 @@ async fn new_session(engine: &Engine, user: &str) -> SessionHandle {
 
 /// Guarantee 1: whatever the number of concurrent writers, sequences are 0..n-1.
 async fn order_is_contiguous_under_concurrency(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let session = new_session(&engine, "u").await;
     let writers = 32;
     let per_writer = 20;
@@ -87,7 +85,7 @@ async fn order_is_contiguous_under_concurrency(db: TestDb) {
         );
     }
     if db.shareable() {
-        let rows = stored_rows(&db.url, session.id()).await;
+        let rows = stored_rows(&db.url, session.id()).await.expect("rows");
         assert_eq!(rows.len(), writers * per_writer * 2);
         assert_contiguous(&rows);
     }
@@ -105,7 +103,7 @@ async fn order_is_contiguous_under_concurrency(db: TestDb) {
 /// Guarantee 2: an acknowledged append is in the database, visible to a second engine with
 /// its own connections (or, in memory, after the session's actor was passivated and reloaded).
 async fn acknowledged_appends_are_durable(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let session = new_session(&engine, "u").await;
     let mut acked = Vec::new();
     for turn in 0..25 {
@@ -118,9 +116,9 @@ async fn acknowledged_appends_are_durable(db: TestDb) {
     }
     if db.shareable() {
         // Read straight from the database, with no shutdown (nothing left to flush later).
-        let rows = stored_rows(&db.url, session.id()).await;
+        let rows = stored_rows(&db.url, session.id()).await.expect("rows");
         assert_eq!(rows, acked);
-        let other = db.engine().await;
+        let other = db.engine().await.expect("engine");
         let page = other
             .session("u", session.id())
             .get(None, None)
@@ -138,7 +136,7 @@ async fn acknowledged_appends_are_durable(db: TestDb) {
 
 /// Guarantee 3: re-sending a message id returns its original sequence, never a second row.
 async fn resending_a_message_id_is_idempotent(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let session = new_session(&engine, "u").await;
     let history = History::new();
     let client = history.client("main");
@@ -200,7 +198,7 @@ async fn resending_a_message_id_is_idempotent(db: TestDb) {
         ..db.config()
     };
     let engine_b = if db.shareable() {
-        Some(db.engine_with(config).await)
+        Some(db.engine_with(config).await.expect("engine"))
     } else {
         None
     };
@@ -214,7 +212,7 @@ async fn resending_a_message_id_is_idempotent(db: TestDb) {
             .await
             .expect("resend through another engine");
         assert_eq!(resent, vec![0]);
-        let rows = stored_rows(&db.url, session.id()).await;
+        let rows = stored_rows(&db.url, session.id()).await.expect("rows");
         assert_eq!(rows.len(), 4);
         assert_contiguous(&rows);
     }
@@ -230,7 +228,7 @@ async fn resending_a_message_id_is_idempotent(db: TestDb) {
 /// Guarantee 4: a caller reads its own acknowledged writes; with `fresh`, a read through one
 /// engine sees what was written through another.
 async fn reads_see_acknowledged_writes(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let session = new_session(&engine, "u").await;
     let history = History::new();
     let (a, b) = (history.client("a"), history.client("b"));
@@ -243,7 +241,7 @@ async fn reads_see_acknowledged_writes(db: TestDb) {
         engine.shutdown().await;
         return;
     }
-    let other = db.engine().await;
+    let other = db.engine().await.expect("engine");
     let through_other = other.session("u", session.id());
     // Load the session into the second engine's memory first...
     let before = b.get(&through_other, None, None).await.expect("get");
@@ -283,7 +281,7 @@ async fn reads_see_acknowledged_writes(db: TestDb) {
         .await
         .expect("append through a after b wrote");
     assert_eq!(stale_engine_write, vec![3]);
-    assert_contiguous(&stored_rows(&db.url, session.id()).await);
+    assert_contiguous(&stored_rows(&db.url, session.id()).await.expect("rows"));
     history.verify("read your writes", &db, &engine, "u").await;
     other.shutdown().await;
     engine.shutdown().await;
@@ -291,7 +289,7 @@ async fn reads_see_acknowledged_writes(db: TestDb) {
 
 /// Guarantee 5: every command gets exactly one reply, whether it succeeds or not.
 async fn every_command_gets_one_reply(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let sessions: Vec<SessionHandle> = {
         let mut sessions = Vec::new();
         for _ in 0..4 {
@@ -364,7 +362,8 @@ async fn a_conflicting_session_does_not_fail_the_others(db: TestDb) {
             listen_for_changes: false,
             ..db.config()
         })
-        .await;
+        .await
+        .expect("engine");
     let a = new_session(&engine, "u").await;
     let b = new_session(&engine, "u").await;
     let c = new_session(&engine, "u").await;
@@ -377,7 +376,7 @@ async fn a_conflicting_session_does_not_fail_the_others(db: TestDb) {
             .expect("append");
     }
     // Another writer (a second engine) advances A behind the first engine's back.
-    let other = db.engine().await;
+    let other = db.engine().await.expect("engine");
     other_client
         .append(
             &other.session("u", a.id()),
@@ -401,7 +400,7 @@ async fn a_conflicting_session_does_not_fail_the_others(db: TestDb) {
         "only A reconciled"
     );
     for session in [&a, &b, &c] {
-        assert_contiguous(&stored_rows(&db.url, session.id()).await);
+        assert_contiguous(&stored_rows(&db.url, session.id()).await.expect("rows"));
     }
     history.verify("isolation", &db, &engine, "u").await;
     other.shutdown().await;
@@ -419,7 +418,7 @@ async fn bad_input_is_refused_and_changes_nothing(db: TestDb) {
         hide_foreign_sessions: false,
         ..db.config()
     };
-    let engine = db.engine_with(config).await;
+    let engine = db.engine_with(config).await.expect("engine");
     let session = new_session(&engine, "owner").await;
     session
         .append(vec![NewMessage::user("ok")])
@@ -522,7 +521,7 @@ async fn bad_input_is_refused_and_changes_nothing(db: TestDb) {
 
 /// By default a foreign session answers exactly like a missing one.
 async fn foreign_sessions_look_missing_by_default(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let session = new_session(&engine, "owner").await;
     let intruder = engine.session("intruder", session.id());
     assert!(matches!(
@@ -561,7 +560,7 @@ async fn foreign_sessions_look_missing_by_default(db: TestDb) {
 
 /// Metadata, usage and the session list.
 async fn metadata_usage_and_listing(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let session = new_session(&engine, "lister").await;
     let updated = session
         .update(
@@ -633,7 +632,7 @@ async fn metadata_usage_and_listing(db: TestDb) {
 
 /// Content and metadata round-trip exactly, including quotes, NUL and unusual Unicode.
 async fn content_round_trips_exactly(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let session = new_session(&engine, "u").await;
     let tricky = "quote \" backslash \\ nul \u{0} emoji 🦀 rtl \u{202e} zero-width \u{200b} 中文";
     let tool_calls = json!([{"id": "call_1", "type": "function",
@@ -666,7 +665,7 @@ async fn content_round_trips_exactly(db: TestDb) {
     };
     check(session.get(None, None).await.expect("get"));
     if db.shareable() {
-        let other = db.engine().await;
+        let other = db.engine().await.expect("engine");
         check(
             other
                 .session("u", session.id())
@@ -681,7 +680,7 @@ async fn content_round_trips_exactly(db: TestDb) {
 
 /// A command sent during shutdown is refused, and everything accepted before was written.
 async fn shutdown_drains_and_refuses(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let session = new_session(&engine, "u").await;
     let engine_for_tasks = engine.clone();
     let history = History::new();
@@ -716,7 +715,7 @@ async fn shutdown_drains_and_refuses(db: TestDb) {
         Err(Error::ShuttingDown)
     ));
     if db.shareable() {
-        let rows = stored_rows(&db.url, session.id()).await;
+        let rows = stored_rows(&db.url, session.id()).await.expect("rows");
         assert_eq!(
             rows.len(),
             acked,

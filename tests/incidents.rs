@@ -1,23 +1,26 @@
 //! Regression tests for the reference incidents listed in docs/guarantees.md: each reproduces the situation
 //! against soloist and shows that it cannot happen.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::history::History;
-use common::{Backend, TestDb, assert_contiguous, stored_rows};
 use serde_json::json;
 use soloist::uuid::Uuid;
 use soloist::{EngineConfig, Error, NewMessage, Role};
+use soloist_testkit::history::History;
+use soloist_testkit::{
+    Backend, TestDb, assert_contiguous, on_every_backend, on_shared_backends, stored_rows,
+};
 
 /// Incident 1: two processes (here two engines with separate pools) appending to the same
 /// sessions at once used to collide on `UNIQUE(session_id, seq)`. With soloist no caller sees an
 /// error and the database holds contiguous sequences with every acknowledged message once, at
 /// its acknowledged sequence.
 async fn sequence_race_across_processes(db: TestDb) {
-    let engines = [db.engine().await, db.engine().await];
+    let engines = [
+        db.engine().await.expect("engine"),
+        db.engine().await.expect("engine"),
+    ];
     let owner = "pod-user";
     let mut sessions = Vec::new();
     for _ in 0..10 {
@@ -67,7 +70,7 @@ async fn sequence_race_across_processes(db: TestDb) {
         conflicts += engine.stats().conflict_retries;
     }
     for &session in &sessions {
-        let rows = stored_rows(&db.url, session).await;
+        let rows = stored_rows(&db.url, session).await.expect("rows");
         assert_contiguous(&rows);
         let stored: HashMap<Uuid, i64> = rows.iter().map(|&(seq, id)| (id, seq)).collect();
         let expected: Vec<_> = acked.iter().filter(|(s, _, _)| *s == session).collect();
@@ -106,8 +109,9 @@ async fn stale_writer_is_fenced(db: TestDb) {
             listen_for_changes: false,
             ..db.config()
         })
-        .await;
-    let b = db.engine().await;
+        .await
+        .expect("engine");
+    let b = db.engine().await.expect("engine");
     let history = History::new();
     let (a_client, b_client) = (history.client("a"), history.client("b"));
     let id = Uuid::now_v7();
@@ -141,7 +145,7 @@ async fn stale_writer_is_fenced(db: TestDb) {
         1,
         "A's stale write was refused once: B had taken the session over"
     );
-    let rows = stored_rows(&db.url, id).await;
+    let rows = stored_rows(&db.url, id).await.expect("rows");
     assert_contiguous(&rows);
     for (seq, message) in b_seqs.iter().zip(&b_ids) {
         assert!(
@@ -160,13 +164,14 @@ async fn stale_writer_is_fenced(db: TestDb) {
 /// every acknowledged message of every other task is still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn in_memory_sqlite_keeps_every_acknowledged_write() {
-    let db = TestDb::new(Backend::SqliteMemory).await.expect("sqlite");
+    let db = TestDb::sqlite_memory();
     let engine = db
         .engine_with(EngineConfig {
             cached_messages: 0, // every read below comes from the database
             ..db.config()
         })
-        .await;
+        .await
+        .expect("engine");
     let mut sessions = Vec::new();
     for _ in 0..8 {
         let id = Uuid::now_v7();
@@ -262,7 +267,7 @@ async fn in_memory_sqlite_keeps_every_acknowledged_write() {
 /// concurrent transactions failed or hung. 100 tasks appending and reading through one engine
 /// all succeed.
 async fn hundred_concurrent_tasks_all_succeed(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let mut sessions = Vec::new();
     for _ in 0..10 {
         let id = Uuid::now_v7();
@@ -318,7 +323,10 @@ async fn hundred_concurrent_tasks_all_succeed(db: TestDb) {
 /// the same session, replacing its metadata and adding usage concurrently: no error, one
 /// session, and usage totals equal to the sum of the deltas exactly.
 async fn concurrent_upserts_and_deltas(db: TestDb) {
-    let engines = [db.engine().await, db.engine().await];
+    let engines = [
+        db.engine().await.expect("engine"),
+        db.engine().await.expect("engine"),
+    ];
     let id = Uuid::now_v7();
     // Both engines create the same session at once: one creates, the other finds it.
     let (handle_a, handle_b) = (engines[0].session("u", id), engines[1].session("u", id));
@@ -413,11 +421,11 @@ mod every_backend {
 /// subscribers see B's messages — without a read-time version check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn other_processes_writes_reach_live_sessions_and_subscribers() {
-    let Some(db) = TestDb::new(Backend::Postgres).await else {
+    let Some(db) = TestDb::new(Backend::Postgres).await.expect("database") else {
         return;
     };
-    let a = db.engine().await;
-    let b = db.engine().await;
+    let a = db.engine().await.expect("engine");
+    let b = db.engine().await.expect("engine");
     let history = History::new();
     let (a_client, b_client) = (history.client("a"), history.client("b"));
     let subscriber = history.client("a's subscriber");

@@ -1,19 +1,17 @@
 //! The journal contract of a session, on every backend: paging bounds and walks, unknown and
 //! deleted sessions, and a highest sequence that never goes down.
 
-mod common;
-
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::history::History;
-use common::{Backend, TestDb, assert_contiguous, stored_rows};
 use soloist::uuid::Uuid;
 use soloist::{
     Engine, EngineConfig, Error, GetSession, Limits, ListSessions, Message, NewMessage, Role,
     SessionHandle, SessionId, SessionPage,
 };
+use soloist_testkit::history::History;
+use soloist_testkit::{Backend, TestDb, assert_contiguous, on_every_backend, stored_rows};
 
 /// Asserts that `result` failed with the error variant `pattern`.
 macro_rules! assert_err {
@@ -129,7 +127,10 @@ fn paging_config(db: &TestDb, cached_messages: usize) -> EngineConfig {
 /// cache of 2) mostly in the database.
 async fn paging_bounds(db: TestDb) {
     for cached in [1000, 2] {
-        let engine = db.engine_with(paging_config(&db, cached)).await;
+        let engine = db
+            .engine_with(paging_config(&db, cached))
+            .await
+            .expect("engine");
         let session = new_session(&engine, "u").await;
 
         let empty = session.get(None, None).await.expect("get an empty session");
@@ -241,7 +242,7 @@ async fn walking_pages_yields_every_message_once(db: TestDb) {
         },
         ..db.config()
     };
-    let engine = db.engine_with(config.clone()).await;
+    let engine = db.engine_with(config.clone()).await.expect("engine");
     let session = new_session(&engine, "u").await;
     let ids = append_numbered(&session, 0, 23).await;
     let check = |messages: &[Arc<Message>], what: &str| {
@@ -261,7 +262,7 @@ async fn walking_pages_yields_every_message_once(db: TestDb) {
         check(&walk(&session, limit, 3).await, &format!("limit {limit:?}"));
     }
     if db.shareable() {
-        let other = db.engine_with(config).await;
+        let other = db.engine_with(config).await.expect("engine");
         let fresh = other.session("u", session.id());
         for limit in [Some(2), None] {
             check(
@@ -303,7 +304,7 @@ async fn walking_pages_yields_every_message_once(db: TestDb) {
 /// A session id nobody created: every command but create answers `NotFound`, and none of them
 /// leaves anything behind.
 async fn unknown_session_is_not_found(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let id: SessionId = Uuid::now_v7();
     let session = engine.session("u", id);
     assert_err!(session.get(None, None).await, Error::NotFound, "get");
@@ -341,7 +342,7 @@ async fn unknown_session_is_not_found(db: TestDb) {
         .expect("list");
     assert!(listed.sessions.is_empty(), "{listed:?}");
     if db.shareable() {
-        assert!(stored_rows(&db.url, id).await.is_empty());
+        assert!(stored_rows(&db.url, id).await.expect("rows").is_empty());
     }
     // ...and creating it starts from nothing.
     let created = session.create(None, None).await.expect("create");
@@ -446,7 +447,7 @@ async fn deleted_session_stays_deleted(db: TestDb) {
         cached_messages: 2,
         ..db.config()
     };
-    let engine = db.engine_with(config.clone()).await;
+    let engine = db.engine_with(config.clone()).await.expect("engine");
     let doomed = new_session(&engine, "owner").await;
     let neighbour = new_session(&engine, "owner").await;
     let doomed_ids = append_numbered(&doomed, 0, 5).await;
@@ -464,10 +465,13 @@ async fn deleted_session_stays_deleted(db: TestDb) {
     );
     if db.shareable() {
         assert!(
-            stored_rows(&db.url, doomed.id()).await.is_empty(),
+            stored_rows(&db.url, doomed.id())
+                .await
+                .expect("rows")
+                .is_empty(),
             "a deleted session's messages are gone"
         );
-        let other = db.engine_with(config).await;
+        let other = db.engine_with(config).await.expect("engine");
         assert_deleted(&other, doomed.id(), doomed_ids[0], "through a new engine").await;
         other.shutdown().await;
     }
@@ -502,9 +506,9 @@ async fn highest_sequence_never_goes_down(db: TestDb) {
         },
         ..db.config()
     };
-    let first = db.engine_with(config.clone()).await;
+    let first = db.engine_with(config.clone()).await.expect("engine");
     let second = if db.shareable() {
-        Some(db.engine_with(config).await)
+        Some(db.engine_with(config).await.expect("engine"))
     } else {
         None
     };
@@ -669,7 +673,7 @@ async fn highest_sequence_never_goes_down(db: TestDb) {
     assert_eq!(count, 28, "four rounds of 2 + 1 + 2 + 1 + 1 new messages");
     assert_eq!(walk(&main, None, 1000).await.len() as i64, count);
     if db.shareable() {
-        let rows = stored_rows(&db.url, main.id()).await;
+        let rows = stored_rows(&db.url, main.id()).await.expect("rows");
         assert_eq!(rows.len() as i64, count);
         assert_contiguous(&rows);
     }
@@ -698,10 +702,10 @@ const BACKENDS: [Backend; 3] = [
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reading_after_the_largest_sequence_is_past_the_end() {
     for backend in BACKENDS {
-        let Some(db) = TestDb::new(backend).await else {
+        let Some(db) = TestDb::new(backend).await.expect("database") else {
             continue;
         };
-        let engine = db.engine().await;
+        let engine = db.engine().await.expect("engine");
         let session = new_session(&engine, "u").await;
         append_numbered(&session, 0, 3).await;
         let page = session
@@ -728,10 +732,10 @@ async fn reading_after_the_largest_sequence_is_past_the_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_read_batched_with_a_delete_is_not_torn() {
     for backend in BACKENDS {
-        let Some(db) = TestDb::new(backend).await else {
+        let Some(db) = TestDb::new(backend).await.expect("database") else {
             continue;
         };
-        let engine = db.engine().await;
+        let engine = db.engine().await.expect("engine");
         let mut pages = 0;
         for round in 0..20 {
             let session = new_session(&engine, "u").await;

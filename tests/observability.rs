@@ -1,11 +1,9 @@
 //! The counters a server exports, and the two levels of group commit they make visible.
 
-mod common;
-
-use common::TestDb;
-use common::history::History;
 use soloist::uuid::Uuid;
 use soloist::{EngineConfig, NewMessage};
+use soloist_testkit::history::History;
+use soloist_testkit::{Backend, TestDb, assert_contiguous, on_every_backend, stored_rows};
 
 /// Many sessions written at once share transactions (cross-session group commit), and the
 /// counters add up: rows written equal messages appended, every command is counted.
@@ -15,7 +13,8 @@ async fn stats_show_cross_session_group_commit(db: TestDb) {
             max_live_sessions: Some(10_000),
             ..db.config()
         })
-        .await;
+        .await
+        .expect("engine");
     let sessions: Vec<Uuid> = (0..64).map(|_| Uuid::now_v7()).collect();
     for &id in &sessions {
         engine
@@ -83,7 +82,8 @@ async fn idle_sessions_passivate_and_reload(db: TestDb) {
             idle_timeout: std::time::Duration::from_millis(50),
             ..db.config()
         })
-        .await;
+        .await
+        .expect("engine");
     let session = engine.session("u", Uuid::now_v7());
     session.create(None, None).await.expect("create");
     session
@@ -123,15 +123,14 @@ on_every_backend!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failed_flushes_are_settled_from_the_database() {
     use sqlx::Connection;
-    let db = TestDb::new(common::Backend::SqliteFile)
-        .await
-        .expect("sqlite");
+    let db = TestDb::sqlite_file().expect("database");
     let engine = db
         .engine_with(EngineConfig {
             busy_timeout: std::time::Duration::from_millis(10),
             ..db.config()
         })
-        .await;
+        .await
+        .expect("engine");
     let session = engine.session("u", Uuid::now_v7());
     session.create(None, None).await.expect("create");
     let history = History::new();
@@ -176,9 +175,9 @@ async fn failed_flushes_are_settled_from_the_database() {
         stats.settled_outcomes >= 1,
         "and were settled, not surfaced: {stats:?}"
     );
-    let rows = common::stored_rows(&db.url, session.id()).await;
+    let rows = stored_rows(&db.url, session.id()).await.expect("rows");
     assert_eq!(rows.len(), 2);
-    common::assert_contiguous(&rows);
+    assert_contiguous(&rows);
     history.verify("settled flushes", &db, &engine, "u").await;
     engine.shutdown().await;
 }
@@ -194,7 +193,7 @@ async fn a_foreign_write_is_never_settled_as_ours() {
     use sqlx::Connection;
     use std::time::Duration;
 
-    let Some(db) = TestDb::new(common::Backend::Postgres).await else {
+    let Some(db) = TestDb::new(Backend::Postgres).await.expect("database") else {
         return;
     };
     let engine = db
@@ -202,7 +201,8 @@ async fn a_foreign_write_is_never_settled_as_ours() {
             listen_for_changes: false,
             ..db.config()
         })
-        .await;
+        .await
+        .expect("engine");
     let id = Uuid::now_v7();
     let session = engine.session("u", id);
     session

@@ -7,7 +7,7 @@
 //! acquire timeout) 2 s; every call must answer within 3 s + 1 s of slack, with a result or a
 //! retryable typed error (`Timeout`, `Storage`, `Overloaded`...), counted by variant. A command
 //! that timed out may still be applied later: writers retry the same message id, and the final
-//! check (plus the history checker of `tests/common/history.rs`, which treats `Timeout` as
+//! check (plus the history checker of `testkit/src/history.rs`, which treats `Timeout` as
 //! "outcome unknown") shows the retry got the stored sequence and nothing is stored twice.
 //!
 //! The shared PostgreSQL server must never be stopped (other tests run against it), so this
@@ -16,8 +16,6 @@
 //! again on the same port and data directory. Without the PostgreSQL binaries the test is skipped
 //! with a message, except under `CI=true`, where it fails.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Command;
@@ -25,11 +23,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::history::{FinalRows, History};
-use common::{assert_contiguous, stored_rows};
 use soloist::command::{GetSession, ListSessions};
 use soloist::uuid::Uuid;
 use soloist::{Engine, EngineConfig, Error, NewMessage};
+use soloist_testkit::history::{FinalRows, History};
+use soloist_testkit::{assert_contiguous, ci, stored_rows};
 use sqlx::Connection;
 
 /// A PostgreSQL server private to one test, stopped (and its directory removed) when dropped,
@@ -72,7 +70,7 @@ impl PrivatePostgres {
     /// outside CI.
     fn start_new() -> Option<PrivatePostgres> {
         let Some(bin) = Self::binaries() else {
-            if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+            if ci() {
                 panic!(
                     "the PostgreSQL server binaries (initdb, pg_ctl) are missing and CI=true: \
                      install them or set SOLOIST_PG_BIN"
@@ -339,7 +337,7 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
     };
     let mailbox_capacity = config.mailbox_capacity;
     let bound = COMMAND_TIMEOUT + SLACK;
-    let engine = Engine::start(config).await.expect("start the engine");
+    let engine = Engine::start(config).await.expect("engine");
     let user = "outage-user";
     let sessions: Vec<Uuid> = (0..SESSIONS).map(|_| Uuid::now_v7()).collect();
     for &id in &sessions {
@@ -560,7 +558,7 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
     );
     drop(paused);
     let applied_at = loop {
-        let rows = stored_rows(&url, sessions[0]).await;
+        let rows = stored_rows(&url, sessions[0]).await.expect("rows");
         if let Some(&(seq, _)) = rows.iter().find(|&&(_, id)| id == late_id) {
             break seq;
         }
@@ -712,7 +710,7 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
     let mut final_rows = FinalRows::new();
     for &session in &sessions {
         let (sent, acked) = per_session.remove(&session).unwrap_or_default();
-        let rows = stored_rows(&url, session).await;
+        let rows = stored_rows(&url, session).await.expect("rows");
         assert_contiguous(&rows);
         for (_, id) in &rows {
             assert!(sent.contains(id), "stored message {id} was never sent");

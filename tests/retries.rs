@@ -2,16 +2,14 @@
 //! that carry no message ids, message ids that come back with other content, commands
 //! conditional on the session's version, and reads that must leave nothing behind.
 
-mod common;
-
 use std::time::Duration;
 
-use common::TestDb;
 use soloist::uuid::Uuid;
 use soloist::{
     AddUsage, CreateSession, DeleteSession, Engine, EngineConfig, Error, ListSessions, NewMessage,
     SessionHandle, UpdateSession,
 };
+use soloist_testkit::{TestDb, on_every_backend, on_shared_backends};
 
 fn usage(session: &SessionHandle, key: &str, prompt: u32) -> AddUsage {
     AddUsage {
@@ -37,7 +35,7 @@ async fn wait_until_passivated(engine: &Engine, session: &SessionHandle) {
 }
 
 async fn a_keyed_usage_applies_once(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let session = created(&engine).await;
     let first = engine
         .add_usage(usage(&session, "k1", 5))
@@ -105,7 +103,8 @@ async fn a_timed_out_keyed_usage_retried_applies_once(db: TestDb) {
             command_timeout: Some(Duration::from_millis(200)),
             ..db.config()
         })
-        .await;
+        .await
+        .expect("engine");
     let session = created(&engine).await;
     let paused = engine.pause_writes().await;
     // Not acknowledged, but queued: it commits once the writes resume.
@@ -133,7 +132,7 @@ async fn a_timed_out_keyed_usage_retried_applies_once(db: TestDb) {
 }
 
 async fn keyed_create_update_and_delete_replay(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let create = || CreateSession {
         user_id: "alice".into(),
         title: Some("first".into()),
@@ -225,7 +224,7 @@ async fn keyed_create_update_and_delete_replay(db: TestDb) {
 }
 
 async fn writes_honour_the_version_they_read(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let session = created(&engine).await;
     let version = session
         .get(None, Some(0))
@@ -325,7 +324,8 @@ async fn a_message_id_comes_back_only_with_its_message(db: TestDb) {
             cached_messages: 2,
             ..db.config()
         })
-        .await;
+        .await
+        .expect("engine");
     let session = created(&engine).await;
     let first = Uuid::now_v7();
     session
@@ -404,7 +404,7 @@ async fn a_message_id_comes_back_only_with_its_message(db: TestDb) {
 }
 
 async fn reads_of_missing_and_foreign_sessions_leave_nothing_live(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let owned = created(&engine).await;
     owned
         .append(vec![NewMessage::user("kept")])
@@ -470,7 +470,8 @@ mod expiry {
                 idempotency_retention: Duration::from_millis(400),
                 ..db.config()
             })
-            .await;
+            .await
+            .expect("engine");
         let session = created(&engine).await;
         // A session that never stores a key again: only the engine's purge can delete its record.
         engine

@@ -1,14 +1,12 @@
 //! Following a session: backlog, then live messages, gap-free and in order, through slow
 //! subscribers, passivation and deletion.
 
-mod common;
-
 use std::time::Duration;
 
-use common::TestDb;
-use common::history::{Client, History};
 use soloist::uuid::Uuid;
 use soloist::{Error, MessageStream, NewMessage};
+use soloist_testkit::history::{Client, History};
+use soloist_testkit::{TestDb, on_every_backend};
 
 /// Reads the messages `seqs` from `stream`, through `subscriber` when they are to be recorded.
 async fn expect_seqs(
@@ -33,7 +31,7 @@ async fn expect_seqs(
 
 /// Backlog first, then every message committed by concurrent writers, in order.
 async fn backlog_then_live_messages(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let session = engine.session("u", Uuid::now_v7());
     session.create(None, None).await.expect("create");
     let history = History::new();
@@ -70,7 +68,7 @@ async fn backlog_then_live_messages(db: TestDb) {
 /// A subscriber that stops reading while far more than its buffer is committed, and an actor
 /// that passivates mid-stream, still see every message once, in order.
 async fn slow_subscriber_and_passivation_lose_nothing(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let session = engine.session("u", Uuid::now_v7());
     session.create(None, None).await.expect("create");
     let mut stream = session.subscribe(None).await.expect("subscribe");
@@ -97,7 +95,7 @@ async fn slow_subscriber_and_passivation_lose_nothing(db: TestDb) {
 
 /// Deleting the session ends its streams with NotFound; a foreign user cannot subscribe.
 async fn delete_ends_the_stream(db: TestDb) {
-    let engine = db.engine().await;
+    let engine = db.engine().await.expect("engine");
     let session = engine.session("u", Uuid::now_v7());
     session.create(None, None).await.expect("create");
     assert!(matches!(

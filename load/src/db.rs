@@ -6,11 +6,13 @@
 //! - **SQLite:** a new file in a new directory under the system temp dir, in WAL mode with
 //!   `synchronous=FULL` (the engine's default); the directory is removed afterwards.
 //!
+//! The schema and the directory are the test kit's ([`PgSchema`], [`TempDir`]), so the load
+//! tool provisions the way the tests do.
+//!
 //! Either way the schema is the engine's own: a soloist [`Engine`] is started once on the fresh
 //! database, which runs its migrations, creates the run's sessions, and is shut down before the
 //! strategy under test starts.
 
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -18,11 +20,12 @@ use clap::ValueEnum;
 use serde::Serialize;
 use soloist::Engine;
 use soloist::uuid::Uuid;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use soloist_testkit::{PgSchema, TempDir};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, Executor};
+use sqlx::{Connection, Executor};
 use tokio::task::JoinSet;
 
 use crate::error::LoadError;
@@ -99,10 +102,10 @@ impl Pool {
 }
 
 enum Cleanup {
-    /// Drop this schema through the admin pool.
-    Schema { admin: PgPool, schema: String },
+    /// Drop this schema.
+    Schema(PgSchema),
     /// Remove this directory.
-    Directory(PathBuf),
+    Directory(TempDir),
 }
 
 /// A fresh, empty database for one run.
@@ -117,37 +120,18 @@ pub struct Database {
 impl Database {
     /// Creates a fresh schema (PostgreSQL) or file (SQLite).
     pub async fn provision(kind: DbKind, settings: &Settings) -> Result<Self, LoadError> {
-        let token = Uuid::now_v7().simple().to_string();
         match kind {
             DbKind::Postgres => {
-                let admin = PgPoolOptions::new()
-                    .max_connections(1)
-                    .acquire_timeout(ACQUIRE_TIMEOUT)
-                    .connect(&settings.postgres_url)
-                    .await?;
-                let schema = format!("soloist_load_{token}");
-                admin
-                    .execute(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                    .await?;
-                let separator = if settings.postgres_url.contains('?') {
-                    '&'
-                } else {
-                    '?'
-                };
-                let url = format!(
-                    "{}{separator}options=-c%20search_path%3D{schema}",
-                    settings.postgres_url
-                );
+                let schema = PgSchema::create(&settings.postgres_url, "soloist_load").await?;
                 Ok(Self {
                     kind,
-                    url,
-                    cleanup: Cleanup::Schema { admin, schema },
+                    url: schema.url().to_owned(),
+                    cleanup: Cleanup::Schema(schema),
                 })
             }
             DbKind::Sqlite => {
-                let directory = std::env::temp_dir().join(format!("soloist-load-{token}"));
-                std::fs::create_dir_all(&directory)?;
-                let url = format!("sqlite://{}", directory.join("load.db").display());
+                let directory = TempDir::new("soloist-load")?;
+                let url = format!("sqlite://{}", directory.path().join("load.db").display());
                 Ok(Self {
                     kind,
                     url,
@@ -219,8 +203,10 @@ impl Database {
 
     /// PostgreSQL: forces a checkpoint so that no run pays for the previous run's dirty pages.
     pub async fn checkpoint(&self) -> Result<(), LoadError> {
-        if let Cleanup::Schema { admin, .. } = &self.cleanup {
+        if let Cleanup::Schema(schema) = &self.cleanup {
+            let mut admin = PgConnection::connect(schema.base_url()).await?;
             admin.execute("CHECKPOINT").await?;
+            admin.close().await?;
         }
         Ok(())
     }
@@ -229,18 +215,16 @@ impl Database {
     /// otherwise ignored: they cannot change the run's numbers.
     pub async fn dispose(self) {
         match self.cleanup {
-            Cleanup::Schema { admin, schema } => {
-                let dropped = admin
-                    .execute(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-                    .await;
-                if let Err(error) = dropped {
-                    eprintln!("warning: could not drop schema {schema}: {error}");
+            Cleanup::Schema(schema) => {
+                let name = schema.name().to_owned();
+                if let Err(error) = schema.remove().await {
+                    eprintln!("warning: could not drop schema {name}: {error}");
                 }
-                admin.close().await;
             }
             Cleanup::Directory(directory) => {
-                if let Err(error) = std::fs::remove_dir_all(&directory) {
-                    eprintln!("warning: could not remove {}: {error}", directory.display());
+                let path = directory.path().to_owned();
+                if let Err(error) = directory.remove() {
+                    eprintln!("warning: could not remove {}: {error}", path.display());
                 }
             }
         }

@@ -10,6 +10,9 @@ pub enum LoadError {
     /// A database statement of the harness (not of a strategy under test) failed.
     #[error("database: {0}")]
     Sql(#[from] sqlx::Error),
+    /// A run's fresh database (its schema, its directory) could not be made.
+    #[error("provisioning: {0}")]
+    Provision(#[from] soloist_testkit::Error),
     /// The soloist engine failed to start or to create the workload's sessions.
     #[error("soloist: {0}")]
     Engine(#[from] soloist::Error),

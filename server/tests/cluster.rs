@@ -16,7 +16,7 @@ use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use common::{Server, client, create, postgres_schema};
+use common::{Server, admin_pool, client, create, postgres_db};
 
 const SERVERS: usize = 3;
 const SESSIONS: usize = 50;
@@ -278,9 +278,11 @@ async fn wait_until<T>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_servers_one_killed_mid_run_lose_and_duplicate_nothing() {
-    let Some((pool, schema, url)) = postgres_schema().await else {
+    let Some(db) = postgres_db().await else {
         return;
     };
+    let (schema, url) = (db.schema().expect("a schema"), db.url.clone());
+    let pool = admin_pool().await;
     eprintln!("schema {schema}");
     // Started one after another: each runs the migrations first.
     let mut servers: Vec<Server> = (0..SERVERS).map(|_| Server::start(&url, &[])).collect();
@@ -537,8 +539,4 @@ async fn three_servers_one_killed_mid_run_lose_and_duplicate_nothing() {
     }
 
     drop(servers);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-        .execute(&pool)
-        .await
-        .expect("drop schema");
 }

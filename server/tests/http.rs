@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use common::{Server, assert_error, client, create, get, post, postgres_schema, send};
+use common::{Server, admin_pool, assert_error, client, create, get, post, postgres_db, send};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint() {
@@ -534,9 +534,11 @@ async fn forbidden_when_foreign_sessions_are_revealed() {
 /// 503 when the database fails under the server, and service again once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_failure_is_503_and_recovers() {
-    let Some((pool, schema, url)) = postgres_schema().await else {
+    let Some(db) = postgres_db().await else {
         return;
     };
+    let (schema, url) = (db.schema().expect("a schema"), db.url.clone());
+    let pool = admin_pool().await;
     let server = Server::start(&url, &[]);
     let client = client();
     let id = create(&client, &server, "alice").await;
@@ -566,18 +568,16 @@ async fn storage_failure_is_503_and_recovers() {
         (StatusCode::OK, json!({"sequences": [1]})),
         "nothing half-written"
     );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-        .execute(&pool)
-        .await
-        .expect("drop schema");
 }
 
 /// Two server processes on one PostgreSQL database, written through both at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_on_one_postgres_database() {
-    let Some((pool, schema, url)) = postgres_schema().await else {
+    let Some(db) = postgres_db().await else {
         return;
     };
+    let (schema, url) = (db.schema().expect("a schema"), db.url.clone());
+    let pool = admin_pool().await;
     let servers = [Server::start(&url, &[]), Server::start(&url, &[])];
     let client = client();
     let id = create(&client, &servers[0], "alice").await;

@@ -12,7 +12,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Server, client, create, get, post, postgres_schema};
+use common::{Server, client, create, get, post, postgres_db};
 use reqwest::{Client, StatusCode};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -454,17 +454,14 @@ fn assert_indistinguishable(separation: &Separation, label: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_sessions_answer_like_missing_ones_in_time_on_postgres() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let Some((pool, schema, url)) = postgres_schema().await else {
+    let Some(db) = postgres_db().await else {
         return;
     };
+    let url = db.url.clone();
     let mut server = Server::start(&url, &[]);
     let rounds = env_usize("SOLOIST_PROBE_ROUNDS", 300);
     let (live, cold) = timing_probe(&mut server, "PostgreSQL", rounds).await;
     drop(server);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-        .execute(&pool)
-        .await
-        .expect("drop schema");
     assert_indistinguishable(&live, "live foreign session");
     assert_indistinguishable(&cold, "cold foreign session");
 }

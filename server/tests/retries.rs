@@ -20,7 +20,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
 use sqlx::{Connection, PgConnection, SqliteConnection};
 use uuid::Uuid;
 
-use common::{Server, assert_error, client, create, get, postgres_schema, send, send_tagged};
+use common::{
+    Server, admin_pool, assert_error, client, create, get, postgres_db, send, send_tagged,
+};
 
 /// Concurrent keyed commands per wave.
 const N: usize = 50;
@@ -323,19 +325,16 @@ async fn usage_retried_after_timeouts_is_counted_once_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_retried_after_timeouts_is_counted_once_postgres() {
-    let Some((pool, schema, url)) = postgres_schema().await else {
+    let Some(db) = postgres_db().await else {
         return;
     };
+    let url = db.url.clone();
     let server = Server::start(&url, &["--command-timeout-ms", COMMAND_TIMEOUT_MS]);
     let client = client();
     let session = create(&client, &server, "alice").await;
     let blocker = Blocker::postgres(&url, &session).await;
     usage_after_timeouts("postgres", &client, &server, "alice", &session, blocker).await;
     drop(server);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-        .execute(&pool)
-        .await
-        .expect("drop schema");
 }
 
 /// `N` keyed PATCHes, each setting its own title, while the write lock is held, retried until
@@ -724,9 +723,11 @@ fn is_retryable(answer: &Answer) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_keys_through_two_servers_apply_once() {
-    let Some((pool, schema, url)) = postgres_schema().await else {
+    let Some(db) = postgres_db().await else {
         return;
     };
+    let (schema, url) = (db.schema().expect("a schema"), db.url.clone());
+    let pool = admin_pool().await;
     let servers = [Server::start(&url, &[]), Server::start(&url, &[])];
     let client = client();
     let session = create(&client, &servers[0], "alice").await;
@@ -798,10 +799,6 @@ async fn same_keys_through_two_servers_apply_once() {
         2 * n
     );
     drop(servers);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-        .execute(&pool)
-        .await
-        .expect("drop schema");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

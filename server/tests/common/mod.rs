@@ -1,6 +1,6 @@
 //! What the server's test binaries share: starting the real `soloist-server` binary as a child
 //! process (killed when dropped, even when a test panics), its memory as `/proc` reports it,
-//! JSON requests, raw HTTP/1 over TCP, and a fresh PostgreSQL schema.
+//! JSON requests, and raw HTTP/1 over TCP. Fresh databases come from `soloist_testkit`.
 //!
 //! `SOLOIST_SERVER_BIN` points the tests at another build of the binary (e.g.
 //! `target/release/soloist-server`, to measure the release build).
@@ -9,15 +9,15 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
+use soloist_testkit::{Backend, TempDir, TestDb};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use uuid::Uuid;
 
 /// The binary under test: `SOLOIST_SERVER_BIN` if set, else the one cargo built for the tests.
 pub fn server_binary() -> String {
@@ -60,23 +60,13 @@ pub struct Server {
     extra: Vec<String>,
 }
 
-/// A directory removed when dropped.
-pub struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 impl Server {
     /// Starts the binary on a fresh SQLite file.
     pub fn sqlite(extra: &[&str]) -> Server {
-        let dir = std::env::temp_dir().join(format!("soloist-server-test-{}", Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let url = format!("sqlite://{}", dir.join("chat.db").display());
+        let dir = TempDir::new("soloist-server-test").expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("chat.db").display());
         let mut server = Server::start(&url, extra);
-        server.dir = Some(TempDir(dir));
+        server.dir = Some(dir);
         server
     }
 
@@ -109,9 +99,9 @@ impl Server {
 
     /// Starts the binary on a fresh SQLite file under `ulimit <limit>`.
     fn sqlite_under_ulimit(limit: &str, extra: &[&str]) -> Result<Server, String> {
-        let dir = std::env::temp_dir().join(format!("soloist-server-test-{}", Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let url = format!("sqlite://{}", dir.join("chat.db").display());
+        let dir =
+            TempDir::new("soloist-server-test").map_err(|error| format!("temp dir: {error}"))?;
+        let url = format!("sqlite://{}", dir.path().join("chat.db").display());
         let mut command = Command::new("sh");
         command.args([
             "-c",
@@ -119,7 +109,7 @@ impl Server {
             &server_binary(),
         ]);
         let mut server = Server::try_start_command(command, "127.0.0.1:0", &url, extra)?;
-        server.dir = Some(TempDir(dir));
+        server.dir = Some(dir);
         Ok(server)
     }
 
@@ -171,7 +161,7 @@ impl Server {
 
     /// The directory of the SQLite database started by [`Server::sqlite`].
     pub fn sqlite_dir(&self) -> &Path {
-        &self.dir.as_ref().expect("an SQLite server").0
+        self.dir.as_ref().expect("an SQLite server").path()
     }
 
     /// The server's process id.
@@ -312,29 +302,18 @@ pub fn assert_error(actual: (StatusCode, Value), status: StatusCode, code: &str)
     assert!(actual.1["error"]["message"].is_string(), "{}", actual.1);
 }
 
-/// A fresh schema on the test PostgreSQL: a pool on the database, the schema's name, and a URL
-/// whose connections use the schema. `None` (skipped) outside CI when PostgreSQL is not
-/// answering; under `CI=true` that fails the test instead.
-pub async fn postgres_schema() -> Option<(sqlx::PgPool, String, String)> {
-    let base = std::env::var("SOLOIST_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let pool = match sqlx::PgPool::connect(&base).await {
-        Ok(pool) => pool,
-        Err(error) if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
-            panic!("PostgreSQL is required in CI: {error}")
-        }
-        Err(error) => {
-            eprintln!("SKIPPED: PostgreSQL is not answering: {error}");
-            return None;
-        }
-    };
-    let schema = format!("t_{}", Uuid::new_v4().simple());
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&pool)
+/// A fresh schema on the test PostgreSQL (`db.url` connects to it, `db.schema()` names it),
+/// dropped with `db` even when the test panics. `None` (skipped, with a message) outside CI when
+/// PostgreSQL is not answering; under `CI=true` that fails the test instead.
+pub async fn postgres_db() -> Option<TestDb> {
+    TestDb::new(Backend::Postgres).await.expect("database")
+}
+
+/// A pool on the database that holds `db`'s schema, for statements that name the schema.
+pub async fn admin_pool() -> sqlx::PgPool {
+    sqlx::PgPool::connect(&soloist_testkit::postgres_base_url())
         .await
-        .expect("schema");
-    let url = format!("{base}?options=-c%20search_path%3D{schema}");
-    Some((pool, schema, url))
+        .expect("connect to PostgreSQL")
 }
 
 /// Reads until `end` has been read (or the connection ends), a byte at a time so that nothing

@@ -24,7 +24,7 @@ use soloist::{
     SessionHandle, SessionId, SessionPage,
 };
 
-use super::{TestDb, stored_rows};
+use crate::{TestDb, stored_rows};
 
 /// Rows `(seq, message_id)` of each session, as finally stored.
 pub type FinalRows = HashMap<SessionId, Vec<(i64, Uuid)>>;
@@ -55,7 +55,6 @@ struct AppendRecord {
     client: usize,
     /// Each message's id and content digest, in the order sent.
     messages: Vec<(Uuid, u64)>,
-    start: u64,
     /// `None` while pending, and forever when the caller stopped waiting.
     end: Option<u64>,
     outcome: Outcome,
@@ -135,6 +134,7 @@ fn digest(content: Option<&str>) -> u64 {
 }
 
 impl History {
+    /// An empty history, to share between the clients of one test.
     pub fn new() -> Arc<History> {
         Arc::new(History::default())
     }
@@ -170,13 +170,13 @@ impl History {
             })
             .collect();
         let mut log = self.log();
+        // The invocation takes its tick, as the clock is defined, although no check reads when
+        // an append started (only when it completed).
         log.clock += 1;
-        let start = log.clock;
         log.appends.push(AppendRecord {
             session,
             client,
             messages,
-            start,
             end: None,
             outcome: Outcome::Pending,
         });
@@ -235,22 +235,34 @@ impl History {
     /// The stored rows of every session the history touched: from the database when another
     /// connection can open it, else through `engine` as `user` (skipping sessions it can no
     /// longer read, e.g. after shutdown).
-    pub async fn final_rows(&self, db: &TestDb, engine: &Engine, user: &str) -> FinalRows {
+    pub async fn final_rows(
+        &self,
+        db: &TestDb,
+        engine: &Engine,
+        user: &str,
+    ) -> crate::Result<FinalRows> {
         let mut rows = FinalRows::new();
         for session in self.sessions() {
             if db.shareable() {
-                rows.insert(session, stored_rows(&db.url, session).await);
+                rows.insert(session, stored_rows(&db.url, session).await?);
             } else if let Some(read) = read_through(engine, user, session).await {
                 rows.insert(session, read);
             }
         }
-        rows
+        Ok(rows)
     }
 
     /// Checks the history against the stored rows, prints the counts as `name` (with the
     /// backend) and fails the test on any violation.
+    ///
+    /// # Panics
+    ///
+    /// On any violation, and when the stored rows cannot be read: either way the test fails.
     pub async fn verify(&self, name: &str, db: &TestDb, engine: &Engine, user: &str) -> Report {
-        let rows = self.final_rows(db, engine, user).await;
+        let rows = match self.final_rows(db, engine, user).await {
+            Ok(rows) => rows,
+            Err(error) => panic!("history {name}: cannot read the stored rows: {error}"),
+        };
         let report = self.check(&rows);
         report.print(&format!("{name} ({:?})", db.backend));
         report.assert_clean();
@@ -587,7 +599,9 @@ impl Client {
 /// A list of one kind of violation: how many, and the first few.
 #[derive(Debug, Default)]
 pub struct Violations {
+    /// How many were found.
     pub count: usize,
+    /// The first few, described.
     pub examples: Vec<String>,
 }
 
@@ -605,12 +619,17 @@ impl Violations {
 pub struct Report {
     /// Append invocations (retries count once each).
     pub appends: usize,
+    /// Appends acknowledged with their sequences.
     pub acknowledged: usize,
+    /// Appends refused with an error that promises nothing was written.
     pub not_applied: usize,
     /// Ended with an error that leaves the outcome open, or never answered.
     pub unknown: usize,
+    /// Successful reads: pages, and messages delivered by subscriptions.
     pub reads: usize,
+    /// Sessions the history touched.
     pub sessions: usize,
+    /// Sessions whose final rows were known (read from the database or through the engine).
     pub sessions_with_final_rows: usize,
     /// Acknowledged writes not stored at their acknowledged sequence.
     pub lost: Violations,
@@ -666,6 +685,7 @@ impl Report {
         line
     }
 
+    /// Prints the one-line summary (visible with `--nocapture`).
     pub fn print(&self, name: &str) {
         println!("{}", self.summary(name));
     }

@@ -1,13 +1,11 @@
 //! The history checker itself, on hand-made histories: each violation it counts is shown to
 //! fire, so that a clean report from a real test means something.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::history::{FinalRows, History, Outcome, Report};
 use soloist::uuid::Uuid;
 use soloist::{Error, Message, NewMessage, Role, StorageError};
+use soloist_testkit::history::{FinalRows, History, Outcome, Report};
 
 /// A hand-written history of one session.
 struct Script {

@@ -1,0 +1,175 @@
+//! A fresh database per test on each backend, and checks made straight on its tables.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use soloist::uuid::Uuid;
+use soloist::{Engine, EngineConfig};
+use sqlx::{Connection, PgConnection, SqliteConnection};
+
+use crate::dir::TempDir;
+use crate::postgres::{PgSchema, postgres_available, postgres_base_url};
+use crate::{Error, Result};
+
+/// The backends every engine test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// An SQLite file in WAL mode (the embedded default).
+    SqliteFile,
+    /// `sqlite::memory:`, shared by the engine's connections.
+    SqliteMemory,
+    /// PostgreSQL, one fresh schema per test.
+    Postgres,
+}
+
+impl Backend {
+    /// The name of the backend's module in [`on_every_backend!`](crate::on_every_backend), and
+    /// in benchmark ids: `sqlite_file`, `sqlite_memory` or `postgres`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::SqliteFile => "sqlite_file",
+            Backend::SqliteMemory => "sqlite_memory",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// A fresh, empty database for one test, on one backend; removed when dropped (the SQLite
+/// file's directory, the PostgreSQL schema), even when the test panics.
+#[derive(Debug)]
+pub struct TestDb {
+    /// The backend.
+    pub backend: Backend,
+    /// The URL an engine (or a raw connection) opens.
+    pub url: String,
+    /// Keeps the SQLite file's directory alive for the test.
+    dir: Option<TempDir>,
+    /// The PostgreSQL schema, dropped with the database.
+    schema: Option<PgSchema>,
+}
+
+impl TestDb {
+    /// A fresh database on `backend`. `Ok(None)` only when PostgreSQL is not answering outside
+    /// CI, after saying `SKIPPED` on stderr; under `CI=true` that is
+    /// [`Error::PostgresRequired`].
+    pub async fn new(backend: Backend) -> Result<Option<TestDb>> {
+        match backend {
+            Backend::SqliteFile => TestDb::sqlite_file().map(Some),
+            Backend::SqliteMemory => Ok(Some(TestDb::sqlite_memory())),
+            Backend::Postgres => TestDb::postgres().await,
+        }
+    }
+
+    /// A fresh SQLite file in a new directory under the system's temporary directory.
+    pub fn sqlite_file() -> Result<TestDb> {
+        TestDb::sqlite_file_in(&std::env::temp_dir())
+    }
+
+    /// A fresh SQLite file in a new directory under `parent`.
+    pub fn sqlite_file_in(parent: &Path) -> Result<TestDb> {
+        let dir = TempDir::new_in(parent, "soloist-test")?;
+        Ok(TestDb {
+            backend: Backend::SqliteFile,
+            url: format!("sqlite://{}", dir.path().join("chat.db").display()),
+            dir: Some(dir),
+            schema: None,
+        })
+    }
+
+    /// `sqlite::memory:`: private to the engine that opens it, gone when it shuts down.
+    pub fn sqlite_memory() -> TestDb {
+        TestDb {
+            backend: Backend::SqliteMemory,
+            url: "sqlite::memory:".to_owned(),
+            dir: None,
+            schema: None,
+        }
+    }
+
+    /// A fresh schema `t_<uuid>` on [`postgres_base_url`]; `Ok(None)` as for [`TestDb::new`].
+    pub async fn postgres() -> Result<Option<TestDb>> {
+        if !postgres_available().await? {
+            eprintln!(
+                "SKIPPED: PostgreSQL is not answering at {}",
+                postgres_base_url()
+            );
+            return Ok(None);
+        }
+        let schema = PgSchema::create(&postgres_base_url(), "t").await?;
+        Ok(Some(TestDb {
+            backend: Backend::Postgres,
+            url: schema.url().to_owned(),
+            dir: None,
+            schema: Some(schema),
+        }))
+    }
+
+    /// Whether a second engine can open this database (not so for a private in-memory one).
+    pub fn shareable(&self) -> bool {
+        self.backend != Backend::SqliteMemory
+    }
+
+    /// The PostgreSQL schema's name, for statements on [`postgres_base_url`] that name it.
+    pub fn schema(&self) -> Option<&str> {
+        self.schema.as_ref().map(PgSchema::name)
+    }
+
+    /// The SQLite file's directory.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_ref().map(TempDir::path)
+    }
+
+    /// The default configuration on this database.
+    pub fn config(&self) -> EngineConfig {
+        EngineConfig::new(&self.url)
+    }
+
+    /// Starts an engine with the default configuration.
+    pub async fn engine(&self) -> soloist::Result<Engine> {
+        self.engine_with(self.config()).await
+    }
+
+    /// Starts an engine with `config` (usually [`TestDb::config`] with changes).
+    pub async fn engine_with(&self, config: EngineConfig) -> soloist::Result<Engine> {
+        Engine::start(config).await
+    }
+}
+
+/// Rows `(seq, message_id)` of a session in sequence order, straight from the database at `url`
+/// (not through soloist).
+pub async fn stored_rows(url: &str, session: Uuid) -> Result<Vec<(i64, Uuid)>> {
+    if url.starts_with("postgres") {
+        let mut connection = PgConnection::connect(url).await?;
+        let rows = sqlx::query_as(
+            "SELECT seq, message_id FROM messages WHERE session_id = $1 ORDER BY seq",
+        )
+        .bind(session)
+        .fetch_all(&mut connection)
+        .await;
+        let _ = connection.close().await;
+        rows.map_err(Error::from)
+    } else {
+        let mut connection = SqliteConnection::connect(url).await?;
+        let rows = sqlx::query_as(
+            "SELECT seq, message_id FROM messages WHERE session_id = ? ORDER BY seq",
+        )
+        .bind(session)
+        .fetch_all(&mut connection)
+        .await;
+        let _ = connection.close().await;
+        rows.map_err(Error::from)
+    }
+}
+
+/// Asserts that sequences are exactly 0..n-1 and that no message id appears twice.
+#[track_caller]
+pub fn assert_contiguous(rows: &[(i64, Uuid)]) {
+    for (index, (seq, _)) in rows.iter().enumerate() {
+        assert_eq!(
+            *seq, index as i64,
+            "sequence gap or duplicate at position {index}"
+        );
+    }
+    let ids: HashSet<_> = rows.iter().map(|(_, id)| id).collect();
+    assert_eq!(ids.len(), rows.len(), "a message id is stored twice");
+}

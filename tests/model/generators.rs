@@ -1,0 +1,412 @@
+//! Generated input: random commands, valid and invalid, by the owner and by an intruder, and
+//! the engine tuning of each case. Invalid input is generated on purpose (text over the small
+//! limits, tool messages without a call id, metadata that is not an object, the nil id...), so
+//! that the model's refusals are exercised as often as its values.
+
+use proptest::collection::vec;
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use soloist::uuid::Uuid;
+use soloist::{NewMessage, Role};
+
+use crate::{CONTENT, ID_POOL, SHORT, Tuning};
+
+/// A string of `len` characters from one alphabet; the multi-byte alphabets make a short string
+/// long in bytes, which is what the limits count.
+#[derive(Clone, Debug)]
+pub struct Text {
+    len: usize,
+    alphabet: u8,
+    salt: usize,
+}
+
+impl Text {
+    pub fn render(&self) -> String {
+        const ASCII: &[char] = &['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j', 'k'];
+        const TWO_BYTES: &[char] = &['é', 'ß', 'ü', 'ñ', 'ø'];
+        const FOUR_BYTES: &[char] = &['🦀', '🎈', '𝄞'];
+        let alphabet = match self.alphabet {
+            0 => ASCII,
+            1 => TWO_BYTES,
+            _ => FOUR_BYTES,
+        };
+        (0..self.len)
+            .map(|index| alphabet[(self.salt + index) % alphabet.len()])
+            .collect()
+    }
+}
+
+/// Text of at most `max_bytes` bytes (characters of 1, 2 or 4 bytes).
+fn text_within(max_bytes: usize) -> impl Strategy<Value = Text> {
+    (
+        prop_oneof![3 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)],
+        0usize..64,
+    )
+        .prop_flat_map(move |(alphabet, salt)| {
+            let width = [1, 2, 4][usize::from(alphabet)];
+            (0..=max_bytes / width).prop_map(move |len| Text {
+                len,
+                alphabet,
+                salt,
+            })
+        })
+}
+
+/// Text of more than `max_bytes` bytes, though often of fewer characters.
+fn text_over(max_bytes: usize) -> impl Strategy<Value = Text> {
+    (
+        prop_oneof![Just(0u8), Just(1u8), Just(2u8)],
+        0usize..64,
+        0usize..3,
+    )
+        .prop_map(move |(alphabet, salt, extra)| {
+            let width = [1, 2, 4][usize::from(alphabet)];
+            Text {
+                len: max_bytes / width + 1 + extra,
+                alphabet,
+                salt,
+            }
+        })
+}
+
+/// Text that is usually within `max_bytes`, sometimes over it.
+fn text_mostly_within(max_bytes: usize) -> impl Strategy<Value = Text> {
+    prop_oneof![
+        6 => text_within(max_bytes),
+        1 => text_over(max_bytes),
+    ]
+}
+
+/// Session metadata as sent.
+#[derive(Clone, Debug)]
+pub enum Meta {
+    Absent,
+    Object(u8),
+    /// An object over `max_json_bytes`.
+    Big,
+    /// Not an object.
+    Array,
+    /// Not an object.
+    Text,
+}
+
+impl Meta {
+    pub fn value(&self) -> Option<Value> {
+        match self {
+            Meta::Absent => None,
+            Meta::Object(n) => Some(json!({"n": n, "tag": "model"})),
+            Meta::Big => Some(json!({"blob": "x".repeat(70)})),
+            Meta::Array => Some(json!([1, 2])),
+            Meta::Text => Some(json!("metadata")),
+        }
+    }
+}
+
+fn meta() -> impl Strategy<Value = Meta> {
+    prop_oneof![
+        6 => Just(Meta::Absent),
+        6 => any::<u8>().prop_map(Meta::Object),
+        1 => Just(Meta::Big),
+        1 => Just(Meta::Array),
+        1 => Just(Meta::Text),
+    ]
+}
+
+/// Which message id a message carries.
+#[derive(Clone, Debug)]
+enum IdSpec {
+    /// None: the engine generates one.
+    Generated,
+    /// One of the case's pool of client ids.
+    Pool(usize),
+    /// The nil UUID, which is refused.
+    Nil,
+}
+
+/// The shape of a message, valid or not.
+#[derive(Clone, Debug)]
+enum Body {
+    /// A plain text message (system, user or assistant).
+    Text(Role, Text),
+    /// A tool result answering `call{n}`.
+    ToolResult(u8, Text),
+    /// Invalid: a tool message without `tool_call_id`.
+    ToolWithoutCallId(Text),
+    /// An assistant message calling `n` tools (over `max_json_bytes` from 6 calls on).
+    ToolCalls(u8),
+    /// Invalid: `tool_calls` is an object, not an array.
+    ToolCallsNotArray,
+    /// Invalid: a user message with `tool_calls`.
+    UserWithToolCalls(Text),
+    /// A function result; its name may be over `max_text_bytes`.
+    FunctionResult(Text),
+    /// An assistant message with a legacy function call.
+    FunctionCall(u8),
+    /// An assistant refusal.
+    Refusal(Text),
+    /// Invalid: no content, tool calls, function call nor refusal.
+    Blank(Role),
+}
+
+#[derive(Clone, Debug)]
+pub struct Msg {
+    body: Body,
+    id: IdSpec,
+}
+
+fn role() -> impl Strategy<Value = Role> {
+    prop_oneof![
+        1 => Just(Role::System),
+        3 => Just(Role::User),
+        3 => Just(Role::Assistant)
+    ]
+}
+
+fn valid_body() -> impl Strategy<Value = Body> {
+    prop_oneof![
+        12 => (role(), text_within(CONTENT)).prop_map(|(role, text)| Body::Text(role, text)),
+        2 => (0u8..20, text_within(CONTENT)).prop_map(|(call, text)| Body::ToolResult(call, text)),
+        2 => (0u8..6).prop_map(Body::ToolCalls),
+        1 => text_within(SHORT - 1).prop_map(Body::FunctionResult),
+        1 => any::<u8>().prop_map(Body::FunctionCall),
+        1 => text_within(CONTENT).prop_map(Body::Refusal),
+    ]
+}
+
+fn invalid_body() -> impl Strategy<Value = Body> {
+    prop_oneof![
+        (role(), text_over(CONTENT)).prop_map(|(role, text)| Body::Text(role, text)),
+        text_within(CONTENT).prop_map(Body::ToolWithoutCallId),
+        (6u8..9).prop_map(Body::ToolCalls),
+        Just(Body::ToolCallsNotArray),
+        text_within(CONTENT).prop_map(Body::UserWithToolCalls),
+        text_over(SHORT).prop_map(Body::FunctionResult),
+        text_over(CONTENT).prop_map(Body::Refusal),
+        role().prop_map(Body::Blank),
+    ]
+}
+
+/// A client id or none; never the refused nil id.
+fn valid_id() -> impl Strategy<Value = IdSpec> {
+    prop_oneof![Just(IdSpec::Generated), (0..ID_POOL).prop_map(IdSpec::Pool),]
+}
+
+fn valid_msg() -> impl Strategy<Value = Msg> {
+    (valid_body(), valid_id()).prop_map(|(body, id)| Msg { body, id })
+}
+
+/// A message that is usually valid; else its body or its id is refused.
+fn any_msg() -> impl Strategy<Value = Msg> {
+    prop_oneof![
+        6 => valid_msg(),
+        2 => (invalid_body(), valid_id()).prop_map(|(body, id)| Msg { body, id }),
+        1 => valid_body().prop_map(|body| Msg { body, id: IdSpec::Nil }),
+    ]
+}
+
+/// Messages for one append: mostly 1..=3 valid ones; else up to 4 (over the limit of 3) that
+/// may include invalid ones, or none at all.
+fn messages() -> impl Strategy<Value = Vec<Msg>> {
+    prop_oneof![
+        10 => vec(valid_msg(), 1..=3),
+        4 => vec(any_msg(), 1..=4),
+        1 => Just(Vec::new()),
+    ]
+}
+
+pub fn build_message(msg: &Msg, pool: &[Uuid]) -> NewMessage {
+    let id = match msg.id {
+        IdSpec::Generated => None,
+        IdSpec::Pool(index) => Some(pool[index]),
+        IdSpec::Nil => Some(Uuid::nil()),
+    };
+    let base = NewMessage {
+        id,
+        ..NewMessage::default()
+    };
+    let tool_calls = |n: u8| {
+        Value::Array(
+            (0..n)
+                .map(|index| json!({"id": format!("c{index}")}))
+                .collect(),
+        )
+    };
+    match &msg.body {
+        Body::Text(role, text) => NewMessage {
+            role: *role,
+            content: Some(text.render()),
+            ..base
+        },
+        Body::ToolResult(call, text) => NewMessage {
+            role: Role::Tool,
+            content: Some(text.render()),
+            tool_call_id: Some(format!("call{call}")),
+            ..base
+        },
+        Body::ToolWithoutCallId(text) => NewMessage {
+            role: Role::Tool,
+            content: Some(text.render()),
+            ..base
+        },
+        Body::ToolCalls(n) => NewMessage {
+            role: Role::Assistant,
+            tool_calls: Some(tool_calls(*n).into()),
+            ..base
+        },
+        Body::ToolCallsNotArray => NewMessage {
+            role: Role::Assistant,
+            tool_calls: Some(json!({"id": "c0"}).into()),
+            ..base
+        },
+        Body::UserWithToolCalls(text) => NewMessage {
+            role: Role::User,
+            content: Some(text.render()),
+            tool_calls: Some(tool_calls(1).into()),
+            ..base
+        },
+        Body::FunctionResult(name) => NewMessage {
+            role: Role::Function,
+            content: Some("42".into()),
+            name: Some(format!("f{}", name.render())),
+            ..base
+        },
+        Body::FunctionCall(n) => NewMessage {
+            role: Role::Assistant,
+            function_call: Some(json!({"name": "f", "arguments": format!("{n}")}).into()),
+            ..base
+        },
+        Body::Refusal(text) => NewMessage {
+            role: Role::Assistant,
+            refusal: Some(text.render()),
+            ..base
+        },
+        Body::Blank(role) => NewMessage {
+            role: *role,
+            ..base
+        },
+    }
+}
+
+#[derive(Clone, Debug)]
+pub enum Op {
+    Create {
+        session: usize,
+        user: usize,
+        title: Option<Text>,
+        metadata: Meta,
+    },
+    Append {
+        session: usize,
+        user: usize,
+        messages: Vec<Msg>,
+    },
+    Get {
+        session: usize,
+        user: usize,
+        after_seq: Option<i64>,
+        limit: Option<usize>,
+    },
+    Update {
+        session: usize,
+        user: usize,
+        title: Option<Text>,
+        metadata: Meta,
+    },
+    AddUsage {
+        session: usize,
+        user: usize,
+        prompt: u32,
+        completion: u32,
+    },
+    Delete {
+        session: usize,
+        user: usize,
+    },
+    List {
+        user: usize,
+        limit: Option<usize>,
+    },
+    /// Shut the engine down and start a new one on the same database (a no-op in memory).
+    Restart,
+}
+
+fn user() -> impl Strategy<Value = usize> {
+    prop_oneof![5 => Just(0usize), 1 => Just(1usize)]
+}
+
+/// Session 0 gets most commands, so that it grows past the cached tail and the page size.
+fn session() -> impl Strategy<Value = usize> {
+    prop_oneof![4 => Just(0usize), 2 => Just(1usize), 1 => Just(2usize)]
+}
+
+fn title() -> impl Strategy<Value = Option<Text>> {
+    proptest::option::of(text_mostly_within(SHORT))
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (session(), user(), title(), meta()).prop_map(
+            |(session, user, title, metadata)| Op::Create { session, user, title, metadata }
+        ),
+        10 => (session(), user(), messages())
+            .prop_map(|(session, user, messages)| Op::Append { session, user, messages }),
+        5 => (
+            session(),
+            user(),
+            proptest::option::weighted(0.8, -3i64..16),
+            proptest::option::weighted(0.8, 0usize..6),
+        )
+            .prop_map(|(session, user, after_seq, limit)| Op::Get {
+                session,
+                user,
+                after_seq,
+                limit
+            }),
+        1 => (session(), user(), title(), meta()).prop_map(
+            |(session, user, title, metadata)| Op::Update { session, user, title, metadata }
+        ),
+        1 => (session(), user(), 0u32..3, 0u32..1000).prop_map(
+            |(session, user, prompt, completion)| Op::AddUsage {
+                session,
+                user,
+                prompt,
+                completion
+            }
+        ),
+        1 => (session(), user()).prop_map(|(session, user)| Op::Delete { session, user }),
+        1 => (user(), proptest::option::weighted(0.8, 0usize..6))
+            .prop_map(|(user, limit)| Op::List { user, limit }),
+        1 => Just(Op::Restart),
+    ]
+}
+
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub tuning: Tuning,
+    pub ops: Vec<Op>,
+}
+
+pub fn case() -> impl Strategy<Value = Case> {
+    (
+        prop_oneof![
+            Just(Tuning::TinyCache),
+            Just(Tuning::NoCacheForbidden),
+            Just(Tuning::Churn)
+        ],
+        // Usually session 0 is created first, by its owner; the rest is random.
+        proptest::option::weighted(0.75, Just(())),
+        vec(op(), 1..40),
+    )
+        .prop_map(|(tuning, create_first, mut ops)| {
+            if create_first.is_some() {
+                let create = Op::Create {
+                    session: 0,
+                    user: 0,
+                    title: None,
+                    metadata: Meta::Absent,
+                };
+                ops.insert(0, create);
+            }
+            Case { tuning, ops }
+        })
+}

@@ -1,0 +1,486 @@
+//! The reference model: a plain in-memory account of sessions, messages, owners, idempotent
+//! ids and versions, written from the documented semantics (not from the engine's code). For
+//! each command it predicts the value the engine must answer, or the error kinds any of which
+//! is a correct refusal.
+
+use std::collections::{HashMap, HashSet};
+
+use soloist::uuid::Uuid;
+use soloist::{Error, Limits, Message, NewMessage, RawJson, Role, SessionId, SessionInfo, Usage};
+
+use crate::USERS;
+
+type Timestamp = chrono::DateTime<chrono::Utc>;
+
+/// The page size a read without a limit asks for (documented default).
+const DEFAULT_MESSAGE_PAGE: usize = 100;
+
+/// The error kinds the model predicts; a failed command must fail with one of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    NotFound,
+    Forbidden,
+    InvalidInput,
+    TooLarge,
+    Conflict,
+    MessageIdReused,
+    /// Anything else (storage, shutdown, actor failure...): never expected here.
+    Other,
+}
+
+pub fn kind(error: &Error) -> Kind {
+    match error {
+        Error::NotFound => Kind::NotFound,
+        Error::Forbidden => Kind::Forbidden,
+        Error::InvalidInput { .. } => Kind::InvalidInput,
+        Error::TooLarge { .. } => Kind::TooLarge,
+        Error::Conflict(_) => Kind::Conflict,
+        Error::MessageIdReused { .. } => Kind::MessageIdReused,
+        _ => Kind::Other,
+    }
+}
+
+/// What the model predicts: a value, or the error kinds any of which is a correct refusal
+/// (a command with several faults may be refused for any of them).
+pub type Expected<T> = Result<T, Vec<Kind>>;
+
+#[derive(Debug)]
+struct ModelMessage {
+    /// The client id; a generated one is learned from the first read that returns it.
+    id: Option<Uuid>,
+    message: NewMessage,
+    /// Learned from the first read; must never change afterwards.
+    created_at: Option<Timestamp>,
+}
+
+#[derive(Debug)]
+pub struct ModelSession {
+    owner: usize,
+    title: Option<String>,
+    metadata: RawJson,
+    pub usage: Usage,
+    messages: Vec<ModelMessage>,
+    /// Client message id → sequence.
+    ids: HashMap<Uuid, i64>,
+    /// Bumped by every committed write.
+    version: i64,
+    deleted: bool,
+    created_at: Option<Timestamp>,
+    /// `updated_at` as first seen at each version: one version, one timestamp.
+    updated_at: HashMap<i64, Timestamp>,
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub sessions: HashMap<SessionId, ModelSession>,
+    hide_foreign: bool,
+    pub limits: Limits,
+}
+
+fn len_fault(text: &Option<String>, limit: usize) -> Option<Kind> {
+    text.as_ref()
+        .filter(|text| text.len() > limit)
+        .map(|_| Kind::TooLarge)
+}
+
+fn json_faults(value: &Option<RawJson>, want_object: bool, limit: usize) -> Vec<Kind> {
+    match value {
+        None => Vec::new(),
+        Some(value) if want_object && !value.is_object() => vec![Kind::InvalidInput],
+        Some(value) if !want_object && !value.is_array() => vec![Kind::InvalidInput],
+        Some(value) => {
+            // Measured as sent.
+            let size = value.get().len();
+            if size > limit {
+                vec![Kind::TooLarge]
+            } else {
+                Vec::new()
+            }
+        }
+    }
+}
+
+impl Model {
+    pub fn new(hide_foreign: bool, limits: Limits) -> Self {
+        Self {
+            sessions: HashMap::new(),
+            hide_foreign,
+            limits,
+        }
+    }
+
+    /// Faults of a message, from the documented rules.
+    fn message_faults(&self, message: &NewMessage) -> Vec<Kind> {
+        let limits = &self.limits;
+        let mut faults: Vec<Kind> = [
+            len_fault(&message.content, limits.max_content_bytes),
+            len_fault(&message.refusal, limits.max_content_bytes),
+            len_fault(&message.name, limits.max_text_bytes),
+            len_fault(&message.tool_call_id, limits.max_text_bytes),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        faults.extend(json_faults(
+            &message.tool_calls,
+            false,
+            limits.max_json_bytes,
+        ));
+        faults.extend(json_faults(
+            &message.function_call,
+            true,
+            limits.max_json_bytes,
+        ));
+        if message.role == Role::Tool && message.tool_call_id.is_none() {
+            faults.push(Kind::InvalidInput);
+        }
+        if message.role != Role::Assistant
+            && (message.tool_calls.is_some() || message.function_call.is_some())
+        {
+            faults.push(Kind::InvalidInput);
+        }
+        if message.content.is_none()
+            && message.tool_calls.is_none()
+            && message.function_call.is_none()
+            && message.refusal.is_none()
+        {
+            faults.push(Kind::InvalidInput);
+        }
+        if message.id == Some(Uuid::nil()) {
+            faults.push(Kind::InvalidInput);
+        }
+        faults
+    }
+
+    fn session_field_faults(
+        &self,
+        title: &Option<String>,
+        metadata: &Option<RawJson>,
+    ) -> Vec<Kind> {
+        let mut faults: Vec<Kind> = len_fault(title, self.limits.max_text_bytes)
+            .into_iter()
+            .collect();
+        faults.extend(json_faults(metadata, true, self.limits.max_json_bytes));
+        faults
+    }
+
+    /// The session, if `user` may use it.
+    fn access(&mut self, id: SessionId, user: usize) -> Expected<&mut ModelSession> {
+        let hide_foreign = self.hide_foreign;
+        match self.sessions.get_mut(&id) {
+            None => Err(vec![Kind::NotFound]),
+            Some(session) if session.deleted => Err(vec![Kind::NotFound]),
+            Some(session) if session.owner != user => Err(vec![if hide_foreign {
+                Kind::NotFound
+            } else {
+                Kind::Forbidden
+            }]),
+            Some(session) => Ok(session),
+        }
+    }
+
+    /// Returns the `created` flag.
+    pub fn create(
+        &mut self,
+        id: SessionId,
+        user: usize,
+        title: Option<String>,
+        metadata: Option<RawJson>,
+    ) -> Expected<bool> {
+        let faults = self.session_field_faults(&title, &metadata);
+        if !faults.is_empty() {
+            return Err(faults);
+        }
+        match self.sessions.get(&id) {
+            Some(session) if session.deleted => Err(vec![Kind::Conflict]),
+            Some(session) if session.owner != user => Err(vec![Kind::Conflict]),
+            Some(_) => Ok(false),
+            None => {
+                self.sessions.insert(
+                    id,
+                    ModelSession {
+                        owner: user,
+                        title,
+                        metadata: metadata.unwrap_or_else(RawJson::empty_object),
+                        usage: Usage::default(),
+                        messages: Vec::new(),
+                        ids: HashMap::new(),
+                        version: 1,
+                        deleted: false,
+                        created_at: None,
+                        updated_at: HashMap::new(),
+                    },
+                );
+                Ok(true)
+            }
+        }
+    }
+
+    /// Returns the sequences.
+    pub fn append(
+        &mut self,
+        id: SessionId,
+        user: usize,
+        messages: &[NewMessage],
+    ) -> Expected<Vec<i64>> {
+        let mut faults = Vec::new();
+        if messages.is_empty() {
+            faults.push(Kind::InvalidInput);
+        }
+        if messages.len() > self.limits.max_messages_per_append {
+            faults.push(Kind::TooLarge);
+        }
+        for message in messages {
+            faults.extend(self.message_faults(message));
+        }
+        let mut sent = HashSet::new();
+        if messages
+            .iter()
+            .filter_map(|message| message.id)
+            .any(|id| !sent.insert(id))
+        {
+            faults.push(Kind::InvalidInput);
+        }
+        if !faults.is_empty() {
+            return Err(faults);
+        }
+        let session = self.access(id, user)?;
+        // An id stored with other content refuses the whole append; the same message again
+        // is a resend.
+        for message in messages {
+            if let Some(&seq) = message.id.and_then(|id| session.ids.get(&id)) {
+                if session.messages[seq as usize].message != *message {
+                    return Err(vec![Kind::MessageIdReused]);
+                }
+            }
+        }
+        let mut sequences = Vec::new();
+        let mut added = false;
+        for message in messages {
+            if let Some(&seq) = message.id.and_then(|id| session.ids.get(&id)) {
+                sequences.push(seq);
+                continue;
+            }
+            let seq = session.messages.len() as i64;
+            if let Some(id) = message.id {
+                session.ids.insert(id, seq);
+            }
+            session.messages.push(ModelMessage {
+                id: message.id,
+                message: message.clone(),
+                created_at: None,
+            });
+            sequences.push(seq);
+            added = true;
+        }
+        if added {
+            session.version += 1;
+        }
+        Ok(sequences)
+    }
+
+    /// Returns the indexes of the page's messages and its `next_after_seq`.
+    pub fn get(
+        &mut self,
+        id: SessionId,
+        user: usize,
+        after_seq: Option<i64>,
+        limit: Option<usize>,
+    ) -> Expected<(std::ops::Range<usize>, Option<i64>)> {
+        let max_page = self.limits.max_page_size;
+        let session = self.access(id, user)?;
+        let count = session.messages.len();
+        let limit = limit.unwrap_or(DEFAULT_MESSAGE_PAGE).min(max_page);
+        let start = usize::try_from(after_seq.unwrap_or(-1).saturating_add(1)).unwrap_or(0);
+        if limit == 0 || start >= count {
+            return Ok((0..0, None));
+        }
+        let end = (start + limit).min(count);
+        let next = (end < count).then_some(end as i64 - 1);
+        Ok((start..end, next))
+    }
+
+    pub fn update(
+        &mut self,
+        id: SessionId,
+        user: usize,
+        title: Option<String>,
+        metadata: Option<RawJson>,
+    ) -> Expected<()> {
+        let faults = self.session_field_faults(&title, &metadata);
+        if !faults.is_empty() {
+            return Err(faults);
+        }
+        let session = self.access(id, user)?;
+        let changed = title.is_some() || metadata.is_some();
+        if let Some(title) = title {
+            session.title = Some(title);
+        }
+        if let Some(metadata) = metadata {
+            session.metadata = metadata;
+        }
+        if changed {
+            session.version += 1;
+        }
+        Ok(())
+    }
+
+    pub fn add_usage(
+        &mut self,
+        id: SessionId,
+        user: usize,
+        prompt: u32,
+        completion: u32,
+    ) -> Expected<()> {
+        let session = self.access(id, user)?;
+        session.usage.prompt_tokens += i64::from(prompt);
+        session.usage.completion_tokens += i64::from(completion);
+        if prompt > 0 || completion > 0 {
+            session.version += 1;
+        }
+        Ok(())
+    }
+
+    pub fn delete(&mut self, id: SessionId, user: usize) -> Expected<()> {
+        let session = self.access(id, user)?;
+        session.deleted = true;
+        session.version += 1;
+        Ok(())
+    }
+
+    /// The user's live sessions, newest first (creation times as observed).
+    pub fn listed(&self, user: usize) -> Vec<SessionId> {
+        let mut listed: Vec<(Option<Timestamp>, SessionId)> = self
+            .sessions
+            .iter()
+            .filter(|(_, session)| session.owner == user && !session.deleted)
+            .map(|(id, session)| (session.created_at, *id))
+            .collect();
+        listed.sort_by(|a, b| b.cmp(a));
+        listed.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Compares a session's metadata as the engine reported it with the model's.
+    pub fn check_info(&mut self, info: &SessionInfo) -> Result<(), String> {
+        let Some(session) = self.sessions.get_mut(&info.id) else {
+            return Err(format!(
+                "the engine reported a session the model lacks: {info:?}"
+            ));
+        };
+        let expected = (
+            USERS[session.owner],
+            &session.title,
+            &session.metadata,
+            session.usage,
+            session.messages.len() as i64,
+            session.version,
+        );
+        let actual = (
+            info.user_id.as_str(),
+            &info.title,
+            &info.metadata,
+            info.usage,
+            info.message_count,
+            info.version,
+        );
+        if expected != actual {
+            return Err(format!(
+                "session info (user, title, metadata, usage, message_count, version): \
+                 engine {actual:?}, model {expected:?}"
+            ));
+        }
+        match session.created_at {
+            None => session.created_at = Some(info.created_at),
+            Some(created_at) if created_at != info.created_at => {
+                return Err(format!(
+                    "created_at changed from {created_at} to {}",
+                    info.created_at
+                ));
+            }
+            Some(_) => {}
+        }
+        let updated_at = *session
+            .updated_at
+            .entry(info.version)
+            .or_insert(info.updated_at);
+        if updated_at != info.updated_at {
+            return Err(format!(
+                "version {} has two updated_at: {updated_at} and {}",
+                info.version, info.updated_at
+            ));
+        }
+        if info.updated_at < info.created_at {
+            return Err(format!("updated_at before created_at: {info:?}"));
+        }
+        Ok(())
+    }
+
+    /// Compares a page's messages with the model's `range` of the session.
+    pub fn check_messages(
+        &mut self,
+        id: SessionId,
+        actual: &[std::sync::Arc<Message>],
+        range: std::ops::Range<usize>,
+    ) -> Result<(), String> {
+        let session = self
+            .sessions
+            .get_mut(&id)
+            .ok_or_else(|| "page of a session the model lacks".to_owned())?;
+        let expected = &mut session.messages[range.clone()];
+        let seqs: Vec<i64> = actual.iter().map(|message| message.seq).collect();
+        let expected_seqs: Vec<i64> = range.clone().map(|seq| seq as i64).collect();
+        if seqs != expected_seqs {
+            return Err(format!(
+                "page sequences: engine {seqs:?}, model {expected_seqs:?}"
+            ));
+        }
+        for (model, actual) in expected.iter_mut().zip(actual) {
+            let wanted = &model.message;
+            let fields = (
+                actual.role,
+                &actual.content,
+                &actual.name,
+                &actual.tool_calls,
+                &actual.tool_call_id,
+                &actual.function_call,
+                &actual.refusal,
+            );
+            let model_fields = (
+                wanted.role,
+                &wanted.content,
+                &wanted.name,
+                &wanted.tool_calls,
+                &wanted.tool_call_id,
+                &wanted.function_call,
+                &wanted.refusal,
+            );
+            if fields != model_fields {
+                return Err(format!(
+                    "message {}: engine {fields:?}, model {model_fields:?}",
+                    actual.seq
+                ));
+            }
+            match model.id {
+                None => model.id = Some(actual.id),
+                Some(id) if id != actual.id => {
+                    return Err(format!(
+                        "message {} has id {}, model {id}",
+                        actual.seq, actual.id
+                    ));
+                }
+                Some(_) => {}
+            }
+            match model.created_at {
+                None => model.created_at = Some(actual.created_at),
+                Some(created_at) if created_at != actual.created_at => {
+                    return Err(format!(
+                        "message {} created_at changed from {created_at} to {}",
+                        actual.seq, actual.created_at
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
