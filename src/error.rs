@@ -40,9 +40,14 @@ pub enum Error {
         limit: usize,
     },
     /// Another writer kept changing the session and the engine gave up after its bounded
-    /// retries, or a session id is already taken by another user. HTTP 409.
+    /// retries. Nothing of the command was applied; retrying it may succeed. HTTP 409.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A create named a session id that is taken: by another user's session, live or deleted
+    /// (the answer is the same for both, so it tells nothing about that session), or by a
+    /// deleted session of the caller (ids are never reused). Retrying cannot succeed. HTTP 409.
+    #[error("the session id is taken")]
+    SessionIdTaken,
     /// A message id that is already stored in the session (or sent earlier in the same
     /// request) came with a different message. Re-sending the same message is fine (it returns
     /// the original sequence); reusing its id for other content is a client bug, refused whole.
@@ -161,7 +166,10 @@ impl Error {
             Error::Forbidden => 403,
             Error::InvalidInput { .. } => 400,
             Error::TooLarge { .. } => 413,
-            Error::Conflict(_) | Error::MessageIdReused { .. } | Error::IdempotencyKeyReused => 409,
+            Error::Conflict(_)
+            | Error::SessionIdTaken
+            | Error::MessageIdReused { .. }
+            | Error::IdempotencyKeyReused => 409,
             Error::PreconditionFailed { .. } => 412,
             Error::Overloaded(_) => 429,
             Error::ShuttingDown | Error::ActorFailed | Error::Timeout(_) | Error::Storage(_) => 503,
@@ -176,6 +184,7 @@ impl Error {
             Error::InvalidInput { .. } => "invalid_input",
             Error::TooLarge { .. } => "too_large",
             Error::Conflict(_) => "conflict",
+            Error::SessionIdTaken => "session_id_taken",
             Error::MessageIdReused { .. } => "message_id_reused",
             Error::IdempotencyKeyReused => "idempotency_key_reused",
             Error::PreconditionFailed { .. } => "precondition_failed",

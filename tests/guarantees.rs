@@ -533,7 +533,7 @@ async fn foreign_sessions_look_missing_by_default(db: TestDb) {
         Err(Error::NotFound)
     ));
     let taken = intruder.create(None, None).await;
-    assert!(matches!(taken, Err(Error::Conflict(_))), "{taken:?}");
+    assert!(matches!(taken, Err(Error::SessionIdTaken)), "{taken:?}");
     // A deleted session of another user looks the same as a live one: missing to reads and
     // writes, and the same answer to a create of its id.
     let deleted = new_session(&engine, "owner").await;

@@ -413,12 +413,12 @@ async fn assert_deleted(engine: &Engine, id: SessionId, resent: Uuid, context: &
     );
     assert_err!(
         session.create(Some("reborn".into()), None).await,
-        Error::Conflict(_),
+        Error::SessionIdTaken,
         "{context}: re-create by the owner"
     );
     assert_err!(
         engine.session("someone else", id).create(None, None).await,
-        Error::Conflict(_),
+        Error::SessionIdTaken,
         "{context}: re-create by another user"
     );
     let listed = engine

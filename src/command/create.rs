@@ -19,7 +19,7 @@ pub struct CreateSession {
     /// The caller, who becomes the owner.
     pub user_id: String,
     /// The id to use; when absent, derived from the user and the idempotency key if there is
-    /// one, else a new UUIDv7. An id taken by another user is a [`Error::Conflict`], so an
+    /// one, else a new UUIDv7. An id taken by another user is [`Error::SessionIdTaken`], so an
     /// application that lets untrusted users choose ids lets them learn which ids exist:
     /// derive them per user instead (as `soloist-server` does, which accepts no ids).
     #[serde(default)]
@@ -100,12 +100,8 @@ impl StageWrite for CreateSession {
             }
             // Another user's session, live or deleted, gets one answer: it must not tell
             // whether that session was deleted.
-            Some((existing, _)) if existing.user_id != self.user_id => {
-                Err(Error::Conflict("the session id is taken".into()))
-            }
-            Some((_, true)) => Err(Error::Conflict(
-                "the session id belonged to a deleted session".into(),
-            )),
+            Some((existing, _)) if existing.user_id != self.user_id => Err(Error::SessionIdTaken),
+            Some((_, true)) => Err(Error::SessionIdTaken),
             Some((existing, false)) => Ok(Created {
                 session: existing.clone(),
                 created: false,

@@ -22,7 +22,7 @@ pub enum Kind {
     Forbidden,
     InvalidInput,
     TooLarge,
-    Conflict,
+    SessionIdTaken,
     MessageIdReused,
     /// Anything else (storage, shutdown, actor failure...): never expected here.
     Other,
@@ -34,7 +34,7 @@ pub fn kind(error: &Error) -> Kind {
         Error::Forbidden => Kind::Forbidden,
         Error::InvalidInput { .. } => Kind::InvalidInput,
         Error::TooLarge { .. } => Kind::TooLarge,
-        Error::Conflict(_) => Kind::Conflict,
+        Error::SessionIdTaken => Kind::SessionIdTaken,
         Error::MessageIdReused { .. } => Kind::MessageIdReused,
         _ => Kind::Other,
     }
@@ -192,8 +192,8 @@ impl Model {
             return Err(faults);
         }
         match self.sessions.get(&id) {
-            Some(session) if session.deleted => Err(vec![Kind::Conflict]),
-            Some(session) if session.owner != user => Err(vec![Kind::Conflict]),
+            Some(session) if session.deleted => Err(vec![Kind::SessionIdTaken]),
+            Some(session) if session.owner != user => Err(vec![Kind::SessionIdTaken]),
             Some(_) => Ok(false),
             None => {
                 self.sessions.insert(

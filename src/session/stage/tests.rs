@@ -204,7 +204,7 @@ fn a_create_makes_the_row_once_and_repeats_answer_with_it() {
     };
     assert_eq!(created(&writes[0]), (true, 1));
     assert_eq!(created(&writes[1]), (false, 1));
-    assert!(matches!(refusal(&writes[2]), Error::Conflict(_)));
+    assert!(matches!(refusal(&writes[2]), Error::SessionIdTaken));
     assert!(staged.write.create.is_some());
     assert_eq!(staged.write.steps, 1);
 }
