@@ -27,7 +27,7 @@
 //! ```
 //!
 //! ## Layout
-//! - [`engine`]: the [`Engine`] facade and [`SessionHandle`].
+//! - [`engine`]: the [`Engine`] facade; [`SessionHandle`], one session acting as one user.
 //! - [`command`]: the message-passing API, commands as data and their replies.
 //! - [`model`]: the chat data model (messages, sessions, usage).
 //! - [`config`]: [`EngineConfig`] and input [`Limits`].
@@ -51,6 +51,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 mod faults;
+mod handle;
 mod idempotency;
 pub mod model;
 mod session;
@@ -64,10 +65,11 @@ pub use command::{
     ListSessions, Reply, SessionCursor, SessionList, SessionPage, UpdateSession,
 };
 pub use config::{EngineConfig, Limits, SqliteSync};
+pub use engine::Engine;
 #[cfg(any(test, feature = "fault-injection"))]
 pub use engine::{ChangeFeedPaused, WritesPaused};
-pub use engine::{Engine, SessionHandle};
 pub use error::{Error, Result, StorageError};
+pub use handle::SessionHandle;
 pub use model::{Message, NewMessage, RawJson, Role, SessionId, SessionInfo, Usage};
 pub use stats::Stats;
 pub use subscription::MessageStream;
