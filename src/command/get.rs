@@ -23,7 +23,7 @@ pub struct GetSession {
     #[serde(default)]
     pub after_seq: Option<i64>,
     /// At most this many messages (default 100, capped by
-    /// [`Limits::max_page_size`]); 0 returns metadata only.
+    /// [`Limits::max_page_size`](crate::Limits::max_page_size)); 0 returns metadata only.
     #[serde(default)]
     pub limit: Option<usize>,
     /// Check the session's version in the database first, so that writes made through other
