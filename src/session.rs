@@ -21,9 +21,7 @@ use crate::error::{Error, Result, StorageError};
 use crate::idempotency::{KeyRecord, Keyed};
 use crate::model::{Message, RawJson, SessionId, SessionInfo, Usage, from_micros, now_micros};
 use crate::stats::EngineStats;
-use crate::store::{
-    FlushOutcome, KeyRow, LoadedSession, MessageRow, NewSessionRow, SessionWrite, Store,
-};
+use crate::store::{FlushOutcome, KeyRow, LoadedSession, NewSessionRow, SessionWrite, Store};
 use crate::writer::Writer;
 
 /// Where an actor sends its answer.
@@ -927,9 +925,9 @@ impl SessionActor {
                                     let seq = staged.message_count;
                                     staged.message_count += 1;
                                     sequences.push(seq);
-                                    let (message, row) = new_message(seq, id, valid, now);
+                                    let message = new_message(seq, id, valid, now);
                                     pending.insert(id, message.clone());
-                                    write.rows.push(row);
+                                    write.rows.push(message.clone());
                                     messages.push(message);
                                 }
                                 if adds {
@@ -1262,9 +1260,9 @@ impl SessionActor {
     }
 }
 
-/// The cached message and the row to insert for one appended message.
-fn new_message(seq: i64, id: Uuid, valid: &ValidMessage, now: i64) -> (Arc<Message>, MessageRow) {
-    let message = Arc::new(Message {
+/// The message to cache and insert for one appended message.
+fn new_message(seq: i64, id: Uuid, valid: &ValidMessage, now: i64) -> Arc<Message> {
+    Arc::new(Message {
         seq,
         id,
         role: valid.message.role,
@@ -1275,27 +1273,7 @@ fn new_message(seq: i64, id: Uuid, valid: &ValidMessage, now: i64) -> (Arc<Messa
         function_call: valid.message.function_call.clone(),
         refusal: valid.message.refusal.clone(),
         created_at: from_micros(now),
-    });
-    let row = MessageRow {
-        seq,
-        id,
-        role: message.role,
-        content: message.content.clone(),
-        name: message.name.clone(),
-        tool_calls: valid
-            .message
-            .tool_calls
-            .as_ref()
-            .map(|json| json.get().to_owned()),
-        tool_call_id: message.tool_call_id.clone(),
-        function_call: valid
-            .message
-            .function_call
-            .as_ref()
-            .map(|json| json.get().to_owned()),
-        refusal: message.refusal.clone(),
-    };
-    (message, row)
+    })
 }
 
 fn send<T>(stats: &EngineStats, respond: Respond<T>, result: Result<T>) {
