@@ -22,8 +22,8 @@ pub(crate) struct Dialect {
     /// The database's clock in microseconds, as SQL. `None`: this machine's clock, bound as a
     /// parameter where a query reads the time.
     pub clock: Option<&'static str>,
-    /// Ends the query by which a flush reads the rows it writes: what locks them until the
-    /// commit, if its transaction does not hold the lock from its start.
+    /// Ends the queries that read rows a flush writes (or waits for): what locks them until
+    /// the commit, where the transaction does not hold the lock from its start.
     pub lock: &'static str,
     /// Opens a flush's transaction.
     pub begin_write: &'static str,

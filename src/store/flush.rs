@@ -11,9 +11,13 @@ use super::{FlushOutcome, SessionWrite};
 /// What a flush finds stored for a session it writes, read under the row lock.
 #[derive(Clone, Copy, Debug, sqlx::FromRow)]
 pub(crate) struct StoredHead {
+    /// The session.
     pub id: Uuid,
+    /// Its stored version.
     pub version: i64,
+    /// Whether it is deleted.
     pub deleted: bool,
+    /// Its ownership epoch.
     pub epoch: i64,
     /// Another process owns the session and its lease has not run out.
     pub leased_elsewhere: bool,
@@ -62,6 +66,7 @@ pub(crate) struct FlushPlan {
 }
 
 impl FlushPlan {
+    /// `count` writes, all in the transaction.
     pub fn new(count: usize) -> Self {
         Self {
             outcomes: vec![None; count],

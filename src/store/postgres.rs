@@ -91,14 +91,20 @@ fn array_type(sql_type: SqlType) -> &'static str {
 
 /// One column of some rows, as the array `unnest` takes.
 enum Column<'a> {
+    /// `uuid[]`.
     Uuid(Vec<Uuid>),
+    /// `int8[]`.
     Int(Vec<i64>),
+    /// `bool[]`.
     Bool(Vec<bool>),
+    /// `text[]`.
     Text(Vec<Option<&'a str>>),
+    /// `bytea[]`.
     Bytes(Vec<Option<&'a [u8]>>),
 }
 
 impl<'a> Column<'a> {
+    /// An empty column of `sql_type`, for `capacity` rows.
     fn new(sql_type: SqlType, capacity: usize) -> Self {
         match sql_type {
             SqlType::Uuid => Column::Uuid(Vec::with_capacity(capacity)),
@@ -109,6 +115,7 @@ impl<'a> Column<'a> {
         }
     }
 
+    /// Adds the value of the next row; it must be of the column's type.
     fn push(&mut self, value: Value<'a>) -> Result<(), BoxDynError> {
         match (self, value) {
             (Column::Uuid(values), Value::Uuid(value)) => values.push(value),
@@ -121,6 +128,7 @@ impl<'a> Column<'a> {
         Ok(())
     }
 
+    /// Binds the column as one array parameter.
     fn bind(self, args: &mut PgArguments) -> Result<(), BoxDynError> {
         match self {
             Column::Uuid(values) => args.add(values),

@@ -15,20 +15,30 @@ use crate::model::{Message, RawJson, Role, SessionInfo, Usage, from_micros};
 /// The SQL type of a written column: PostgreSQL types the arrays it unnests by it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum SqlType {
+    /// A UUID (a BLOB on SQLite).
     Uuid,
+    /// A 64-bit integer.
     Int,
+    /// A boolean (an integer on SQLite).
     Bool,
+    /// Text, or NULL.
     Text,
+    /// Bytes, or NULL.
     Bytes,
 }
 
 /// One value of a written row, of its column's [`SqlType`].
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Value<'a> {
+    /// Of a [`SqlType::Uuid`] column.
     Uuid(Uuid),
+    /// Of a [`SqlType::Int`] column.
     Int(i64),
+    /// Of a [`SqlType::Bool`] column.
     Bool(bool),
+    /// Of a [`SqlType::Text`] column.
     Text(Option<&'a str>),
+    /// Of a [`SqlType::Bytes`] column.
     Bytes(Option<&'a [u8]>),
 }
 
@@ -48,7 +58,7 @@ pub(crate) fn names(columns: &[(&str, SqlType)]) -> String {
     names.join(", ")
 }
 
-/// A session id as the item of a list (`IN (...)`, `= ANY(...)`).
+/// An id (of a session or a message) as the item of a list (`IN (...)`, `= ANY(...)`).
 impl WriteRow for Uuid {
     const COLUMNS: &'static [(&'static str, SqlType)] = &[("id", SqlType::Uuid)];
 
@@ -66,9 +76,11 @@ impl WriteRow for String {
     }
 }
 
-/// A message row to insert: the message as the session actor staged (and cached) it.
+/// A message row to insert.
 pub(crate) struct MessageRow<'a> {
+    /// The message's session.
     pub session_id: Uuid,
+    /// The message, as the session actor staged (and cached) it.
     pub message: &'a Message,
     /// The commit time of the write, stored as `created_at`.
     pub created_at: i64,
@@ -140,10 +152,12 @@ pub(crate) struct MessageRecord {
     created_at: i64,
 }
 
+/// A stored value the engine cannot read back.
 fn corrupt(what: &str, error: impl std::fmt::Display) -> StorageError {
     StorageError::msg(format!("stored {what} is unreadable: {error}"))
 }
 
+/// Checks stored JSON text.
 fn parse_json(what: &str, text: Option<String>) -> Result<Option<RawJson>, StorageError> {
     text.map(|text| RawJson::from_stored(text).ok_or_else(|| corrupt(what, "not JSON")))
         .transpose()
@@ -273,7 +287,9 @@ impl WriteRow for ExpiredKeys<'_> {
 
 /// An idempotency record to insert.
 pub(crate) struct KeyInsert<'a> {
+    /// The write that stores the record.
     pub write: &'a SessionWrite,
+    /// The record.
     pub key: &'a KeyRow,
 }
 

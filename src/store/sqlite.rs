@@ -27,6 +27,7 @@ use crate::error::{Error, StorageError};
 /// The SQLite store.
 #[derive(Clone, Debug)]
 pub(crate) struct SqliteStore {
+    /// The writer connection (one: SQLite has one writer at a time) and the readers.
     pub sql: Sql<Sqlite>,
 }
 
@@ -75,6 +76,7 @@ impl Backend for Sqlite {
     }
 }
 
+/// Whether `url` names a private in-memory database.
 fn is_memory_url(url: &str) -> bool {
     matches!(
         url,
@@ -83,6 +85,8 @@ fn is_memory_url(url: &str) -> bool {
 }
 
 impl SqliteStore {
+    /// Opens (or creates) the database, connects the writer and the readers, and runs the
+    /// migrations.
     pub async fn connect(config: &EngineConfig, ownership: Ownership) -> Result<Self, Error> {
         let url = config.database_url.as_str();
         let options = if is_memory_url(url) {
