@@ -13,7 +13,7 @@ use crate::command::{Reply, SessionCommand};
 use crate::error::{Error, Result};
 use crate::idempotency::Keyed;
 use crate::model::{Message, NewMessage, RawJson, SessionId, SessionInfo, Usage, from_micros};
-use crate::store::{KeyRow, MessageRow, NewSessionRow, SessionWrite};
+use crate::store::{KeyRow, NewSessionRow, SessionWrite};
 
 /// How a write command changes the staged session; its reply is what it answers once the
 /// batch committed, an error refuses it (and changes nothing).
@@ -231,23 +231,7 @@ impl Batch<'_> {
         let seq = info.message_count;
         info.message_count += 1;
         let message = Arc::new(Message::stored(seq, id, new, from_micros(self.now)));
-        self.write.rows.push(MessageRow {
-            seq,
-            id,
-            role: message.role,
-            content: message.content.clone(),
-            name: message.name.clone(),
-            tool_calls: message
-                .tool_calls
-                .as_ref()
-                .map(|json| json.get().to_owned()),
-            tool_call_id: message.tool_call_id.clone(),
-            function_call: message
-                .function_call
-                .as_ref()
-                .map(|json| json.get().to_owned()),
-            refusal: message.refusal.clone(),
-        });
+        self.write.rows.push(message.clone());
         self.pending.insert(id, message.clone());
         self.messages.push(message);
         seq

@@ -1,0 +1,325 @@
+//! Persistence: the [`Store`] enum over the SQL backends, and the records they exchange with the
+//! session actors and the writer stage.
+//!
+//! The backends share their code: each statement is written once (`queries`) and rendered for
+//! the backend's dialect (`dialect`); the reads and the general flush run the same way on every
+//! backend (`sql`), and what a flush decides about each write is decided in one place
+//! (`flush`). A backend's own file holds its connection set-up, how it binds rows, and what
+//! only it can do (on PostgreSQL, the single-statement flush and LISTEN/NOTIFY).
+//!
+//! A flush writes the batches of many sessions in one transaction. For each session it checks,
+//! in that transaction, that the session's stored `version` is the one its actor loaded (so a
+//! write made by another process is noticed before anything is written), inserts the messages
+//! with `ON CONFLICT DO NOTHING` (so a stored message id or sequence is noticed without aborting
+//! the transaction), and bumps `version`, `updated_at` and the counters by deltas. A session
+//! that conflicts is left out and reported as [`FlushOutcome::Conflict`]; the others commit.
+
+mod backend;
+mod dialect;
+mod flush;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
+mod queries;
+mod rows;
+mod sql;
+#[cfg(feature = "sqlite")]
+pub(crate) mod sqlite;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::command::SessionCursor;
+use crate::config::EngineConfig;
+use crate::error::{Error, StorageError};
+use crate::idempotency::KeyRecord;
+use crate::model::{Message, SessionId, SessionInfo, Usage};
+
+/// A session's row and the newest messages, as loaded on activation.
+#[derive(Debug)]
+pub(crate) struct LoadedSession {
+    /// The session's row.
+    pub info: SessionInfo,
+    /// Whether the session is deleted (its row stays, as a tombstone).
+    pub deleted: bool,
+    /// The ownership epoch stored with the session.
+    pub epoch: i64,
+    /// The newest messages, ascending by `seq`.
+    pub tail: Vec<Message>,
+}
+
+/// The row of a session created by a flush.
+#[derive(Clone, Debug)]
+pub(crate) struct NewSessionRow {
+    /// The session's owner.
+    pub user_id: String,
+    /// The initial title.
+    pub title: Option<String>,
+    /// The initial metadata, as JSON text.
+    pub metadata: String,
+}
+
+/// Everything one session's batch changes, written atomically.
+#[derive(Clone, Debug)]
+pub(crate) struct SessionWrite {
+    /// The session written.
+    pub session_id: SessionId,
+    /// Insert the session row first (`ON CONFLICT DO NOTHING`: a row already there is a conflict).
+    pub create: Option<NewSessionRow>,
+    /// The stored version this write was staged against (0 for a new session).
+    pub expected_version: i64,
+    /// The ownership epoch the session must still have: the one this process took over, or,
+    /// with `claim`, the one it loaded.
+    pub epoch: i64,
+    /// Take the session over: the write bumps the epoch (the first write of an activation).
+    pub claim: bool,
+    /// The messages to insert, as the session actor staged (and cached) them.
+    pub rows: Vec<Arc<Message>>,
+    /// A new title, if the batch sets one.
+    pub title: Option<String>,
+    /// New metadata (JSON text), if the batch sets it.
+    pub metadata: Option<String>,
+    /// Token counts to add to the session's.
+    pub usage: Usage,
+    /// Delete the session (keeping its row as a tombstone) and its messages.
+    pub delete: bool,
+    /// Idempotency records to store with the write; a key already stored (and not expired) is
+    /// a conflict, like a stored message id.
+    pub keys: Vec<KeyRow>,
+    /// Idempotency records of the session older than this (microseconds) are expired: deleted
+    /// when the write stores a key.
+    pub keys_expire_before: i64,
+    /// How far the write moves the session's version: one per command of the batch that
+    /// changes the session (at least one), so that every change has a version of its own.
+    pub steps: i64,
+    /// Commit time (microseconds) for `updated_at` and the new rows' `created_at`.
+    pub now: i64,
+}
+
+/// An idempotency record to insert.
+#[derive(Clone, Debug)]
+pub(crate) struct KeyRow {
+    /// The idempotency key the command was sent with.
+    pub key: String,
+    /// The user who sent it.
+    pub user_id: String,
+    /// What identifies the command, so that a key sent again with another command is told
+    /// apart.
+    pub fingerprint: Vec<u8>,
+    /// The answer, as a JSON [`Reply`](crate::Reply).
+    pub response: String,
+}
+
+impl SessionWrite {
+    /// A write that changes nothing yet, staged against `expected_version` at time `now`.
+    pub fn new(session_id: SessionId, expected_version: i64, now: i64) -> Self {
+        Self {
+            session_id,
+            create: None,
+            expected_version,
+            epoch: 0,
+            claim: true,
+            rows: Vec::new(),
+            title: None,
+            metadata: None,
+            usage: Usage::default(),
+            delete: false,
+            keys: Vec::new(),
+            keys_expire_before: 0,
+            steps: 1,
+            now,
+        }
+    }
+
+    /// Bytes of message payload (content, texts, JSON) this write carries.
+    pub fn payload_bytes(&self) -> usize {
+        rows::payload_bytes(&self.rows) + self.metadata.as_ref().map_or(0, String::len)
+    }
+
+    /// Whether the write changes nothing (and need not be flushed).
+    pub fn is_empty(&self) -> bool {
+        self.create.is_none()
+            && self.rows.is_empty()
+            && self.title.is_none()
+            && self.metadata.is_none()
+            && self.usage == Usage::default()
+            && !self.delete
+            && self.keys.is_empty()
+    }
+}
+
+/// What a flush did with one session's write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FlushOutcome {
+    /// Committed; the session's stored version is now `version`, and this process owns it.
+    /// `took_over`: the write claimed the session while another process's lease on it was
+    /// still running.
+    Committed { version: i64, took_over: bool },
+    /// Another writer changed the session (or a message id / sequence is already stored):
+    /// nothing of this write was applied. Reload and restage.
+    Conflict,
+    /// Another process took the session over (its epoch moved): nothing of this write was
+    /// applied, and this process may not write the session again without reloading it.
+    Fenced,
+}
+
+/// Who this process is when it takes sessions over, and for how long its claim holds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ownership {
+    /// This process's id.
+    pub owner: Uuid,
+    /// The lease each write renews, in microseconds.
+    pub lease_micros: i64,
+}
+
+/// The storage backends, chosen at run time from the database URL.
+#[derive(Clone, Debug)]
+pub(crate) enum Store {
+    /// `sqlite:` URLs, files and in-memory databases.
+    #[cfg(feature = "sqlite")]
+    Sqlite(sqlite::SqliteStore),
+    /// `postgres:` and `postgresql:` URLs.
+    #[cfg(feature = "postgres")]
+    Postgres(postgres::PostgresStore),
+}
+
+/// Runs `$body` with `$sql` bound to the backend's shared [`sql::Sql`] store.
+macro_rules! dispatch {
+    ($self:ident, $sql:ident => $body:expr) => {
+        match $self {
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(store) => {
+                let $sql = &store.sql;
+                $body
+            }
+            #[cfg(feature = "postgres")]
+            Store::Postgres(store) => {
+                let $sql = &store.sql;
+                $body
+            }
+        }
+    };
+}
+
+/// Declares methods of [`Store`] that every backend answers the same way: each is written
+/// once, in [`sql::Sql`], and the store hands the call to its backend's.
+macro_rules! delegate {
+    ($($(#[$doc:meta])* fn $name:ident(&self $(, $arg:ident: $type:ty)*) -> $output:ty;)*) => {
+        $(
+            $(#[$doc])*
+            pub async fn $name(&self $(, $arg: $type)*) -> $output {
+                dispatch!(self, sql => sql.$name($($arg),*).await)
+            }
+        )*
+    };
+}
+
+impl Store {
+    /// Connects to the configured database and runs the embedded migrations.
+    /// `owner` is this process's id, written into the sessions it takes over.
+    pub async fn connect(config: &EngineConfig, owner: Uuid) -> Result<Store, Error> {
+        let url = config.database_url.as_str();
+        let lease = i64::try_from(config.ownership_lease.as_micros()).unwrap_or(i64::MAX);
+        let ownership = Ownership {
+            owner,
+            // Added to the current time in SQL: kept far enough from the end of the range that
+            // the sum cannot overflow.
+            lease_micros: lease.min(i64::MAX / 4),
+        };
+        #[cfg(feature = "sqlite")]
+        if url.starts_with("sqlite:") {
+            return Ok(Store::Sqlite(
+                sqlite::SqliteStore::connect(config, ownership).await?,
+            ));
+        }
+        #[cfg(feature = "postgres")]
+        if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            return Ok(Store::Postgres(
+                postgres::PostgresStore::connect(config, ownership).await?,
+            ));
+        }
+        Err(Error::invalid(
+            "database_url",
+            format!("unsupported database URL {url:?}: expected sqlite: or postgres:"),
+        ))
+    }
+
+    /// How many write transactions may be in flight at once.
+    pub fn writer_count(&self, config: &EngineConfig) -> usize {
+        #[cfg(not(feature = "postgres"))]
+        let _ = config;
+        match self {
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(_) => 1,
+            #[cfg(feature = "postgres")]
+            Store::Postgres(_) => config.writer_connections.max(1) as usize,
+        }
+    }
+
+    delegate! {
+        /// The session's row and its newest `tail` messages; `None` if there is no such row.
+        /// With `readers` (the users whose commands asked for the load), the messages are read
+        /// only if one of them owns the session: a load for someone else's commands costs what
+        /// a load of a missing session costs, and keeps nothing of the conversation in memory.
+        fn load(&self, id: SessionId, tail: usize, readers: &[&str])
+            -> Result<Option<LoadedSession>, StorageError>;
+
+        /// Sequences of those of `ids` that are stored in the session.
+        fn stored_ids(&self, id: SessionId, ids: &[Uuid])
+            -> Result<HashMap<Uuid, i64>, StorageError>;
+
+        /// Those of `ids` that are stored in the session, as stored.
+        fn stored_messages(&self, id: SessionId, ids: &[Uuid])
+            -> Result<Vec<Message>, StorageError>;
+
+        /// The idempotency records of the session under `keys` created at or after `since`
+        /// (microseconds), by key.
+        fn key_records(&self, id: SessionId, keys: &[String], since: i64)
+            -> Result<HashMap<String, KeyRecord>, StorageError>;
+
+        /// Deletes at most `limit` idempotency records created before `cutoff`
+        /// (microseconds), of any session; returns how many.
+        fn purge_keys(&self, cutoff: i64, limit: i64) -> Result<u64, StorageError>;
+
+        /// Up to `limit` messages of the session after sequence `after_seq`, ascending.
+        fn read_messages(&self, id: SessionId, after_seq: i64, limit: usize)
+            -> Result<Vec<Message>, StorageError>;
+
+        /// Up to `limit` of the user's live sessions created before the cursor, newest first.
+        fn list_sessions(&self, user_id: &str, before: Option<SessionCursor>, limit: usize)
+            -> Result<Vec<SessionInfo>, StorageError>;
+
+        /// The stored version of a session, or `None` if there is no such row.
+        fn version(&self, id: SessionId) -> Result<Option<i64>, StorageError>;
+
+        /// After a flush's outcome was lost: the session's stored head, waiting for any write
+        /// that still holds (or waits for) its row lock, as `(version, owned by this process,
+        /// epoch)`; `None` if there is no such row.
+        fn settled_head(&self, id: SessionId)
+            -> Result<Option<(i64, bool, i64)>, StorageError>;
+    }
+
+    /// Writes many sessions' batches in one transaction; see the module docs. `Err` means the
+    /// whole transaction failed and its outcome may be unknown.
+    pub async fn flush(&self, writes: &[SessionWrite]) -> Result<Vec<FlushOutcome>, StorageError> {
+        match self {
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(store) => store.sql.flush(writes).await,
+            // The single-statement flush first, where it can do the work.
+            #[cfg(feature = "postgres")]
+            Store::Postgres(store) => store.flush(writes).await,
+        }
+    }
+
+    /// Whether a failed flush may be retried as is: the database refused it before anything
+    /// could have committed (lock timeout, deadlock, serialization failure).
+    pub fn is_transient(&self, error: &StorageError) -> bool {
+        dispatch!(self, sql => sql.is_transient(error))
+    }
+
+    /// Closes the connection pools.
+    pub async fn close(&self) {
+        dispatch!(self, sql => sql.close().await)
+    }
+}

@@ -1,0 +1,218 @@
+//! Every statement of the shared store code, written once and rendered for a dialect when a
+//! store connects. A statement's parameters are bound in the order its `?` stand in the text.
+//!
+//! The texts never vary per call: a statement that carries rows or a list has one text per
+//! chunk size with `VALUES` (powers of two) and a single one with arrays, so that each stays
+//! prepared in the connections' statement caches.
+
+use sqlx::SqlStr;
+
+use super::dialect::{Batched, Dialect};
+use super::rows::{
+    ExpiredKeys, KeyInsert, MessageRow, NewSession, SESSION_COLUMNS, SessionChange, WriteRow,
+    key_columns, message_columns, names,
+};
+
+/// The rendered statements of one store.
+#[derive(Debug)]
+pub(crate) struct Queries {
+    /// A session's row. Binds: id.
+    pub session: SqlStr,
+    /// A session's newest messages. Binds: id, first sequence.
+    pub tail: SqlStr,
+    /// A page of a session's messages. Binds: id, after this sequence, up to this one.
+    pub read_messages: SqlStr,
+    /// A page of a user's sessions, newest first. Binds: user, cursor time, cursor id, limit.
+    pub list_sessions: SqlStr,
+    /// A session's stored version. Binds: id.
+    pub version: SqlStr,
+    /// A session's head, once no write holds its row. Binds: owner, id.
+    pub settled_head: SqlStr,
+    /// Deletes some expired idempotency records. Binds: cutoff, limit.
+    pub purge_keys: SqlStr,
+    /// Sequences of the stored ones of some message ids. Binds: session id, list.
+    pub stored_ids: Batched,
+    /// The stored ones of some message ids. Binds: session id, list.
+    pub stored_messages: Batched,
+    /// The live idempotency records of some keys. Binds: session id, since, list.
+    pub key_records: Batched,
+    /// Creates session rows, returning the ids it created. Binds: rows.
+    pub create_sessions: Batched,
+    /// Reads (and locks) the heads a flush writes. Binds: owner, now, list.
+    pub heads: Batched,
+    /// Inserts messages, returning the session of each inserted one. Binds: rows.
+    pub insert_messages: Batched,
+    /// Deletes sessions' expired idempotency records. Binds: rows.
+    pub delete_expired_keys: Batched,
+    /// Inserts idempotency records, returning the session of each inserted one. Binds: rows.
+    pub insert_keys: Batched,
+    /// Applies flushes' changes to their sessions. Binds: rows, owner, now, lease.
+    pub update_sessions: Batched,
+    /// Deletes the messages of deleted sessions. Binds: list.
+    pub delete_messages: Batched,
+}
+
+impl Queries {
+    /// Renders every statement for `dialect`.
+    pub fn new(dialect: &Dialect) -> Self {
+        let d = dialect;
+        let messages = message_columns();
+        Self {
+            session: d.render(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?"
+            )),
+            // Sequences are contiguous, so the tail is a key range: a plan can only read it
+            // through the primary key, however little the planner knows about the table.
+            tail: d.render(&format!(
+                "SELECT {messages} FROM messages WHERE session_id = ? AND seq >= ? ORDER BY seq"
+            )),
+            // Contiguous sequences: a page is exactly a key range too.
+            read_messages: d.render(&format!(
+                "SELECT {messages} FROM messages \
+                 WHERE session_id = ? AND seq > ? AND seq <= ? ORDER BY seq"
+            )),
+            list_sessions: d.render(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions \
+                 WHERE user_id = ? AND deleted_at IS NULL AND (created_at, id) < (?, ?) \
+                 ORDER BY created_at DESC, id DESC LIMIT ?"
+            )),
+            version: d.render("SELECT version FROM sessions WHERE id = ?"),
+            settled_head: d.render(&format!(
+                "SELECT version, COALESCE(owner = ?, false), epoch FROM sessions WHERE id = ?{}",
+                d.lock
+            )),
+            purge_keys: d.render(&format!(
+                "DELETE FROM idempotency_keys WHERE {address} IN \
+                 (SELECT {address} FROM idempotency_keys WHERE created_at < ? LIMIT ?)",
+                address = d.row_address
+            )),
+            stored_ids: d.render_batched(|count| {
+                format!(
+                    "SELECT message_id, seq FROM messages WHERE session_id = ? AND message_id {}",
+                    d.in_list(count)
+                )
+            }),
+            stored_messages: d.render_batched(|count| {
+                format!(
+                    "SELECT {messages} FROM messages WHERE session_id = ? AND message_id {}",
+                    d.in_list(count)
+                )
+            }),
+            key_records: d.render_batched(|count| {
+                format!(
+                    "SELECT {} FROM idempotency_keys \
+                     WHERE session_id = ? AND created_at >= ? AND key {}",
+                    key_columns(),
+                    d.in_list(count)
+                )
+            }),
+            create_sessions: d.render_batched(|count| {
+                format!(
+                    "{} ON CONFLICT (id) DO NOTHING RETURNING id",
+                    insert::<NewSession>(d, "sessions", count)
+                )
+            }),
+            heads: d.render_batched(|count| heads(d, count)),
+            insert_messages: d.render_batched(|count| {
+                format!(
+                    "{} ON CONFLICT DO NOTHING RETURNING session_id",
+                    insert::<MessageRow>(d, "messages", count)
+                )
+            }),
+            // A join, so that both planners find each session's records through the primary
+            // key's prefix and delete them by the primary key.
+            delete_expired_keys: d.render_batched(|count| {
+                format!(
+                    "WITH {} DELETE FROM idempotency_keys WHERE (session_id, key) IN \
+                     (SELECT k.session_id, k.key FROM e JOIN idempotency_keys k \
+                      ON k.session_id = e.session_id AND k.created_at < e.cutoff)",
+                    d.table("e", ExpiredKeys::COLUMNS, count)
+                )
+            }),
+            insert_keys: d.render_batched(|count| {
+                format!(
+                    "{} ON CONFLICT DO NOTHING RETURNING session_id",
+                    insert::<KeyInsert>(d, "idempotency_keys", count)
+                )
+            }),
+            update_sessions: d.render_batched(|count| {
+                format!(
+                    "WITH {} UPDATE sessions SET {} FROM u WHERE sessions.id = u.id",
+                    d.table("u", SessionChange::COLUMNS, count),
+                    session_update(d)
+                )
+            }),
+            delete_messages: d.render_batched(|count| {
+                format!("DELETE FROM messages WHERE session_id {}", d.in_list(count))
+            }),
+        }
+    }
+}
+
+/// `INSERT INTO table (columns) <rows>` for `count` rows of `R`.
+fn insert<R: WriteRow>(d: &Dialect, table: &str, count: usize) -> String {
+    format!(
+        "INSERT INTO {table} ({}) {}",
+        names(R::COLUMNS),
+        d.rows(R::COLUMNS, count)
+    )
+}
+
+/// The heads of `count` sessions a flush writes, as [`StoredHead`](super::flush::StoredHead)
+/// reads them, locked until the commit. Binds: owner, now, list.
+pub(crate) fn heads(d: &Dialect, count: usize) -> String {
+    format!(
+        "SELECT id, version, deleted_at IS NOT NULL AS deleted, epoch, \
+                COALESCE(owner <> ? AND lease_until > {now}, false) AS leased_elsewhere \
+         FROM sessions WHERE id {list}{lock}",
+        now = d.now(),
+        list = d.in_list(count),
+        lock = d.lock
+    )
+}
+
+/// The assignments that apply a [`SessionChange`] named `u` to its session, making this
+/// process its owner (and bumping the epoch if the write claims it) and renewing the lease.
+/// Binds: owner, now, lease.
+pub(crate) fn session_update(d: &Dialect) -> String {
+    format!(
+        "owner = ?, lease_until = {now} + ?, epoch = sessions.epoch + u.claim, \
+         version = sessions.version + u.steps, updated_at = u.at, \
+         title = COALESCE(u.title, sessions.title), \
+         metadata = COALESCE(u.metadata, sessions.metadata), \
+         prompt_tokens = sessions.prompt_tokens + u.prompt, \
+         completion_tokens = sessions.completion_tokens + u.completion, \
+         message_count = sessions.message_count + u.added, \
+         deleted_at = CASE WHEN u.del THEN u.at ELSE sessions.deleted_at END",
+        now = d.now()
+    )
+}
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    use sqlx::Sqlite;
+
+    use super::Queries;
+    use crate::store::backend::Backend;
+    use crate::store::dialect::statement_chunks;
+    use crate::store::rows::{MessageRow, WriteRow};
+
+    fn placeholders(sql: sqlx::SqlStr) -> usize {
+        sql.as_str().matches('?').count()
+    }
+
+    #[test]
+    fn each_chunk_gets_the_text_rendered_for_its_size() {
+        let queries = Queries::new(&Sqlite::DIALECT);
+        for chunk in statement_chunks(&[0; 509], 256) {
+            let columns = MessageRow::COLUMNS.len();
+            let text = queries.insert_messages.get(chunk.len());
+            assert_eq!(placeholders(text), chunk.len() * columns);
+        }
+        // Lists are padded up to the next power of two.
+        for count in [1, 2, 3, 5, 100, 255, 256] {
+            let text = queries.delete_messages.get(count);
+            assert_eq!(placeholders(text), count.next_power_of_two());
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! The code every SQL backend runs the same way: the reads and the general flush, over the
+//! statements of `queries` rendered for the backend's dialect. A backend supplies only what
+//! really differs ([`Backend`]): its dialect, how rows and lists are bound, and which errors
+//! are transient; and it keeps its own connection set-up and anything only it can do.
+//!
+//! Each function is generic over the sqlx driver, and written against what both drivers
+//! provide (the bounds of the `impl` block below); it is compiled once per backend.
+
+use std::collections::{HashMap, HashSet};
+use std::convert::identity;
+use std::sync::Arc;
+
+use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Type};
+use uuid::Uuid;
+
+use super::backend::{Backend, Params};
+use super::dialect::Batched;
+use super::flush::{FlushPlan, StoredHead, by_session};
+use super::queries::Queries;
+use super::rows::{
+    ExpiredKeys, KeyInsert, KeyRecordRow, MessageRecord, MessageRow, NewSession, SessionChange,
+    SessionRecord, WriteRow, into_messages,
+};
+use super::{FlushOutcome, LoadedSession, Ownership, SessionWrite};
+use crate::command::SessionCursor;
+use crate::error::StorageError;
+use crate::idempotency::KeyRecord;
+use crate::model::{Message, SessionId, SessionInfo, now_micros};
+
+/// A SQL store: its connection pools, its rendered statements, and who this process is.
+#[derive(Debug)]
+pub(crate) struct Sql<DB: Database> {
+    /// Connections for writes (flushes, purges).
+    pub writer: Pool<DB>,
+    /// Connections for reads.
+    pub readers: Pool<DB>,
+    /// Who this process is, written into the sessions it writes.
+    pub ownership: Ownership,
+    queries: Arc<Queries>,
+}
+
+impl<DB: Database> Clone for Sql<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            writer: self.writer.clone(),
+            readers: self.readers.clone(),
+            ownership: self.ownership,
+            queries: self.queries.clone(),
+        }
+    }
+}
+
+impl<DB: Backend> Sql<DB> {
+    /// A store over connected (and migrated) pools; renders its statements.
+    pub fn new(writer: Pool<DB>, readers: Pool<DB>, ownership: Ownership) -> Self {
+        Self {
+            writer,
+            readers,
+            ownership,
+            queries: Arc::new(Queries::new(&DB::DIALECT)),
+        }
+    }
+
+    /// See [`Store::is_transient`](super::Store::is_transient).
+    pub fn is_transient(&self, error: &StorageError) -> bool {
+        DB::is_transient(error)
+    }
+
+    /// Closes the connection pools.
+    pub async fn close(&self) {
+        self.readers.close().await;
+        self.writer.close().await;
+    }
+}
+
+/// The shared code needs of a driver what SQLite's and PostgreSQL's both provide: executors
+/// over pools and transactions, the scalar types it binds, and the records it reads.
+impl<DB> Sql<DB>
+where
+    DB: Backend,
+    DB::Arguments: IntoArguments<DB>,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> Uuid: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q, 'a> &'a str: Encode<'q, DB> + Type<DB>,
+    for<'r> (Uuid,): FromRow<'r, DB::Row>,
+    for<'r> (i64,): FromRow<'r, DB::Row>,
+    for<'r> (Uuid, i64): FromRow<'r, DB::Row>,
+    for<'r> (i64, bool, i64): FromRow<'r, DB::Row>,
+    for<'r> SessionRecord: FromRow<'r, DB::Row>,
+    for<'r> MessageRecord: FromRow<'r, DB::Row>,
+    for<'r> KeyRecordRow: FromRow<'r, DB::Row>,
+    for<'r> StoredHead: FromRow<'r, DB::Row>,
+{
+    /// See [`Store::load`](super::Store::load).
+    pub async fn load(
+        &self,
+        id: SessionId,
+        tail: usize,
+        readers: &[&str],
+    ) -> Result<Option<LoadedSession>, StorageError> {
+        // One read transaction, so the row and the messages are one snapshot.
+        let mut tx = self.readers.begin_with(DB::DIALECT.begin_snapshot).await?;
+        let args = Params::<DB>::new().add(id).finish()?;
+        let record: Option<SessionRecord> = sqlx::query_as_with(self.queries.session.clone(), args)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(record) = record else {
+            tx.commit().await?;
+            return Ok(None);
+        };
+        let (info, deleted, epoch) = record.into_info()?;
+        let foreign = !readers.is_empty() && !readers.contains(&info.user_id.as_str());
+        let records: Vec<MessageRecord> = if deleted || tail == 0 || foreign {
+            Vec::new()
+        } else {
+            let first = (info.message_count - tail as i64).max(0);
+            let args = Params::<DB>::new().add(id).add(first).finish()?;
+            sqlx::query_as_with(self.queries.tail.clone(), args)
+                .fetch_all(&mut *tx)
+                .await?
+        };
+        tx.commit().await?;
+        Ok(Some(LoadedSession {
+            info,
+            deleted,
+            epoch,
+            tail: into_messages(records)?,
+        }))
+    }
+
+    /// See [`Store::stored_ids`](super::Store::stored_ids).
+    pub async fn stored_ids(
+        &self,
+        id: SessionId,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, i64>, StorageError> {
+        let mut stored = HashMap::new();
+        for chunk in DB::DIALECT.list_chunks(ids) {
+            let args = Params::<DB>::new().add(id).list(chunk).finish()?;
+            let rows: Vec<(Uuid, i64)> =
+                sqlx::query_as_with(self.queries.stored_ids.get(chunk.len()), args)
+                    .fetch_all(&self.readers)
+                    .await?;
+            stored.extend(rows);
+        }
+        Ok(stored)
+    }
+
+    /// See [`Store::stored_messages`](super::Store::stored_messages).
+    pub async fn stored_messages(
+        &self,
+        id: SessionId,
+        ids: &[Uuid],
+    ) -> Result<Vec<Message>, StorageError> {
+        let mut records: Vec<MessageRecord> = Vec::new();
+        for chunk in DB::DIALECT.list_chunks(ids) {
+            let args = Params::<DB>::new().add(id).list(chunk).finish()?;
+            let statement = self.queries.stored_messages.get(chunk.len());
+            records.extend(
+                sqlx::query_as_with(statement, args)
+                    .fetch_all(&self.readers)
+                    .await?,
+            );
+        }
+        into_messages(records)
+    }
+
+    /// See [`Store::key_records`](super::Store::key_records).
+    pub async fn key_records(
+        &self,
+        id: SessionId,
+        keys: &[String],
+        since: i64,
+    ) -> Result<HashMap<String, KeyRecord>, StorageError> {
+        let mut records = HashMap::new();
+        for chunk in DB::DIALECT.list_chunks(keys) {
+            let args = Params::<DB>::new()
+                .add(id)
+                .add(since)
+                .list(chunk)
+                .finish()?;
+            let rows: Vec<KeyRecordRow> =
+                sqlx::query_as_with(self.queries.key_records.get(chunk.len()), args)
+                    .fetch_all(&self.readers)
+                    .await?;
+            records.extend(rows.into_iter().map(KeyRecordRow::into_record));
+        }
+        Ok(records)
+    }
+
+    /// See [`Store::purge_keys`](super::Store::purge_keys).
+    pub async fn purge_keys(&self, cutoff: i64, limit: i64) -> Result<u64, StorageError> {
+        let args = Params::<DB>::new().add(cutoff).add(limit).finish()?;
+        let done = sqlx::query_with(self.queries.purge_keys.clone(), args)
+            .execute(&self.writer)
+            .await?;
+        Ok(DB::rows_affected(&done))
+    }
+
+    /// See [`Store::read_messages`](super::Store::read_messages).
+    pub async fn read_messages(
+        &self,
+        id: SessionId,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<Message>, StorageError> {
+        let last = after_seq.saturating_add(limit as i64);
+        let args = Params::<DB>::new()
+            .add(id)
+            .add(after_seq)
+            .add(last)
+            .finish()?;
+        let records: Vec<MessageRecord> =
+            sqlx::query_as_with(self.queries.read_messages.clone(), args)
+                .fetch_all(&self.readers)
+                .await?;
+        into_messages(records)
+    }
+
+    /// See [`Store::list_sessions`](super::Store::list_sessions).
+    pub async fn list_sessions(
+        &self,
+        user_id: &str,
+        before: Option<SessionCursor>,
+        limit: usize,
+    ) -> Result<Vec<SessionInfo>, StorageError> {
+        let (before_time, before_id) = match before {
+            Some(cursor) => (cursor.created_at_micros, cursor.id),
+            None => (i64::MAX, Uuid::max()),
+        };
+        let args = Params::<DB>::new()
+            .add(user_id)
+            .add(before_time)
+            .add(before_id)
+            .add(limit as i64)
+            .finish()?;
+        let records: Vec<SessionRecord> =
+            sqlx::query_as_with(self.queries.list_sessions.clone(), args)
+                .fetch_all(&self.readers)
+                .await?;
+        records
+            .into_iter()
+            .map(|record| record.into_info().map(|(info, ..)| info))
+            .collect()
+    }
+
+    /// See [`Store::version`](super::Store::version).
+    pub async fn version(&self, id: SessionId) -> Result<Option<i64>, StorageError> {
+        let args = Params::<DB>::new().add(id).finish()?;
+        Ok(sqlx::query_scalar_with(self.queries.version.clone(), args)
+            .fetch_optional(&self.readers)
+            .await?)
+    }
+
+    /// See [`Store::settled_head`](super::Store::settled_head).
+    pub async fn settled_head(
+        &self,
+        id: SessionId,
+    ) -> Result<Option<(i64, bool, i64)>, StorageError> {
+        // Where the dialect locks rows (PostgreSQL), the lock queues behind a statement of the
+        // lost flush that the server may still be running (a client that lost its connection
+        // does not stop a statement waiting for a lock), so what this reads is final for that
+        // flush. SQLite needs no lock: a flush's transaction lives and dies with its
+        // connection in this process, so none can still be running once its outcome was
+        // reported lost.
+        let mut tx = self.readers.begin().await?;
+        let args = Params::<DB>::new()
+            .add(self.ownership.owner)
+            .add(id)
+            .finish()?;
+        let head = sqlx::query_as_with(self.queries.settled_head.clone(), args)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(head)
+    }
+
+    /// The general flush: several statements in one transaction; see the module docs of
+    /// `store`. Writes that meet something already stored leave it, and the transaction is
+    /// redone without them.
+    pub async fn flush(&self, writes: &[SessionWrite]) -> Result<Vec<FlushOutcome>, StorageError> {
+        let mut plan = FlushPlan::new(writes.len());
+        loop {
+            if plan.active().is_empty() {
+                return Ok(plan.commit_active());
+            }
+            let mut transaction = self.writer.begin_with(DB::DIALECT.begin_write).await?;
+            let tx = &mut *transaction;
+            self.create_sessions(tx, writes, &mut plan).await?;
+            // Leases are measured on one clock: the database's, or, where the dialect binds
+            // it, this machine's (the processes sharing an SQLite file share the machine).
+            let now = now_micros();
+            let heads = self.lock_heads(tx, writes, &plan, now).await?;
+            plan.check_heads(writes, &heads);
+
+            let active = plan.active();
+            let messages: Vec<MessageRow> = active
+                .iter()
+                .flat_map(|&index| MessageRow::of(&writes[index]))
+                .collect();
+            let rows = self
+                .run_chunks(tx, &self.queries.insert_messages, &messages, identity)
+                .await?;
+            let keys = self.insert_keys(tx, writes, &active).await?;
+            let (rows, keys) = (count_by_session(rows), count_by_session(keys));
+            let short = plan.short_writes(writes, &rows, &keys);
+            if !short.is_empty() {
+                // Some of these sessions' rows or keys went in: undo all and retry without them.
+                transaction.rollback().await?;
+                for index in short {
+                    plan.conflict(index);
+                }
+                continue;
+            }
+            self.update_sessions(tx, writes, &active, now).await?;
+            transaction.commit().await?;
+            return Ok(plan.commit_active());
+        }
+    }
+
+    /// Runs `statement` over `rows`, a chunk of them a statement, with the parameters `more`
+    /// adds after each chunk's rows (`identity`: none); returns the session ids it returns
+    /// (one per inserted row for the inserts, none for the others).
+    async fn run_chunks<R: WriteRow>(
+        &self,
+        tx: &mut DB::Connection,
+        statement: &Batched,
+        rows: &[R],
+        more: impl Fn(Params<DB>) -> Params<DB>,
+    ) -> Result<Vec<Uuid>, StorageError> {
+        let mut returned = Vec::new();
+        for chunk in DB::DIALECT.row_chunks(rows) {
+            let args = more(Params::new().rows(chunk)).finish()?;
+            let ids: Vec<Uuid> = sqlx::query_scalar_with(statement.get(chunk.len()), args)
+                .fetch_all(&mut *tx)
+                .await?;
+            returned.extend(ids);
+        }
+        Ok(returned)
+    }
+
+    /// Inserts the rows of the active writes that create their session; a write whose row is
+    /// already there conflicts.
+    async fn create_sessions(
+        &self,
+        tx: &mut DB::Connection,
+        writes: &[SessionWrite],
+        plan: &mut FlushPlan,
+    ) -> Result<(), StorageError> {
+        let creating: Vec<usize> = plan
+            .active()
+            .into_iter()
+            .filter(|&index| writes[index].create.is_some())
+            .collect();
+        let rows: Vec<NewSession> = creating
+            .iter()
+            .filter_map(|&index| NewSession::of(&writes[index]))
+            .collect();
+        let created: HashSet<Uuid> = self
+            .run_chunks(tx, &self.queries.create_sessions, &rows, identity)
+            .await?
+            .into_iter()
+            .collect();
+        for index in creating {
+            if !created.contains(&writes[index].session_id) {
+                plan.conflict(index);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the stored heads of the active writes' sessions, locking them where the dialect
+    /// locks rows (in id order, so that two processes flushing overlapping sessions cannot
+    /// deadlock).
+    async fn lock_heads(
+        &self,
+        tx: &mut DB::Connection,
+        writes: &[SessionWrite],
+        plan: &FlushPlan,
+        now: i64,
+    ) -> Result<HashMap<Uuid, StoredHead>, StorageError> {
+        let ids: Vec<Uuid> = plan
+            .active()
+            .into_iter()
+            .map(|index| writes[index].session_id)
+            .collect();
+        let mut heads = Vec::with_capacity(ids.len());
+        for chunk in DB::DIALECT.list_chunks(&ids) {
+            let args = Params::<DB>::new()
+                .add(self.ownership.owner)
+                .now(now)
+                .list(chunk)
+                .finish()?;
+            let found: Vec<StoredHead> =
+                sqlx::query_as_with(self.queries.heads.get(chunk.len()), args)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            heads.extend(found);
+        }
+        Ok(by_session(heads))
+    }
+
+    /// Stores the idempotency records of the active writes, after deleting their sessions'
+    /// expired ones; returns the session of each record that went in (a key already stored
+    /// does not).
+    async fn insert_keys(
+        &self,
+        tx: &mut DB::Connection,
+        writes: &[SessionWrite],
+        active: &[usize],
+    ) -> Result<Vec<Uuid>, StorageError> {
+        let keyed: Vec<&SessionWrite> = active
+            .iter()
+            .map(|&index| &writes[index])
+            .filter(|write| !write.keys.is_empty())
+            .collect();
+        let expired: Vec<ExpiredKeys> = keyed.iter().map(|write| ExpiredKeys(write)).collect();
+        let queries = &self.queries;
+        self.run_chunks(tx, &queries.delete_expired_keys, &expired, identity)
+            .await?;
+        let records: Vec<KeyInsert> = keyed
+            .iter()
+            .flat_map(|write| write.keys.iter().map(|key| KeyInsert { write, key }))
+            .collect();
+        self.run_chunks(tx, &queries.insert_keys, &records, identity)
+            .await
+    }
+
+    /// Applies the active writes to their sessions (taking them over and renewing the lease),
+    /// and deletes the messages of the sessions they delete.
+    async fn update_sessions(
+        &self,
+        tx: &mut DB::Connection,
+        writes: &[SessionWrite],
+        active: &[usize],
+        now: i64,
+    ) -> Result<(), StorageError> {
+        let changes: Vec<SessionChange> = active
+            .iter()
+            .map(|&index| SessionChange(&writes[index]))
+            .collect();
+        let Ownership {
+            owner,
+            lease_micros,
+        } = self.ownership;
+        self.run_chunks(tx, &self.queries.update_sessions, &changes, |params| {
+            params.add(owner).now(now).add(lease_micros)
+        })
+        .await?;
+        let deleted: Vec<Uuid> = active
+            .iter()
+            .map(|&index| &writes[index])
+            .filter(|write| write.delete)
+            .map(|write| write.session_id)
+            .collect();
+        for chunk in DB::DIALECT.list_chunks(&deleted) {
+            let args = Params::<DB>::new().list(chunk).finish()?;
+            sqlx::query_with(self.queries.delete_messages.get(chunk.len()), args)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// How many rows went in per session, from the sessions the inserts returned.
+fn count_by_session(returned: Vec<Uuid>) -> HashMap<Uuid, usize> {
+    let mut counts = HashMap::new();
+    for session_id in returned {
+        *counts.entry(session_id).or_default() += 1;
+    }
+    counts
+}
