@@ -29,10 +29,9 @@ use std::{
 };
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use soloist::{Engine, NewMessage, SessionHandle};
+use soloist::{Engine, NewMessage, SessionHandle, SessionId};
 use soloist_testkit::{Backend, TestDb};
 use tokio::runtime::Runtime;
-use uuid::Uuid;
 
 /// Messages in the sessions that the read and activation benchmarks use.
 const SESSION_MESSAGES: usize = 1000;
@@ -94,7 +93,7 @@ async fn seeded_session(engine: &Engine) -> SessionHandle {
 
 /// A new session holding `count` messages.
 async fn seeded_session_of(engine: &Engine, count: usize) -> SessionHandle {
-    let session = engine.session("bench-user", Uuid::now_v7());
+    let session = engine.session("bench-user", SessionId::new());
     session
         .create(Some("bench".into()), None)
         .await
@@ -217,7 +216,7 @@ fn flush(c: &mut Criterion) {
             .block_on(database.engine())
             .expect("start the engine");
         for messages in [1_usize, 16, 256] {
-            let session = engine.session("bench-user", Uuid::now_v7());
+            let session = engine.session("bench-user", SessionId::new());
             runtime
                 .block_on(session.create(None, None))
                 .expect("create the session");

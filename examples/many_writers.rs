@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use soloist::uuid::Uuid;
+use soloist::SessionId;
 use soloist::{Engine, NewMessage};
 
 fn env_number(name: &str, default: usize) -> usize {
@@ -28,7 +28,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let appends = env_number("APPENDS", 50);
 
     let engine = Engine::connect(&url).await?;
-    let session = engine.session("demo-user", Uuid::now_v7());
+    let session = engine.session("demo-user", SessionId::new());
     session
         .create(
             Some("many writers".into()),

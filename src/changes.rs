@@ -369,7 +369,7 @@ mod tests {
     fn payloads_stay_under_the_limit_and_cover_every_pair_once() {
         let instance = Uuid::new_v4();
         let pending: Vec<(SessionId, i64)> = (0..1_000)
-            .map(|version| (Uuid::new_v4(), version))
+            .map(|version| (SessionId::new(), version))
             .collect();
         let notices = payloads(instance, &pending);
         assert!(notices.len() > 1, "1,000 pairs need several notices");
@@ -399,7 +399,7 @@ mod tests {
     #[tokio::test]
     async fn announcements_keep_the_newest_version_and_wake_the_announcer() {
         let announcements = Announcements::default();
-        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let (a, b) = (SessionId::new(), SessionId::new());
         announcements.add([(a, 3), (b, 1)]);
         announcements.add([(a, 2), (b, 5)]);
         // The wake-up was stored: waiting now returns at once.

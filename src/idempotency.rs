@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::command::Command;
 use crate::error::{Error, Result};
-use crate::model::now_micros;
+use crate::model::{SessionId, now_micros};
 use crate::store::Store;
 
 /// Records deleted per statement by the purge, so that it never holds the writer long.
@@ -81,7 +81,7 @@ fn fingerprint(command: &Command) -> Vec<u8> {
 
 /// The id of a session created with an idempotency key and no id: derived from the user and
 /// the key, so that every retry of the create reaches the same session (and its record).
-pub(crate) fn derived_session_id(user_id: &str, key: &str) -> Uuid {
+pub(crate) fn derived_session_id(user_id: &str, key: &str) -> SessionId {
     let mut hash = Sha256::new();
     hash.update(b"soloist create\0");
     hash.update(user_id.as_bytes());
@@ -90,7 +90,7 @@ pub(crate) fn derived_session_id(user_id: &str, key: &str) -> Uuid {
     let digest = hash.finalize();
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
-    Uuid::new_v8(bytes)
+    SessionId::from_uuid(Uuid::new_v8(bytes))
 }
 
 /// Deletes expired records of every session, a bounded batch at a time: sessions that store
@@ -140,7 +140,7 @@ mod tests {
         assert_ne!(a, derived_session_id("bob", "k1"));
         // The separator keeps ("a", "bc") and ("ab", "c") apart.
         assert_ne!(derived_session_id("a", "bc"), derived_session_id("ab", "c"));
-        assert_eq!(a.get_version_num(), 8);
+        assert_eq!(a.as_uuid().get_version_num(), 8);
     }
 
     #[test]

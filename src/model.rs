@@ -12,8 +12,69 @@ use uuid::Uuid;
 
 use crate::error::Error;
 
-/// Identifies a session. Not a secret: every command is checked against the session's owner.
-pub type SessionId = Uuid;
+/// Identifies a session: a UUID (a UUIDv7 when the engine chooses it), in a type of its own so
+/// that a session id and a message id cannot be swapped in a call. Not a secret: every command
+/// is checked against the session's owner. As JSON and in the database, the plain UUID.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    sqlx::Type,
+)]
+#[serde(transparent)]
+#[sqlx(transparent)]
+pub struct SessionId(Uuid);
+
+impl SessionId {
+    /// A new session id (UUIDv7: time-ordered, 74 random bits).
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// The session id that is this UUID.
+    pub const fn from_uuid(uuid: Uuid) -> Self {
+        Self(uuid)
+    }
+
+    /// The UUID.
+    pub const fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+}
+
+impl From<Uuid> for SessionId {
+    fn from(uuid: Uuid) -> Self {
+        Self(uuid)
+    }
+}
+
+impl From<SessionId> for Uuid {
+    fn from(id: SessionId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for SessionId {
+    type Err = uuid::Error;
+
+    fn from_str(text: &str) -> Result<Self, uuid::Error> {
+        text.parse().map(Self)
+    }
+}
 
 /// A JSON value kept as the exact text it was sent as: numbers keep every digit, keys keep their
 /// order (and duplicates), and nothing is ever parsed into a tree. Parsing into

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use peak_alloc::PeakAlloc;
-use soloist::uuid::Uuid;
+use soloist::SessionId;
 use soloist::{Engine, EngineConfig, NewMessage, SessionHandle};
 use soloist_testkit::{Backend, TestDb};
 
@@ -23,7 +23,7 @@ const CACHED: usize = 1_000;
 const SEED_CHUNK: usize = 250;
 
 async fn seeded(engine: &Engine, count: usize) -> SessionHandle {
-    let session = engine.session("activation", Uuid::now_v7());
+    let session = engine.session("activation", SessionId::new());
     session.create(None, None).await.expect("create");
     for start in (0..count).step_by(SEED_CHUNK) {
         let end = (start + SEED_CHUNK).min(count);

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use soloist::uuid::Uuid;
-use soloist::{Engine, NewMessage};
+use soloist::{Engine, NewMessage, SessionId};
 use soloist_testkit::{TestDb, assert_contiguous, stored_rows};
 use sqlx::Connection;
 
@@ -27,7 +27,7 @@ async fn crash_child() {
     };
     let mut parts = spec.split(' ');
     let url = parts.next().expect("url").to_owned();
-    let sessions: Vec<Uuid> = parts.map(|id| id.parse().expect("session id")).collect();
+    let sessions: Vec<SessionId> = parts.map(|id| id.parse().expect("session id")).collect();
     let engine = Engine::connect(&url).await.expect("open the database");
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "ready");
@@ -58,7 +58,7 @@ async fn killed_processes_lose_no_acknowledged_append() {
         return;
     }
     let db = TestDb::sqlite_file().expect("database");
-    let sessions: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+    let sessions: Vec<SessionId> = (0..4).map(|_| SessionId::new()).collect();
     {
         let engine = db.engine().await.expect("engine");
         for &id in &sessions {
@@ -71,11 +71,11 @@ async fn killed_processes_lose_no_acknowledged_append() {
         engine.shutdown().await;
     }
     let spec = std::iter::once(db.url.clone())
-        .chain(sessions.iter().map(Uuid::to_string))
+        .chain(sessions.iter().map(SessionId::to_string))
         .collect::<Vec<_>>()
         .join(" ");
     let me = std::env::current_exe().expect("test binary");
-    let mut acked: Vec<(Uuid, i64, Uuid)> = Vec::new();
+    let mut acked: Vec<(SessionId, i64, Uuid)> = Vec::new();
     let mut killed_while_opening = 0;
     let started = Instant::now();
     let children = 100;
@@ -114,7 +114,7 @@ async fn killed_processes_lose_no_acknowledged_append() {
             };
             let mut words = line[start..].split(' ');
             if words.next() == Some("ack") {
-                let session: Uuid = words.next().expect("session").parse().expect("uuid");
+                let session: SessionId = words.next().expect("session").parse().expect("uuid");
                 let seq: i64 = words.next().expect("seq").parse().expect("seq");
                 let id: Uuid = words.next().expect("id").parse().expect("uuid");
                 acked.push((session, seq, id));

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use soloist::uuid::Uuid;
-use soloist::{Engine, EngineConfig, Error, NewMessage};
+use soloist::{Engine, EngineConfig, Error, NewMessage, SessionId};
 use soloist_testkit::history::History;
 use soloist_testkit::{
     Backend, TestDb, assert_contiguous, on_every_backend, postgres_base_url, stored_rows,
@@ -17,7 +17,7 @@ use sqlx::Connection;
 
 /// Rows `(seq, message_id)` of a session: from the database when another connection can open
 /// it, else (a private in-memory database) through the engine.
-async fn rows_of(db: &TestDb, engine: &Engine, user: &str, session: Uuid) -> Vec<(i64, Uuid)> {
+async fn rows_of(db: &TestDb, engine: &Engine, user: &str, session: SessionId) -> Vec<(i64, Uuid)> {
     if db.shareable() {
         stored_rows(&db.url, session).await.expect("rows")
     } else {
@@ -56,7 +56,7 @@ async fn pg_terminate_backend_during_flushes() {
     let user = "fault-user";
     let mut sessions = Vec::new();
     for _ in 0..WRITERS {
-        let id = Uuid::now_v7();
+        let id = SessionId::new();
         engine
             .session(user, id)
             .create(None, None)
@@ -230,7 +230,7 @@ async fn overload_flood_is_typed_and_loses_nothing(db: TestDb) {
     };
     let engine = db.engine_with(config).await.expect("engine");
     let user = "flood-user";
-    let session = Uuid::now_v7();
+    let session = SessionId::new();
     engine
         .session(user, session)
         .create(None, None)
@@ -350,9 +350,9 @@ async fn planted_conflict(db: TestDb, check_rows_stat: bool) {
     let history = History::new();
     let (a_client, b_client) = (history.client("a"), history.client("b"));
     let user = "batch-user";
-    let ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
+    let ids = [SessionId::new(), SessionId::new(), SessionId::new()];
     let [s1, s2, s3] = ids.map(|id| a.session(user, id));
-    let blocker = a.session(user, Uuid::now_v7());
+    let blocker = a.session(user, SessionId::new());
     for session in [&s1, &s2, &s3, &blocker] {
         session.create(None, None).await.expect("create");
         assert_eq!(
@@ -486,7 +486,7 @@ async fn stats_rows_count_only_committed_rows() {
 /// succeed, at the right sequences.
 async fn a_panicking_session_actor_restarts(db: TestDb) {
     let engine = db.engine().await.expect("engine");
-    let session = engine.session("u", Uuid::now_v7());
+    let session = engine.session("u", SessionId::new());
     session.create(None, None).await.expect("create");
     let history = History::new();
     history
@@ -560,9 +560,9 @@ async fn sqlite_disk_full_is_typed_and_recovers() {
         })
         .await
         .expect("engine");
-    let filler = engine.session("u", Uuid::now_v7());
+    let filler = engine.session("u", SessionId::new());
     filler.create(None, None).await.expect("create");
-    let session = engine.session("u", Uuid::now_v7());
+    let session = engine.session("u", SessionId::new());
     session.create(None, None).await.expect("create");
     session
         .append(vec![NewMessage::user("first")])
@@ -619,8 +619,8 @@ async fn a_stuck_lock_holder_cannot_wedge_the_engine() {
         .expect("engine");
     let user = "lock-user";
     let (stuck, free) = (
-        engine.session(user, Uuid::now_v7()),
-        engine.session(user, Uuid::now_v7()),
+        engine.session(user, SessionId::new()),
+        engine.session(user, SessionId::new()),
     );
     for session in [&stuck, &free] {
         session.create(None, None).await.expect("create");

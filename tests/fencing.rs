@@ -8,13 +8,14 @@
 
 use std::time::Duration;
 
+use soloist::SessionId;
 use soloist::uuid::Uuid;
 use soloist::{Engine, EngineConfig, NewMessage};
 use soloist_testkit::{TestDb, assert_contiguous, on_shared_backends, stored_rows};
 use sqlx::Connection;
 
 /// The ownership columns of a session: `(epoch, lease still running)`.
-async fn ownership(url: &str, session: Uuid) -> (i64, bool) {
+async fn ownership(url: &str, session: SessionId) -> (i64, bool) {
     if url.starts_with("postgres") {
         let mut connection = sqlx::PgConnection::connect(url).await.expect("connect");
         sqlx::query_as(
@@ -76,7 +77,7 @@ async fn paused_owner_is_fenced_after_takeover(db: TestDb) {
     let lease = Duration::from_millis(300);
     let a = engine(&db, lease).await;
     let b = engine(&db, Duration::from_secs(60)).await;
-    let id = Uuid::now_v7();
+    let id = SessionId::new();
     let a0 = Uuid::now_v7();
     a.session("u", id).create(None, None).await.expect("create");
     let seqs = a
@@ -198,7 +199,7 @@ async fn paused_owner_is_fenced_after_takeover(db: TestDb) {
 async fn alternating_owners_fence_each_other(db: TestDb) {
     let lease = Duration::from_secs(30);
     let engines = [engine(&db, lease).await, engine(&db, lease).await];
-    let id = Uuid::now_v7();
+    let id = SessionId::new();
     engines[0]
         .session("u", id)
         .create(None, None)
@@ -237,7 +238,7 @@ async fn alternating_owners_fence_each_other(db: TestDb) {
 /// passivated session taken up again by the same process claims it anew.
 async fn one_owner_keeps_its_epoch(db: TestDb) {
     let engine = engine(&db, Duration::from_secs(30)).await;
-    let id = Uuid::now_v7();
+    let id = SessionId::new();
     engine
         .session("u", id)
         .create(None, None)
@@ -277,7 +278,7 @@ async fn one_owner_keeps_its_epoch(db: TestDb) {
 /// land, since the version it expects is the stored one.
 async fn a_claim_alone_fences_the_owner(db: TestDb) {
     let engine = engine(&db, Duration::from_secs(30)).await;
-    let id = Uuid::now_v7();
+    let id = SessionId::new();
     let session = engine.session("u", id);
     session.create(None, None).await.expect("create");
     session

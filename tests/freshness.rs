@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use soloist::SessionId;
 use soloist::uuid::Uuid;
 use soloist::{Engine, NewMessage};
 use soloist_testkit::history::History;
@@ -21,7 +22,7 @@ struct Setup {
     a: Engine,
     b: Engine,
     history: std::sync::Arc<History>,
-    id: Uuid,
+    id: SessionId,
 }
 
 impl Setup {
@@ -32,7 +33,7 @@ impl Setup {
             db.engine().await.expect("engine"),
         );
         let history = History::new();
-        let id = Uuid::now_v7();
+        let id = SessionId::new();
         a.session("u", id).create(None, None).await.expect("create");
         history
             .client("setup")
@@ -170,7 +171,7 @@ async fn a_silent_listening_connection_is_detected() {
         .await
         .expect("engine");
     let b = db.engine().await.expect("engine");
-    let id = Uuid::now_v7();
+    let id = SessionId::new();
     a.session("u", id).create(None, None).await.expect("create");
     a.session("u", id)
         .append(vec![NewMessage::user("from a")])

@@ -8,6 +8,7 @@ use serde_json::json;
 use soloist::uuid::Uuid;
 use soloist::{
     AppendMessages, Engine, EngineConfig, Error, GetSession, NewMessage, Role, SessionHandle,
+    SessionId,
 };
 use soloist_testkit::history::History;
 use soloist_testkit::{TestDb, assert_contiguous, on_every_backend, stored_rows};
@@ -28,7 +29,7 @@ async fn read_all(session: &SessionHandle) -> Vec<Arc<soloist::Message>> {
 }
 
 async fn new_session(engine: &Engine, user: &str) -> SessionHandle {
-    let session = engine.session(user, Uuid::now_v7());
+    let session = engine.session(user, SessionId::new());
     let created = session
         .create(Some("test".into()), None)
         .await
@@ -504,7 +505,7 @@ async fn bad_input_is_refused_and_changes_nothing(db: TestDb) {
         intruder.add_usage(1, 1).await,
         Err(Error::Forbidden)
     ));
-    let unknown = engine.session("owner", Uuid::now_v7());
+    let unknown = engine.session("owner", SessionId::new());
     assert!(matches!(
         unknown.append(vec![NewMessage::user("hi")]).await,
         Err(Error::NotFound)
@@ -597,7 +598,7 @@ async fn metadata_usage_and_listing(db: TestDb) {
         .expect("list");
     assert_eq!(rest.sessions.len(), 2);
     assert!(rest.next_before.is_none());
-    let listed_ids: Vec<Uuid> = listed
+    let listed_ids: Vec<SessionId> = listed
         .sessions
         .iter()
         .chain(&rest.sessions)

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use soloist::uuid::Uuid;
-use soloist::{EngineConfig, Error, NewMessage, Role};
+use soloist::{EngineConfig, Error, NewMessage, Role, SessionId};
 use soloist_testkit::history::History;
 use soloist_testkit::{
     Backend, TestDb, assert_contiguous, on_every_backend, on_shared_backends, stored_rows,
@@ -24,7 +24,7 @@ async fn sequence_race_across_processes(db: TestDb) {
     let owner = "pod-user";
     let mut sessions = Vec::new();
     for _ in 0..10 {
-        let id = Uuid::now_v7();
+        let id = SessionId::new();
         engines[0]
             .session(owner, id)
             .create(None, None)
@@ -114,7 +114,7 @@ async fn stale_writer_is_fenced(db: TestDb) {
     let b = db.engine().await.expect("engine");
     let history = History::new();
     let (a_client, b_client) = (history.client("a"), history.client("b"));
-    let id = Uuid::now_v7();
+    let id = SessionId::new();
     a.session("u", id).create(None, None).await.expect("create");
     a_client
         .append(&a.session("u", id), vec![NewMessage::user("a0")])
@@ -174,7 +174,7 @@ async fn in_memory_sqlite_keeps_every_acknowledged_write() {
         .expect("engine");
     let mut sessions = Vec::new();
     for _ in 0..8 {
-        let id = Uuid::now_v7();
+        let id = SessionId::new();
         engine
             .session("u", id)
             .create(None, None)
@@ -270,7 +270,7 @@ async fn hundred_concurrent_tasks_all_succeed(db: TestDb) {
     let engine = db.engine().await.expect("engine");
     let mut sessions = Vec::new();
     for _ in 0..10 {
-        let id = Uuid::now_v7();
+        let id = SessionId::new();
         engine
             .session("u", id)
             .create(None, None)
@@ -327,7 +327,7 @@ async fn concurrent_upserts_and_deltas(db: TestDb) {
         db.engine().await.expect("engine"),
         db.engine().await.expect("engine"),
     ];
-    let id = Uuid::now_v7();
+    let id = SessionId::new();
     // Both engines create the same session at once: one creates, the other finds it.
     let (handle_a, handle_b) = (engines[0].session("u", id), engines[1].session("u", id));
     let (first, second) = tokio::join!(
@@ -429,7 +429,7 @@ async fn other_processes_writes_reach_live_sessions_and_subscribers() {
     let history = History::new();
     let (a_client, b_client) = (history.client("a"), history.client("b"));
     let subscriber = history.client("a's subscriber");
-    let id = Uuid::now_v7();
+    let id = SessionId::new();
     a.session("u", id).create(None, None).await.expect("create");
     a_client
         .append(&a.session("u", id), vec![NewMessage::user("from a")])

@@ -32,7 +32,7 @@ fn seqs(page: &SessionPage) -> Vec<i64> {
 
 /// A new session owned by `user`.
 async fn new_session(engine: &Engine, user: &str) -> SessionHandle {
-    let session = engine.session(user, Uuid::now_v7());
+    let session = engine.session(user, SessionId::new());
     let created = session
         .create(Some("journal".into()), None)
         .await
@@ -305,7 +305,7 @@ async fn walking_pages_yields_every_message_once(db: TestDb) {
 /// leaves anything behind.
 async fn unknown_session_is_not_found(db: TestDb) {
     let engine = db.engine().await.expect("engine");
-    let id: SessionId = Uuid::now_v7();
+    let id: SessionId = SessionId::new();
     let session = engine.session("u", id);
     assert_err!(session.get(None, None).await, Error::NotFound, "get");
     assert_err!(

@@ -1,6 +1,6 @@
 //! The counters a server exports, and the two levels of group commit they make visible.
 
-use soloist::uuid::Uuid;
+use soloist::SessionId;
 use soloist::{EngineConfig, NewMessage};
 use soloist_testkit::history::History;
 use soloist_testkit::{Backend, TestDb, assert_contiguous, on_every_backend, stored_rows};
@@ -15,7 +15,7 @@ async fn stats_show_cross_session_group_commit(db: TestDb) {
         })
         .await
         .expect("engine");
-    let sessions: Vec<Uuid> = (0..64).map(|_| Uuid::now_v7()).collect();
+    let sessions: Vec<SessionId> = (0..64).map(|_| SessionId::new()).collect();
     for &id in &sessions {
         engine
             .session("u", id)
@@ -84,7 +84,7 @@ async fn idle_sessions_passivate_and_reload(db: TestDb) {
         })
         .await
         .expect("engine");
-    let session = engine.session("u", Uuid::now_v7());
+    let session = engine.session("u", SessionId::new());
     session.create(None, None).await.expect("create");
     session
         .append(vec![NewMessage::user("one")])
@@ -131,7 +131,7 @@ async fn failed_flushes_are_settled_from_the_database() {
         })
         .await
         .expect("engine");
-    let session = engine.session("u", Uuid::now_v7());
+    let session = engine.session("u", SessionId::new());
     session.create(None, None).await.expect("create");
     let history = History::new();
     let client = history.client("writer");
@@ -203,7 +203,7 @@ async fn a_foreign_write_is_never_settled_as_ours() {
         })
         .await
         .expect("engine");
-    let id = Uuid::now_v7();
+    let id = SessionId::new();
     let session = engine.session("u", id);
     session
         .create(Some("t0".into()), None)

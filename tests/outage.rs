@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use soloist::command::{GetSession, ListSessions};
 use soloist::uuid::Uuid;
-use soloist::{Engine, EngineConfig, Error, NewMessage};
+use soloist::{Engine, EngineConfig, Error, NewMessage, SessionId};
 use soloist_testkit::history::{FinalRows, History};
 use soloist_testkit::{assert_contiguous, ci, stored_rows};
 use sqlx::Connection;
@@ -265,7 +265,7 @@ struct Sample {
 /// One message a writer sent, retried under its id until acknowledged.
 #[derive(Clone, Debug)]
 struct Write {
-    session: Uuid,
+    session: SessionId,
     id: Uuid,
     /// The error code of each failed attempt, in order.
     failures: Vec<&'static str>,
@@ -339,7 +339,7 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
     let bound = COMMAND_TIMEOUT + SLACK;
     let engine = Engine::start(config).await.expect("engine");
     let user = "outage-user";
-    let sessions: Vec<Uuid> = (0..SESSIONS).map(|_| Uuid::now_v7()).collect();
+    let sessions: Vec<SessionId> = (0..SESSIONS).map(|_| SessionId::new()).collect();
     for &id in &sessions {
         engine
             .session(user, id)
@@ -645,7 +645,7 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
     // write of the same session had been acknowledged at a higher sequence, so the write was
     // already stored and the retry only returned its sequence. Keyed by `timeout` when some
     // failed attempt timed out, else by the last error.
-    let mut acks_by_session: HashMap<Uuid, Vec<(Duration, i64)>> = HashMap::new();
+    let mut acks_by_session: HashMap<SessionId, Vec<(Duration, i64)>> = HashMap::new();
     for write in &writes {
         if let Some((seq, _, ended)) = write.acked {
             acks_by_session
@@ -689,7 +689,7 @@ async fn postgres_stopped_for_ten_seconds_under_load() {
     // ---- storage check ----
     let mut acked_total = 0;
     let mut stored_total = 0;
-    let mut per_session: HashMap<Uuid, (HashSet<Uuid>, HashMap<Uuid, i64>)> = HashMap::new();
+    let mut per_session: HashMap<SessionId, (HashSet<Uuid>, HashMap<Uuid, i64>)> = HashMap::new();
     for write in &writes {
         let entry = per_session.entry(write.session).or_default();
         entry.0.insert(write.id);

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use soloist::SessionId;
 use soloist::uuid::Uuid;
 use soloist::{
     AddUsage, CreateSession, DeleteSession, Engine, EngineConfig, Error, ListSessions, NewMessage,
@@ -22,7 +23,7 @@ fn usage(session: &SessionHandle, key: &str, prompt: u32) -> AddUsage {
 }
 
 async fn created(engine: &Engine) -> SessionHandle {
-    let session = engine.session("alice", Uuid::now_v7());
+    let session = engine.session("alice", SessionId::new());
     session.create(None, None).await.expect("create");
     session
 }
@@ -412,7 +413,7 @@ async fn reads_of_missing_and_foreign_sessions_leave_nothing_live(db: TestDb) {
         .expect("append");
     wait_until_passivated(&engine, &owned).await;
     for round in 0..500 {
-        let missing = engine.session("mallory", Uuid::now_v7());
+        let missing = engine.session("mallory", SessionId::new());
         assert!(matches!(
             missing.get(None, None).await,
             Err(Error::NotFound)

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use soloist::uuid::Uuid;
+use soloist::SessionId;
 use soloist::{Error, MessageStream, NewMessage};
 use soloist_testkit::history::{Client, History};
 use soloist_testkit::{TestDb, on_every_backend};
@@ -32,7 +32,7 @@ async fn expect_seqs(
 /// Backlog first, then every message committed by concurrent writers, in order.
 async fn backlog_then_live_messages(db: TestDb) {
     let engine = db.engine().await.expect("engine");
-    let session = engine.session("u", Uuid::now_v7());
+    let session = engine.session("u", SessionId::new());
     session.create(None, None).await.expect("create");
     let history = History::new();
     let subscriber = history.client("subscriber");
@@ -69,7 +69,7 @@ async fn backlog_then_live_messages(db: TestDb) {
 /// that passivates mid-stream, still see every message once, in order.
 async fn slow_subscriber_and_passivation_lose_nothing(db: TestDb) {
     let engine = db.engine().await.expect("engine");
-    let session = engine.session("u", Uuid::now_v7());
+    let session = engine.session("u", SessionId::new());
     session.create(None, None).await.expect("create");
     let mut stream = session.subscribe(None).await.expect("subscribe");
     for chunk in 0..30 {
@@ -96,7 +96,7 @@ async fn slow_subscriber_and_passivation_lose_nothing(db: TestDb) {
 /// Deleting the session ends its streams with NotFound; a foreign user cannot subscribe.
 async fn delete_ends_the_stream(db: TestDb) {
     let engine = db.engine().await.expect("engine");
-    let session = engine.session("u", Uuid::now_v7());
+    let session = engine.session("u", SessionId::new());
     session.create(None, None).await.expect("create");
     assert!(matches!(
         engine

@@ -153,7 +153,7 @@ impl Database {
         let ids: Vec<Uuid> = (0..count).map(|_| Uuid::now_v7()).collect();
         let mut creating = JoinSet::new();
         for (index, &id) in ids.iter().enumerate() {
-            let session = engine.session(USER_ID, id);
+            let session = engine.session(USER_ID, id.into());
             creating.spawn(async move {
                 session
                     .create(Some(format!("load session {index}")), None)

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use soloist::uuid::Uuid;
-use soloist::{Engine, NewMessage};
+use soloist::{Engine, NewMessage, SessionId};
 use tokio::task::JoinSet;
 
 use crate::db::{Database, DbKind};
@@ -107,7 +107,7 @@ async fn measure_on(
                 record(&mut outcome, done, &bar);
             }
         }
-        let session = engine.session(USER_ID, Uuid::now_v7());
+        let session = engine.session(USER_ID, SessionId::new());
         activating.spawn(async move {
             session.create(None, None).await?;
             session

@@ -360,7 +360,7 @@ async fn measure(
         }
         for writer_index in 0..spec.writers_used() {
             let writer = match (&engine, &pool, &guard) {
-                (Some(engine), _, _) => Writer::Soloist(engine.session(USER_ID, session_id)),
+                (Some(engine), _, _) => Writer::Soloist(engine.session(USER_ID, session_id.into())),
                 (None, Some(pool), Some(guard)) => {
                     Writer::sql(pool.clone(), session_id, guard.clone())
                 }

@@ -1,7 +1,6 @@
 //! `create_session`: a new session, idempotent on its id.
 
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 use super::validate::{check_title_and_metadata, check_user};
 use super::{Command, SessionCommand, keyed_by};
@@ -69,7 +68,7 @@ impl SessionCommand for CreateSession {
         let id = match (self.session_id, &self.idempotency_key) {
             (Some(id), _) => id,
             (None, Some(key)) => derived_session_id(&self.user_id, key),
-            (None, None) => Uuid::now_v7(),
+            (None, None) => SessionId::new(),
         };
         self.session_id = Some(id);
         Ok(())

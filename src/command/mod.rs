@@ -227,7 +227,7 @@ mod tests {
         assert_eq!(back.metadata, Some(metadata.clone()));
 
         let info = SessionInfo {
-            id: uuid::Uuid::nil(),
+            id: SessionId::default(),
             user_id: "alice".into(),
             title: None,
             metadata: metadata.clone(),

@@ -91,7 +91,7 @@ impl FlushPlan {
     pub fn check_heads(&mut self, writes: &[SessionWrite], heads: &HashMap<Uuid, StoredHead>) {
         for index in self.active() {
             let write = &writes[index];
-            let head = heads.get(&write.session_id);
+            let head = heads.get(write.session_id.as_uuid());
             match outcome(write, head, head.is_some_and(|head| head.admits(write))) {
                 committed @ FlushOutcome::Committed { .. } => {
                     self.committing[index] = Some(committed);
@@ -115,8 +115,8 @@ impl FlushPlan {
             .into_iter()
             .filter(|&index| {
                 let write = &writes[index];
-                count(rows, &write.session_id) != write.rows.len()
-                    || count(keys, &write.session_id) != write.keys.len()
+                let id = write.session_id.as_uuid();
+                count(rows, id) != write.rows.len() || count(keys, id) != write.keys.len()
             })
             .collect()
     }

@@ -265,7 +265,7 @@ impl PostgresStore {
         writes: &[SessionWrite],
     ) -> Result<Vec<FlushOutcome>, StorageError> {
         let changes: Vec<SessionChange> = writes.iter().map(SessionChange).collect();
-        let ids: Vec<Uuid> = writes.iter().map(|write| write.session_id).collect();
+        let ids: Vec<Uuid> = writes.iter().map(|write| write.session_id.into()).collect();
         let rows: Vec<MessageRow> = writes.iter().flat_map(MessageRow::of).collect();
         let Ownership {
             owner,
@@ -291,7 +291,7 @@ impl PostgresStore {
         Ok(writes
             .iter()
             .map(|write| {
-                let found = found.get(&write.session_id);
+                let found = found.get(write.session_id.as_uuid());
                 let written = found.is_some_and(|found| found.written);
                 outcome(write, found.map(|found| &found.head), written)
             })

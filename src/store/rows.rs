@@ -90,7 +90,7 @@ impl<'a> MessageRow<'a> {
     /// The message rows of `write`.
     pub fn of(write: &'a SessionWrite) -> impl Iterator<Item = MessageRow<'a>> {
         write.rows.iter().map(|message| MessageRow {
-            session_id: write.session_id,
+            session_id: write.session_id.into(),
             message,
             created_at: write.now,
         })
@@ -220,7 +220,7 @@ impl WriteRow for NewSession<'_> {
     fn values(&self) -> impl IntoIterator<Item = Value<'_>> {
         let NewSession(write, create) = self;
         [
-            Value::Uuid(write.session_id),
+            Value::Uuid(write.session_id.into()),
             Value::Text(Some(create.user_id.as_str())),
             Value::Text(create.title.as_deref()),
             Value::Text(Some(create.metadata.as_str())),
@@ -253,7 +253,7 @@ impl WriteRow for SessionChange<'_> {
     fn values(&self) -> impl IntoIterator<Item = Value<'_>> {
         let write = self.0;
         [
-            Value::Uuid(write.session_id),
+            Value::Uuid(write.session_id.into()),
             Value::Int(write.expected_version),
             Value::Int(write.epoch),
             Value::Int(write.now),
@@ -279,7 +279,7 @@ impl WriteRow for ExpiredKeys<'_> {
 
     fn values(&self) -> impl IntoIterator<Item = Value<'_>> {
         [
-            Value::Uuid(self.0.session_id),
+            Value::Uuid(self.0.session_id.into()),
             Value::Int(self.0.keys_expire_before),
         ]
     }
@@ -307,7 +307,7 @@ impl WriteRow for KeyInsert<'_> {
 
     fn values(&self) -> impl IntoIterator<Item = Value<'_>> {
         [
-            Value::Uuid(self.write.session_id),
+            Value::Uuid(self.write.session_id.into()),
             Value::Text(Some(self.key.key.as_str())),
             Value::Text(Some(self.key.user_id.as_str())),
             Value::Bytes(Some(self.key.fingerprint.as_slice())),
@@ -374,7 +374,7 @@ impl SessionRecord {
             RawJson::from_stored(self.metadata).ok_or_else(|| corrupt("metadata", "not JSON"))?;
         Ok((
             SessionInfo {
-                id: self.id,
+                id: self.id.into(),
                 user_id: self.user_id,
                 title: self.title,
                 metadata,

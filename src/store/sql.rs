@@ -226,7 +226,7 @@ where
         limit: usize,
     ) -> Result<Vec<SessionInfo>, StorageError> {
         let (before_time, before_id) = match before {
-            Some(cursor) => (cursor.created_at_micros, cursor.id),
+            Some(cursor) => (cursor.created_at_micros, cursor.id.into()),
             None => (i64::MAX, Uuid::max()),
         };
         let args = Params::<DB>::new()
@@ -363,7 +363,7 @@ where
             .into_iter()
             .collect();
         for index in creating {
-            if !created.contains(&writes[index].session_id) {
+            if !created.contains(writes[index].session_id.as_uuid()) {
                 plan.conflict(index);
             }
         }
@@ -383,7 +383,7 @@ where
         let ids: Vec<Uuid> = plan
             .active()
             .into_iter()
-            .map(|index| writes[index].session_id)
+            .map(|index| writes[index].session_id.into())
             .collect();
         let mut heads = Vec::with_capacity(ids.len());
         for chunk in DB::DIALECT.list_chunks(&ids) {
@@ -452,7 +452,7 @@ where
             .iter()
             .map(|&index| &writes[index])
             .filter(|write| write.delete)
-            .map(|write| write.session_id)
+            .map(|write| write.session_id.into())
             .collect();
         for chunk in DB::DIALECT.list_chunks(&deleted) {
             let args = Params::<DB>::new().list(chunk).finish()?;

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use soloist::uuid::Uuid;
-use soloist::{Engine, EngineConfig};
+use soloist::{Engine, EngineConfig, SessionId};
 use sqlx::{Connection, PgConnection, SqliteConnection};
 
 use crate::dir::TempDir;
@@ -137,7 +137,7 @@ impl TestDb {
 
 /// Rows `(seq, message_id)` of a session in sequence order, straight from the database at `url`
 /// (not through soloist).
-pub async fn stored_rows(url: &str, session: Uuid) -> Result<Vec<(i64, Uuid)>> {
+pub async fn stored_rows(url: &str, session: SessionId) -> Result<Vec<(i64, Uuid)>> {
     if url.starts_with("postgres") {
         let mut connection = PgConnection::connect(url).await?;
         let rows = sqlx::query_as(

@@ -4,20 +4,20 @@
 use std::sync::Arc;
 
 use soloist::uuid::Uuid;
-use soloist::{Error, Message, NewMessage, Role, StorageError};
+use soloist::{Error, Message, NewMessage, Role, SessionId, StorageError};
 use soloist_testkit::history::{FinalRows, History, Outcome, Report};
 
 /// A hand-written history of one session.
 struct Script {
     history: Arc<History>,
-    session: Uuid,
+    session: SessionId,
 }
 
 impl Script {
     fn new() -> Script {
         Script {
             history: History::new(),
-            session: Uuid::now_v7(),
+            session: SessionId::new(),
         }
     }
 

@@ -3,7 +3,7 @@
 //! nothing behind.
 
 use soloist::NewMessage;
-use soloist::uuid::Uuid;
+use soloist::SessionId;
 use soloist_testkit::{
     Backend, Error, PgSchema, TempDir, TestDb, assert_contiguous, on_every_backend,
     postgres_answers, postgres_available, postgres_base_url, search_path_url, stored_rows,
@@ -28,7 +28,7 @@ async fn schema_exists(name: &str) -> bool {
 /// straight from the tables (where another connection can open them).
 async fn a_fresh_database_is_empty_and_usable(db: TestDb) {
     let engine = db.engine().await.expect("engine");
-    let session = engine.session("kit", Uuid::now_v7());
+    let session = engine.session("kit", SessionId::new());
     session.create(None, None).await.expect("create");
     if db.shareable() {
         assert!(

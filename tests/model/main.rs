@@ -401,7 +401,7 @@ async fn run_case(db: &TestDb, case: &Case) -> Result<(), String> {
         model: Model::new(config.hide_foreign_sessions, config.limits.clone()),
         config,
         engine,
-        ids: (0..SESSIONS).map(|_| Uuid::now_v7()).collect(),
+        ids: (0..SESSIONS).map(|_| SessionId::new()).collect(),
         pool: (0..ID_POOL).map(|_| Uuid::new_v4()).collect(),
     };
     let mut outcome = Ok(());

@@ -18,7 +18,7 @@ const RULES: StageRules = StageRules {
 const NOW: i64 = 1_700_000_000_000_000;
 
 fn session_id() -> SessionId {
-    Uuid::from_u128(7)
+    SessionId::from_uuid(Uuid::from_u128(7))
 }
 
 /// A session of `alice` at version 5 with `count` messages, none cached.
