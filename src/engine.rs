@@ -85,31 +85,21 @@ impl Engine {
         let stop_writers = CancellationToken::new();
         let stop_feed = CancellationToken::new();
         let (feed_pause, feed_paused) = FeedPause::new();
-        let (changes, announced): (Option<Arc<dyn crate::writer::Committed>>, bool) = match &store {
-            #[cfg(feature = "postgres")]
-            Store::Postgres(postgres) => {
-                let changes = Arc::new(crate::changes::Announcements::default());
-                // Stopped with the writers: after the last commit, so that it is announced.
-                writers.spawn(crate::changes::announce(
-                    postgres.clone(),
-                    instance,
-                    changes.clone(),
-                    stop_writers.clone(),
-                ));
-                (Some(changes), true)
-            }
-            #[allow(unreachable_patterns)]
-            _ => (None, false),
-        };
+        let feed = store.change_feed(instance);
+        // Stopped with the writers: after the last commit, so that it is announced.
+        let committed = feed.as_ref().map(|feed| {
+            feed.announce(&writers, stop_writers.clone());
+            feed.committed()
+        });
         let writer = Writer::start(
             store.clone(),
             &config,
             stats.clone(),
             &writers,
             stop_writers.clone(),
-            changes,
+            committed,
         );
-        let feed_listens = announced && config.listen_for_changes;
+        let feed_listens = feed.is_some() && config.listen_for_changes;
         let runtime = RegistryConfig {
             mailbox_capacity: config.mailbox_capacity.max(1),
             max_batch: config.mailbox_capacity.max(1),
@@ -133,18 +123,10 @@ impl Engine {
             shared.config.idempotency_retention,
             stop_feed.clone(),
         ));
-        #[cfg(feature = "postgres")]
-        if let (true, Store::Postgres(postgres)) = (feed_listens, &shared.store) {
-            writers.spawn(crate::changes::listen(
-                postgres.clone(),
-                instance,
-                registry.clone(),
-                feed_paused,
-                stop_feed.clone(),
-            ));
+        if let (Some(feed), true) = (&feed, feed_listens) {
+            let live = Arc::new(registry.clone());
+            feed.listen(&writers, live, feed_paused, stop_feed.clone());
         }
-        #[cfg(not(feature = "postgres"))]
-        let _ = (announced, feed_paused);
         #[cfg(not(any(test, feature = "fault-injection")))]
         let () = feed_pause;
         writers.close();

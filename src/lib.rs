@@ -37,20 +37,20 @@
 //! - `session`: the session actor, the only code that changes a session.
 //! - `writer`: the writer stage that combines many sessions' batches into one transaction.
 //! - `store`: the SQLite and PostgreSQL backends and their migrations.
-//! - `changes`: on PostgreSQL, announcing committed versions to other processes and catching
-//!   up on theirs (LISTEN/NOTIFY).
+//! - `feed`: the change feed between processes sharing a database; on PostgreSQL
+//!   (`store::postgres::changes`), announcing committed versions to the others and catching up
+//!   on theirs (LISTEN/NOTIFY).
 //!
 //! The generic actor runtime (activation, mailboxes, passivation, supervision, drain) is the
 //! `soloist-actors` crate.
 
 mod backoff;
-#[cfg(feature = "postgres")]
-mod changes;
 pub mod command;
 pub mod config;
 pub mod engine;
 pub mod error;
 mod faults;
+mod feed;
 mod handle;
 mod idempotency;
 pub mod model;

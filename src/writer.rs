@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::backoff::Backoff;
 use crate::config::EngineConfig;
 use crate::error::StorageError;
-use crate::model::SessionId;
+use crate::feed::Committed;
 use crate::stats::{EngineStats, Refused};
 use crate::store::{FlushOutcome, SessionWrite, Store};
 
@@ -227,11 +227,4 @@ impl WriterTask {
             }
         }
     }
-}
-
-/// Told of every commit: the versions each session was committed at (the PostgreSQL
-/// backend announces them to other processes).
-pub(crate) trait Committed: Send + Sync {
-    /// `(session, version)` of each session a flush committed.
-    fn committed(&self, versions: &mut dyn Iterator<Item = (SessionId, i64)>);
 }

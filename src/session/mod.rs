@@ -233,9 +233,8 @@ impl SessionActor {
     }
 }
 
-/// What the PostgreSQL change listener needs of the live sessions.
-#[cfg(feature = "postgres")]
-impl crate::changes::LiveSessions for soloist_actors::Registry<SessionActor> {
+/// What a change feed's listener needs of the live sessions.
+impl crate::feed::LiveSessions for soloist_actors::Registry<SessionActor> {
     fn is_live(&self, session: SessionId) -> bool {
         soloist_actors::Registry::is_live(self, &session)
     }
@@ -244,11 +243,13 @@ impl crate::changes::LiveSessions for soloist_actors::Registry<SessionActor> {
         self.live_keys()
     }
 
-    async fn refresh(&self, session: SessionId, version: i64) {
-        // A mailbox that closed meanwhile needs no notice: the next activation loads.
-        let _ = self
-            .send(session, Box::new(Request::Refresh(version)))
-            .await;
+    fn refresh(&self, session: SessionId, version: i64) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // A mailbox that closed meanwhile needs no notice: the next activation loads.
+            let _ = self
+                .send(session, Box::new(Request::Refresh(version)))
+                .await;
+        })
     }
 
     fn feed_down(&self, down: bool) {

@@ -245,6 +245,21 @@ impl Store {
         ))
     }
 
+    /// The store's change feed between processes, if it has one.
+    pub fn change_feed(&self, instance: Uuid) -> Option<Box<dyn crate::feed::ChangeFeed>> {
+        #[cfg(not(feature = "postgres"))]
+        let _ = instance;
+        match self {
+            #[cfg(feature = "sqlite")]
+            Store::Sqlite(_) => None,
+            #[cfg(feature = "postgres")]
+            Store::Postgres(store) => Some(Box::new(postgres::changes::Feed::new(
+                store.clone(),
+                instance,
+            ))),
+        }
+    }
+
     /// How many write transactions may be in flight at once.
     pub fn writer_count(&self, config: &EngineConfig) -> usize {
         #[cfg(not(feature = "postgres"))]

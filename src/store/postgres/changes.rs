@@ -22,32 +22,16 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
+use super::PostgresStore;
 use crate::backoff::Backoff;
 use crate::error::StorageError;
 use crate::faults::FeedPause;
+use crate::feed::{ChangeFeed, Committed, LiveSessions};
 use crate::model::SessionId;
-use crate::store::postgres::PostgresStore;
-use crate::writer::Committed;
-
-/// The sessions live in this process, as the listener sees them.
-pub(crate) trait LiveSessions: Send + Sync + 'static {
-    /// Whether the session has a live actor here.
-    fn is_live(&self, session: SessionId) -> bool;
-    /// Every live session.
-    fn live(&self) -> Vec<SessionId>;
-    /// Tells a live session that `version` of it is stored; done once the notice is in its
-    /// mailbox.
-    fn refresh(
-        &self,
-        session: SessionId,
-        version: i64,
-    ) -> impl std::future::Future<Output = ()> + Send;
-    /// Whether the listener is down: while it is, reads check the stored version.
-    fn feed_down(&self, down: bool);
-}
 
 /// How long a notice waits for room in a session's mailbox.
 const REFRESH_WAIT: Duration = Duration::from_millis(50);
@@ -74,7 +58,7 @@ const MAX_PAYLOAD: usize = 7_000;
 /// `"<instance> <session>:<version> <session>:<version> ..."`. A notice that cannot be sent
 /// (the database unreachable) is retried with backoff. On `stop` — cancelled once every
 /// session has drained, so after the last commit — what is pending is sent one last time.
-pub(crate) async fn announce(
+async fn announce(
     store: PostgresStore,
     instance: Uuid,
     announcements: Arc<Announcements>,
@@ -152,14 +136,14 @@ enum Event {
 /// `feed_down` is set and every read checks the stored version instead. After each
 /// (re)connection, the live sessions whose stored version moved while nothing was heard are
 /// told to catch up, from one query.
-pub(crate) async fn listen(
+async fn listen(
     store: PostgresStore,
     instance: Uuid,
-    registry: impl LiveSessions,
+    registry: Arc<dyn LiveSessions>,
     mut pause: FeedPause,
     stop: CancellationToken,
 ) {
-    let registry = &registry;
+    let registry = &*registry;
     let feed_down = |down: bool| registry.feed_down(down);
     let mut failures = 0;
     loop {
@@ -277,7 +261,7 @@ pub(crate) async fn listen(
 /// full for `wait`: rather than stall every other session's notices, the caller tries again
 /// later.
 async fn refresh(
-    registry: &impl LiveSessions,
+    registry: &dyn LiveSessions,
     session: SessionId,
     version: i64,
     wait: Duration,
@@ -297,7 +281,7 @@ async fn refresh(
 /// actor, which catches up if it is behind (and publishes what it missed to its subscribers).
 async fn catch_up_live_sessions(
     store: &PostgresStore,
-    registry: &impl LiveSessions,
+    registry: &dyn LiveSessions,
 ) -> Result<(), StorageError> {
     let live = registry.live();
     for chunk in live.chunks(10_000) {
@@ -358,6 +342,50 @@ impl Announcements {
 impl Committed for Announcements {
     fn committed(&self, versions: &mut dyn Iterator<Item = (SessionId, i64)>) {
         self.add(versions);
+    }
+}
+
+/// The PostgreSQL change feed: notices out through [`announce`], in through [`listen`].
+pub(crate) struct Feed {
+    store: PostgresStore,
+    /// This process's id: the sender of its notices, so that it skips its own.
+    instance: Uuid,
+    announcements: Arc<Announcements>,
+}
+
+impl Feed {
+    /// The feed of `store`, for the process `instance`.
+    pub fn new(store: PostgresStore, instance: Uuid) -> Self {
+        Self {
+            store,
+            instance,
+            announcements: Arc::default(),
+        }
+    }
+}
+
+impl ChangeFeed for Feed {
+    fn committed(&self) -> Arc<dyn Committed> {
+        self.announcements.clone()
+    }
+
+    fn announce(&self, tracker: &TaskTracker, stop: CancellationToken) {
+        tracker.spawn(announce(
+            self.store.clone(),
+            self.instance,
+            self.announcements.clone(),
+            stop,
+        ));
+    }
+
+    fn listen(
+        &self,
+        tracker: &TaskTracker,
+        live: Arc<dyn LiveSessions>,
+        pause: FeedPause,
+        stop: CancellationToken,
+    ) {
+        tracker.spawn(listen(self.store.clone(), self.instance, live, pause, stop));
     }
 }
 

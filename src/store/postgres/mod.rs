@@ -13,6 +13,8 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions, PgQueryResult
 use sqlx::{Arguments, Postgres, SqlStr};
 use uuid::Uuid;
 
+pub(crate) mod changes;
+
 use super::backend::{Backend, Params};
 use super::dialect::{Batch, Dialect};
 use super::flush::{StoredHead, outcome};
