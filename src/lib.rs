@@ -10,10 +10,10 @@
 //!
 //! ```no_run
 //! # async fn demo() -> soloist::Result<()> {
-//! use soloist::{Engine, NewMessage};
+//! use soloist::{Engine, NewMessage, SessionId};
 //!
 //! let engine = Engine::connect("sqlite://chat.db").await?;
-//! let session = engine.session("alice", uuid::Uuid::now_v7());
+//! let session = engine.session("alice", SessionId::new());
 //! session.create(Some("Trip planning".into()), None).await?;
 //! let sequences = session
 //!     .append(vec![NewMessage::user("Where should we go?")])
