@@ -110,6 +110,14 @@ pub struct EngineConfig {
     /// lease ran out is counted in [`Stats::takeovers`](crate::Stats::takeovers): it means
     /// requests for one session are reaching several processes at once. Default 10 s.
     pub ownership_lease: Duration,
+    /// The address other processes reach this one at (e.g. `http://10.0.0.7:8080`). When set,
+    /// the engine registers itself as a member in the database at start, renews its heartbeat
+    /// while it runs and removes itself when it shuts down (see [`Engine::members`](crate::Engine::members)).
+    /// Default `None`: not a member.
+    pub advertise_url: Option<String>,
+    /// How long a member stays listed without renewing its heartbeat; it renews three times per
+    /// lease. Default 3 s.
+    pub member_lease: Duration,
     /// Answer [`Error::NotFound`](crate::Error::NotFound) rather than
     /// [`Error::Forbidden`](crate::Error::Forbidden) to a user who does not own the session, so
     /// that session ids cannot be probed. Default `true`.
@@ -144,6 +152,8 @@ impl EngineConfig {
             max_conflict_retries: 8,
             listen_for_changes: true,
             ownership_lease: Duration::from_secs(10),
+            advertise_url: None,
+            member_lease: Duration::from_secs(3),
             hide_foreign_sessions: true,
             idempotency_retention: Duration::from_secs(24 * 3600),
             limits: Limits::default(),

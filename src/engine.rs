@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use soloist_actors::{AskError, Registry, RegistryConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::command::{
@@ -18,7 +18,7 @@ use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::faults::FeedPause;
 use crate::handle::SessionHandle;
-use crate::model::{SessionId, SessionInfo, Usage};
+use crate::model::{Member, SessionId, SessionInfo, Usage};
 use crate::session::protocol::{Mail, Read, Request, Responder, Subscribe, Subscribed};
 use crate::session::{SessionActor, Shared};
 use crate::stats::{EngineStats, Stats};
@@ -43,6 +43,8 @@ struct Inner {
     /// Test hook: while `true`, the change listener drops its connection and waits.
     #[cfg(any(test, feature = "fault-injection"))]
     feed_pause: tokio::sync::watch::Sender<bool>,
+    /// This process's id (the owner it writes into sessions, its member id).
+    instance: Uuid,
     /// Whether a change listener runs.
     #[cfg(any(test, feature = "fault-injection"))]
     feed_listens: bool,
@@ -118,6 +120,16 @@ impl Engine {
             faults: Default::default(),
         });
         let registry = Registry::new(shared.clone(), runtime);
+        if let Some(address) = &shared.config.advertise_url {
+            shared.store.join_member(instance, address).await?;
+            writers.spawn(crate::members::heartbeat(
+                shared.store.clone(),
+                instance,
+                address.clone(),
+                shared.config.member_lease,
+                stop_feed.clone(),
+            ));
+        }
         writers.spawn(crate::idempotency::purge_expired(
             shared.store.clone(),
             shared.config.idempotency_retention,
@@ -138,6 +150,7 @@ impl Engine {
                 writers,
                 stop_writers,
                 stop_feed,
+                instance,
                 #[cfg(any(test, feature = "fault-injection"))]
                 feed_pause,
                 #[cfg(any(test, feature = "fault-injection"))]
@@ -284,6 +297,21 @@ impl Engine {
         }
     }
 
+    /// This process's id: the owner it writes into the sessions it takes over, and its member
+    /// id when it registers ([`EngineConfig::advertise_url`]).
+    pub fn instance_id(&self) -> Uuid {
+        self.inner.instance
+    }
+
+    /// The processes registered on this database whose heartbeat is younger than
+    /// [`EngineConfig::member_lease`], by id (this one included if it registered).
+    pub async fn members(&self) -> Result<Vec<Member>> {
+        let lease = i64::try_from(self.config().member_lease.as_micros()).unwrap_or(i64::MAX);
+        let members = self.inner.shared.store.live_members(lease);
+        self.within_command_timeout(async { Ok(members.await?) })
+            .await
+    }
+
     /// Whether the session currently has a live actor in this engine.
     pub fn is_live(&self, session_id: SessionId) -> bool {
         self.inner.registry.is_live(&session_id)
@@ -302,6 +330,17 @@ impl Engine {
     /// [`Error::ShuttingDown`].
     pub async fn shutdown(&self) {
         self.inner.stop_feed.cancel();
+        let shared = &self.inner.shared;
+        if shared.config.advertise_url.is_some() {
+            // Leave first, so that peers stop counting on this process while it drains. Bounded:
+            // a database that cannot be reached must not hold the shutdown up.
+            let leave = shared.store.leave_member(self.inner.instance);
+            match tokio::time::timeout(shared.config.database_timeout, leave).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => warn!(%error, "could not remove this process's membership"),
+                Err(_) => warn!("removing this process's membership timed out"),
+            }
+        }
         self.inner.registry.shutdown().await;
         self.inner.stop_writers.cancel();
         self.inner.writers.wait().await;

@@ -414,6 +414,19 @@ pub struct SessionInfo {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A process registered in the database: one of the processes that share it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// The process's id: the owner it writes into the sessions it takes over.
+    pub id: Uuid,
+    /// Where its peers reach it ([`EngineConfig::advertise_url`](crate::EngineConfig::advertise_url)).
+    pub address: String,
+    /// When it registered.
+    pub started_at: DateTime<Utc>,
+    /// Its latest heartbeat.
+    pub heartbeat_at: DateTime<Utc>,
+}
+
 /// Converts stored microseconds since the Unix epoch to a timestamp.
 pub(crate) fn from_micros(micros: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(micros).unwrap_or_default()

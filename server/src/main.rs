@@ -19,6 +19,11 @@ struct Args {
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, env = "SOLOIST_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// The URL other server processes on the same database reach this one at; this process
+    /// registers itself under it (default: `http://` and the listen address; set it where that
+    /// address is not reachable from the peers, e.g. in containers).
+    #[arg(long, env = "SOLOIST_ADVERTISE_URL", value_name = "URL")]
+    advertise_url: Option<String>,
     /// SQLite only: trade the last commits on power loss for speed (`synchronous=NORMAL`).
     #[arg(long)]
     sqlite_normal_sync: bool,
@@ -135,7 +140,15 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Bound first: the address this process advertises to its peers is the one it got.
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let address = listener.local_addr()?;
     let config = EngineConfig {
+        advertise_url: Some(
+            args.advertise_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{address}")),
+        ),
         sqlite_sync: if args.sqlite_normal_sync {
             SqliteSync::Normal
         } else {
@@ -153,8 +166,6 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let engine = Engine::start(config).await?;
     let shutdown = CancellationToken::new();
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    let address = listener.local_addr()?;
     // Tests and scripts read this line to find the port.
     println!("listening on http://{address}");
     info!(%address, "soloist-server listening");

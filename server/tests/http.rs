@@ -634,4 +634,16 @@ async fn two_servers_on_one_postgres_database() {
         .await;
         assert_eq!(page.1["message_count"], 160, "{}", page.1);
     }
+    // Each server registered itself under the address it listens on, with only
+    // `--database-url` and `--listen` given.
+    let mut registered: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT address FROM {schema}.members"
+    )))
+    .fetch_all(&pool)
+    .await
+    .expect("members");
+    registered.sort();
+    let mut expected: Vec<String> = servers.iter().map(|server| server.url("")).collect();
+    expected.sort();
+    assert_eq!(registered, expected);
 }

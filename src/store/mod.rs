@@ -34,7 +34,7 @@ use crate::command::SessionCursor;
 use crate::config::EngineConfig;
 use crate::error::{Error, StorageError};
 use crate::idempotency::KeyRecord;
-use crate::model::{Message, SessionId, SessionInfo, Usage};
+use crate::model::{Member, Message, SessionId, SessionInfo, Usage};
 
 /// A session's row and the newest messages, as loaded on activation.
 #[derive(Debug)]
@@ -304,6 +304,16 @@ impl Store {
         /// Up to `limit` of the user's live sessions created before the cursor, newest first.
         fn list_sessions(&self, user_id: &str, before: Option<SessionCursor>, limit: usize)
             -> Result<Vec<SessionInfo>, StorageError>;
+
+        /// Registers this process as a member under `id`, reachable at `address`, or renews its
+        /// heartbeat (and address) if it is one.
+        fn join_member(&self, id: Uuid, address: &str) -> Result<(), StorageError>;
+
+        /// Removes the member `id`.
+        fn leave_member(&self, id: Uuid) -> Result<(), StorageError>;
+
+        /// The members whose heartbeat is younger than `lease_micros`, by id.
+        fn live_members(&self, lease_micros: i64) -> Result<Vec<Member>, StorageError>;
 
         /// The stored version of a session, or `None` if there is no such row.
         fn version(&self, id: SessionId) -> Result<Option<i64>, StorageError>;

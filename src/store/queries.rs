@@ -28,6 +28,12 @@ pub(crate) struct Queries {
     pub version: SqlStr,
     /// A session's head, once no write holds its row. Binds: owner, id.
     pub settled_head: SqlStr,
+    /// Registers a member or renews its heartbeat. Binds: id, address, now, now.
+    pub join_member: SqlStr,
+    /// Removes a member. Binds: id.
+    pub leave_member: SqlStr,
+    /// The members whose heartbeat is recent. Binds: now, lease.
+    pub live_members: SqlStr,
     /// Deletes some expired idempotency records. Binds: cutoff, limit.
     pub purge_keys: SqlStr,
     /// Sequences of the stored ones of some message ids. Binds: session id, list.
@@ -80,6 +86,18 @@ impl Queries {
             settled_head: d.render(&format!(
                 "SELECT version, COALESCE(owner = ?, false), epoch FROM sessions WHERE id = ?{}",
                 d.lock
+            )),
+            join_member: d.render(&format!(
+                "INSERT INTO members (id, address, started_at, heartbeat_at) VALUES (?, ?, {now}, {now}) \
+                 ON CONFLICT (id) DO UPDATE SET address = excluded.address, \
+                 heartbeat_at = excluded.heartbeat_at",
+                now = d.now()
+            )),
+            leave_member: d.render("DELETE FROM members WHERE id = ?"),
+            live_members: d.render(&format!(
+                "SELECT id, address, started_at, heartbeat_at FROM members \
+                 WHERE heartbeat_at > {} - ? ORDER BY id",
+                d.now()
             )),
             purge_keys: d.render(&format!(
                 "DELETE FROM idempotency_keys WHERE {address} IN \

@@ -25,7 +25,7 @@ use super::{FlushOutcome, LoadedSession, Ownership, SessionWrite};
 use crate::command::SessionCursor;
 use crate::error::StorageError;
 use crate::idempotency::KeyRecord;
-use crate::model::{Message, SessionId, SessionInfo, now_micros};
+use crate::model::{Member, Message, SessionId, SessionInfo, from_micros, now_micros};
 
 /// A SQL store: its connection pools, its rendered statements, and who this process is.
 #[derive(Debug)]
@@ -87,6 +87,7 @@ where
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'r> (Uuid, i64): FromRow<'r, DB::Row>,
     for<'r> (i64, bool, i64): FromRow<'r, DB::Row>,
+    for<'r> (Uuid, String, i64, i64): FromRow<'r, DB::Row>,
     for<'r> SessionRecord: FromRow<'r, DB::Row>,
     for<'r> MessageRecord: FromRow<'r, DB::Row>,
     for<'r> KeyRecordRow: FromRow<'r, DB::Row>,
@@ -243,6 +244,51 @@ where
             .into_iter()
             .map(|record| record.into_info().map(|(info, ..)| info))
             .collect()
+    }
+
+    /// See [`Store::join_member`](super::Store::join_member).
+    pub async fn join_member(&self, id: Uuid, address: &str) -> Result<(), StorageError> {
+        let now = now_micros();
+        let args = Params::<DB>::new()
+            .add(id)
+            .add(address)
+            .now(now)
+            .now(now)
+            .finish()?;
+        sqlx::query_with(self.queries.join_member.clone(), args)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// See [`Store::leave_member`](super::Store::leave_member).
+    pub async fn leave_member(&self, id: Uuid) -> Result<(), StorageError> {
+        let args = Params::<DB>::new().add(id).finish()?;
+        sqlx::query_with(self.queries.leave_member.clone(), args)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// See [`Store::live_members`](super::Store::live_members).
+    pub async fn live_members(&self, lease_micros: i64) -> Result<Vec<Member>, StorageError> {
+        let args = Params::<DB>::new()
+            .now(now_micros())
+            .add(lease_micros)
+            .finish()?;
+        let rows: Vec<(Uuid, String, i64, i64)> =
+            sqlx::query_as_with(self.queries.live_members.clone(), args)
+                .fetch_all(&self.readers)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, address, started_at, heartbeat_at)| Member {
+                id,
+                address,
+                started_at: from_micros(started_at),
+                heartbeat_at: from_micros(heartbeat_at),
+            })
+            .collect())
     }
 
     /// See [`Store::version`](super::Store::version).
