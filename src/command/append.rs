@@ -72,8 +72,12 @@ impl StageWrite for AppendMessages {
         let sequences = plan
             .into_iter()
             .zip(&self.messages)
-            .map(|((id, stored), message)| stored.unwrap_or_else(|| batch.add_message(id, message)))
-            .collect();
+            .map(|((id, stored), message)| match stored {
+                Some(seq) => Ok(seq),
+                // Fails for the first new message or for none: the session was checked above.
+                None => batch.add_message(id, message),
+            })
+            .collect::<Result<Vec<i64>>>()?;
         if adds {
             batch.changed();
         }

@@ -141,9 +141,9 @@ impl Sorted {
     }
 
     /// Who sent the batch's commands.
-    fn users(&self) -> Vec<&str> {
+    fn users(&self) -> impl Iterator<Item = &str> {
         let reads = self.reads.iter().map(Read::user);
-        reads.chain(self.writes.iter().map(Write::user)).collect()
+        reads.chain(self.writes.iter().map(Write::user))
     }
 }
 
@@ -191,7 +191,7 @@ impl SessionActor {
             .and_then(|state| state.info.as_ref())
             .map(|info| info.user_id.as_str());
         self.served_owner = match owner {
-            Some(owner) => batch.users().contains(&owner),
+            Some(owner) => batch.users().any(|user| user == owner),
             None => batch
                 .writes
                 .iter()

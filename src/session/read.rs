@@ -32,17 +32,19 @@ impl SessionActor {
 
     /// Makes sure the state is loaded and, if a command asked for it, current.
     pub(super) async fn prepare(&mut self, batch: &Sorted) -> Result<(), StorageError> {
-        let users = batch.users();
         let Some(state) = &self.state else {
+            let users: Vec<&str> = batch.users().collect();
             return self.load(&users).await;
         };
         // Refusing someone else's commands from memory would answer faster than a missing
         // session (which is a database read) and tell them apart: pay the same read.
         if let Some(info) = &state.info {
-            let foreign_only = !users.is_empty() && users.iter().all(|user| *user != info.user_id);
+            let mut users = batch.users().peekable();
+            let foreign_only = users.peek().is_some() && users.all(|user| user != info.user_id);
             if foreign_only {
                 // The very read a load for them is (one read transaction, the row, no
                 // messages): a lighter one would still answer sooner.
+                let users: Vec<&str> = batch.users().collect();
                 self.shared
                     .store
                     .load(self.id, self.shared.config.cached_messages, &users)

@@ -223,10 +223,11 @@ impl Batch<'_> {
             .or_else(|| self.known.get(id))
     }
 
-    /// Stages a new message at the next sequence; returns the sequence.
-    pub fn add_message(&mut self, id: Uuid, new: &NewMessage) -> i64 {
+    /// Stages a new message at the next sequence; returns the sequence. (A command checks
+    /// access with [`Self::session`] first; without a session there is no sequence to take.)
+    pub fn add_message(&mut self, id: Uuid, new: &NewMessage) -> Result<i64> {
         let Some(info) = self.info.as_mut() else {
-            return 0;
+            return Err(Error::NotFound);
         };
         let seq = info.message_count;
         info.message_count += 1;
@@ -234,7 +235,7 @@ impl Batch<'_> {
         self.write.rows.push(message.clone());
         self.pending.insert(id, message.clone());
         self.messages.push(message);
-        seq
+        Ok(seq)
     }
 
     /// Sets the title.
