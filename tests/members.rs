@@ -87,7 +87,7 @@ async fn members_find_each_other_and_leave_when_they_stop(db: TestDb) {
 }
 
 async fn heartbeats_keep_members_listed_and_a_silent_one_drops_out(db: TestDb) {
-    let lease = Duration::from_millis(400);
+    let lease = Duration::from_secs(1);
     let a = engine(&db, Some("http://a"), lease).await;
     let first = a.members().await.expect("members");
     // A process that stopped renewing a moment ago is still listed; one silent for longer than
