@@ -116,8 +116,13 @@ pub struct EngineConfig {
     /// Default `None`: not a member.
     pub advertise_url: Option<String>,
     /// How long a member stays listed without renewing its heartbeat; it renews three times per
-    /// lease. Default 3 s.
+    /// lease, and reads the other members each time. Default 3 s.
     pub member_lease: Duration,
+    /// The secret with which the members authenticate the commands they forward to each other
+    /// ([`Engine::cluster_secret`](crate::Engine::cluster_secret)). Default `None`: a member
+    /// uses the one stored in the database, which the first member generates (32 random bytes),
+    /// so that processes that share a database share it with no setting.
+    pub cluster_secret: Option<String>,
     /// Answer [`Error::NotFound`](crate::Error::NotFound) rather than
     /// [`Error::Forbidden`](crate::Error::Forbidden) to a user who does not own the session, so
     /// that session ids cannot be probed. Default `true`.
@@ -154,6 +159,7 @@ impl EngineConfig {
             ownership_lease: Duration::from_secs(10),
             advertise_url: None,
             member_lease: Duration::from_secs(3),
+            cluster_secret: None,
             hide_foreign_sessions: true,
             idempotency_retention: Duration::from_secs(24 * 3600),
             limits: Limits::default(),

@@ -1,8 +1,9 @@
 //! The engine facade: configuration, lifecycle, and the typed entry points of the
 //! message-passing API.
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use soloist_actors::{AskError, Registry, RegistryConfig};
 use tokio_util::sync::CancellationToken;
@@ -10,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 use uuid::Uuid;
 
+use crate::cluster::{Directory, Forward, MAX_HOPS, Placement, Undelivered};
 use crate::command::{
     AddUsage, AppendMessages, Appended, Command, CreateSession, Created, DeleteSession, GetSession,
     ListSessions, Reply, SessionCommand, SessionList, SessionPage, UpdateSession, check_user,
@@ -38,13 +40,22 @@ struct Inner {
     writers: TaskTracker,
     /// Tells the writer tasks to stop once their queue is empty.
     stop_writers: CancellationToken,
-    /// Stops announcing and listening for other processes' commits (PostgreSQL).
+    /// Stops announcing and listening for other processes' commits (PostgreSQL), and handing
+    /// sessions over.
     stop_feed: CancellationToken,
+    /// Stops renewing this process's membership.
+    stop_heartbeat: CancellationToken,
     /// Test hook: while `true`, the change listener drops its connection and waits.
     #[cfg(any(test, feature = "fault-injection"))]
     feed_pause: tokio::sync::watch::Sender<bool>,
     /// This process's id (the owner it writes into sessions, its member id).
     instance: Uuid,
+    /// The members and the placement of sessions on them, when this process is a member.
+    directory: Option<Arc<Directory>>,
+    /// The secret peers authenticate forwarded commands with, when this process is a member.
+    cluster_secret: Option<String>,
+    /// How commands reach their session's owner, once the embedding server provides it.
+    forwarder: OnceLock<Arc<dyn Forward>>,
     /// Whether a change listener runs.
     #[cfg(any(test, feature = "fault-injection"))]
     feed_listens: bool,
@@ -86,6 +97,7 @@ impl Engine {
         let writers = TaskTracker::new();
         let stop_writers = CancellationToken::new();
         let stop_feed = CancellationToken::new();
+        let stop_heartbeat = stop_feed.child_token();
         let (feed_pause, feed_paused) = FeedPause::new();
         let feed = store.change_feed(instance);
         // Stopped with the writers: after the last commit, so that it is announced.
@@ -120,15 +132,35 @@ impl Engine {
             faults: Default::default(),
         });
         let registry = Registry::new(shared.clone(), runtime);
+        let mut directory = None;
+        let mut cluster_secret = None;
         if let Some(address) = &shared.config.advertise_url {
+            let lease = shared.config.member_lease;
+            let members = Arc::new(Directory::new(instance, lease));
+            cluster_secret = Some(match &shared.config.cluster_secret {
+                Some(secret) => secret.clone(),
+                None => {
+                    let initial = crate::cluster::new_secret();
+                    shared.store.cluster_setting("secret", &initial).await?
+                }
+            });
             shared.store.join_member(instance, address).await?;
+            crate::members::refresh(&shared.store, &members, lease).await?;
             writers.spawn(crate::members::heartbeat(
                 shared.store.clone(),
                 instance,
                 address.clone(),
-                shared.config.member_lease,
+                lease,
+                members.clone(),
+                stop_heartbeat.clone(),
+            ));
+            writers.spawn(crate::members::hand_over(
+                registry.clone(),
+                members.clone(),
+                lease,
                 stop_feed.clone(),
             ));
+            directory = Some(members);
         }
         writers.spawn(crate::idempotency::purge_expired(
             shared.store.clone(),
@@ -150,7 +182,11 @@ impl Engine {
                 writers,
                 stop_writers,
                 stop_feed,
+                stop_heartbeat,
                 instance,
+                directory,
+                cluster_secret,
+                forwarder: OnceLock::new(),
                 #[cfg(any(test, feature = "fault-injection"))]
                 feed_pause,
                 #[cfg(any(test, feature = "fault-injection"))]
@@ -175,7 +211,59 @@ impl Engine {
 
     /// Runs any command; the typed methods below do the same with typed replies.
     pub async fn execute(&self, command: Command) -> Result<Reply> {
-        command.execute(self).await
+        command.execute(self, 0).await
+    }
+
+    /// Runs a command another process forwarded here, which has travelled `hops` times. It
+    /// runs here unless this process places its session on a third one and the command may
+    /// travel once more ([`MAX_HOPS`]). The sender's identity travels in the command and is
+    /// checked here like any other; authenticating the sending process is the transport's
+    /// business ([`Engine::cluster_secret`]).
+    pub async fn execute_forwarded(&self, command: Command, hops: u8) -> Result<Reply> {
+        command.execute(self, hops.max(1)).await
+    }
+
+    /// Routes the commands that must run at their session's owner through `forwarder` when
+    /// the owner is another member. Set once; later calls are ignored. Without it, or when
+    /// this process is not a member ([`EngineConfig::advertise_url`]), every command runs here.
+    pub fn route_through(&self, forwarder: Arc<dyn Forward>) {
+        let _ = self.inner.forwarder.set(forwarder);
+    }
+
+    /// The secret peers authenticate the commands they forward with: the configured
+    /// [`EngineConfig::cluster_secret`], else the one stored in the database. `None` when this
+    /// process is not a member.
+    pub fn cluster_secret(&self) -> Option<&str> {
+        self.inner.cluster_secret.as_deref()
+    }
+
+    /// Where `session_id`'s commands run, by this process's current view of the members.
+    pub fn placement(&self, session_id: SessionId) -> Placement {
+        match &self.inner.directory {
+            Some(directory) => directory.place(session_id),
+            None => Placement::Here,
+        }
+    }
+
+    /// Reads the live members into this process's view now, instead of at the next heartbeat
+    /// (three times per member lease). Does nothing when this process is not a member.
+    pub async fn refresh_members(&self) -> Result<()> {
+        let Some(directory) = &self.inner.directory else {
+            return Ok(());
+        };
+        let shared = &self.inner.shared;
+        let refresh = crate::members::refresh(&shared.store, directory, shared.config.member_lease);
+        self.within_command_timeout(async { Ok(refresh.await?) })
+            .await
+    }
+
+    /// The live members as this process last read them (refreshed three times per member
+    /// lease); empty when this process is not a member.
+    pub fn member_view(&self) -> Vec<Member> {
+        match &self.inner.directory {
+            Some(directory) => directory.members().to_vec(),
+            None => Vec::new(),
+        }
     }
 
     /// Creates a session (idempotent on its id).
@@ -217,9 +305,108 @@ impl Engine {
         self.run(command).await
     }
 
-    /// Runs a command through its session's actor: validated here, whole, before it is sent.
-    pub(crate) async fn run<C: SessionCommand>(&self, mut command: C) -> Result<C::Reply> {
-        // The key is fingerprinted as sent, before routing fills anything in.
+    /// Runs a command at its session's owner: here, or forwarded to the member that owns the
+    /// session.
+    pub(crate) async fn run<C: SessionCommand>(&self, command: C) -> Result<C::Reply> {
+        self.run_routed(command, 0).await
+    }
+
+    /// [`Self::run`] for a command that has travelled `hops` times.
+    pub(crate) async fn run_routed<C: SessionCommand>(
+        &self,
+        mut command: C,
+        hops: u8,
+    ) -> Result<C::Reply> {
+        let session_id = command.place();
+        let route = match (&self.inner.directory, self.inner.forwarder.get()) {
+            (Some(directory), Some(forwarder)) if command.at_owner() => {
+                Some((directory, forwarder, directory.place(session_id)))
+            }
+            _ => None,
+        };
+        let Some((directory, forwarder, placement)) = route else {
+            return self.run_here(command).await;
+        };
+        let peer = match placement {
+            Placement::Peer(peer) if hops < MAX_HOPS => peer,
+            Placement::Peer(_) => {
+                // Travelled enough: run here, taking the session over, and let it go at once so
+                // that its owner's next write finds it unclaimed by a live actor here.
+                let result = self.run_here(command).await;
+                self.passivate(session_id);
+                return result;
+            }
+            Placement::Here => return self.run_here(command).await,
+        };
+        let command = command.into();
+        let forward = self.forward(
+            directory,
+            forwarder.as_ref(),
+            peer,
+            &command,
+            session_id,
+            hops,
+        );
+        let reply = match self.within_command_timeout(forward).await? {
+            Some(reply) => reply,
+            // No member could be reached: the session is this process's now.
+            None => Box::pin(command.execute(self, MAX_HOPS)).await?,
+        };
+        C::Reply::try_from(reply).map_err(|_| {
+            Error::OwnerUnreachable("the owner answered with another command's reply".into())
+        })
+    }
+
+    /// Sends `command` to `peer` and returns its answer. A peer that cannot be reached is
+    /// suspected and the session placed again; `None` when it lands here.
+    async fn forward(
+        &self,
+        directory: &Directory,
+        forwarder: &dyn Forward,
+        mut peer: Member,
+        command: &Command,
+        session_id: SessionId,
+        hops: u8,
+    ) -> Result<Option<Reply>> {
+        let deadline = self
+            .config()
+            .command_timeout
+            .map(|limit| Instant::now() + limit);
+        let stats = &self.inner.shared.stats;
+        loop {
+            let budget =
+                deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
+            let started = Instant::now();
+            match forwarder.forward(&peer, command, hops + 1, budget).await {
+                Ok(answer) => {
+                    let lost = matches!(answer, Err(Error::OwnerUnreachable(_)));
+                    stats.record_forward(started.elapsed(), !lost);
+                    return answer.map(Some);
+                }
+                Err(Undelivered(reason)) => {
+                    stats.record_forward(started.elapsed(), false);
+                    if directory.suspect(peer.id) {
+                        warn!(
+                            peer = %peer.id,
+                            address = %peer.address,
+                            %reason,
+                            "could not reach a member; placing its sessions elsewhere for one \
+                             member lease"
+                        );
+                    }
+                    match directory.place(session_id) {
+                        Placement::Peer(next) => peer = next,
+                        Placement::Here => return Ok(None),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs a command here, through its session's actor: validated here, whole, before it is
+    /// sent.
+    async fn run_here<C: SessionCommand>(&self, mut command: C) -> Result<C::Reply> {
+        // The key is fingerprinted as sent, before validation fills anything in.
         let keyed = command.keyed()?;
         command.validate(&self.config().limits)?;
         let session_id = command.session_id();
@@ -312,6 +499,37 @@ impl Engine {
             .await
     }
 
+    /// Leaves the cluster ahead of a shutdown: stops renewing this process's membership,
+    /// removes it from the database, and from now on sends every command that must run at an
+    /// owner to the other members, handing over the sessions this process owned (each finishes
+    /// the batch in hand). Returns whether other members were in the view: they keep sending
+    /// commands here until they read the members again (within a third of the member lease),
+    /// so a server should keep serving that long before it closes its listener. Idempotent;
+    /// [`Engine::shutdown`] calls it.
+    pub async fn leave_cluster(&self) -> bool {
+        let Some(directory) = &self.inner.directory else {
+            return false;
+        };
+        if self.inner.stop_heartbeat.is_cancelled() {
+            return false;
+        }
+        self.inner.stop_heartbeat.cancel();
+        directory.leave();
+        let shared = &self.inner.shared;
+        // Bounded: a database that cannot be reached must not hold the shutdown up.
+        let leave = shared.store.leave_member(self.inner.instance);
+        match tokio::time::timeout(shared.config.database_timeout, leave).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(%error, "could not remove this process's membership"),
+            Err(_) => warn!("removing this process's membership timed out"),
+        }
+        info!("left the cluster");
+        directory
+            .members()
+            .iter()
+            .any(|member| member.id != self.inner.instance)
+    }
+
     /// Whether the session currently has a live actor in this engine.
     pub fn is_live(&self, session_id: SessionId) -> bool {
         self.inner.registry.is_live(&session_id)
@@ -319,28 +537,24 @@ impl Engine {
 
     /// A snapshot of the engine's counters.
     pub fn stats(&self) -> Stats {
+        let members = self
+            .inner
+            .directory
+            .as_ref()
+            .map_or(0, |directory| directory.members().len() as u64);
         self.inner
             .shared
             .stats
-            .snapshot(self.inner.registry.stats())
+            .snapshot(self.inner.registry.stats(), members)
     }
 
     /// Stops taking commands, lets every session finish what is queued, waits for the final
     /// writes, and closes the database. Commands sent afterwards get
     /// [`Error::ShuttingDown`].
     pub async fn shutdown(&self) {
+        // Leave first, so that peers stop counting on this process while it drains.
+        self.leave_cluster().await;
         self.inner.stop_feed.cancel();
-        let shared = &self.inner.shared;
-        if shared.config.advertise_url.is_some() {
-            // Leave first, so that peers stop counting on this process while it drains. Bounded:
-            // a database that cannot be reached must not hold the shutdown up.
-            let leave = shared.store.leave_member(self.inner.instance);
-            match tokio::time::timeout(shared.config.database_timeout, leave).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => warn!(%error, "could not remove this process's membership"),
-                Err(_) => warn!("removing this process's membership timed out"),
-            }
-        }
         self.inner.registry.shutdown().await;
         self.inner.stop_writers.cancel();
         self.inner.writers.wait().await;

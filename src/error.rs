@@ -84,6 +84,11 @@ pub enum Error {
     /// the same message ids: a retry returns the original sequences. HTTP 503.
     #[error("the command did not complete within {0:?}; retry with the same message ids")]
     Timeout(Duration),
+    /// The command was sent on to the process that owns its session, and that process stopped
+    /// answering before the command's outcome was known (it was killed or cut off mid-command).
+    /// It may or may not have been applied, so retry with the same message ids. HTTP 503.
+    #[error("the session's owner process stopped answering ({0}); retry with the same message ids")]
+    OwnerUnreachable(String),
     /// The database failed or could not be reached. The command was not acknowledged; retrying
     /// with the same message ids is safe (when the engine could not tell whether a write
     /// committed, a retry with the same ids returns the stored sequences). HTTP 503.
@@ -172,7 +177,11 @@ impl Error {
             | Error::IdempotencyKeyReused => 409,
             Error::PreconditionFailed { .. } => 412,
             Error::Overloaded(_) => 429,
-            Error::ShuttingDown | Error::ActorFailed | Error::Timeout(_) | Error::Storage(_) => 503,
+            Error::ShuttingDown
+            | Error::ActorFailed
+            | Error::Timeout(_)
+            | Error::OwnerUnreachable(_)
+            | Error::Storage(_) => 503,
         }
     }
 
@@ -192,6 +201,7 @@ impl Error {
             Error::ShuttingDown => "shutting_down",
             Error::ActorFailed => "actor_failed",
             Error::Timeout(_) => "timeout",
+            Error::OwnerUnreachable(_) => "owner_unreachable",
             Error::Storage(_) => "storage",
         }
     }
@@ -204,6 +214,7 @@ impl Error {
                 | Error::Overloaded(_)
                 | Error::ActorFailed
                 | Error::Timeout(_)
+                | Error::OwnerUnreachable(_)
                 | Error::Storage(_)
         )
     }

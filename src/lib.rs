@@ -45,6 +45,7 @@
 //! `soloist-actors` crate.
 
 mod backoff;
+pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod engine;

@@ -9,18 +9,51 @@ use soloist_actors::RegistryStats;
 /// [`Stats::batch_commands`]; the last bucket counts everything above the last bound.
 pub const BATCH_BUCKETS: [u64; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
 
-/// A fixed-bucket histogram that many tasks update without a lock.
-#[derive(Debug, Default)]
-pub(crate) struct Histogram {
-    counts: [AtomicU64; BATCH_BUCKETS.len() + 1],
+/// Upper bounds, in microseconds, of the buckets of [`Stats::forward_latency`]; the last
+/// bucket counts everything above the last bound.
+pub const LATENCY_BUCKETS_MICROS: [u64; 10] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
+];
+
+/// A fixed-bucket histogram that many tasks update without a lock: `N` counts, the last for
+/// values above every bound.
+#[derive(Debug)]
+pub(crate) struct Histogram<const N: usize> {
+    bounds: &'static [u64],
+    counts: [AtomicU64; N],
 }
 
-impl Histogram {
+/// Commands per batch, sessions per flush.
+type BatchHistogram = Histogram<{ BATCH_BUCKETS.len() + 1 }>;
+
+/// Forward latencies.
+type LatencyHistogram = Histogram<{ LATENCY_BUCKETS_MICROS.len() + 1 }>;
+
+impl Default for BatchHistogram {
+    fn default() -> Self {
+        Histogram {
+            bounds: &BATCH_BUCKETS,
+            counts: Default::default(),
+        }
+    }
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Histogram {
+            bounds: &LATENCY_BUCKETS_MICROS,
+            counts: Default::default(),
+        }
+    }
+}
+
+impl<const N: usize> Histogram<N> {
     fn record(&self, value: u64) {
-        let bucket = BATCH_BUCKETS
+        let bucket = self
+            .bounds
             .iter()
             .position(|&bound| value <= bound)
-            .unwrap_or(BATCH_BUCKETS.len());
+            .unwrap_or(N - 1);
         self.counts[bucket].fetch_add(1, Relaxed);
     }
 
@@ -58,8 +91,12 @@ pub(crate) struct EngineStats {
     settled_outcomes: AtomicU64,
     loads: AtomicU64,
     batched_commands: AtomicU64,
-    flush_sessions: Histogram,
-    batch_commands: Histogram,
+    flush_sessions: BatchHistogram,
+    batch_commands: BatchHistogram,
+    forwarded: AtomicU64,
+    forward_errors: AtomicU64,
+    forward_micros: AtomicU64,
+    forward_latency: LatencyHistogram,
 }
 
 impl EngineStats {
@@ -101,12 +138,29 @@ impl EngineStats {
         self.settled_outcomes.fetch_add(1, Relaxed);
     }
 
+    /// A command sent to its owner: how long until its answer (or the failure), and whether
+    /// the owner answered.
+    pub fn record_forward(&self, took: std::time::Duration, answered: bool) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.forwarded.fetch_add(1, Relaxed);
+        if !answered {
+            self.forward_errors.fetch_add(1, Relaxed);
+        }
+        self.forward_micros.fetch_add(micros, Relaxed);
+        self.forward_latency.record(micros);
+    }
+
     pub fn record_load(&self) {
         self.loads.fetch_add(1, Relaxed);
     }
 
-    pub fn snapshot(&self, runtime: RegistryStats) -> Stats {
+    pub fn snapshot(&self, runtime: RegistryStats, members: u64) -> Stats {
         Stats {
+            members,
+            forwarded: self.forwarded.load(Relaxed),
+            forward_errors: self.forward_errors.load(Relaxed),
+            forward_micros: self.forward_micros.load(Relaxed),
+            forward_latency: self.forward_latency.snapshot(),
             live_sessions: runtime.live_actors,
             mailbox_depth: runtime.mailbox_depth,
             activations: runtime.activations,
@@ -184,4 +238,15 @@ pub struct Stats {
     pub flush_sessions: Vec<u64>,
     /// Histogram of commands per session batch, bucketed by [`BATCH_BUCKETS`].
     pub batch_commands: Vec<u64>,
+    /// Live members in this process's view (0 when it is not a member).
+    pub members: u64,
+    /// Commands sent to their session's owner in another process.
+    pub forwarded: u64,
+    /// Of those, the ones whose owner could not be reached or stopped answering (each
+    /// unreachable owner is tried once; the command was then placed again).
+    pub forward_errors: u64,
+    /// The forwards' total time, in microseconds (with [`Stats::forwarded`], the mean).
+    pub forward_micros: u64,
+    /// Histogram of forward latencies, bucketed by [`LATENCY_BUCKETS_MICROS`].
+    pub forward_latency: Vec<u64>,
 }

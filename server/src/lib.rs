@@ -14,9 +14,12 @@
 //! - `malformed`: the JSON error for requests hyper answers itself (malformed or too large
 //!   heads).
 //! - [`serve()`]: the accept loop, with the connection cap, timeouts and bounded drain.
+//! - [`cluster`]: forwarding commands to the process that owns their session: the internal
+//!   route peers call, and the HTTP/2 client that calls it.
 
 mod api;
 mod body;
+pub mod cluster;
 mod error;
 mod malformed;
 mod metrics;
@@ -276,12 +279,26 @@ fn query_rejection(rejection: QueryRejection) -> ApiError {
     )
 }
 
+/// `GET /healthz`: 200 `{"status": "ok", "member": {"id", "address"}, "members": [...]}` while
+/// serving (`member` is `null` when this process is not a member; `members` are the live
+/// members as this process last read them, itself included), 503 while draining.
 async fn healthz(State(state): State<AppState>) -> Response {
     if state.shutdown.is_cancelled() {
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "draining")
             .into_response();
     }
-    (StatusCode::OK, "ok\n").into_response()
+    let engine = &state.engine;
+    let member = engine
+        .config()
+        .advertise_url
+        .as_ref()
+        .map(|address| serde_json::json!({"id": engine.instance_id(), "address": address}));
+    let members: Vec<_> = engine
+        .member_view()
+        .into_iter()
+        .map(|member| serde_json::json!({"id": member.id, "address": member.address}))
+        .collect();
+    Json(serde_json::json!({"status": "ok", "member": member, "members": members})).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

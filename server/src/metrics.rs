@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use soloist::Stats;
-use soloist::stats::BATCH_BUCKETS;
+use soloist::stats::{BATCH_BUCKETS, LATENCY_BUCKETS_MICROS};
 
 /// Renders `stats` as Prometheus text.
 pub fn render(stats: &Stats) -> String {
@@ -122,33 +122,70 @@ pub fn render(stats: &Stats) -> String {
         "Failed flushes settled by reading the database.",
         stats.settled_outcomes,
     );
+    metric(
+        "members",
+        "gauge",
+        "Live members in this process's view of the cluster (0: not a member).",
+        stats.members,
+    );
+    metric(
+        "forwarded_total",
+        "counter",
+        "Commands sent to their session's owner in another process.",
+        stats.forwarded,
+    );
+    metric(
+        "forward_errors_total",
+        "counter",
+        "Forwards whose owner could not be reached or stopped answering.",
+        stats.forward_errors,
+    );
+    let counts = |bounds: &[u64]| bounds.iter().map(u64::to_string).collect::<Vec<_>>();
     histogram(
         &mut out,
         "flush_sessions",
         "Sessions per write transaction.",
+        &counts(&BATCH_BUCKETS),
         &stats.flush_sessions,
-        stats.flushed_sessions,
+        &stats.flushed_sessions.to_string(),
     );
     histogram(
         &mut out,
         "batch_commands",
         "Commands per session batch.",
+        &counts(&BATCH_BUCKETS),
         &stats.batch_commands,
-        stats.batched_commands,
+        &stats.batched_commands.to_string(),
+    );
+    let seconds = |micros: u64| format!("{}", micros as f64 / 1e6);
+    histogram(
+        &mut out,
+        "forward_seconds",
+        "Time from sending a command to its owner to its answer.",
+        &LATENCY_BUCKETS_MICROS.map(seconds),
+        &stats.forward_latency,
+        &seconds(stats.forward_micros),
     );
     out
 }
 
 /// A histogram from per-bucket counts (the last bucket is everything above the last bound).
-fn histogram(out: &mut String, name: &str, help: &str, counts: &[u64], sum: u64) {
+fn histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    bounds: &[String],
+    counts: &[u64],
+    sum: &str,
+) {
     let _ = writeln!(out, "# HELP soloist_{name} {help}");
     let _ = writeln!(out, "# TYPE soloist_{name} histogram");
     let mut cumulative = 0;
-    for (bound, count) in BATCH_BUCKETS.iter().zip(counts) {
+    for (bound, count) in bounds.iter().zip(counts) {
         cumulative += count;
         let _ = writeln!(out, "soloist_{name}_bucket{{le=\"{bound}\"}} {cumulative}");
     }
-    cumulative += counts.get(BATCH_BUCKETS.len()).copied().unwrap_or(0);
+    cumulative += counts.get(bounds.len()).copied().unwrap_or(0);
     let _ = writeln!(out, "soloist_{name}_bucket{{le=\"+Inf\"}} {cumulative}");
     let _ = writeln!(out, "soloist_{name}_sum {sum}");
     let _ = writeln!(out, "soloist_{name}_count {cumulative}");

@@ -59,6 +59,16 @@ impl SessionCommand for CreateSession {
         self.session_id.unwrap_or_default()
     }
 
+    /// A create that names no id and carries no key gets a new one (no fingerprint covers
+    /// it); a keyed one keeps it open, its id being derived from the key wherever it runs.
+    fn place(&mut self) -> SessionId {
+        match (self.session_id, &self.idempotency_key) {
+            (Some(id), _) => id,
+            (None, Some(key)) => derived_session_id(&self.user_id, key),
+            (None, None) => *self.session_id.insert(SessionId::new()),
+        }
+    }
+
     fn validate(&mut self, limits: &Limits) -> Result<()> {
         check_user(&self.user_id, limits)?;
         check_title_and_metadata(&self.title, &self.metadata, limits)?;

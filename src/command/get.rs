@@ -27,7 +27,7 @@ pub struct GetSession {
     #[serde(default)]
     pub limit: Option<usize>,
     /// Check the session's version in the database first, so that writes made through other
-    /// processes are visible.
+    /// processes are visible. In a cluster, a fresh read runs at the session's owner.
     #[serde(default)]
     pub fresh: bool,
 }
@@ -48,6 +48,12 @@ impl SessionCommand for GetSession {
     const NAME: &'static str = "get_session";
 
     addressed!();
+
+    /// A plain read runs wherever it is received (the change feed keeps every process's copy
+    /// fresh); a `fresh` one runs at the owner, which holds the latest state.
+    fn at_owner(&self) -> bool {
+        self.fresh
+    }
 
     fn into_request(self, _: Option<Keyed>, respond: Responder<SessionPage>) -> Request {
         Request::Read(Read::Get(self, respond))

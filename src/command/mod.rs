@@ -61,16 +61,17 @@ impl Command {
         serde_json::from_str(json).map_err(|error| Error::invalid("command", error.to_string()))
     }
 
-    /// Runs the command on `engine`.
-    pub(crate) async fn execute(self, engine: &Engine) -> Result<Reply> {
+    /// Runs the command on `engine`, as one that has travelled `hops` times between
+    /// processes.
+    pub(crate) async fn execute(self, engine: &Engine, hops: u8) -> Result<Reply> {
         match self {
-            Command::CreateSession(create) => engine.run(create).await.map(Reply::from),
-            Command::AppendMessages(append) => engine.run(append).await.map(Reply::from),
-            Command::GetSession(get) => engine.run(get).await.map(Reply::from),
+            Command::CreateSession(c) => engine.run_routed(c, hops).await.map(Reply::from),
+            Command::AppendMessages(c) => engine.run_routed(c, hops).await.map(Reply::from),
+            Command::GetSession(c) => engine.run_routed(c, hops).await.map(Reply::from),
             Command::ListSessions(list) => engine.list_sessions(list).await.map(Reply::from),
-            Command::UpdateSession(update) => engine.run(update).await.map(Reply::from),
-            Command::AddUsage(add) => engine.run(add).await.map(Reply::from),
-            Command::DeleteSession(delete) => engine.run(delete).await.map(Reply::from),
+            Command::UpdateSession(c) => engine.run_routed(c, hops).await.map(Reply::from),
+            Command::AddUsage(c) => engine.run_routed(c, hops).await.map(Reply::from),
+            Command::DeleteSession(c) => engine.run_routed(c, hops).await.map(Reply::from),
         }
     }
 }
@@ -145,9 +146,30 @@ impl TryFrom<Reply> for () {
     }
 }
 
+/// Each command as its [`Command`] variant (how it travels to another process).
+macro_rules! commands {
+    ($($command:ident),* $(,)?) => {$(
+        impl From<$command> for Command {
+            fn from(command: $command) -> Command {
+                Command::$command(command)
+            }
+        }
+    )*};
+}
+
+commands! {
+    CreateSession,
+    AppendMessages,
+    GetSession,
+    ListSessions,
+    UpdateSession,
+    AddUsage,
+    DeleteSession,
+}
+
 /// A command addressed to one session's actor: how it is checked, where it goes, and how it
 /// travels through the session's mailbox.
-pub(crate) trait SessionCommand: Send + Sized + 'static {
+pub(crate) trait SessionCommand: Send + Sized + Into<Command> + 'static {
     /// What the command is answered with: one of the [`Reply`] variants' payloads.
     type Reply: Send + 'static + Into<Reply> + TryFrom<Reply>;
     /// The command's name, in spans.
@@ -159,6 +181,19 @@ pub(crate) trait SessionCommand: Send + Sized + 'static {
     /// The session the command goes to (once validated: a create may leave it to
     /// [`Self::validate`] to choose).
     fn session_id(&self) -> SessionId;
+
+    /// The session the command goes to, fixed for routing before it is validated (a create
+    /// that leaves its id open gets one here, unless its key derives one). Unlike
+    /// [`Self::validate`], leaves every field the key's fingerprint covers as sent.
+    fn place(&mut self) -> SessionId {
+        self.session_id()
+    }
+
+    /// Whether the command must run at the session's owner process (every write; a read that
+    /// asks for fresh data) or may run wherever it is received.
+    fn at_owner(&self) -> bool {
+        true
+    }
 
     /// Checks the command against `limits`; a command that fails is refused whole, before it
     /// reaches its session. Every command checks its sender.

@@ -312,6 +312,9 @@ impl Store {
         /// Removes the member `id`.
         fn leave_member(&self, id: Uuid) -> Result<(), StorageError>;
 
+        /// The cluster setting `name`, set to `initial` first if no process set it yet.
+        fn cluster_setting(&self, name: &str, initial: &str) -> Result<String, StorageError>;
+
         /// The members whose heartbeat is younger than `lease_micros`, by id.
         fn live_members(&self, lease_micros: i64) -> Result<Vec<Member>, StorageError>;
 

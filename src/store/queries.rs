@@ -34,6 +34,10 @@ pub(crate) struct Queries {
     pub leave_member: SqlStr,
     /// The members whose heartbeat is recent. Binds: now, lease.
     pub live_members: SqlStr,
+    /// Writes a cluster setting unless it is set. Binds: name, value.
+    pub init_setting: SqlStr,
+    /// A cluster setting. Binds: name.
+    pub setting: SqlStr,
     /// Deletes some expired idempotency records. Binds: cutoff, limit.
     pub purge_keys: SqlStr,
     /// Sequences of the stored ones of some message ids. Binds: session id, list.
@@ -99,6 +103,11 @@ impl Queries {
                  WHERE heartbeat_at > {} - ? ORDER BY id",
                 d.now()
             )),
+            init_setting: d.render(
+                "INSERT INTO cluster_settings (name, value) VALUES (?, ?) \
+                 ON CONFLICT (name) DO NOTHING",
+            ),
+            setting: d.render("SELECT value FROM cluster_settings WHERE name = ?"),
             purge_keys: d.render(&format!(
                 "DELETE FROM idempotency_keys WHERE {address} IN \
                  (SELECT {address} FROM idempotency_keys WHERE created_at < ? LIMIT ?)",

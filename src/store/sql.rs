@@ -88,6 +88,7 @@ where
     for<'r> (Uuid, i64): FromRow<'r, DB::Row>,
     for<'r> (i64, bool, i64): FromRow<'r, DB::Row>,
     for<'r> (Uuid, String, i64, i64): FromRow<'r, DB::Row>,
+    for<'r> (String,): FromRow<'r, DB::Row>,
     for<'r> SessionRecord: FromRow<'r, DB::Row>,
     for<'r> MessageRecord: FromRow<'r, DB::Row>,
     for<'r> KeyRecordRow: FromRow<'r, DB::Row>,
@@ -268,6 +269,19 @@ where
             .execute(&self.writer)
             .await?;
         Ok(())
+    }
+
+    /// See [`Store::cluster_setting`](super::Store::cluster_setting).
+    pub async fn cluster_setting(&self, name: &str, initial: &str) -> Result<String, StorageError> {
+        let args = Params::<DB>::new().add(name).add(initial).finish()?;
+        sqlx::query_with(self.queries.init_setting.clone(), args)
+            .execute(&self.writer)
+            .await?;
+        let args = Params::<DB>::new().add(name).finish()?;
+        let (value,): (String,) = sqlx::query_as_with(self.queries.setting.clone(), args)
+            .fetch_one(&self.writer)
+            .await?;
+        Ok(value)
     }
 
     /// See [`Store::live_members`](super::Store::live_members).

@@ -161,6 +161,29 @@ pub async fn stored_rows(url: &str, session: SessionId) -> Result<Vec<(i64, Uuid
     }
 }
 
+/// The process that owns a session by its stored row (the last to claim it), straight from the
+/// database at `url`; `None` if no process claimed it.
+pub async fn stored_owner(url: &str, session: SessionId) -> Result<Option<Uuid>> {
+    let row: Option<(Option<Uuid>,)> = if url.starts_with("postgres") {
+        let mut connection = PgConnection::connect(url).await?;
+        let row = sqlx::query_as("SELECT owner FROM sessions WHERE id = $1")
+            .bind(session)
+            .fetch_optional(&mut connection)
+            .await;
+        let _ = connection.close().await;
+        row?
+    } else {
+        let mut connection = SqliteConnection::connect(url).await?;
+        let row = sqlx::query_as("SELECT owner FROM sessions WHERE id = ?")
+            .bind(session)
+            .fetch_optional(&mut connection)
+            .await;
+        let _ = connection.close().await;
+        row?
+    };
+    Ok(row.and_then(|(owner,)| owner))
+}
+
 /// Asserts that sequences are exactly 0..n-1 and that no message id appears twice.
 #[track_caller]
 pub fn assert_contiguous(rows: &[(i64, Uuid)]) {
