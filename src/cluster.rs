@@ -112,6 +112,10 @@ pub(crate) struct Directory {
     suspicion: Duration,
     /// Set when this process leaves: it places every session on the others from then on.
     left: std::sync::atomic::AtomicBool,
+    /// How long a member that joins a running cluster waits before sessions are placed on it:
+    /// one heartbeat period and a margin, so that every member has read it by then and they
+    /// all start placing sessions on it at about the same moment.
+    settle: Duration,
 }
 
 impl Directory {
@@ -122,6 +126,7 @@ impl Directory {
             suspects: Mutex::new(HashMap::new()),
             suspicion,
             left: std::sync::atomic::AtomicBool::new(false),
+            settle: suspicion / 3 + Duration::from_millis(500),
         }
     }
 
@@ -187,12 +192,25 @@ impl Directory {
         let mut suspects = self.suspects.lock().unwrap_or_else(PoisonError::into_inner);
         suspects.retain(|_, until| *until > now);
         let left = self.left.load(std::sync::atomic::Ordering::Acquire);
-        let members = self
-            .members()
+        let members = self.members();
+        // The members that started together with the first (within one settling time) take
+        // sessions at once; one that joined later, once it has settled.
+        let settle = chrono::Duration::from_std(self.settle).unwrap_or(chrono::Duration::MAX);
+        let founders = members
+            .iter()
+            .map(|member| member.started_at)
+            .min()
+            .and_then(|first| first.checked_add_signed(settle));
+        let settled = chrono::Utc::now().checked_sub_signed(settle);
+        let members = members
             .iter()
             .filter(|member| match member.id == self.me {
                 true => !left,
                 false => !suspects.contains_key(&member.id),
+            })
+            .filter(|member| {
+                founders.is_some_and(|founders| member.started_at <= founders)
+                    || settled.is_some_and(|settled| member.started_at <= settled)
             })
             .cloned()
             .collect();
@@ -356,6 +374,8 @@ pub(crate) fn new_secret() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
     use crate::model::from_micros;
 
@@ -430,6 +450,44 @@ mod tests {
         let after: Vec<Placement> = sessions.iter().map(|&s| directory.place(s)).collect();
         assert_eq!(after, before);
         assert!(directory.update(ids[..2].iter().copied().map(member).collect()));
+    }
+
+    /// A member that joins a running cluster takes no session until it has settled; the
+    /// members that started together take theirs at once.
+    #[test]
+    fn a_joining_member_takes_sessions_once_settled() {
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        let lease = Duration::from_secs(3);
+        let directory = Directory::new(ids[0], lease);
+        let now = chrono::Utc::now();
+        let at = |id: Uuid, started_at| Member {
+            started_at,
+            ..member(id)
+        };
+        // Two founders a second apart, both placed on; a third joined just now.
+        let founders = [
+            at(ids[0], now - chrono::Duration::seconds(60)),
+            at(ids[1], now - chrono::Duration::seconds(59)),
+        ];
+        let mut view = founders.to_vec();
+        view.push(at(ids[2], now));
+        directory.update(view);
+        let sessions: Vec<SessionId> = (0..300).map(|_| SessionId::new()).collect();
+        let owners = |directory: &Directory| -> HashSet<Uuid> {
+            sessions
+                .iter()
+                .map(|&session| match directory.place(session) {
+                    Placement::Here => ids[0],
+                    Placement::Peer(peer) => peer.id,
+                })
+                .collect()
+        };
+        assert_eq!(owners(&directory), HashSet::from([ids[0], ids[1]]));
+        // Once it started longer ago than a heartbeat and half a second, it takes its share.
+        let mut view = founders.to_vec();
+        view.push(at(ids[2], now - chrono::Duration::milliseconds(1600)));
+        directory.update(view);
+        assert_eq!(owners(&directory), HashSet::from([ids[0], ids[1], ids[2]]));
     }
 
     /// Every error crosses the wire as itself.
