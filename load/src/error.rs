@@ -1,5 +1,6 @@
-//! Errors of the benchmark's own plumbing: provisioning a database, opening pools, checking,
-//! writing the report. A run that hits one is recorded as failed and the matrix goes on.
+//! Errors of the benchmark's own plumbing: provisioning a database, opening pools, starting
+//! server processes, checking, writing the report. A run that hits one is recorded as failed
+//! and the matrix goes on.
 //!
 //! The errors the *strategies* surface to their callers during a run are not these: they are
 //! counted by kind in the run's result (see [`crate::strategy::OpError`]).
@@ -34,6 +35,13 @@ pub enum LoadError {
     /// A flag or URL the benchmark refuses (e.g. a host that is not loopback).
     #[error("{0}")]
     Config(String),
+    /// A `soloist-server` process of a cluster run: its binary is missing, it did not start,
+    /// or it did not answer.
+    #[error("server: {0}")]
+    Server(String),
+    /// An HTTP request of the harness (not of a writer under test) failed.
+    #[error("http: {0}")]
+    Http(#[from] reqwest::Error),
     /// A writer task panicked.
     #[error("a writer task failed: {0}")]
     Join(#[from] tokio::task::JoinError),

@@ -169,7 +169,8 @@ pub fn fsync_probe_ms() -> Option<f64> {
 pub struct CpuSample {
     /// Busy ticks of the whole machine (`/proc/stat`).
     machine_busy: u64,
-    /// Ticks of this process, PostgreSQL's processes and Redis (`/proc/<pid>/stat`).
+    /// Ticks of this process, PostgreSQL's processes, Redis and the benchmark's own server
+    /// processes (`/proc/<pid>/stat`).
     benchmark: u64,
     at: std::time::Instant,
 }
@@ -177,6 +178,12 @@ pub struct CpuSample {
 impl CpuSample {
     /// Reads the counters now; `None` where `/proc` is unavailable.
     pub fn take() -> Option<Self> {
+        Self::take_with(&[])
+    }
+
+    /// Reads the counters now, counting the processes `ours` (a cluster run's servers) as the
+    /// benchmark's own.
+    pub fn take_with(ours: &[u32]) -> Option<Self> {
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
         let fields: Vec<u64> = stat
             .lines()
@@ -205,7 +212,8 @@ impl CpuSample {
                 continue;
             };
             let comm = &text[open + 1..close];
-            if pid != own && !comm.starts_with("postgres") && comm != "redis-server" {
+            let is_ours = pid.parse::<u32>().is_ok_and(|pid| ours.contains(&pid));
+            if pid != own && !is_ours && !comm.starts_with("postgres") && comm != "redis-server" {
                 continue;
             }
             let rest: Vec<&str> = text[close + 1..].split_whitespace().collect();
@@ -223,8 +231,8 @@ impl CpuSample {
         })
     }
 
-    /// The share of the machine's CPU (0..1, all cores) that processes other than this one,
-    /// PostgreSQL and Redis used between `self` and `later`.
+    /// The share of the machine's CPU (0..1, all cores) that processes other than this one (and
+    /// its servers), PostgreSQL and Redis used between `self` and `later`.
     pub fn other_share(&self, later: &CpuSample) -> f64 {
         const TICKS_PER_SECOND: f64 = 100.0;
         let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;

@@ -8,6 +8,9 @@
 //! soloist-load --workload hot --db postgres # one workload (--db both by default)
 //! soloist-load --sweep --db postgres        # hot session, writers 1..64, every strategy, plot.svg
 //! soloist-load --workload idle-memory       # RSS per idle live session (20,000 sessions)
+//! soloist-load --cluster --processes 3 --routing sticky --workload many
+//!                                           # 3 soloist-server processes, one database, HTTP
+//! soloist-load --cluster-table              # 1 process / 3 sticky / 3 round-robin x 3 shapes
 //! soloist-load --quick ...                  # 3 s runs instead of 10 s
 //! ```
 //!
@@ -15,18 +18,36 @@
 //! sweep) in `--out` (default `target/soloist-load/`). Live progress goes to stderr. The tool
 //! only talks to PostgreSQL and Redis on 127.0.0.1 and refuses other hosts.
 //!
+//! **Cluster runs** measure soloist as deployed: `--cluster` starts `--processes` N
+//! `soloist-server` processes (the binary next to this one, or `--server-bin`) on one fresh
+//! PostgreSQL schema, each on a free port with only `--database-url` and `--listen`, creates the
+//! sessions over HTTP (each through the process sticky routing sends it to) and drives the
+//! workload over HTTP, each request to the process the `--routing` picks (`sticky`: a session
+//! always to the same process; `round-robin`: every request to the next). Retryable answers
+//! are retried with the same message id. The same
+//! measures and correctness check as every run, plus retries and the servers' takeover (and
+//! forwarding) counters from `GET /metrics`. `--cluster-table` runs the comparison in one go:
+//! 1 process, N sticky, N round-robin, on hot (1 x 64), many200 (200 x 4) and many (1,000 x 4).
+//! Build the server first: `cargo build --release -p soloist-server -p soloist-load`. Server
+//! logs go to `<out>/servers/`.
+//!
 //! Modules: [`workload`] (what is written), [`strategy`] (how: soloist and the baselines),
 //! [`run`] (one measured run), [`check`] (the correctness check), [`db`] (fresh databases),
-//! [`memory`] (idle memory), [`report`] and [`plot`] (output), [`machine`] (machine info).
+//! [`memory`] (idle memory), [`report`] and [`plot`] (output), [`machine`] (machine info);
+//! cluster runs: [`cluster`] (one run), [`servers`] (the processes), [`http`] (routing and
+//! requests).
 
 mod check;
+mod cluster;
 mod db;
 mod error;
+mod http;
 mod machine;
 mod memory;
 mod plot;
 mod report;
 mod run;
+mod servers;
 mod settings;
 mod strategy;
 mod workload;
@@ -36,8 +57,10 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 
+use crate::cluster::{ClusterOptions, ClusterSpec};
 use crate::db::DbKind;
 use crate::error::LoadError;
+use crate::http::Routing;
 use crate::machine::MachineInfo;
 use crate::report::{Report, Sweep};
 use crate::run::RunSpec;
@@ -47,6 +70,9 @@ use crate::workload::Workload;
 
 /// Writer counts of `--sweep`.
 const SWEEP_WRITERS: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
+
+/// Processes of a cluster run at most.
+const MAX_PROCESSES: usize = 32;
 
 /// What `--workload` can name: the three load workloads, or the idle-memory measurement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -93,6 +119,24 @@ struct Cli {
     /// The hot-session workload with 1, 2, 4, ... 64 writers, every strategy, and a plot.
     #[arg(long)]
     sweep: bool,
+    /// Cluster run: --processes soloist-server processes on one fresh PostgreSQL database,
+    /// --workload (hot or many) driven over HTTP with --routing.
+    #[arg(long, conflicts_with_all = ["all", "sweep", "cluster_table"])]
+    cluster: bool,
+    /// The cluster comparison in one go: 1 process, --processes sticky, --processes round-robin,
+    /// each on hot (1x64), many200 (200x4) and many (1,000x4); --sessions and --writers are
+    /// ignored.
+    #[arg(long, conflicts_with_all = ["all", "sweep"])]
+    cluster_table: bool,
+    /// Cluster runs: soloist-server processes.
+    #[arg(long, default_value_t = 3)]
+    processes: usize,
+    /// Cluster runs: how requests are spread over the processes.
+    #[arg(long, value_enum, default_value_t = Routing::Sticky)]
+    routing: Routing,
+    /// Cluster runs: the soloist-server binary (default: the one next to this executable).
+    #[arg(long, value_name = "PATH")]
+    server_bin: Option<PathBuf>,
     /// Seconds each run keeps starting operations.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
@@ -163,6 +207,70 @@ impl Cli {
         }
     }
 
+    /// What cluster runs need, checked: PostgreSQL, a process count, the server binary.
+    fn cluster_options(&self) -> Result<ClusterOptions, LoadError> {
+        if matches!(self.db, Some(DbArg::Sqlite)) {
+            return Err(LoadError::Config(
+                "cluster runs share one PostgreSQL database: --db sqlite does not apply".into(),
+            ));
+        }
+        if !(1..=MAX_PROCESSES).contains(&self.processes) {
+            return Err(LoadError::Config(format!(
+                "--processes must be between 1 and {MAX_PROCESSES}"
+            )));
+        }
+        Ok(ClusterOptions {
+            server_binary: servers::server_binary(self.server_bin.as_deref())?,
+            log_root: self.out.join("servers"),
+        })
+    }
+
+    /// The runs of `--cluster` or `--cluster-table`.
+    fn cluster_specs(&self) -> Result<Vec<ClusterSpec>, LoadError> {
+        if self.cluster_table {
+            let shapes = [
+                (Workload::Hot, 1, 64),
+                (Workload::Many, 200, 4),
+                (Workload::Many, 1_000, 4),
+            ];
+            let mut configurations = vec![(1, Routing::Sticky)];
+            if self.processes > 1 {
+                configurations.push((self.processes, Routing::Sticky));
+                configurations.push((self.processes, Routing::RoundRobin));
+            }
+            return Ok(shapes
+                .into_iter()
+                .flat_map(|(workload, sessions, writers)| {
+                    configurations
+                        .iter()
+                        .map(move |&(processes, routing)| ClusterSpec {
+                            processes,
+                            routing,
+                            workload,
+                            sessions,
+                            writers,
+                        })
+                })
+                .collect());
+        }
+        let workload = match self.workload {
+            WorkloadArg::Hot => Workload::Hot,
+            WorkloadArg::Many => Workload::Many,
+            WorkloadArg::ChatTurn | WorkloadArg::IdleMemory => {
+                return Err(LoadError::Config(
+                    "--cluster runs --workload hot or many".into(),
+                ));
+            }
+        };
+        Ok(vec![ClusterSpec {
+            processes: self.processes,
+            routing: self.routing,
+            workload,
+            sessions: self.sessions.unwrap_or(workload.default_sessions()).max(1),
+            writers: self.writers.unwrap_or(workload.default_writers()).max(1),
+        }])
+    }
+
     fn strategies(&self, db: DbKind) -> Vec<StrategyKind> {
         let chosen: &[StrategyKind] = if self.strategy.is_empty() {
             &StrategyKind::ALL
@@ -195,7 +303,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started_at = machine::utc_now();
     let machine = MachineInfo::collect(&settings).await;
 
-    let mode = if cli.sweep {
+    // Checked before anything runs: a missing server binary fails here, not run by run.
+    let cluster = if cli.cluster || cli.cluster_table {
+        Some((cli.cluster_options()?, cli.cluster_specs()?))
+    } else {
+        None
+    };
+
+    let mode = if cli.cluster_table {
+        "cluster-table"
+    } else if cli.cluster {
+        "cluster"
+    } else if cli.sweep {
         "sweep"
     } else if cli.all {
         "all"
@@ -206,7 +325,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut report = Report::new(mode, machine, settings.clone(), started_at);
 
-    if cli.sweep {
+    if let Some((options, specs)) = &cluster {
+        for spec in specs {
+            report
+                .cluster
+                .push(cluster::run(spec, &settings, options).await);
+        }
+    } else if cli.sweep {
         let db = cli.dbs(DbArg::Postgres)[0];
         for writers in SWEEP_WRITERS {
             for strategy in cli.strategies(db) {

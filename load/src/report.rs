@@ -3,6 +3,9 @@
 //! Runs are grouped by workload, database and shape (sessions x writers); each group is one
 //! table with every strategy, followed by soloist's ratio to (d) (appends/s) and to the limit
 //! (rows/s). The issue's targets are checked against the groups of the default shapes.
+//!
+//! Cluster runs (several server processes over HTTP) get one table of their own: a row per
+//! processes x routing x workload.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -10,6 +13,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::cluster::ClusterResult;
 use crate::db::DbKind;
 use crate::error::LoadError;
 use crate::machine::MachineInfo;
@@ -93,6 +97,8 @@ pub struct Report {
     pub sweep: Option<Sweep>,
     /// The idle-memory measurement, in idle-memory mode.
     pub idle_memory: Option<IdleMemory>,
+    /// Cluster runs: several server processes on one database, over HTTP.
+    pub cluster: Vec<ClusterResult>,
 }
 
 type GroupKey = (Workload, DbKind, usize, usize);
@@ -124,6 +130,7 @@ impl Report {
             targets: Vec::new(),
             sweep: None,
             idle_memory: None,
+            cluster: Vec::new(),
         }
     }
 
@@ -225,6 +232,28 @@ impl Report {
                 met: lost == 0 && duplicated == 0,
             });
         }
+        let cluster_runs: Vec<&ClusterResult> = self
+            .cluster
+            .iter()
+            .filter(|run| run.failed.is_none())
+            .collect();
+        if !cluster_runs.is_empty() {
+            let (lost, duplicated) = cluster_runs
+                .iter()
+                .filter_map(|run| run.check.as_ref())
+                .fold((0, 0), |(lost, duplicated), check| {
+                    (lost + check.lost, duplicated + check.duplicated)
+                });
+            targets.push(TargetCheck {
+                target: format!(
+                    "every acknowledged append of the cluster runs ({} runs)",
+                    cluster_runs.len()
+                ),
+                goal: "0 lost, 0 duplicated".into(),
+                measured: format!("{lost} lost, {duplicated} duplicated"),
+                met: lost == 0 && duplicated == 0,
+            });
+        }
         if let Some(memory) = &self.idle_memory {
             let goal = 4096.0;
             targets.push(TargetCheck {
@@ -291,7 +320,13 @@ impl Report {
         if let Some(memory) = &self.idle_memory {
             write_idle_memory(&mut out, memory);
         }
-        let _ = writeln!(out, "{}", LEGEND);
+        if !self.cluster.is_empty() {
+            write_cluster(&mut out, &self.cluster);
+            let _ = writeln!(out, "{}", CLUSTER_LEGEND);
+        }
+        if !self.runs.is_empty() || self.cluster.is_empty() {
+            let _ = writeln!(out, "{}", LEGEND);
+        }
         out
     }
 
@@ -347,29 +382,52 @@ impl Report {
                 ""
             }
         );
+        if let Some(run) = self.cluster.first() {
+            let _ = writeln!(
+                out,
+                "- **cluster runs:** {:.0} s per run; each process is `{} --database-url <fresh \
+                 schema> --listen 127.0.0.1:<free port>` with `RUST_LOG=warn` and its default \
+                 pools; requests over HTTP/1.1 keep-alive connections from this process; a \
+                 retryable answer is sent again with the same message id, at most {} times; \
+                 server logs under `{}`",
+                settings.duration.as_secs_f64(),
+                run.server_binary,
+                crate::http::MAX_RETRIES,
+                Path::new(&run.logs)
+                    .parent()
+                    .map_or_else(|| run.logs.clone(), |dir| dir.display().to_string())
+            );
+        }
         let postgres_writers = (settings.postgres_pool / 2).max(1);
-        let _ = writeln!(
-            out,
-            "- **settings:** {:.0} s per run; PostgreSQL: {} connections per run (soloist: {} \
+        if !self.runs.is_empty() || self.cluster.is_empty() {
+            let _ = writeln!(
+                out,
+                "- **settings:** {:.0} s per run; PostgreSQL: {} connections per run (soloist: {} \
              writer + {} reader); SQLite: {} connections (soloist: 1 writer + {} readers, its \
              default; baselines: a pool of {}, busy_timeout 5 s); limit: {} rows per INSERT and \
              commit; Redis lock: SET NX PX {} ms, polled every {} ms, given up after {} s",
-            settings.duration.as_secs_f64(),
-            settings.postgres_pool,
-            postgres_writers,
-            settings
-                .postgres_pool
-                .saturating_sub(postgres_writers)
-                .max(1),
-            settings.sqlite_pool,
-            settings.sqlite_pool.saturating_sub(1),
-            settings.sqlite_pool,
-            settings.limit_batch,
-            settings.lock_ttl.as_millis(),
-            settings.lock_poll.as_millis(),
-            settings.lock_wait.as_secs()
-        );
-        let fsyncs: Vec<f64> = self.runs.iter().filter_map(|run| run.fsync_ms).collect();
+                settings.duration.as_secs_f64(),
+                settings.postgres_pool,
+                postgres_writers,
+                settings
+                    .postgres_pool
+                    .saturating_sub(postgres_writers)
+                    .max(1),
+                settings.sqlite_pool,
+                settings.sqlite_pool.saturating_sub(1),
+                settings.sqlite_pool,
+                settings.limit_batch,
+                settings.lock_ttl.as_millis(),
+                settings.lock_poll.as_millis(),
+                settings.lock_wait.as_secs()
+            );
+        }
+        let fsyncs: Vec<f64> = self
+            .runs
+            .iter()
+            .filter_map(|run| run.fsync_ms)
+            .chain(self.cluster.iter().filter_map(|run| run.fsync_ms))
+            .collect();
         if !fsyncs.is_empty() || machine.fsync_ms_at_start.is_some() {
             let (low, high) = if fsyncs.is_empty() {
                 let at_start = machine.fsync_ms_at_start.unwrap_or_default();
@@ -391,13 +449,14 @@ impl Report {
             .runs
             .iter()
             .filter_map(|run| run.other_cpu_share)
+            .chain(self.cluster.iter().filter_map(|run| run.other_cpu_share))
             .collect();
         if !others.is_empty() {
             let _ = writeln!(
                 out,
                 "- **other work on the machine during the runs:** {:.0}% to {:.0}% of its CPU \
-                 (processes other than this one, PostgreSQL and Redis; per run in report.json \
-                 as `other_cpu_share`)",
+                 (processes other than this one and its servers, PostgreSQL and Redis; per run \
+                 in report.json as `other_cpu_share`)",
                 others.iter().copied().fold(f64::INFINITY, f64::min) * 100.0,
                 others.iter().copied().fold(0.0, f64::max) * 100.0,
             );
@@ -545,6 +604,121 @@ the machine's CPU used during the run by processes other than this one, PostgreS
 durable 8 KiB write just before the run. Rates divide by the \
 time until the last writer finished (the deadline plus the operations in flight then).
 ";
+
+const CLUSTER_LEGEND: &str = "\
+**Cluster columns.** processes: `soloist-server` processes on one PostgreSQL database. \
+routing: how the benchmark spreads requests over them (`sticky`: each session always to \
+process fnv1a(session id) % N; `round-robin`: every request to the next process). appends/s: \
+appends acknowledged over HTTP per second. Latency: per acknowledged append, from its first \
+attempt to its acknowledgement (retries included), µs. errors: appends that failed for good \
+(not retryable, or still failing after the retries), by HTTP status and error code. retries: \
+requests sent again with the same message id after a retryable answer. lost / dup / \
+misplaced / gaps: the correctness check read from the database afterwards. takeovers: the \
+servers' `soloist_takeovers_total` over the run, all processes together (a write that took \
+a session over from another process's running lease: one session's requests reaching several \
+processes); per session: divided by the sessions. forwarded: the servers' counters with \
+`forward` in their names over the run (0 while the servers do not forward). other CPU: share \
+of the machine's CPU used by processes other than this one, its servers and PostgreSQL. \
+fsync ms: median durable 8 KiB write just before the run.
+";
+
+fn write_cluster(out: &mut String, runs: &[ClusterResult]) {
+    let _ = writeln!(
+        out,
+        "## Cluster: several server processes on one PostgreSQL database, over HTTP\n"
+    );
+    let _ = writeln!(
+        out,
+        "| processes | routing | workload | appends/s | p50 µs | p99 µs | max µs | errors | \
+         retries | lost | dup | misplaced | gaps | takeovers | takeovers/session | forwarded | \
+         other CPU | fsync ms |"
+    );
+    let _ = writeln!(
+        out,
+        "|---:|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"
+    );
+    for run in runs {
+        let line = format!(
+            "| {} | {} | {} {}x{} |",
+            run.processes,
+            run.routing_label(),
+            run.workload.name(),
+            thousands(run.sessions as f64),
+            run.writers_per_session
+        );
+        if let Some(reason) = &run.failed {
+            let reason = reason.replace('|', "/").replace('\n', " ");
+            let _ = writeln!(out, "{line} failed: {reason} |");
+            continue;
+        }
+        let latency = run.latency_us.clone().unwrap_or_default();
+        let check = run.check.clone().unwrap_or_default();
+        let forwarded = if run.forwarding.is_empty() {
+            "0".to_owned()
+        } else {
+            run.forwarding
+                .iter()
+                .map(|(name, count)| {
+                    format!(
+                        "{} {}",
+                        name.trim_start_matches("soloist_"),
+                        thousands(*count as f64)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "{line} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} | {} | {} |",
+            thousands(run.appends_per_s),
+            thousands(latency.p50 as f64),
+            thousands(latency.p99 as f64),
+            thousands(latency.max as f64),
+            counted(
+                run.errors_total,
+                &run.errors,
+                run.errors_total + run.appends
+            ),
+            counted(run.retries, &run.retried, 0),
+            check.lost,
+            check.duplicated,
+            check.misplaced,
+            check.gaps,
+            thousands(run.takeovers as f64),
+            run.takeovers_per_session,
+            forwarded,
+            run.other_cpu_share
+                .map_or_else(|| "-".to_owned(), |share| format!("{:.0}%", share * 100.0)),
+            run.fsync_ms
+                .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.2}")),
+        );
+    }
+    out.push('\n');
+}
+
+/// `total (kind n, kind n)`, with the share of `attempts` when it is not 0.
+fn counted(total: u64, kinds: &BTreeMap<String, u64>, attempts: u64) -> String {
+    if total == 0 {
+        return "0".to_owned();
+    }
+    let mut kinds: Vec<(&String, &u64)> = kinds.iter().collect();
+    kinds.sort_by(|a, b| b.1.cmp(a.1));
+    let detail: Vec<String> = kinds
+        .iter()
+        .map(|(kind, count)| format!("{kind} {}", thousands(**count as f64)))
+        .collect();
+    if attempts > 0 {
+        format!(
+            "{} ({:.0}% failed: {})",
+            thousands(total as f64),
+            total as f64 / attempts as f64 * 100.0,
+            detail.join(", ")
+        )
+    } else {
+        format!("{} ({})", thousands(total as f64), detail.join(", "))
+    }
+}
 
 fn write_run_table(out: &mut String, runs: &[&RunResult], with_writers: bool) {
     let chat = runs.iter().any(|run| run.turns.is_some());

@@ -94,7 +94,8 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(histogram: &Histogram<u64>) -> Option<Self> {
+    /// The percentiles of `histogram`, if it holds any sample.
+    pub fn of(histogram: &Histogram<u64>) -> Option<Self> {
         (!histogram.is_empty()).then(|| Self {
             count: histogram.len(),
             mean: histogram.mean(),
@@ -193,9 +194,11 @@ impl RunResult {
 
 /// Live counters shared with the progress bar.
 #[derive(Debug, Default)]
-struct Progress {
-    acked: AtomicU64,
-    errors: AtomicU64,
+pub struct Progress {
+    /// Appends acknowledged so far.
+    pub acked: AtomicU64,
+    /// Errors surfaced so far.
+    pub errors: AtomicU64,
 }
 
 /// What one writer task measured. Latencies are kept as raw samples and put into one HDR
@@ -213,12 +216,14 @@ struct Outcome {
     turns: u64,
 }
 
-fn histogram() -> Result<Histogram<u64>, LoadError> {
+/// An empty latency histogram (µs, 1 µs to 1 hour, 3 significant digits).
+pub fn histogram() -> Result<Histogram<u64>, LoadError> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
         .map_err(|error| LoadError::Histogram(error.to_string()))
 }
 
-fn sample(elapsed: Duration) -> u32 {
+/// A latency sample in µs, clamped to `u32`.
+pub fn sample(elapsed: Duration) -> u32 {
     u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX)
 }
 
@@ -378,7 +383,7 @@ async fn measure(
         }
     }
 
-    let bar = progress_bar(spec, settings.duration);
+    let bar = progress_bar(spec.label(), settings.duration);
     let ticker = tokio::spawn(tick(
         bar.clone(),
         progress.clone(),
@@ -447,7 +452,8 @@ async fn measure(
     })
 }
 
-fn progress_bar(spec: &RunSpec, duration: Duration) -> ProgressBar {
+/// The live progress bar of a run on stderr, labelled `label`.
+pub fn progress_bar(label: String, duration: Duration) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(
         Some(micros(duration) / 1000),
         ProgressDrawTarget::stderr_with_hz(5),
@@ -456,11 +462,12 @@ fn progress_bar(spec: &RunSpec, duration: Duration) -> ProgressBar {
         .map(|style| style.progress_chars("=> "))
         .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
-    bar.set_prefix(spec.label());
+    bar.set_prefix(label);
     bar
 }
 
-async fn tick(bar: ProgressBar, progress: Arc<Progress>, started: Instant, duration: Duration) {
+/// Updates `bar` from `progress` five times a second until aborted.
+pub async fn tick(bar: ProgressBar, progress: Arc<Progress>, started: Instant, duration: Duration) {
     let mut interval = tokio::time::interval(Duration::from_millis(200));
     loop {
         interval.tick().await;
