@@ -2,8 +2,8 @@
 //! HTTP, to measure what spreading one workload over several processes costs.
 //!
 //! 1. provision a fresh schema (as every PostgreSQL run), start the processes on it
-//!    ([`crate::servers`]) and create the workload's sessions over HTTP, each through the
-//!    process sticky routing sends it to (see [`Cluster::create_sessions`]); `CHECKPOINT`;
+//!    ([`crate::servers`]), wait until they all see each other as members, and create the
+//!    workload's sessions over HTTP (see [`Cluster::create_sessions`]); `CHECKPOINT`;
 //! 2. read every process's takeover and forwarding counters (`GET /metrics`), then start the
 //!    writers: each loops until the deadline, appending one user message per request to the
 //!    process the routing picks, retrying a retryable answer with the same message id
@@ -297,7 +297,13 @@ async fn measure(
         &client,
     )
     .await?;
-    let cluster = Arc::new(Cluster::new(client.clone(), servers.urls(), spec.routing));
+    let members = servers.converge(&client).await?;
+    let cluster = Arc::new(Cluster::new(
+        client.clone(),
+        servers.urls(),
+        members,
+        spec.routing,
+    ));
     let sessions = cluster
         .create_sessions(Uuid::now_v7(), spec.sessions.max(1), CREATE_PARALLEL)
         .await?;

@@ -2,8 +2,10 @@
 //! with its bounded retries, the sessions created up front, and how error answers are counted.
 //!
 //! - **Routing.** `round-robin`: every request (a retry too) goes to the next process, one
-//!   counter shared by all writers. `sticky`: every request for a session goes to process
-//!   `fnv1a(session id) % N`, as a load balancer with session affinity would send it.
+//!   counter shared by all writers. `sticky`: every request for a session goes to the process
+//!   that owns it (rendezvous hashing over the processes' member ids, as the servers place
+//!   sessions), as a load balancer with perfect session affinity would send it: no request is
+//!   forwarded. Without member ids (a server that is not a member), `fnv1a(session id) % N`.
 //! - **Append.** `POST /v1/sessions/{id}/messages` with `x-user-id` and one message with a
 //!   client-chosen id. A retryable answer (408, 429, 502, 503, 504, a 409 `conflict`, or no
 //!   answer at all) is sent again with the **same** message id, at most [`MAX_RETRIES`] times:
@@ -38,7 +40,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Routing {
-    /// Each session's requests always to the same process: `fnv1a(session id) % N`.
+    /// Each session's requests always to the process that owns it.
     Sticky,
     /// Every request to the next process in turn.
     RoundRobin,
@@ -59,26 +61,46 @@ impl Routing {
 pub struct Targets {
     routing: Routing,
     processes: usize,
+    /// Each process's member id, by process, when every process is a member.
+    members: Option<Vec<Uuid>>,
     next: AtomicUsize,
 }
 
 impl Targets {
-    /// A chooser over `processes` processes (at least 1).
-    pub fn new(routing: Routing, processes: usize) -> Self {
+    /// A chooser over `processes` processes (at least 1), whose member ids are `members` (one
+    /// per process, or empty).
+    pub fn new(routing: Routing, processes: usize, members: Vec<Uuid>) -> Self {
+        let processes = processes.max(1);
         Self {
             routing,
-            processes: processes.max(1),
+            processes,
+            members: (members.len() == processes).then_some(members),
             next: AtomicUsize::new(0),
         }
     }
 
     /// The process (`0..N`) the next request for `session` goes to.
     pub fn pick(&self, session: Uuid) -> usize {
-        match self.routing {
-            Routing::Sticky => sticky_process(session, self.processes),
-            Routing::RoundRobin => self.next.fetch_add(1, Relaxed) % self.processes,
+        match (self.routing, &self.members) {
+            (Routing::Sticky, Some(members)) => owner(members, session),
+            (Routing::Sticky, None) => sticky_process(session, self.processes),
+            (Routing::RoundRobin, _) => self.next.fetch_add(1, Relaxed) % self.processes,
         }
     }
+}
+
+/// The process that owns `session` among the processes with member ids `members`: the one
+/// rendezvous hashing places it on, exactly as the servers do.
+pub fn owner(members: &[Uuid], session: Uuid) -> usize {
+    let session = soloist::SessionId::from(session);
+    (0..members.len())
+        .max_by_key(|&index| {
+            (
+                soloist::cluster::score(members[index], session),
+                members[index],
+            )
+        })
+        .unwrap_or(0)
 }
 
 /// The process a session sticks to: the 64-bit FNV-1a hash of its 16 bytes, modulo
@@ -202,9 +224,15 @@ pub fn client() -> Result<reqwest::Client, LoadError> {
 }
 
 impl Cluster {
-    /// The processes at `urls`, reached through `client`, routed by `routing`.
-    pub fn new(client: reqwest::Client, urls: Vec<String>, routing: Routing) -> Self {
-        let targets = Targets::new(routing, urls.len());
+    /// The processes at `urls` (with member ids `members`), reached through `client`, routed
+    /// by `routing`.
+    pub fn new(
+        client: reqwest::Client,
+        urls: Vec<String>,
+        members: Vec<Uuid>,
+        routing: Routing,
+    ) -> Self {
+        let targets = Targets::new(routing, urls.len(), members);
         Self {
             client,
             urls,
@@ -257,8 +285,10 @@ impl Cluster {
         }
     }
 
-    /// Creates `count` sessions owned by [`USER_ID`], `parallel` requests at a time, each
-    /// through its **home** process: the one sticky routing sends it to.
+    /// Creates `count` sessions owned by [`USER_ID`], `parallel` requests at a time. Servers
+    /// that route (members) create each at its owner, whichever process gets the create, so
+    /// every session made is kept. Otherwise each is made through its **home** process, the
+    /// one sticky routing sends it to, as follows.
     ///
     /// A create claims its session for the process that made it for the servers' ownership
     /// lease (10 s by default), and a write through another process within it counts as a
@@ -275,6 +305,8 @@ impl Cluster {
         parallel: usize,
     ) -> Result<Vec<Uuid>, LoadError> {
         let processes = self.urls.len().max(1);
+        // Servers that route create each session at its owner, whichever process gets it.
+        let routed = self.targets.members.is_some();
         // Far beyond what a fair hash needs (N per session on average).
         let max_attempts = count.saturating_mul(processes).saturating_mul(8) + 64;
         let next_attempt = std::sync::Arc::new(AtomicUsize::new(0));
@@ -304,7 +336,7 @@ impl Cluster {
                                 failure.kind
                             ))
                         })?;
-                    if sticky_process(id, processes) == process {
+                    if routed || sticky_process(id, processes) == process {
                         found.fetch_add(1, Relaxed);
                         kept.push((attempt, id));
                     }
@@ -392,7 +424,7 @@ mod tests {
 
     #[test]
     fn round_robin_visits_every_process_in_turn() {
-        let targets = Targets::new(Routing::RoundRobin, 3);
+        let targets = Targets::new(Routing::RoundRobin, 3, Vec::new());
         let session = Uuid::now_v7();
         let picked: Vec<usize> = (0..7).map(|_| targets.pick(session)).collect();
         assert_eq!(picked, [0, 1, 2, 0, 1, 2, 0]);
@@ -400,7 +432,7 @@ mod tests {
 
     #[test]
     fn sticky_keeps_each_session_on_one_process_and_spreads_sessions() {
-        let targets = Targets::new(Routing::Sticky, 3);
+        let targets = Targets::new(Routing::Sticky, 3, Vec::new());
         let mut per_process = [0usize; 3];
         for _ in 0..3_000 {
             let session = Uuid::new_v4();
@@ -420,6 +452,27 @@ mod tests {
         assert_eq!(fnv1a(fixed.as_bytes()), 0xc7f8_a258_d32c_0b85);
         assert_eq!(sticky_process(fixed, 3), 1);
         assert_eq!(sticky_process(Uuid::new_v4(), 1), 0);
+    }
+
+    #[test]
+    fn sticky_goes_to_the_owner_when_the_processes_are_members() {
+        let members: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        let targets = Targets::new(Routing::Sticky, 3, members.clone());
+        for _ in 0..300 {
+            let session = Uuid::now_v7();
+            let picked = targets.pick(session);
+            let best = members
+                .iter()
+                .map(|&member| soloist::cluster::score(member, soloist::SessionId::from(session)))
+                .max();
+            assert_eq!(
+                Some(soloist::cluster::score(
+                    members[picked],
+                    soloist::SessionId::from(session)
+                )),
+                best
+            );
+        }
     }
 
     #[test]

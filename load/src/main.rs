@@ -20,10 +20,11 @@
 //!
 //! **Cluster runs** measure soloist as deployed: `--cluster` starts `--processes` N
 //! `soloist-server` processes (the binary next to this one, or `--server-bin`) on one fresh
-//! PostgreSQL schema, each on a free port with only `--database-url` and `--listen`, creates the
-//! sessions over HTTP (each through the process sticky routing sends it to) and drives the
+//! PostgreSQL schema, each on a free port with only `--database-url` and `--listen`, waits
+//! until they all see each other as members, creates the sessions over HTTP and drives the
 //! workload over HTTP, each request to the process the `--routing` picks (`sticky`: a session
-//! always to the same process; `round-robin`: every request to the next). Retryable answers
+//! always to the process that owns it, as perfect session affinity would; `round-robin`: every
+//! request to the next, as a plain balancer would, the servers forwarding each to its owner). Retryable answers
 //! are retried with the same message id. The same
 //! measures and correctness check as every run, plus retries and the servers' takeover (and
 //! forwarding) counters from `GET /metrics`. `--cluster-table` runs the comparison in one go:

@@ -24,7 +24,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use soloist::uuid::Uuid;
+
 use crate::error::LoadError;
+
+/// How long the benchmark waits once the members see each other, for every one of them to be
+/// given sessions (the servers' settling time, with the default member lease: 1.5 s).
+const SETTLE: Duration = Duration::from_secs(2);
 
 /// How long a process may take to answer `GET /healthz` after it is started.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -198,6 +204,47 @@ impl Servers {
             }
         }
         Ok(())
+    }
+
+    /// Waits until every process sees all of them as members (their views have converged),
+    /// then for a newly joined member to settle, and returns each process's member id (empty
+    /// if the servers are not members: a build without routing).
+    pub async fn converge(&self, client: &reqwest::Client) -> Result<Vec<Uuid>, LoadError> {
+        let deadline = Instant::now() + HEALTH_TIMEOUT;
+        let count = self.servers.len();
+        loop {
+            let mut ids = Vec::with_capacity(count);
+            let mut converged = true;
+            for server in &self.servers {
+                let health: serde_json::Value = client
+                    .get(format!("{}/healthz", server.base_url))
+                    .send()
+                    .await?
+                    .json()
+                    .await
+                    .unwrap_or_default();
+                let Some(id) = health["member"]["id"]
+                    .as_str()
+                    .and_then(|id| id.parse().ok())
+                else {
+                    return Ok(Vec::new());
+                };
+                ids.push(id);
+                converged &= health["members"].as_array().map(Vec::len) == Some(count);
+            }
+            if converged {
+                // A member that started later than the first by more than a heartbeat and a
+                // half second takes sessions only that long after its start.
+                tokio::time::sleep(SETTLE).await;
+                return Ok(ids);
+            }
+            if Instant::now() > deadline {
+                return Err(LoadError::Server(
+                    "the processes did not all see each other as members".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn wait_healthy(
