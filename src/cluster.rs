@@ -202,30 +202,33 @@ impl Directory {
             .min()
             .and_then(|first| first.checked_add_signed(settle));
         let settled = chrono::Utc::now().checked_sub_signed(settle);
-        let members = members
+        let eligible = members
             .iter()
-            .filter(|member| match member.id == self.me {
-                true => !left,
-                false => !suspects.contains_key(&member.id),
+            .map(|member| {
+                let reachable = match member.id == self.me {
+                    true => !left,
+                    false => !suspects.contains_key(&member.id),
+                };
+                let started = founders.is_some_and(|founders| member.started_at <= founders)
+                    || settled.is_some_and(|settled| member.started_at <= settled);
+                reachable && started
             })
-            .filter(|member| {
-                founders.is_some_and(|founders| member.started_at <= founders)
-                    || settled.is_some_and(|settled| member.started_at <= settled)
-            })
-            .cloned()
             .collect();
         View {
             me: self.me,
             members,
+            eligible,
         }
     }
 }
 
-/// A set of members to place sessions on, from one process's point of view.
+/// The members to place sessions on, from one process's point of view: the view's members,
+/// and which of them take sessions (not suspected, not left, settled).
 #[derive(Clone, Debug)]
 pub(crate) struct View {
     me: Uuid,
-    members: Vec<Member>,
+    members: Arc<Vec<Member>>,
+    eligible: Vec<bool>,
 }
 
 impl View {
@@ -234,6 +237,9 @@ impl View {
         let owner = self
             .members
             .iter()
+            .zip(&self.eligible)
+            .filter(|(_, eligible)| **eligible)
+            .map(|(member, _)| member)
             .max_by_key(|member| (score(member.id, session), member.id));
         match owner {
             Some(owner) if owner.id != self.me => Placement::Peer(owner.clone()),
