@@ -607,8 +607,9 @@ time until the last writer finished (the deadline plus the operations in flight 
 
 const CLUSTER_LEGEND: &str = "\
 **Cluster columns.** processes: `soloist-server` processes on one PostgreSQL database. \
-routing: how the benchmark spreads requests over them (`sticky`: each session always to \
-process fnv1a(session id) % N; `round-robin`: every request to the next process). appends/s: \
+routing: how the benchmark spreads requests over them (`sticky`: each session always to the \
+process that owns it, as perfect session affinity would; `round-robin`: every request to the \
+next process, which forwards it to the owner unless it is the owner). appends/s: \
 appends acknowledged over HTTP per second. Latency: per acknowledged append, from its first \
 attempt to its acknowledgement (retries included), µs. errors: appends that failed for good \
 (not retryable, or still failing after the retries), by HTTP status and error code. retries: \
