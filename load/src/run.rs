@@ -54,13 +54,13 @@ pub struct RunSpec {
 }
 
 impl RunSpec {
-    /// `workload/db/strategy` for progress lines.
-    pub fn label(&self) -> String {
+    /// `workload/db/strategy` for progress lines (the limit's with its rows per batch).
+    pub fn label(&self, limit_batch: usize) -> String {
         format!(
             "{}/{}/{} ({}x{})",
             self.workload.name(),
             self.db.name(),
-            self.strategy.label(),
+            self.strategy.label_with_batch(limit_batch),
             self.sessions,
             self.writers_used()
         )
@@ -120,6 +120,9 @@ pub struct RunResult {
     /// Concurrent writers per session the workload asked for (the `limit` strategy always runs
     /// one task per session).
     pub writers_per_session: usize,
+    /// `limit`: rows per multi-row `INSERT` and commit (`--limit-batch`); its rows/s are at
+    /// this batch size. `None` for the other strategies.
+    pub limit_batch: Option<usize>,
     /// Seconds from the first writer's start to the last writer's end.
     pub elapsed_s: f64,
     /// Appends acknowledged to writers (one message each; `limit`: rows committed).
@@ -158,13 +161,14 @@ pub struct RunResult {
 }
 
 impl RunResult {
-    fn failed(spec: &RunSpec, reason: String) -> Self {
+    fn failed(spec: &RunSpec, settings: &Settings, reason: String) -> Self {
         Self {
             workload: spec.workload,
             db: spec.db,
             strategy: spec.strategy,
             sessions: spec.sessions,
             writers_per_session: spec.writers,
+            limit_batch: limit_batch(spec, settings),
             elapsed_s: 0.0,
             appends: 0,
             appends_per_s: 0.0,
@@ -263,24 +267,30 @@ impl Outcome {
 pub async fn run(spec: &RunSpec, settings: &Settings) -> RunResult {
     let database = match Database::provision(spec.db, settings).await {
         Ok(database) => database,
-        Err(error) => return RunResult::failed(spec, error.to_string()),
+        Err(error) => return RunResult::failed(spec, settings, error.to_string()),
     };
     let measured = measure(spec, settings, &database).await;
     database.dispose().await;
-    let result = measured.unwrap_or_else(|error| RunResult::failed(spec, error.to_string()));
-    eprintln!("{}", summary_line(spec, &result));
+    let result =
+        measured.unwrap_or_else(|error| RunResult::failed(spec, settings, error.to_string()));
+    eprintln!("{}", summary_line(spec, settings, &result));
     result
 }
 
-fn summary_line(spec: &RunSpec, result: &RunResult) -> String {
+fn limit_batch(spec: &RunSpec, settings: &Settings) -> Option<usize> {
+    (spec.strategy == StrategyKind::Limit).then_some(settings.limit_batch.max(1))
+}
+
+fn summary_line(spec: &RunSpec, settings: &Settings, result: &RunResult) -> String {
+    let label = spec.label(settings.limit_batch);
     if let Some(reason) = &result.failed {
-        return format!("{}: FAILED: {reason}", spec.label());
+        return format!("{label}: FAILED: {reason}");
     }
     let check = result.check.clone().unwrap_or_default();
     format!(
         "{}: {} appends in {:.1} s = {:.0}/s, {:.0} rows/s, {} errors; check {}: {} rows, \
          lost {}, duplicated {}, misplaced {}, gaps {}, count drift {}",
-        spec.label(),
+        label,
         result.appends,
         result.elapsed_s,
         result.appends_per_s,
@@ -378,7 +388,7 @@ async fn measure(
         }
     }
 
-    let bar = progress_bar(spec, settings.duration);
+    let bar = progress_bar(spec, settings);
     let ticker = tokio::spawn(tick(
         bar.clone(),
         progress.clone(),
@@ -426,6 +436,7 @@ async fn measure(
         strategy: spec.strategy,
         sessions: spec.sessions,
         writers_per_session: spec.writers,
+        limit_batch: limit_batch(spec, settings),
         elapsed_s: seconds,
         appends,
         appends_per_s: appends as f64 / seconds,
@@ -447,16 +458,16 @@ async fn measure(
     })
 }
 
-fn progress_bar(spec: &RunSpec, duration: Duration) -> ProgressBar {
+fn progress_bar(spec: &RunSpec, settings: &Settings) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(
-        Some(micros(duration) / 1000),
+        Some(micros(settings.duration) / 1000),
         ProgressDrawTarget::stderr_with_hz(5),
     );
     let style = ProgressStyle::with_template("{prefix} [{bar:30}] {elapsed:>4} {msg}")
         .map(|style| style.progress_chars("=> "))
         .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
-    bar.set_prefix(spec.label());
+    bar.set_prefix(spec.label(settings.limit_batch));
     bar
 }
 

@@ -82,6 +82,15 @@ impl StrategyKind {
         }
     }
 
+    /// The label with the `limit` strategy's rows per batch (and commit) in it, for every place
+    /// that shows a figure: the limit's rows/s depend on its batch size.
+    pub fn label_with_batch(self, limit_batch: usize) -> String {
+        match self {
+            StrategyKind::Limit => format!("limit ({limit_batch}-row batches)"),
+            other => other.label().to_owned(),
+        }
+    }
+
     /// Whether the strategy can run on `db`.
     pub fn supports(self, db: DbKind) -> bool {
         self != StrategyKind::AdvisoryLock || db == DbKind::Postgres
@@ -631,4 +640,21 @@ pub async fn insert_batch(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StrategyKind;
+
+    #[test]
+    fn the_limit_label_names_its_batch() {
+        assert_eq!(
+            StrategyKind::Limit.label_with_batch(64),
+            "limit (64-row batches)"
+        );
+        assert_eq!(
+            StrategyKind::AdvisoryLock.label_with_batch(64),
+            StrategyKind::AdvisoryLock.label()
+        );
+    }
 }
