@@ -175,12 +175,18 @@ impl Database {
 
     /// A raw sqlx pool of `size` connections on the database. SQLite connections use the
     /// engine's settings: WAL, `synchronous=FULL`, foreign keys on, busy timeout 5 s.
+    ///
+    /// The pool does not test a connection before handing it out (sqlx's default is a ping,
+    /// one more round trip per checkout), as the engine's writer pool does not: a baseline pays
+    /// for its statements, not for pool upkeep. sqlx still pings a connection when it comes
+    /// back, off the caller's path.
     pub async fn pool(&self, size: u32) -> Result<Pool, LoadError> {
         match self.kind {
             DbKind::Postgres => Ok(Pool::Pg(
                 PgPoolOptions::new()
                     .max_connections(size.max(1))
                     .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .test_before_acquire(false)
                     .connect(&self.url)
                     .await?,
             )),
@@ -194,6 +200,7 @@ impl Database {
                     SqlitePoolOptions::new()
                         .max_connections(size.max(1))
                         .acquire_timeout(ACQUIRE_TIMEOUT)
+                        .test_before_acquire(false)
                         .connect_with(options)
                         .await?,
                 ))

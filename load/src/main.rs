@@ -352,7 +352,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .strategies(db)
             .into_iter()
             .map(|strategy| plot::Series {
-                label: strategy.label().to_owned(),
+                label: strategy.label_with_batch(settings.limit_batch),
                 points: report
                     .runs
                     .iter()

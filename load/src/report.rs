@@ -42,6 +42,9 @@ pub struct Comparison {
     pub soloist_vs_advisory: Option<f64>,
     /// The limit's rows/s.
     pub limit_rows_per_s: Option<f64>,
+    /// The limit's rows per multi-row `INSERT` and commit, at which `limit_rows_per_s` was
+    /// measured.
+    pub limit_batch: Option<usize>,
     /// soloist's rows/s / the limit's rows/s.
     pub soloist_fraction_of_limit: Option<f64>,
 }
@@ -167,6 +170,7 @@ impl Report {
                     advisory.map(|run| run.appends_per_s),
                 ),
                 limit_rows_per_s: limit.map(|run| run.rows_per_s),
+                limit_batch: limit.and_then(|run| run.limit_batch),
                 soloist_fraction_of_limit: ratio(
                     soloist.map(|run| run.rows_per_s),
                     limit.map(|run| run.rows_per_s),
@@ -196,7 +200,10 @@ impl Report {
                     (limit_goal, comparison.soloist_fraction_of_limit)
                 {
                     targets.push(TargetCheck {
-                        target: format!("{shape}: soloist rows/s vs the limit"),
+                        target: format!(
+                            "{shape}: soloist rows/s vs the limit ({}-row batches)",
+                            comparison.limit_batch.unwrap_or(self.settings.limit_batch)
+                        ),
                         goal: format!(">= {:.0}%", goal * 100.0),
                         measured: format!("{:.0}%", measured * 100.0),
                         met: measured >= goal,
@@ -313,7 +320,7 @@ impl Report {
                     if sessions == 1 { "" } else { "s" },
                     if writers == 1 { "" } else { "s" },
                 );
-                write_run_table(&mut out, &runs, false);
+                write_run_table(&mut out, &runs, false, self.settings.limit_batch);
                 self.write_comparison(&mut out, workload, db, sessions, writers, &runs);
             }
         }
@@ -487,8 +494,9 @@ impl Report {
         }
         if let Some(fraction) = comparison.soloist_fraction_of_limit {
             parts.push(format!(
-                "**{:.0}%** of the limit's rows/s",
-                fraction * 100.0
+                "**{:.0}%** of the limit's rows/s ({}-row batches)",
+                fraction * 100.0,
+                comparison.limit_batch.unwrap_or(self.settings.limit_batch)
             ));
         }
         if let Some(stats) = runs
@@ -526,7 +534,11 @@ impl Report {
         let mut header = String::from("| writers |");
         let mut rule = String::from("|---:|");
         for strategy in &strategies {
-            let _ = write!(header, " {} |", strategy.label());
+            let _ = write!(
+                header,
+                " {} |",
+                strategy.label_with_batch(self.settings.limit_batch)
+            );
             rule.push_str("---:|");
         }
         let _ = writeln!(out, "{header}\n{rule}");
@@ -557,7 +569,7 @@ impl Report {
         out.push('\n');
         let _ = writeln!(out, "### Every sweep run\n");
         let runs: Vec<&RunResult> = self.runs.iter().collect();
-        write_run_table(out, &runs, true);
+        write_run_table(out, &runs, true, self.settings.limit_batch);
     }
 }
 
@@ -592,7 +604,8 @@ fn write_idle_memory(out: &mut String, memory: &IdleMemory) {
 }
 
 const LEGEND: &str = "\
-**Columns.** appends/s: appends acknowledged to writers per second (`limit`: rows committed). \
+**Columns.** appends/s: appends acknowledged to writers per second (`limit`: rows committed, \
+at the rows per batch its label states). \
 rows/s: message rows in the database afterwards per second. commits: durable write commits \
 (soloist: the engine's write transactions). Latency: per acknowledged append, µs (`limit`: the \
 batch's commit, once per row). errors: errors surfaced to writers, by kind. lost / dup / \
@@ -721,7 +734,7 @@ fn counted(total: u64, kinds: &BTreeMap<String, u64>, attempts: u64) -> String {
     }
 }
 
-fn write_run_table(out: &mut String, runs: &[&RunResult], with_writers: bool) {
+fn write_run_table(out: &mut String, runs: &[&RunResult], with_writers: bool, limit_batch: usize) {
     let chat = runs.iter().any(|run| run.turns.is_some());
     let mut header = String::from("| strategy |");
     let mut rule = String::from("|---|");
@@ -743,7 +756,11 @@ fn write_run_table(out: &mut String, runs: &[&RunResult], with_writers: bool) {
     rule.push_str("---|---:|---:|---:|---:|---:|---:|---:|");
     let _ = writeln!(out, "{header}\n{rule}");
     for run in runs {
-        let mut line = format!("| {} |", run.strategy.label());
+        let mut line = format!(
+            "| {} |",
+            run.strategy
+                .label_with_batch(run.limit_batch.unwrap_or(limit_batch))
+        );
         if with_writers {
             let _ = write!(line, " {} |", run.writers_per_session);
         }

@@ -54,13 +54,13 @@ pub struct RunSpec {
 }
 
 impl RunSpec {
-    /// `workload/db/strategy` for progress lines.
-    pub fn label(&self) -> String {
+    /// `workload/db/strategy` for progress lines (the limit's with its rows per batch).
+    pub fn label(&self, limit_batch: usize) -> String {
         format!(
             "{}/{}/{} ({}x{})",
             self.workload.name(),
             self.db.name(),
-            self.strategy.label(),
+            self.strategy.label_with_batch(limit_batch),
             self.sessions,
             self.writers_used()
         )
@@ -121,6 +121,9 @@ pub struct RunResult {
     /// Concurrent writers per session the workload asked for (the `limit` strategy always runs
     /// one task per session).
     pub writers_per_session: usize,
+    /// `limit`: rows per multi-row `INSERT` and commit (`--limit-batch`); its rows/s are at
+    /// this batch size. `None` for the other strategies.
+    pub limit_batch: Option<usize>,
     /// Seconds from the first writer's start to the last writer's end.
     pub elapsed_s: f64,
     /// Appends acknowledged to writers (one message each; `limit`: rows committed).
@@ -159,13 +162,14 @@ pub struct RunResult {
 }
 
 impl RunResult {
-    fn failed(spec: &RunSpec, reason: String) -> Self {
+    fn failed(spec: &RunSpec, settings: &Settings, reason: String) -> Self {
         Self {
             workload: spec.workload,
             db: spec.db,
             strategy: spec.strategy,
             sessions: spec.sessions,
             writers_per_session: spec.writers,
+            limit_batch: limit_batch(spec, settings),
             elapsed_s: 0.0,
             appends: 0,
             appends_per_s: 0.0,
@@ -268,24 +272,30 @@ impl Outcome {
 pub async fn run(spec: &RunSpec, settings: &Settings) -> RunResult {
     let database = match Database::provision(spec.db, settings).await {
         Ok(database) => database,
-        Err(error) => return RunResult::failed(spec, error.to_string()),
+        Err(error) => return RunResult::failed(spec, settings, error.to_string()),
     };
     let measured = measure(spec, settings, &database).await;
     database.dispose().await;
-    let result = measured.unwrap_or_else(|error| RunResult::failed(spec, error.to_string()));
-    eprintln!("{}", summary_line(spec, &result));
+    let result =
+        measured.unwrap_or_else(|error| RunResult::failed(spec, settings, error.to_string()));
+    eprintln!("{}", summary_line(spec, settings, &result));
     result
 }
 
-fn summary_line(spec: &RunSpec, result: &RunResult) -> String {
+fn limit_batch(spec: &RunSpec, settings: &Settings) -> Option<usize> {
+    (spec.strategy == StrategyKind::Limit).then_some(settings.limit_batch.max(1))
+}
+
+fn summary_line(spec: &RunSpec, settings: &Settings, result: &RunResult) -> String {
+    let label = spec.label(settings.limit_batch);
     if let Some(reason) = &result.failed {
-        return format!("{}: FAILED: {reason}", spec.label());
+        return format!("{label}: FAILED: {reason}");
     }
     let check = result.check.clone().unwrap_or_default();
     format!(
         "{}: {} appends in {:.1} s = {:.0}/s, {:.0} rows/s, {} errors; check {}: {} rows, \
          lost {}, duplicated {}, misplaced {}, gaps {}, count drift {}",
-        spec.label(),
+        label,
         result.appends,
         result.elapsed_s,
         result.appends_per_s,
@@ -383,7 +393,7 @@ async fn measure(
         }
     }
 
-    let bar = progress_bar(spec.label(), settings.duration);
+    let bar = progress_bar(spec.label(settings.limit_batch), settings.duration);
     let ticker = tokio::spawn(tick(
         bar.clone(),
         progress.clone(),
@@ -431,6 +441,7 @@ async fn measure(
         strategy: spec.strategy,
         sessions: spec.sessions,
         writers_per_session: spec.writers,
+        limit_batch: limit_batch(spec, settings),
         elapsed_s: seconds,
         appends,
         appends_per_s: appends as f64 / seconds,

@@ -7,17 +7,24 @@
 //! | strategy | append | session row |
 //! |---|---|---|
 //! | `soloist` | [`SessionHandle::append`] with a client message id | the engine's own flush (`message_count + n`, `version + 1`) |
-//! | (a) `naive` | `SELECT count(*)`, then `INSERT` at `count`; autocommit, no retry | a separate autocommit `UPDATE ... SET message_count = message_count + 1, version = version + 1` |
-//! | (b) `max-retry` | one transaction: `SELECT COALESCE(MAX(seq) + 1, 0)`, `INSERT`, commit; on a unique violation the whole transaction is retried once | the same `UPDATE`, inside the transaction |
+//! | (a) `naive` | `SELECT count(*)`, then `INSERT` at `count`; autocommit, no retry; the three statements on one pooled connection | a separate autocommit `UPDATE ... SET message_count = message_count + 1, version = version + 1` |
+//! | (b) `max-retry` | one transaction: read `MAX(seq) + 1` (0 if none; as the primary key's last entry, see [`NEXT_SEQ`]), `INSERT`, commit; on a unique violation the whole transaction is retried once | the same `UPDATE`, inside the transaction (PostgreSQL: in the `INSERT`'s statement, a data-modifying CTE, so one round trip for both) |
 //! | (c) `redis-lock` | `SET lock:<session> <token> NX PX 60000`, polled every `--lock-poll-ms` for at most `--lock-wait-secs` (a timeout is an error), then (b), then a compare-and-delete Lua script | as (b) |
-//! | (d) `advisory-lock` | (b) with `SELECT pg_advisory_xact_lock(hashtext(<session id>))` first in its transaction (PostgreSQL only) | as (b) |
+//! | (d) `advisory-lock` | one transaction: `SELECT pg_advisory_xact_lock(hashtext(<session id>))`, then one statement that reads `MAX(seq) + 1` as (b) does and inserts there, commit; retried once on a unique violation as (b) (which the lock rules out) (PostgreSQL only) | in the same statement as the read and the insert |
 //! | `limit` | one task per session, no coordination at all, sequences assigned locally: `--limit-batch` rows per multi-row `INSERT` and one commit per batch (PostgreSQL: a single autocommit `WITH inserted AS (INSERT ... SELECT FROM unnest(...)) UPDATE sessions ...`; SQLite: `BEGIN`, one `INSERT ... VALUES` list, the `UPDATE`, `COMMIT`) | `message_count + batch`, `version + 1` in the same commit |
 //!
 //! In the chat-turn workload the history read is the 50 messages before and including the
 //! writer's own user message (`seq > s - 50 ORDER BY seq LIMIT 50`; soloist: `get(Some(s - 50),
 //! Some(50))`, which it serves from memory), and token usage is `prompt_tokens + p,
 //! completion_tokens + c, version + 1`: an autocommit `UPDATE` in (a) and (b), under the Redis
-//! lock in (c), in a transaction holding the advisory lock in (d), `add_usage` in soloist.
+//! lock in (c), in a transaction holding the advisory lock in (d) (one autocommit statement that
+//! takes the lock and then updates), `add_usage` in soloist.
+//!
+//! Between the grant of a lock ((c), (d)) and its release, every round trip is paid by every
+//! append of the session in turn, so the locked strategies keep those round trips to what the
+//! strategy needs: (d) holds its lock for the grant's answer, one statement and the commit. The
+//! pools of the baselines do not ping a connection when they hand it out (as the engine's
+//! writer pool does not).
 //!
 //! SQLite transactions of the baselines are plain `BEGIN` (deferred), as sqlx's `begin()` and
 //! most application code issue them: a transaction that read a snapshot another connection
@@ -52,7 +59,7 @@ pub enum StrategyKind {
     /// (c) incident 2's fix: a Redis lock per session around (b).
     #[value(alias = "c")]
     RedisLock,
-    /// (d) `pg_advisory_xact_lock` per session inside (b)'s transaction (PostgreSQL only).
+    /// (d) `pg_advisory_xact_lock` per session, then read MAX(seq)+1 and insert (PostgreSQL only).
     #[value(alias = "d")]
     AdvisoryLock,
     /// The batched-insert ceiling: one task per session, multi-row inserts, no coordination.
@@ -77,8 +84,17 @@ impl StrategyKind {
             StrategyKind::Naive => "(a) naive count+i",
             StrategyKind::MaxRetry => "(b) max+1 in tx, retry once",
             StrategyKind::RedisLock => "(c) Redis lock + (b)",
-            StrategyKind::AdvisoryLock => "(d) advisory lock + (b)",
+            StrategyKind::AdvisoryLock => "(d) advisory lock + max+1",
             StrategyKind::Limit => "limit (batched insert)",
+        }
+    }
+
+    /// The label with the `limit` strategy's rows per batch (and commit) in it, for every place
+    /// that shows a figure: the limit's rows/s depend on its batch size.
+    pub fn label_with_batch(self, limit_batch: usize) -> String {
+        match self {
+            StrategyKind::Limit => format!("limit ({limit_batch}-row batches)"),
+            other => other.label().to_owned(),
         }
     }
 
@@ -233,7 +249,7 @@ pub enum Guard {
     MaxRetry,
     /// (c): (b) inside a Redis lock.
     Redis(RedisLock),
-    /// (d): (b) with an advisory transaction lock.
+    /// (d): an advisory transaction lock, then the read and the insert in one statement.
     Advisory,
 }
 
@@ -255,7 +271,16 @@ pub enum Writer {
 }
 
 const COUNT_MESSAGES: &str = "SELECT count(*) FROM messages WHERE session_id = $1";
-const NEXT_SEQ: &str = "SELECT COALESCE(MAX(seq) + 1, 0) FROM messages WHERE session_id = $1";
+/// `MAX(seq) + 1` (0 for an empty session), read as one backward step of the primary key
+/// `(session_id, seq)`. Written as `SELECT COALESCE(MAX(seq) + 1, 0) ... WHERE session_id = $1`,
+/// the statement's plan depends on statistics the benchmark's fresh tables never have
+/// (autovacuum is off as installed, and sqlx prepares it once per connection, on the empty
+/// table): PostgreSQL then keeps a generic plan that aggregates over every row of the session
+/// through the `(session_id, message_id)` index, a read that grows with the session (~4 ms at
+/// 5,000 rows). `ORDER BY seq DESC LIMIT 1` is the same read, and its plan is the primary
+/// key's backward scan with or without statistics (any other index needs a sort).
+const NEXT_SEQ: &str = "SELECT COALESCE((SELECT seq FROM messages WHERE session_id = $1 \
+     ORDER BY seq DESC LIMIT 1) + 1, 0)";
 const INSERT_MESSAGE: &str = "INSERT INTO messages \
      (session_id, seq, message_id, role, content, tool_calls, created_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7)";
@@ -267,6 +292,37 @@ const ADD_USAGE: &str = "UPDATE sessions SET prompt_tokens = prompt_tokens + $1,
 const READ_HISTORY: &str = "SELECT seq, message_id, role, content, tool_calls, created_at \
      FROM messages WHERE session_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
 const ADVISORY_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext($1))";
+/// PostgreSQL, (b) and (c): [`INSERT_MESSAGE`] and [`BUMP_SESSION`] in one statement (a
+/// data-modifying CTE always runs to completion), one round trip instead of two.
+const INSERT_AND_BUMP_PG: &str = "WITH inserted AS (INSERT INTO messages \
+     (session_id, seq, message_id, role, content, tool_calls, created_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7)) \
+     UPDATE sessions SET message_count = message_count + 1, version = version + 1, \
+     updated_at = $7 WHERE id = $1";
+/// (d), after [`ADVISORY_LOCK`] returned: read the next sequence (as [`NEXT_SEQ`]), insert there
+/// and bump the session row, in one statement. It must be a statement of its own: under READ COMMITTED a
+/// statement reads the snapshot taken when it starts, so a read in the locking statement would
+/// not see the row the previous holder of the lock committed.
+const LOCKED_APPEND_PG: &str = "WITH next AS ( \
+         SELECT COALESCE((SELECT seq FROM messages WHERE session_id = $1 \
+                          ORDER BY seq DESC LIMIT 1) + 1, 0) AS seq), \
+     inserted AS ( \
+         INSERT INTO messages \
+         (session_id, seq, message_id, role, content, tool_calls, created_at) \
+         SELECT $1, next.seq, $2, $3, $4, $5, $6 FROM next RETURNING seq), \
+     bumped AS ( \
+         UPDATE sessions SET message_count = message_count + 1, version = version + 1, \
+         updated_at = $6 WHERE id = $1) \
+     SELECT seq FROM inserted";
+/// (d)'s usage, autocommit: the lock, then [`ADD_USAGE`], in one statement. Unlike the append
+/// it needs no read after the lock: an `UPDATE` applies its increments to the newest version of
+/// the row whatever its snapshot, so the lock can be taken inside the statement (the join makes
+/// the lock come before the row is updated), and nothing of the client's is left between the
+/// grant and the commit.
+const LOCKED_USAGE_PG: &str = "WITH locked AS (SELECT pg_advisory_xact_lock(hashtext($5))) \
+     UPDATE sessions SET prompt_tokens = prompt_tokens + $1, \
+     completion_tokens = completion_tokens + $2, version = version + 1, updated_at = $3 \
+     FROM locked WHERE id = $4";
 
 /// The columns of a history row, decoded (and dropped) like an application would.
 type HistoryRow = (i64, Uuid, String, Option<Vec<u8>>, Option<String>, i64);
@@ -401,9 +457,12 @@ async fn naive_append(
     let db = pool.kind();
     let failed = |error: sqlx::Error| OpError::sql(db, &error);
     on_pool!(pool, p => {
+        // One checkout for the three statements: each checkout costs the pool's ping when the
+        // connection comes back, and the strategy is the statements, not the checkouts.
+        let mut connection = p.acquire().await.map_err(failed)?;
         let count: i64 = sqlx::query_scalar(COUNT_MESSAGES)
             .bind(session)
-            .fetch_one(p)
+            .fetch_one(&mut *connection)
             .await
             .map_err(failed)?;
         sqlx::query(INSERT_MESSAGE)
@@ -414,14 +473,14 @@ async fn naive_append(
             .bind(message.content.as_bytes())
             .bind(message.tool_calls_text.as_deref())
             .bind(now_micros())
-            .execute(p)
+            .execute(&mut *connection)
             .await
             .map_err(failed)?;
         counters.commits += 1;
         sqlx::query(BUMP_SESSION)
             .bind(now_micros())
             .bind(session)
-            .execute(p)
+            .execute(&mut *connection)
             .await
             .map_err(failed)?;
         counters.commits += 1;
@@ -430,6 +489,9 @@ async fn naive_append(
 }
 
 /// (b), and (d) when `advisory`: the transaction, retried once on a unique violation.
+///
+/// (b) on PostgreSQL: `BEGIN`, the read, the insert with the session bump as one statement,
+/// `COMMIT`. (d): `BEGIN`, the lock, [`LOCKED_APPEND_PG`], `COMMIT`.
 async fn retrying_append(
     pool: &Pool,
     session: Uuid,
@@ -455,41 +517,82 @@ async fn transactional_append(
 ) -> Result<i64, OpError> {
     let db = pool.kind();
     let failed = |error: sqlx::Error| OpError::sql(db, &error);
-    on_pool!(pool, p => {
-        let mut tx = p.begin().await.map_err(failed)?;
-        if advisory {
-            sqlx::query(ADVISORY_LOCK)
-                .bind(session.to_string())
+    let next = match pool {
+        Pool::Pg(p) => {
+            let mut tx = p.begin().await.map_err(failed)?;
+            let next: i64 = if advisory {
+                // (d): the lock, then one statement that reads, inserts and bumps: nothing
+                // between the grant and the commit but that statement's round trip.
+                sqlx::query(ADVISORY_LOCK)
+                    .bind(session.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(failed)?;
+                sqlx::query_scalar(LOCKED_APPEND_PG)
+                    .bind(session)
+                    .bind(message.id)
+                    .bind(message.role.as_str())
+                    .bind(message.content.as_bytes())
+                    .bind(message.tool_calls_text.as_deref())
+                    .bind(now_micros())
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(failed)?
+            } else {
+                let next: i64 = sqlx::query_scalar(NEXT_SEQ)
+                    .bind(session)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(failed)?;
+                sqlx::query(INSERT_AND_BUMP_PG)
+                    .bind(session)
+                    .bind(next)
+                    .bind(message.id)
+                    .bind(message.role.as_str())
+                    .bind(message.content.as_bytes())
+                    .bind(message.tool_calls_text.as_deref())
+                    .bind(now_micros())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(failed)?;
+                next
+            };
+            tx.commit().await.map_err(failed)?;
+            next
+        }
+        // SQLite runs in this process: a statement costs no round trip, so the insert and the
+        // bump stay two statements (SQLite has no data-modifying CTE either).
+        Pool::Sqlite(_) if advisory => return Err(OpError::new("advisory_lock_needs_postgres")),
+        Pool::Sqlite(p) => {
+            let mut tx = p.begin().await.map_err(failed)?;
+            let next: i64 = sqlx::query_scalar(NEXT_SEQ)
+                .bind(session)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(failed)?;
+            sqlx::query(INSERT_MESSAGE)
+                .bind(session)
+                .bind(next)
+                .bind(message.id)
+                .bind(message.role.as_str())
+                .bind(message.content.as_bytes())
+                .bind(message.tool_calls_text.as_deref())
+                .bind(now_micros())
                 .execute(&mut *tx)
                 .await
                 .map_err(failed)?;
+            sqlx::query(BUMP_SESSION)
+                .bind(now_micros())
+                .bind(session)
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?;
+            tx.commit().await.map_err(failed)?;
+            next
         }
-        let next: i64 = sqlx::query_scalar(NEXT_SEQ)
-            .bind(session)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(failed)?;
-        sqlx::query(INSERT_MESSAGE)
-            .bind(session)
-            .bind(next)
-            .bind(message.id)
-            .bind(message.role.as_str())
-            .bind(message.content.as_bytes())
-            .bind(message.tool_calls_text.as_deref())
-            .bind(now_micros())
-            .execute(&mut *tx)
-            .await
-            .map_err(failed)?;
-        sqlx::query(BUMP_SESSION)
-            .bind(now_micros())
-            .bind(session)
-            .execute(&mut *tx)
-            .await
-            .map_err(failed)?;
-        tx.commit().await.map_err(failed)?;
-        counters.commits += 1;
-        Ok(next)
-    })
+    };
+    counters.commits += 1;
+    Ok(next)
 }
 
 async fn usage_autocommit(
@@ -514,6 +617,8 @@ async fn usage_autocommit(
     })
 }
 
+/// (d)'s usage: one autocommit statement that takes the session's advisory lock and then
+/// updates the row ([`LOCKED_USAGE_PG`]); the lock is held until that statement commits.
 async fn usage_advisory(
     pool: &Pool,
     session: Uuid,
@@ -523,25 +628,20 @@ async fn usage_advisory(
 ) -> Result<(), OpError> {
     let db = pool.kind();
     let failed = |error: sqlx::Error| OpError::sql(db, &error);
-    on_pool!(pool, p => {
-        let mut tx = p.begin().await.map_err(failed)?;
-        sqlx::query(ADVISORY_LOCK)
-            .bind(session.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(failed)?;
-        sqlx::query(ADD_USAGE)
-            .bind(i64::from(prompt_tokens))
-            .bind(i64::from(completion_tokens))
-            .bind(now_micros())
-            .bind(session)
-            .execute(&mut *tx)
-            .await
-            .map_err(failed)?;
-        tx.commit().await.map_err(failed)?;
-        counters.commits += 1;
-        Ok(())
-    })
+    let Pool::Pg(p) = pool else {
+        return Err(OpError::new("advisory_lock_needs_postgres"));
+    };
+    sqlx::query(LOCKED_USAGE_PG)
+        .bind(i64::from(prompt_tokens))
+        .bind(i64::from(completion_tokens))
+        .bind(now_micros())
+        .bind(session)
+        .bind(session.to_string())
+        .execute(p)
+        .await
+        .map_err(failed)?;
+    counters.commits += 1;
+    Ok(())
 }
 
 /// `limit`: writes `messages` at sequences `first_seq..` with one multi-row `INSERT` and bumps
@@ -631,4 +731,21 @@ pub async fn insert_batch(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StrategyKind;
+
+    #[test]
+    fn the_limit_label_names_its_batch() {
+        assert_eq!(
+            StrategyKind::Limit.label_with_batch(64),
+            "limit (64-row batches)"
+        );
+        assert_eq!(
+            StrategyKind::AdvisoryLock.label_with_batch(64),
+            StrategyKind::AdvisoryLock.label()
+        );
+    }
 }
