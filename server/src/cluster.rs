@@ -4,17 +4,15 @@
 //! the database) and hands a command that must run at another member to [`Peers`], which sends
 //! it over one HTTP/2 connection per peer (prior knowledge, no TLS, multiplexed, kept open) to
 //! the peer's internal route, `POST /internal/v1/commands`, on the peer's ordinary listener.
-//! Forwards to one peer are coalesced like writes in group commit: while a request to the peer
-//! is in flight, the commands for it queue, and the next request carries all of them (at most
-//! [`MAX_BATCH`] commands or [`MAX_BATCH_BYTES`]). The body is
-//! `{"commands": [{"command": <Command>, "hops": n, "budget_ms": n|null}, ...]}`: each command
-//! as its JSON [`Command`], how many times it has travelled (at most
-//! [`MAX_HOPS`](soloist::cluster::MAX_HOPS)), and how long its caller still waits (the peer
-//! answers a timeout rather than work past it). The peer runs them concurrently and answers
-//! `{"answers": [<Answer>, ...]}` in the same order, each a reply or a typed error. The header
-//! `x-soloist-cluster-secret` carries the cluster secret
-//! ([`soloist::Engine::cluster_secret`]), compared in constant time: without it, or with
-//! another, the route answers the same 404 as an unknown path, before reading the body.
+//! The command travels as its JSON [`Command`]; the answer comes back as the JSON
+//! [`Answer`] (a reply or a typed error). Headers:
+//! - `x-soloist-cluster-secret`: the cluster secret ([`soloist::Engine::cluster_secret`]),
+//!   compared in constant time. Without it, or with another, the route answers the same 404 as
+//!   an unknown path, before reading the body.
+//! - `x-soloist-hops`: how many times the command has travelled (at most
+//!   [`MAX_HOPS`](soloist::cluster::MAX_HOPS)).
+//! - `x-soloist-budget-ms`: how long the original caller still waits; the peer answers a
+//!   timeout rather than work past it.
 //!
 //! The user's identity travels inside the command and the owner checks it again like any
 //! other. Only HTTP/2 connections reach this route (see [`crate::serve()`]), and only peers
@@ -48,15 +46,11 @@ pub const COMMANDS_PATH: &str = "/internal/v1/commands";
 /// The header carrying the cluster secret.
 pub const SECRET_HEADER: &str = "x-soloist-cluster-secret";
 
-/// Commands one request to a peer carries at most.
-pub const MAX_BATCH: usize = 256;
+/// The header carrying the times the command has travelled.
+pub const HOPS_HEADER: &str = "x-soloist-hops";
 
-/// Bytes of commands one request to a peer carries at most (a larger single command goes
-/// alone).
-pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
-
-/// Requests in flight to one peer at once; the commands for it queue meanwhile.
-const IN_FLIGHT_PER_PEER: usize = 2;
+/// The header carrying how long the original caller still waits, in milliseconds.
+pub const BUDGET_HEADER: &str = "x-soloist-budget-ms";
 
 /// How long connecting to a peer may take. A peer that was killed refuses at once; one cut off
 /// by a partition does not answer, and its commands are placed elsewhere after this long.
@@ -91,37 +85,24 @@ fn authenticated(engine: &Engine, headers: &HeaderMap) -> bool {
     bool::from(secret.as_bytes().ct_eq(sent.as_bytes()))
 }
 
-/// One forwarded command as it travels.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Forwarded {
-    command: Command,
-    hops: u8,
-    budget_ms: Option<u64>,
-}
-
-/// What a request to a peer carries.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Batch {
-    commands: Vec<Forwarded>,
-}
-
-/// What a peer answers: one answer per command, in order.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Answers {
-    answers: Vec<Answer>,
-}
-
-/// `POST /internal/v1/commands`: runs the commands a peer forwarded, concurrently, and
-/// answers their [`Answer`]s in order.
+/// `POST /internal/v1/commands`: runs a command a peer forwarded, and answers its [`Answer`].
 async fn forwarded(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     if parts.method != Method::POST || !authenticated(&state.engine, &parts.headers) {
         return not_found();
     }
-    // A peer re-encodes what its client sent (escapes may differ) and wraps it: room for both,
-    // and for a batch of smaller ones.
+    let number = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok())
+    };
+    let hops = number(HOPS_HEADER).map_or(1, |hops| u8::try_from(hops).unwrap_or(u8::MAX));
+    let budget = number(BUDGET_HEADER).map(Duration::from_millis);
+    // A peer re-encodes what its client sent (escapes may differ) and wraps it: room for both.
     let limits = state.bodies.limits();
-    let limit = 2 * limits.append_bytes.max(limits.session_bytes) + MAX_BATCH_BYTES + 64 * 1024;
+    let limit = 2 * limits.append_bytes.max(limits.session_bytes) + 64 * 1024;
     let bytes = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(error) => {
@@ -129,32 +110,22 @@ async fn forwarded(State(state): State<AppState>, request: Request) -> Response 
                 .into_response();
         }
     };
-    let batch = match serde_json::from_slice::<Batch>(&bytes) {
-        Ok(batch) if batch.commands.len() <= MAX_BATCH => batch,
-        Ok(_) => {
-            return ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", "batch too large")
-                .into_response();
-        }
+    let command = match serde_json::from_slice::<Command>(&bytes) {
+        Ok(command) => command,
         Err(error) => {
             return ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", error.to_string())
                 .into_response();
         }
     };
-    let engine = &state.engine;
-    let runs = batch.commands.into_iter().map(|forwarded| async move {
-        let run = engine.execute_forwarded(forwarded.command, forwarded.hops);
-        let result = match forwarded.budget_ms.map(Duration::from_millis) {
-            Some(budget) => tokio::time::timeout(budget, run)
-                .await
-                .unwrap_or(Err(Error::Timeout(budget))),
-            None => run.await,
-        };
-        Answer::from(result)
-    });
-    let answers = Answers {
-        answers: futures::future::join_all(runs).await,
+    let run = state.engine.execute_forwarded(command, hops);
+    let result = match budget {
+        Some(budget) => tokio::time::timeout(budget, run)
+            .await
+            .unwrap_or(Err(Error::Timeout(budget))),
+        None => run.await,
     };
-    match serde_json::to_vec(&answers) {
+    let answer = Answer::from(result);
+    match serde_json::to_vec(&answer) {
         Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
         Err(error) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -165,46 +136,25 @@ async fn forwarded(State(state): State<AppState>, request: Request) -> Response 
     }
 }
 
-/// The connections to the other members: per peer, one HTTP/2 connection (opened on first use
-/// and again after it closes) and the queue of the commands waiting for it.
+/// The connections to the other members, one HTTP/2 connection each, opened on first use and
+/// again after it closes.
 pub struct Peers {
-    secret: Arc<str>,
-    peers: Mutex<HashMap<Uuid, Peer>>,
-}
-
-/// One peer: its connection and the queue its pump sends from.
-struct Peer {
-    queue: tokio::sync::mpsc::Sender<Queued>,
-}
-
-/// The connection to one peer, if open; locked while it is being opened.
-struct Connection {
-    address: String,
-    secret: Arc<str>,
-    slot: tokio::sync::Mutex<Option<Sender>>,
+    secret: String,
+    connections: Mutex<HashMap<Uuid, Slot>>,
 }
 
 /// The sending half of a connection to a peer.
 type Sender = SendRequest<Full<Bytes>>;
 
-/// What a forward is answered with.
-type Outcome = Result<Result<Reply, Error>, Undelivered>;
-
-/// A command waiting for its peer, as the JSON it travels as.
-struct Queued {
-    json: Vec<u8>,
-    reply: tokio::sync::oneshot::Sender<Outcome>,
-}
-
-/// Commands waiting for one peer at most; a forward past it waits for room.
-const QUEUE: usize = 4096;
+/// The connection to one peer, if open; locked while it is being opened.
+type Slot = Arc<tokio::sync::Mutex<Option<Sender>>>;
 
 impl Peers {
     /// Peers authenticated with `secret`.
     pub fn new(secret: String) -> Peers {
         Peers {
-            secret: secret.into(),
-            peers: Mutex::new(HashMap::new()),
+            secret,
+            connections: Mutex::new(HashMap::new()),
         }
     }
 
@@ -216,130 +166,48 @@ impl Peers {
         }
     }
 
-    /// The queue of `peer`, with its pump started on first use.
-    fn queue(&self, peer: &Member) -> tokio::sync::mpsc::Sender<Queued> {
-        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = peers.entry(peer.id).or_insert_with(|| {
-            let (queue, waiting) = tokio::sync::mpsc::channel(QUEUE);
-            let connection = Arc::new(Connection {
-                address: peer.address.clone(),
-                secret: self.secret.clone(),
-                slot: tokio::sync::Mutex::new(None),
-            });
-            tokio::spawn(pump(connection, waiting));
-            Peer { queue }
-        });
-        entry.queue.clone()
-    }
-
-    /// [`Forward::forward`]: queues the command for its peer and waits for its answer.
-    async fn forward_command(
-        &self,
-        peer: &Member,
-        command: &Command,
-        hops: u8,
-        budget: Option<Duration>,
-    ) -> Outcome {
-        let forwarded = Forwarded {
-            command: command.clone(),
-            hops,
-            budget_ms: budget.map(|budget| u64::try_from(budget.as_millis()).unwrap_or(u64::MAX)),
+    /// An open connection to `peer`: the one in use, or a new one.
+    async fn connection(&self, peer: &Member) -> Result<Sender, Undelivered> {
+        let slot = {
+            let mut connections = self
+                .connections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            connections.entry(peer.id).or_default().clone()
         };
-        let json =
-            serde_json::to_vec(&forwarded).map_err(|error| Undelivered(error.to_string()))?;
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.queue(peer)
-            .send(Queued { json, reply })
-            .await
-            .map_err(|_| Undelivered("the peer's queue is closed".into()))?;
-        answer.await.unwrap_or_else(|_| {
-            Ok(Err(Error::OwnerUnreachable(
-                "the forward was dropped".into(),
-            )))
-        })
-    }
-}
-
-impl Forward for Peers {
-    fn forward<'a>(
-        &'a self,
-        peer: &'a Member,
-        command: &'a Command,
-        hops: u8,
-        budget: Option<Duration>,
-    ) -> BoxFuture<'a, Outcome> {
-        Box::pin(self.forward_command(peer, command, hops, budget))
-    }
-}
-
-/// Sends what queues for one peer: each request carries every command that queued while the
-/// previous ones were in flight (at most [`IN_FLIGHT_PER_PEER`] at once), within the batch
-/// limits. Ends when the queue closes.
-async fn pump(connection: Arc<Connection>, mut waiting: tokio::sync::mpsc::Receiver<Queued>) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT_PER_PEER));
-    let mut carried: Option<Queued> = None;
-    loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let first = match carried.take() {
-            Some(first) => first,
-            None => match waiting.recv().await {
-                Some(first) => first,
-                None => return,
-            },
-        };
-        let mut bytes = first.json.len();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match waiting.try_recv() {
-                Ok(next) if bytes + next.json.len() <= MAX_BATCH_BYTES => {
-                    bytes += next.json.len();
-                    batch.push(next);
-                }
-                Ok(next) => {
-                    carried = Some(next);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        let connection = connection.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            connection.send_batch(batch).await;
-        });
-    }
-}
-
-impl Connection {
-    /// An open connection: the one in use, or a new one.
-    async fn sender(&self) -> Result<Sender, Undelivered> {
-        let mut slot = self.slot.lock().await;
+        let mut slot = slot.lock().await;
         if let Some(sender) = slot.as_ref().filter(|sender| !sender.is_closed()) {
             return Ok(sender.clone());
         }
-        let sender = connect(&self.address).await?;
+        let sender = connect(&peer.address).await?;
         *slot = Some(sender.clone());
         Ok(sender)
     }
 
-    /// Sends one request; `Err` when it was surely not sent.
+    /// Sends one request on a connection to `peer`; `Err` when it was surely not sent.
     async fn send(
         &self,
+        peer: &Member,
         body: Bytes,
+        hops: u8,
+        budget: Option<Duration>,
     ) -> Result<Result<hyper::Response<hyper::body::Incoming>, hyper::Error>, Undelivered> {
-        let uri: Uri = format!("{}{COMMANDS_PATH}", self.address.trim_end_matches('/'))
+        let uri: Uri = format!("{}{COMMANDS_PATH}", peer.address.trim_end_matches('/'))
             .parse()
-            .map_err(|error| Undelivered(format!("bad peer address {}: {error}", self.address)))?;
+            .map_err(|error| Undelivered(format!("bad peer address {}: {error}", peer.address)))?;
         let mut request = axum::http::Request::post(uri)
             .header(header::CONTENT_TYPE, "application/json")
-            .header(SECRET_HEADER, &*self.secret)
+            .header(SECRET_HEADER, &self.secret)
+            .header(HOPS_HEADER, u16::from(hops));
+        if let Some(budget) = budget {
+            request = request.header(BUDGET_HEADER, budget.as_millis().to_string());
+        }
+        let mut request = request
             .body(Full::new(body))
             .map_err(|error| Undelivered(error.to_string()))?;
         // A connection that closed since it was last used is replaced once.
         for _ in 0..2 {
-            let mut sender = self.sender().await?;
+            let mut sender = self.connection(peer).await?;
             if sender.ready().await.is_err() {
                 continue;
             }
@@ -357,52 +225,19 @@ impl Connection {
         ))
     }
 
-    /// Sends `batch` as one request and hands each command its answer.
-    async fn send_batch(&self, batch: Vec<Queued>) {
-        let mut body = Vec::with_capacity(
-            batch
-                .iter()
-                .map(|queued| queued.json.len() + 1)
-                .sum::<usize>()
-                + 16,
-        );
-        body.extend_from_slice(b"{\"commands\":[");
-        for (index, queued) in batch.iter().enumerate() {
-            if index > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(&queued.json);
-        }
-        body.extend_from_slice(b"]}");
-        let outcome = self.exchange(Bytes::from(body), batch.len()).await;
-        match outcome {
-            Ok(Ok(answers)) => {
-                for (queued, answer) in batch.into_iter().zip(answers) {
-                    let _ = queued.reply.send(Ok(answer.into()));
-                }
-            }
-            Ok(Err(error)) => {
-                for queued in batch {
-                    let _ = queued.reply.send(Ok(Err(error.clone())));
-                }
-            }
-            Err(undelivered) => {
-                for queued in batch {
-                    let _ = queued.reply.send(Err(undelivered.clone()));
-                }
-            }
-        }
-    }
-
-    /// One request carrying `count` commands: their answers, one error for all when the peer
-    /// stopped answering, or [`Undelivered`] when none of them reached it.
-    async fn exchange(
+    /// [`Forward::forward`], with the failures after sending as errors.
+    async fn forward_command(
         &self,
-        body: Bytes,
-        count: usize,
-    ) -> Result<Result<Vec<Answer>, Error>, Undelivered> {
+        peer: &Member,
+        command: &Command,
+        hops: u8,
+        budget: Option<Duration>,
+    ) -> Result<Result<Reply, Error>, Undelivered> {
+        let body = serde_json::to_vec(command)
+            .map(Bytes::from)
+            .map_err(|error| Undelivered(error.to_string()))?;
         let lost = |error: &dyn std::fmt::Display| Error::OwnerUnreachable(error.to_string());
-        let response = match self.send(body).await? {
+        let response = match self.send(peer, body, hops, budget).await? {
             Ok(response) => response,
             Err(error) => return Ok(Err(lost(&error))),
         };
@@ -415,24 +250,32 @@ impl Connection {
             Err(error) => return Ok(Err(lost(&error))),
         };
         match status {
-            StatusCode::OK => match serde_json::from_slice::<Answers>(&bytes) {
-                Ok(answers) if answers.answers.len() == count => Ok(Ok(answers.answers)),
-                Ok(answers) => Ok(Err(Error::OwnerUnreachable(format!(
-                    "the owner answered {} of {count} commands",
-                    answers.answers.len()
-                )))),
+            StatusCode::OK => match serde_json::from_slice::<Answer>(&bytes) {
+                Ok(answer) => Ok(answer.into()),
                 Err(error) => Ok(Err(lost(&error))),
             },
             // The peer refused it unread: another cluster's process, or another secret.
             StatusCode::NOT_FOUND => Err(Undelivered(format!(
                 "{} refused the cluster secret",
-                self.address
+                peer.address
             ))),
             other => Ok(Err(Error::OwnerUnreachable(format!(
                 "the owner answered {other}: {}",
                 String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
             )))),
         }
+    }
+}
+
+impl Forward for Peers {
+    fn forward<'a>(
+        &'a self,
+        peer: &'a Member,
+        command: &'a Command,
+        hops: u8,
+        budget: Option<Duration>,
+    ) -> BoxFuture<'a, Result<Result<Reply, Error>, Undelivered>> {
+        Box::pin(self.forward_command(peer, command, hops, budget))
     }
 }
 

@@ -81,10 +81,7 @@ async fn the_internal_route_is_not_there_without_the_secret() {
     let secret = stored_secret(&server).await;
     assert_eq!(secret.len(), 64, "32 random bytes as hex");
     let session = Uuid::now_v7();
-    // What a peer sends: a batch of commands, each with its hops and its caller's budget.
-    let batch =
-        |command: Value| json!({"commands": [{"command": command, "hops": 1, "budget_ms": 5000}]});
-    let command = batch(json!({"create_session": {"user_id": "mallory", "session_id": session}}));
+    let command = json!({"create_session": {"user_id": "mallory", "session_id": session}});
     let unknown = common::send(client().get(server.url("/no/such/route"))).await;
     assert_eq!(unknown.0, StatusCode::NOT_FOUND);
 
@@ -115,21 +112,25 @@ async fn the_internal_route_is_not_there_without_the_secret() {
     let (status, _) = common::get(&client(), &server, &path, "mallory").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "nothing ran");
 
-    let (status, body) =
-        internal(&server, &[("x-soloist-cluster-secret", &secret)], &command).await;
+    let (status, body) = internal(
+        &server,
+        &[
+            ("x-soloist-cluster-secret", &secret),
+            ("x-soloist-hops", "1"),
+        ],
+        &command,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        body["answers"][0]["reply"]["session_created"]["created"], true,
-        "{body}"
-    );
+    assert_eq!(body["reply"]["session_created"]["created"], true, "{body}");
     let (status, page) = common::get(&client(), &server, &path, "mallory").await;
     assert_eq!(status, StatusCode::OK, "{page}");
     // The owner checks the identity the command carries, like any other.
-    let foreign = batch(json!({"get_session": {"user_id": "eve", "session_id": session}}));
+    let foreign = json!({"get_session": {"user_id": "eve", "session_id": session}});
     let (status, body) =
         internal(&server, &[("x-soloist-cluster-secret", &secret)], &foreign).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["answers"][0]["error"]["code"], "not_found", "{body}");
+    assert_eq!(body["error"]["code"], "not_found", "{body}");
 }
 
 /// The servers' member ids, from `/healthz`, by server index.
