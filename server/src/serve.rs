@@ -421,20 +421,42 @@ async fn connection(
         }
     });
     let connection = http.serve_connection(io, service);
+    drive(
+        connection,
+        |c| c.graceful_shutdown(),
+        &watched,
+        &drain,
+        timeouts,
+    )
+    .await;
+}
+
+/// Drives a served connection until it ends, is evicted, waits too long for a request
+/// ([`idle_watch`]), or, once the drain begins, until it has shut down gracefully (or is cut).
+async fn drive<C, E>(
+    connection: C,
+    graceful_shutdown: impl FnOnce(Pin<&mut C>),
+    tracked: &Tracked,
+    drain: &CancellationToken,
+    timeouts: Timeouts,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {
         biased;
-        () = evict.cancelled() => return,
-        () = idle_watch(&watched, timeouts) => {
+        () = tracked.evict.cancelled() => return,
+        () = idle_watch(tracked, timeouts) => {
             debug!("closing a connection that waited too long for a request");
             return;
         }
         result = connection.as_mut() => result,
         () = drain.cancelled() => {
-            connection.as_mut().graceful_shutdown();
+            graceful_shutdown(connection.as_mut());
             tokio::select! {
                 result = connection.as_mut() => result,
-                () = evict.cancelled() => return,
+                () = tracked.evict.cancelled() => return,
             }
         }
     };
@@ -475,7 +497,6 @@ async fn peer_connection(
     timeouts: Timeouts,
 ) {
     let _ = stream.set_nodelay(true);
-    let evict = tracked.evict.clone();
     let watched = Arc::clone(&tracked);
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let in_flight = InFlight::start(Arc::clone(&tracked));
@@ -491,26 +512,14 @@ async fn peer_connection(
         .max_concurrent_streams(PEER_STREAMS)
         .max_header_list_size(u32::try_from(MAX_HEAD_BYTES).unwrap_or(u32::MAX));
     let connection = http.serve_connection(TokioIo::new(stream), service);
-    let mut connection = std::pin::pin!(connection);
-    let result = tokio::select! {
-        biased;
-        () = evict.cancelled() => return,
-        () = idle_watch(&watched, timeouts) => {
-            debug!("closing an idle peer connection");
-            return;
-        }
-        result = connection.as_mut() => result,
-        () = drain.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            tokio::select! {
-                result = connection.as_mut() => result,
-                () = evict.cancelled() => return,
-            }
-        }
-    };
-    if let Err(error) = result {
-        debug!(%error, "peer connection ended with an error");
-    }
+    drive(
+        connection,
+        |c| c.graceful_shutdown(),
+        &watched,
+        &drain,
+        timeouts,
+    )
+    .await;
 }
 
 /// A request body that marks its connection when it is dropped before its end (its handler
