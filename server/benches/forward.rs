@@ -1,5 +1,5 @@
 //! The cost of one forward: a command that reaches a process other than its session's owner
-//! travels to the owner over the peers' HTTP/2 connection and its answer back.
+//! travels to the owner over the peers' connection and its answer back.
 //!
 //! Two engines on one SQLite file, both members, each serving its peers' route on a listener
 //! of its own (in this process). The command is a fresh read (`GetSession { fresh: true }`:
@@ -8,8 +8,8 @@
 //! - `forward/local`: sent to the owner's engine;
 //! - `forward/forwarded`: sent to the other engine, which forwards it to the owner.
 //!
-//! The difference is the cost of one forward: serialising the command, one HTTP/2 round trip
-//! on loopback, running it through the owner's internal route, and the answer's way back.
+//! The difference is the cost of one forward: serialising the command, one round trip
+//! on loopback, running it at the owner, and the answer's way back.
 //!
 //! Run with `cargo bench -p soloist-server --bench forward`.
 
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use criterion::Criterion;
 use soloist::cluster::Placement;
 use soloist::{CreateSession, Engine, EngineConfig, GetSession, SessionId};
-use soloist_server::cluster::{Peers, peer_app};
+use soloist_server::cluster::{Inbound, Peers};
 use soloist_server::{AppState, ServeConfig, serve};
 use soloist_testkit::TempDir;
 use tokio::runtime::Runtime;
@@ -37,14 +37,17 @@ async fn member(url: &str, stop: &CancellationToken) -> Engine {
     .await
     .expect("engine");
     Peers::install(&engine);
-    let peers = peer_app(AppState::new(engine.clone(), stop.clone()));
+    let peers = Inbound::new(
+        engine.clone(),
+        AppState::new(engine.clone(), stop.clone()).bodies.limits(),
+    );
     let public = axum::Router::new();
     let stop = stop.clone();
     tokio::spawn(async move {
         serve(
             listener,
             public,
-            Some(peers),
+            peers,
             ServeConfig::default(),
             stop.cancelled_owned(),
         )

@@ -25,6 +25,12 @@ impl ApiError {
         }
     }
 
+    /// What a path that leads nowhere gets (and the peers' protocol, to anyone without the
+    /// cluster secret).
+    pub fn unknown_route() -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    }
+
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         self.status

@@ -14,8 +14,8 @@
 //! - `malformed`: the JSON error for requests hyper answers itself (malformed or too large
 //!   heads).
 //! - [`serve()`]: the accept loop, with the connection cap, timeouts and bounded drain.
-//! - [`cluster`]: forwarding commands to the process that owns their session: the internal
-//!   route peers call, and the HTTP/2 client that calls it.
+//! - [`cluster`]: forwarding commands to the process that owns their session: the peers'
+//!   protocol on the ordinary listener, both its sides.
 
 mod api;
 mod body;
@@ -107,7 +107,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/sessions/{id}/messages", post(append_messages))
         .route("/v1/sessions/{id}/usage", post(add_usage))
         .route("/v1/sessions/{id}/events", get(events))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .fallback(|| async { ApiError::unknown_route() })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,

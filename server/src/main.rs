@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use soloist::{Engine, EngineConfig, SqliteSync};
-use soloist_server::cluster::{Peers, peer_app};
+use soloist_server::cluster::{Inbound, Peers};
 use soloist_server::{AppState, BodyLimits, ServeConfig, app, default_max_connections, serve};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -191,7 +191,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     body_limits.min_bytes_per_second = args.min_body_rate.max(1);
     let state = AppState::with_body_limits(engine.clone(), shutdown.clone(), body_limits);
     let router = app(state.clone());
-    let peers = peer_app(state);
+    let peers = Inbound::new(engine.clone(), state.bodies.limits());
     let serve_config = ServeConfig {
         header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
         keep_alive_timeout: Duration::from_millis(args.keep_alive_timeout_ms),
@@ -208,7 +208,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     let stop = shutdown.clone();
     let leaving = engine.clone();
-    let report = serve(listener, router, Some(peers), serve_config, async move {
+    let report = serve(listener, router, peers, serve_config, async move {
         wait_for_signal().await;
         // Hand the sessions over first, serving on meanwhile: the other members send commands
         // here until they next read the members, then to the sessions' new owners.

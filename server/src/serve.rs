@@ -1,10 +1,11 @@
 //! The accept loop: HTTP/1 connections served by hyper, with the limits that keep clients from
 //! taking the server down.
 //!
-//! - A connection that opens with the HTTP/2 preface (prior knowledge, no TLS) is a peer's:
-//!   another server process forwarding commands (see [`crate::cluster`]). It is served the
-//!   peer router only, over HTTP/2, under the same cap, timeouts and drain; every other
-//!   connection is HTTP/1 and never reaches the peer router.
+//! - A connection that opens with the peers' preface ([`crate::cluster::PREFACE`]) is
+//!   another server process forwarding commands: it is served the peers' protocol only, under
+//!   the same cap and drain, and never counts as idle (its commands' answers are in flight
+//!   whenever it is used). Every other connection is HTTP/1 and never reaches the peers'
+//!   protocol.
 //! - A new connection must send its first request's headers within the header-read timeout,
 //!   and so must a kept-alive connection once the next request's first bytes arrived; a
 //!   kept-alive connection waiting for its next request closes after the keep-alive timeout,
@@ -43,8 +44,8 @@ use axum::body::{Body, Bytes};
 use axum::http::Request;
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -53,6 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 use tracing::{debug, info, warn};
 
+use crate::cluster::{Inbound, PREFACE};
 use crate::malformed::{MAX_HEAD_BYTES, automatic_answer};
 
 /// Descriptors kept back from the connection cap for everything else the process opens: the
@@ -83,12 +85,6 @@ const BODY_LINGER: Duration = Duration::from_secs(2);
 /// ... and the longest it waits for more of it: a client that has stopped sending is not
 /// waited for.
 const BODY_LINGER_QUIET: Duration = Duration::from_millis(500);
-
-/// How a peer's HTTP/2 connection starts (prior knowledge, RFC 9113 section 3.4).
-const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Requests a peer may have in flight on one connection.
-const PEER_STREAMS: u32 = 1024;
 
 /// Limits of [`serve`].
 #[derive(Clone, Debug)]
@@ -170,12 +166,12 @@ pub struct ServeReport {
 /// lets every connection finish its in-flight request (idle ones close at once) for at most
 /// `shutdown_timeout`, and cuts the rest. Returns when no connection task is left.
 ///
-/// `peers` serves the connections that open with the HTTP/2 preface (the internal route of
-/// [`crate::cluster`]); without it they are served as HTTP/1, which refuses them.
+/// `peers` serves the connections that open with the peers' preface (see [`crate::cluster`]);
+/// without it they are served as HTTP/1, which refuses them.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    peers: Option<Router>,
+    peers: Option<Inbound>,
     config: ServeConfig,
     shutdown: impl Future<Output = ()>,
 ) -> ServeReport {
@@ -369,7 +365,7 @@ async fn idle_watch(tracked: &Tracked, timeouts: Timeouts) {
 async fn connection(
     stream: TcpStream,
     http: http1::Builder,
-    (router, peers): (Router, Option<Router>),
+    (router, peers): (Router, Option<Inbound>),
     tracked: Arc<Tracked>,
     _registered: Registered,
     drain: CancellationToken,
@@ -378,15 +374,17 @@ async fn connection(
     let evict = tracked.evict.clone();
     let watched = Arc::clone(&tracked);
     if let Some(peers) = peers {
-        let http2 = tokio::select! {
+        let peer = tokio::select! {
             biased;
             () = evict.cancelled() => return,
             () = idle_watch(&watched, timeouts) => return,
             () = drain.cancelled() => return,
-            http2 = opens_with_preface(&stream) => http2,
+            peer = opens_with(&stream, PREFACE) => peer,
         };
-        if http2 {
-            return peer_connection(stream, peers, tracked, drain, timeouts).await;
+        if peer {
+            // Never idle, so never evicted: the peer pings it every second.
+            let _in_flight = InFlight::start(tracked);
+            return peers.serve(stream, timeouts.header, drain).await;
         }
     }
     let io = TokioIo::new(Lingering {
@@ -465,61 +463,26 @@ async fn drive<C, E>(
     }
 }
 
-/// Whether the connection's first bytes are the HTTP/2 preface; decided on the first byte that
-/// differs. Reads nothing: the bytes stay for the connection's server. Bounded by the caller
-/// (the header-read timeout).
-async fn opens_with_preface(stream: &TcpStream) -> bool {
-    let mut first = [0u8; HTTP2_PREFACE.len()];
+/// Whether the connection's first bytes are `preface`; decided on the first byte that differs.
+/// Reads nothing: the bytes stay for the connection's server. Bounded by the caller (the
+/// header-read timeout).
+async fn opens_with(stream: &TcpStream, preface: &[u8]) -> bool {
+    let mut first = vec![0u8; preface.len()];
     loop {
         let read = match stream.peek(&mut first).await {
             Ok(0) | Err(_) => return false,
             Ok(read) => read,
         };
-        if first[..read] != HTTP2_PREFACE[..read] {
+        if first[..read] != preface[..read] {
             return false;
         }
-        if read == HTTP2_PREFACE.len() {
+        if read == preface.len() {
             return true;
         }
         // Part of the preface so far: `peek` would return at once with the same bytes, so
         // wait a little for the rest.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-/// Serves a peer's HTTP/2 connection with the peer router, until it ends, is evicted, idles
-/// past the timeouts or is drained.
-async fn peer_connection(
-    stream: TcpStream,
-    router: Router,
-    tracked: Arc<Tracked>,
-    drain: CancellationToken,
-    timeouts: Timeouts,
-) {
-    let _ = stream.set_nodelay(true);
-    let watched = Arc::clone(&tracked);
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let in_flight = InFlight::start(Arc::clone(&tracked));
-        let mut router = router.clone();
-        async move {
-            let response = router.call(request.map(Body::new)).await?;
-            drop(in_flight);
-            Ok::<_, Infallible>(response)
-        }
-    });
-    let mut http = http2::Builder::new(TokioExecutor::new());
-    http.timer(TokioTimer::new())
-        .max_concurrent_streams(PEER_STREAMS)
-        .max_header_list_size(u32::try_from(MAX_HEAD_BYTES).unwrap_or(u32::MAX));
-    let connection = http.serve_connection(TokioIo::new(stream), service);
-    drive(
-        connection,
-        |c| c.graceful_shutdown(),
-        &watched,
-        &drain,
-        timeouts,
-    )
-    .await;
 }
 
 /// A request body that marks its connection when it is dropped before its end (its handler

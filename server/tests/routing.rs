@@ -1,4 +1,4 @@
-//! Routing between server processes over HTTP/2: the internal route's authentication, a
+//! Routing between server processes: the peers' protocol's authentication, a
 //! session's owner killed with SIGKILL under round-robin load (takeover time bounded, nothing
 //! lost or duplicated), and a member drained with SIGTERM under load (the clients of the other
 //! members see no error at all).
@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
-use soloist::SessionId;
-use soloist::cluster::score;
+use soloist::cluster::{Forward, Undelivered, score};
+use soloist::{Member, SessionId};
+use soloist_server::cluster::Peers;
 use soloist_testkit::{assert_contiguous, stored_rows};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use uuid::Uuid;
 
 use common::{Server, client, postgres_db};
@@ -26,37 +26,69 @@ use common::{Server, client, postgres_db};
 /// retryable errors) before another member has taken it over, with the default settings.
 const TAKEOVER_BOUND: Duration = Duration::from_secs(2);
 
-/// Sends `body` to `server`'s internal route over HTTP/2 with `headers`; returns the status
-/// and the body.
-async fn internal(server: &Server, headers: &[(&str, &str)], body: &Value) -> (u16, Value) {
-    let stream = tokio::net::TcpStream::connect(server.address())
+/// What a connection in the peers' protocol gets: its answers, or the HTTP answer (status
+/// line and JSON body) that refused it.
+type Spoken = Result<Vec<Value>, (String, Value)>;
+
+/// Speaks the peers' protocol to `server`, by its wire format: the preface, the secret in a
+/// frame (none: the connection's write side closes instead), then each of `commands` in a
+/// frame, reading its answer before sending the next.
+async fn speak_peer(server: &Server, secret: Option<&[u8]>, commands: &[Value]) -> Spoken {
+    let mut stream = TcpStream::connect(server.address()).await.expect("connect");
+    stream
+        .write_all(b"SOLOIST-PEER/1\r\n")
         .await
-        .expect("connect");
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("an HTTP/2 handshake");
-    tokio::spawn(connection);
-    let mut request = hyper::Request::post(server.url("/internal/v1/commands"))
-        .header("content-type", "application/json");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
+        .expect("preface");
+    let Some(secret) = secret else {
+        stream.shutdown().await.expect("shutdown");
+        return Err(http_answer(stream, Vec::new()).await);
+    };
+    write_frame(&mut stream, secret).await;
+    let mut welcome = vec![0u8; b"SOLOIST-PEER/1 OK\r\n".len()];
+    let read = stream.read(&mut welcome).await.expect("an answer");
+    welcome.truncate(read);
+    if welcome != b"SOLOIST-PEER/1 OK\r\n"[..read] || read == 0 {
+        return Err(http_answer(stream, welcome).await);
     }
-    let request = request
-        .body(Full::new(Bytes::from(body.to_string())))
-        .expect("request");
-    let response = sender.send_request(request).await.expect("response");
-    let status = response.status().as_u16();
-    let bytes = response
-        .into_body()
-        .collect()
+    stream
+        .read_exact(&mut welcome[read..])
         .await
-        .expect("body")
-        .to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
+        .expect("the welcome");
+    let mut answers = Vec::new();
+    for (id, command) in (1u64..).zip(commands) {
+        let frame =
+            json!({"command": {"id": id, "hops": 1, "budget_ms": 5000, "command": command}});
+        write_frame(&mut stream, frame.to_string().as_bytes()).await;
+        loop {
+            let length = stream.read_u32().await.expect("a frame");
+            let mut body = vec![0u8; usize::try_from(length).expect("length")];
+            stream.read_exact(&mut body).await.expect("a frame's body");
+            let frame: Value = serde_json::from_slice(&body).expect("a JSON frame");
+            if frame == json!("pong") {
+                continue;
+            }
+            assert_eq!(frame["answer"]["id"], id, "{frame}");
+            answers.push(frame["answer"]["answer"].clone());
+            break;
+        }
+    }
+    Ok(answers)
+}
+
+async fn write_frame(stream: &mut TcpStream, body: &[u8]) {
+    let length = u32::try_from(body.len()).expect("a short frame");
+    stream.write_u32(length).await.expect("a frame's length");
+    stream.write_all(body).await.expect("a frame");
+}
+
+/// The rest of an HTTP/1 answer that began with `start`, up to the end of the connection:
+/// its status line and its JSON body.
+async fn http_answer(mut stream: TcpStream, mut start: Vec<u8>) -> (String, Value) {
+    stream.read_to_end(&mut start).await.expect("an answer");
+    let text = String::from_utf8(start).expect("text");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
 /// The cluster secret the server generated in its SQLite database.
@@ -72,11 +104,12 @@ async fn stored_secret(server: &Server) -> String {
     secret
 }
 
-/// The internal route answers the same 404 as an unknown path to a request without the
-/// secret, with a wrong one, with only a user's identity, and over HTTP/1 even with the right
-/// one; none of them runs the command. With the secret over HTTP/2, it runs.
+/// The peers' protocol answers the same 404 as an unknown path to a connection without the
+/// secret, with a wrong one, or with an empty one, and runs nothing; HTTP/1 never reaches it,
+/// even with the right secret. With the secret it runs commands, and the owner checks the
+/// identity each carries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_internal_route_is_not_there_without_the_secret() {
+async fn the_peers_protocol_is_not_there_without_the_secret() {
     let server = Server::sqlite(&[]);
     let secret = stored_secret(&server).await;
     assert_eq!(secret.len(), 64, "32 random bytes as hex");
@@ -84,53 +117,56 @@ async fn the_internal_route_is_not_there_without_the_secret() {
     let command = json!({"create_session": {"user_id": "mallory", "session_id": session}});
     let unknown = common::send(client().get(server.url("/no/such/route"))).await;
     assert_eq!(unknown.0, StatusCode::NOT_FOUND);
+    let refused = Err(("HTTP/1.1 404 Not Found".to_owned(), unknown.1.clone()));
 
     // The secret with its last digit changed.
     let last = if secret.ends_with('0') { '1' } else { '0' };
     let wrong = format!("{}{last}", &secret[..63]);
-    let attempts: [&[(&str, &str)]; 3] = [
-        &[],
-        &[("x-soloist-cluster-secret", &wrong)],
-        &[("x-user-id", "mallory")],
-    ];
-    for headers in attempts {
-        let (status, body) = internal(&server, headers, &command).await;
-        assert_eq!((status, &body), (404, &unknown.1), "{headers:?}");
+    let attempts: [Option<&[u8]>; 4] = [None, Some(b""), Some(wrong.as_bytes()), Some(b"mallory")];
+    for attempt in attempts {
+        let spoken = speak_peer(&server, attempt, std::slice::from_ref(&command)).await;
+        assert_eq!(spoken, refused, "{attempt:?}");
     }
-    let over_http1 = common::send(
-        client()
-            .post(server.url("/internal/v1/commands"))
-            .header("x-soloist-cluster-secret", &secret)
-            .json(&command),
-    )
-    .await;
-    assert_eq!(
-        over_http1, unknown,
-        "HTTP/1 never reaches the internal route"
+    // The engine's own client is refused too: nothing was sent, so the command may go elsewhere.
+    let peers = Peers::new(wrong.clone());
+    let member = Member {
+        id: Uuid::now_v7(),
+        address: server.url(""),
+        started_at: chrono::Utc::now(),
+        heartbeat_at: chrono::Utc::now(),
+    };
+    let command_value: soloist::Command = serde_json::from_value(command.clone()).expect("command");
+    let forwarded = peers.forward(&member, &command_value, 1, None).await;
+    assert!(
+        matches!(&forwarded, Err(Undelivered(reason)) if reason.contains("refused")),
+        "{forwarded:?}"
     );
+    for path in ["/internal/v1/commands", "/internal/v1/peers"] {
+        let over_http1 = common::send(
+            client()
+                .post(server.url(path))
+                .header("x-soloist-cluster-secret", &secret)
+                .json(&command),
+        )
+        .await;
+        assert_eq!(over_http1, unknown, "HTTP/1 never reaches the peers");
+    }
     let path = format!("/v1/sessions/{session}");
     let (status, _) = common::get(&client(), &server, &path, "mallory").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "nothing ran");
 
-    let (status, body) = internal(
-        &server,
-        &[
-            ("x-soloist-cluster-secret", &secret),
-            ("x-soloist-hops", "1"),
-        ],
-        &command,
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["reply"]["session_created"]["created"], true, "{body}");
-    let (status, page) = common::get(&client(), &server, &path, "mallory").await;
-    assert_eq!(status, StatusCode::OK, "{page}");
     // The owner checks the identity the command carries, like any other.
     let foreign = json!({"get_session": {"user_id": "eve", "session_id": session}});
-    let (status, body) =
-        internal(&server, &[("x-soloist-cluster-secret", &secret)], &foreign).await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["error"]["code"], "not_found", "{body}");
+    let answers = speak_peer(&server, Some(secret.as_bytes()), &[command, foreign])
+        .await
+        .expect("welcomed");
+    assert_eq!(
+        answers[0]["reply"]["session_created"]["created"], true,
+        "{answers:?}"
+    );
+    assert_eq!(answers[1]["error"]["code"], "not_found", "{answers:?}");
+    let (status, page) = common::get(&client(), &server, &path, "mallory").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
 }
 
 /// The servers' member ids, from `/healthz`, by server index.
