@@ -16,8 +16,11 @@
 //!
 //! Takeovers are the engine's `soloist_takeovers_total`: writes that took a session over while
 //! another process's lease on it was running, i.e. requests for one session reaching several
-//! processes at once. Counters with `forward` in their name (none until the servers forward
-//! commands to a session's owner) are reported as they are; absent counters count 0.
+//! processes at once. Counters with `forward` in their name (commands forwarded to their
+//! session's owner, and the failures) are reported as they are; absent counters count 0.
+//!
+//! Each process runs with its share of the machine's cores as worker threads
+//! ([`crate::servers::threads_per_process`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -619,8 +619,9 @@ time until the last writer finished (the deadline plus the operations in flight 
 ";
 
 const CLUSTER_LEGEND: &str = "\
-**Cluster columns.** processes: `soloist-server` processes on one PostgreSQL database. \
-routing: how the benchmark spreads requests over them (`sticky`: each session always to the \
+**Cluster columns.** processes: `soloist-server` processes on one PostgreSQL database, \
+each started with `--worker-threads` set to its share of the machine's cores (cores / \
+processes, at least 1), as a CPU limit per process would give it. routing: how the benchmark spreads requests over them (`sticky`: each session always to the \
 process that owns it, as perfect session affinity would; `round-robin`: every request to the \
 next process, which forwards it to the owner unless it is the owner). appends/s: \
 appends acknowledged over HTTP per second. Latency: per acknowledged append, from its first \
@@ -631,7 +632,7 @@ misplaced / gaps: the correctness check read from the database afterwards. takeo
 servers' `soloist_takeovers_total` over the run, all processes together (a write that took \
 a session over from another process's running lease: one session's requests reaching several \
 processes); per session: divided by the sessions. forwarded: the servers' counters with \
-`forward` in their names over the run (0 while the servers do not forward). other CPU: share \
+`forward` in their names over the run (commands forwarded to their session's owner). other CPU: share \
 of the machine's CPU used by processes other than this one, its servers and PostgreSQL. \
 fsync ms: median durable 8 KiB write just before the run.
 ";

@@ -79,11 +79,22 @@ struct Server {
 #[derive(Debug)]
 pub struct Servers {
     servers: Vec<Server>,
+    /// Each process's `--worker-threads`.
+    threads: usize,
+}
+
+/// The worker threads each of `count` processes on this machine gets: its share of the cores
+/// (at least one), as a CPU limit of cores / `count` per process would give it. More would
+/// only add switches between threads competing for the same cores.
+pub fn threads_per_process(count: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    (cores / count.max(1)).max(1)
 }
 
 impl Servers {
-    /// Starts `count` processes of `binary` on `database_url`, logging into `log_dir`, and
-    /// waits until each answers `GET /healthz`.
+    /// Starts `count` processes of `binary` on `database_url`, each with its share of the
+    /// cores ([`threads_per_process`]), logging into `log_dir`, and waits until each answers
+    /// `GET /healthz`.
     pub async fn start(
         binary: &Path,
         database_url: &str,
@@ -94,6 +105,7 @@ impl Servers {
         std::fs::create_dir_all(log_dir)?;
         let mut servers = Servers {
             servers: Vec::with_capacity(count),
+            threads: threads_per_process(count),
         };
         // Process 0 alone first: it migrates the fresh database.
         servers.launch(0, binary, database_url, log_dir)?;
@@ -144,6 +156,8 @@ impl Servers {
             .arg(database_url)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
+            .arg("--worker-threads")
+            .arg(self.threads.to_string())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(stdout)

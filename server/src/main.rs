@@ -131,10 +131,33 @@ struct Args {
         value_name = "MS"
     )]
     shutdown_timeout_ms: u64,
+    /// Threads that run requests and the engine. Default: the cores this process may use
+    /// (its CPU limit, where a container sets one). Lower it when several processes share a
+    /// machine's cores, to each process's share: threads beyond the cores only add switches
+    /// between them.
+    #[arg(long, env = "SOLOIST_WORKER_THREADS", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    worker_threads: Option<u16>,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(threads) = args.worker_threads {
+        runtime.worker_threads(usize::from(threads));
+    }
+    let runtime = match runtime.build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("soloist-server: cannot start its runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve_until_stopped(args))
+}
+
+async fn serve_until_stopped(args: Args) -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -142,7 +165,7 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(Args::parse()).await {
+    match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             error!(%error, "soloist-server failed");
