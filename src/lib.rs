@@ -72,7 +72,9 @@ pub use engine::Engine;
 pub use engine::{ChangeFeedPaused, WritesPaused};
 pub use error::{Error, Result, StorageError};
 pub use handle::SessionHandle;
-pub use model::{Member, Message, NewMessage, RawJson, Role, SessionId, SessionInfo, Usage};
+pub use model::{
+    Content, Member, Message, NewMessage, RawJson, Role, SessionId, SessionInfo, Usage,
+};
 pub use stats::Stats;
 pub use subscription::MessageStream;
 pub use uuid;

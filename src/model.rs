@@ -315,6 +315,11 @@ macro_rules! message_types {
         }
 
         impl Message {
+            /// The content's text, if it is a text.
+            pub fn text(&self) -> Option<&str> {
+                self.content.as_ref().and_then(Content::as_text)
+            }
+
             /// Whether `message` is this one sent again: every field the client chose is the
             /// same (the id aside, which the caller matched already).
             pub fn is_resend_of(&self, message: &NewMessage) -> bool {
@@ -341,8 +346,9 @@ macro_rules! message_types {
 }
 
 message_types! {
-    /// The text. May be absent for an assistant message that only calls tools.
-    content: String,
+    /// The text, or typed parts. May be absent for an assistant message that only calls
+    /// tools.
+    content: Content,
     /// Participant or function name.
     name: String,
     /// Tool calls made by an assistant message (a JSON array).
@@ -353,6 +359,88 @@ message_types! {
     function_call: RawJson,
     /// The model's refusal text.
     refusal: String,
+    /// The client's own data about the message (a JSON object), stored and returned as sent.
+    metadata: RawJson,
+}
+
+/// A message's content, as the OpenAI chat format has it: a text, or an array of typed parts
+/// (`text`, `image_url`, `input_audio`, `file`, `refusal`), which is kept as the exact JSON text
+/// it was sent as. As JSON, the string or the array itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Content {
+    /// A text.
+    Text(String),
+    /// An array of parts, as sent.
+    Parts(RawJson),
+}
+
+impl Content {
+    /// The text, if the content is a text.
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            Content::Text(text) => Some(text),
+            Content::Parts(_) => None,
+        }
+    }
+
+    /// Bytes of the text, or of the parts' JSON.
+    pub fn len(&self) -> usize {
+        match self {
+            Content::Text(text) => text.len(),
+            Content::Parts(parts) => parts.get().len(),
+        }
+    }
+
+    /// Whether the text (or the parts' JSON) is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<String> for Content {
+    fn from(text: String) -> Self {
+        Content::Text(text)
+    }
+}
+
+impl From<&str> for Content {
+    fn from(text: &str) -> Self {
+        Content::Text(text.to_owned())
+    }
+}
+
+impl PartialEq<str> for Content {
+    fn eq(&self, other: &str) -> bool {
+        self.as_text() == Some(other)
+    }
+}
+
+impl PartialEq<&str> for Content {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_text() == Some(*other)
+    }
+}
+
+impl Serialize for Content {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Content::Text(text) => serializer.serialize_str(text),
+            Content::Parts(parts) => parts.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let raw = RawJson::deserialize(deserializer)?;
+        if raw.is_array() {
+            return Ok(Content::Parts(raw));
+        }
+        serde_json::from_str::<String>(raw.get())
+            .map(Content::Text)
+            .map_err(|_| D::Error::custom("content must be a string or an array of parts"))
+    }
 }
 
 impl NewMessage {
@@ -360,9 +448,14 @@ impl NewMessage {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
         Self {
             role,
-            content: Some(content.into()),
+            content: Some(Content::Text(content.into())),
             ..Self::default()
         }
+    }
+
+    /// The content's text, if it is a text.
+    pub fn text(&self) -> Option<&str> {
+        self.content.as_ref().and_then(Content::as_text)
     }
 
     /// A user message.

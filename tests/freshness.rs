@@ -83,7 +83,7 @@ async fn reads_check_the_version_while_the_feed_is_down() {
             .expect("read through a");
         assert_eq!(page.session.message_count, 2 + round);
         assert_eq!(
-            page.messages.last().and_then(|m| m.content.as_deref()),
+            page.messages.last().and_then(|m| m.text()),
             Some(format!("from b {round}").as_str())
         );
     }
@@ -143,7 +143,7 @@ async fn subscribers_catch_up_after_the_feed_reconnects() {
             .expect("stream");
         assert_eq!(message.seq, expected);
         assert_eq!(
-            message.content.as_deref(),
+            message.text(),
             Some(format!("from b {}", expected - 1).as_str())
         );
     }

@@ -237,7 +237,7 @@ async fn reads_see_acknowledged_writes(db: TestDb) {
         .await
         .expect("append");
     let page = a.get(&session, None, None).await.expect("get");
-    assert_eq!(page.messages[0].content.as_deref(), Some("hello"));
+    assert_eq!(page.messages[0].text(), Some("hello"));
     if !db.shareable() {
         engine.shutdown().await;
         return;
@@ -654,7 +654,7 @@ async fn content_round_trips_exactly(db: TestDb) {
         .await
         .expect("update");
     let check = |page: soloist::SessionPage| {
-        assert_eq!(page.messages[0].content.as_deref(), Some(tricky));
+        assert_eq!(page.messages[0].text(), Some(tricky));
         assert_eq!(
             page.messages[1]
                 .tool_calls

@@ -456,7 +456,7 @@ async fn other_processes_writes_reach_live_sessions_and_subscribers() {
             .expect("stream");
         assert_eq!(message.seq, expected);
         assert_eq!(
-            message.content.as_deref(),
+            message.text(),
             Some(format!("from b {}", expected - 1).as_str())
         );
     }

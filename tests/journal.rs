@@ -148,7 +148,7 @@ async fn paging_bounds(db: TestDb) {
                 assert_eq!(page.session.message_count, 7, "metadata with every page");
                 for message in &page.messages {
                     assert_eq!(
-                        message.content.as_deref(),
+                        message.text(),
                         Some(format!("m{}", message.seq).as_str()),
                         "content of {}",
                         message.seq
@@ -255,7 +255,11 @@ async fn walking_pages_yields_every_message_once(db: TestDb) {
         let walked: Vec<Uuid> = messages.iter().map(|message| message.id).collect();
         assert_eq!(walked, ids, "{what}: every message id at its sequence");
         for message in messages {
-            assert_eq!(message.content, Some(format!("m{}", message.seq)), "{what}");
+            assert_eq!(
+                message.text(),
+                Some(format!("m{}", message.seq).as_str()),
+                "{what}"
+            );
         }
     };
     for limit in [None, Some(1), Some(2), Some(3), Some(100)] {

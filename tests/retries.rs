@@ -361,7 +361,7 @@ async fn a_message_id_comes_back_only_with_its_message(db: TestDb) {
         6,
         "nothing of the refused append is stored"
     );
-    assert_eq!(page.messages[0].content.as_deref(), Some("original"));
+    assert_eq!(page.messages[0].text(), Some("original"));
 
     // Twice in one append is a client error, before anything is queued.
     let twice = session

@@ -126,7 +126,7 @@ impl Outgoing {
         NewMessage {
             id: Some(self.id),
             role: self.role,
-            content: Some(self.content.clone()),
+            content: Some(self.content.clone().into()),
             tool_calls: self.tool_calls.clone().map(Into::into),
             ..NewMessage::default()
         }

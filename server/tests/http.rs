@@ -647,3 +647,54 @@ async fn two_servers_on_one_postgres_database() {
     expected.sort();
     assert_eq!(registered, expected);
 }
+
+/// Content as typed parts and per-message metadata travel through HTTP as sent: the JSON
+/// text of each comes back byte for byte in the page, and a
+/// part the role may not send is a 400 that stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_parts_and_metadata_come_back_as_sent() {
+    let server = Server::sqlite(&[]);
+    let client = client();
+    let id = create(&client, &server, "alice").await;
+    let parts = r#"[{"type":"text","text":"look"},{"image_url":{"url":"https://example.com/a.png"},"type":"image_url"}]"#;
+    let metadata = r#"{"trace":"t-1","n":1.0000000000000000000001}"#;
+    let body =
+        format!(r#"{{"messages":[{{"role":"user","content":{parts},"metadata":{metadata}}}]}}"#);
+    let path = format!("/v1/sessions/{id}/messages");
+    let appended = client
+        .post(server.url(&path))
+        .header("x-user-id", "alice")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("append");
+    assert_eq!(appended.status(), StatusCode::OK);
+    let page = client
+        .get(server.url(&format!("/v1/sessions/{id}")))
+        .header("x-user-id", "alice")
+        .send()
+        .await
+        .expect("read")
+        .text()
+        .await
+        .expect("body");
+    assert!(page.contains(&format!(r#""content":{parts}"#)), "{page}");
+    assert!(
+        page.contains(&format!(r#""metadata":{metadata}"#)),
+        "{page}"
+    );
+
+    let refused = post(
+        &client,
+        &server,
+        &path,
+        "alice",
+        &json!({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+    )
+    .await;
+    assert_eq!(refused.0, StatusCode::BAD_REQUEST, "{}", refused.1);
+    assert_eq!(refused.1["error"]["code"], "invalid_input");
+    let (_, page) = get(&client, &server, &format!("/v1/sessions/{id}"), "alice").await;
+    assert_eq!(page["messages"].as_array().map(Vec::len), Some(1), "{page}");
+}

@@ -4,7 +4,10 @@ use uuid::Uuid;
 
 use crate::config::Limits;
 use crate::error::{Error, Result};
-use crate::model::{NewMessage, RawJson, Role};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::model::{Content, NewMessage, RawJson, Role};
 
 pub(crate) fn check_user(user_id: &str, limits: &Limits) -> Result<()> {
     if user_id.is_empty() {
@@ -112,6 +115,12 @@ fn check_message(index: usize, message: &NewMessage, limits: &Limits) -> Result<
     // Content is stored as bytes, so any text round-trips, NUL included.
     if let Some(content) = &message.content {
         check_len(field("content"), content.len(), limits.max_content_bytes)?;
+        if let Content::Parts(parts) = content {
+            check_parts(&field("content"), message.role, parts, limits)?;
+        }
+    }
+    if let Some(metadata) = &message.metadata {
+        check_json(&field("metadata"), metadata, true, limits)?;
     }
     check_text(
         &field("refusal"),
@@ -159,6 +168,83 @@ fn check_message(index: usize, message: &NewMessage, limits: &Limits) -> Result<
             field("id"),
             "the nil UUID is not a message id",
         ));
+    }
+    Ok(())
+}
+
+/// One part of a message's content, read without building a tree: its type, and the field
+/// each type must carry (unknown fields are allowed, as the format may grow).
+#[derive(Deserialize)]
+struct Part<'a> {
+    #[serde(rename = "type")]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    text: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    image_url: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    input_audio: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    file: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    refusal: Option<&'a RawValue>,
+}
+
+/// The part types each role may send, as the OpenAI chat format has them.
+fn part_types(role: Role) -> &'static [&'static str] {
+    match role {
+        Role::User => &["text", "image_url", "input_audio", "file"],
+        Role::Assistant => &["text", "refusal"],
+        Role::System | Role::Tool | Role::Function => &["text"],
+    }
+}
+
+/// Checks a content's array of parts: each an object whose `type` the role may send, carrying
+/// that type's field (`text` and `refusal` a string; `image_url`, `input_audio` and `file` an
+/// object); at least one part; nested no deeper than JSON fields may be.
+fn check_parts(field: &str, role: Role, parts: &RawJson, limits: &Limits) -> Result<()> {
+    if parts.depth() > limits.max_json_depth {
+        return Err(Error::invalid(
+            field,
+            format!("nested deeper than {} levels", limits.max_json_depth),
+        ));
+    }
+    let parsed: Vec<Part<'_>> = serde_json::from_str(parts.get()).map_err(|error| {
+        Error::invalid(
+            field,
+            format!("each part must be an object with a \"type\": {error}"),
+        )
+    })?;
+    if parsed.is_empty() {
+        return Err(Error::invalid(field, "an array of parts must not be empty"));
+    }
+    let allowed = part_types(role);
+    for (index, part) in parsed.iter().enumerate() {
+        let kind = part.kind.as_ref();
+        if !allowed.contains(&kind) {
+            return Err(Error::invalid(
+                format!("{field}[{index}].type"),
+                format!(
+                    "{} messages send parts of type {}, not {kind:?}",
+                    role.as_str(),
+                    allowed.join(", ")
+                ),
+            ));
+        }
+        let (value, want) = match kind {
+            "text" => (part.text, '"'),
+            "refusal" => (part.refusal, '"'),
+            "image_url" => (part.image_url, '{'),
+            "input_audio" => (part.input_audio, '{'),
+            _ => (part.file, '{'),
+        };
+        if !value.is_some_and(|value| value.get().starts_with(want)) {
+            let shape = if want == '"' { "a string" } else { "an object" };
+            return Err(Error::invalid(
+                format!("{field}[{index}].{kind}"),
+                format!("a part of type {kind} carries {kind}, {shape}"),
+            ));
+        }
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::{KeyRow, NewSessionRow, SessionWrite};
 use crate::error::StorageError;
 use crate::idempotency::KeyRecord;
-use crate::model::{Message, RawJson, Role, SessionInfo, Usage, from_micros};
+use crate::model::{Content, Message, RawJson, Role, SessionInfo, Usage, from_micros};
 
 /// The SQL type of a written column: PostgreSQL types the arrays it unnests by it.
 #[derive(Clone, Copy, Debug)]
@@ -110,23 +110,33 @@ impl WriteRow for MessageRow<'_> {
         ("tool_call_id", SqlType::Text),
         ("function_call", SqlType::Text),
         ("refusal", SqlType::Text),
+        ("content_parts", SqlType::Text),
+        ("metadata", SqlType::Text),
         ("created_at", SqlType::Int),
     ];
 
     fn values(&self) -> impl IntoIterator<Item = Value<'_>> {
         let message = self.message;
+        // A text goes in `content`, parts in `content_parts`.
+        let (text, parts) = match &message.content {
+            Some(Content::Text(text)) => (Some(text.as_bytes()), None),
+            Some(Content::Parts(parts)) => (None, Some(parts.get())),
+            None => (None, None),
+        };
         [
             Value::Uuid(self.session_id),
             Value::Int(message.seq),
             Value::Uuid(message.id),
             Value::Text(Some(message.role.as_str())),
             // BYTEA on PostgreSQL, so that any UTF-8 text (NUL included) round-trips.
-            Value::Bytes(message.content.as_deref().map(str::as_bytes)),
+            Value::Bytes(text),
             Value::Text(message.name.as_deref()),
             Value::Text(message.tool_calls.as_ref().map(RawJson::get)),
             Value::Text(message.tool_call_id.as_deref()),
             Value::Text(message.function_call.as_ref().map(RawJson::get)),
             Value::Text(message.refusal.as_deref()),
+            Value::Text(parts),
+            Value::Text(message.metadata.as_ref().map(RawJson::get)),
             Value::Int(self.created_at),
         ]
     }
@@ -149,6 +159,8 @@ pub(crate) struct MessageRecord {
     tool_call_id: Option<String>,
     function_call: Option<String>,
     refusal: Option<String>,
+    content_parts: Option<String>,
+    metadata: Option<String>,
     created_at: i64,
 }
 
@@ -174,16 +186,21 @@ impl TryFrom<MessageRecord> for Message {
                 .role
                 .parse::<Role>()
                 .map_err(|error| corrupt("role", error))?,
-            content: record
-                .content
-                .map(String::from_utf8)
-                .transpose()
-                .map_err(|error| corrupt("content", error))?,
+            content: match parse_json("content_parts", record.content_parts)? {
+                Some(parts) => Some(Content::Parts(parts)),
+                None => record
+                    .content
+                    .map(String::from_utf8)
+                    .transpose()
+                    .map_err(|error| corrupt("content", error))?
+                    .map(Content::Text),
+            },
             name: record.name,
             tool_calls: parse_json("tool_calls", record.tool_calls)?,
             tool_call_id: record.tool_call_id,
             function_call: parse_json("function_call", record.function_call)?,
             refusal: record.refusal,
+            metadata: parse_json("metadata", record.metadata)?,
             created_at: from_micros(record.created_at),
         })
     }
@@ -400,7 +417,8 @@ pub(crate) fn payload_bytes(messages: &[Arc<Message>]) -> usize {
     messages
         .iter()
         .map(|message| {
-            text(&message.content)
+            message.content.as_ref().map_or(0, Content::len)
+                + json(&message.metadata)
                 + text(&message.name)
                 + json(&message.tool_calls)
                 + text(&message.tool_call_id)

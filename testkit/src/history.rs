@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use soloist::uuid::Uuid;
 use soloist::{
-    AppendMessages, Appended, Engine, Error, GetSession, Message, MessageStream, NewMessage,
-    SessionHandle, SessionId, SessionPage,
+    AppendMessages, Appended, Content, Engine, Error, GetSession, Message, MessageStream,
+    NewMessage, SessionHandle, SessionId, SessionPage,
 };
 
 use crate::{TestDb, stored_rows};
@@ -127,9 +127,13 @@ impl ReadRecord {
 }
 
 /// The digest of a message's content, to tell two values under one id apart.
-fn digest(content: Option<&str>) -> u64 {
+fn digest(content: Option<&Content>) -> u64 {
     let mut hasher = DefaultHasher::new();
-    content.hash(&mut hasher);
+    match content {
+        Some(Content::Text(text)) => (0u8, text.as_str()).hash(&mut hasher),
+        Some(Content::Parts(parts)) => (1u8, parts.get()).hash(&mut hasher),
+        None => 2u8.hash(&mut hasher),
+    }
     hasher.finish()
 }
 
@@ -166,7 +170,7 @@ impl History {
             .iter_mut()
             .map(|message| {
                 let id = *message.id.get_or_insert_with(Uuid::now_v7);
-                (id, digest(message.content.as_deref()))
+                (id, digest(message.content.as_ref()))
             })
             .collect();
         let mut log = self.log();
@@ -211,7 +215,7 @@ impl History {
     ) {
         let messages = messages
             .iter()
-            .map(|m| (m.seq, m.id, digest(m.content.as_deref())))
+            .map(|m| (m.seq, m.id, digest(m.content.as_ref())))
             .collect();
         let mut log = self.log();
         log.clock += 1;

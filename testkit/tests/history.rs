@@ -75,12 +75,13 @@ fn message(seq: i64, id: Uuid) -> Arc<Message> {
         seq,
         id,
         role: Role::User,
-        content: Some(id.to_string()),
+        content: Some(id.to_string().into()),
         name: None,
         tool_calls: None,
         tool_call_id: None,
         function_call: None,
         refusal: None,
+        metadata: None,
         created_at: chrono::Utc::now(),
     })
 }

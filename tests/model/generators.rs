@@ -234,18 +234,18 @@ pub fn build_message(msg: &Msg, pool: &[Uuid]) -> NewMessage {
     match &msg.body {
         Body::Text(role, text) => NewMessage {
             role: *role,
-            content: Some(text.render()),
+            content: Some(text.render().into()),
             ..base
         },
         Body::ToolResult(call, text) => NewMessage {
             role: Role::Tool,
-            content: Some(text.render()),
+            content: Some(text.render().into()),
             tool_call_id: Some(format!("call{call}")),
             ..base
         },
         Body::ToolWithoutCallId(text) => NewMessage {
             role: Role::Tool,
-            content: Some(text.render()),
+            content: Some(text.render().into()),
             ..base
         },
         Body::ToolCalls(n) => NewMessage {
@@ -260,7 +260,7 @@ pub fn build_message(msg: &Msg, pool: &[Uuid]) -> NewMessage {
         },
         Body::UserWithToolCalls(text) => NewMessage {
             role: Role::User,
-            content: Some(text.render()),
+            content: Some(text.render().into()),
             tool_calls: Some(tool_calls(1).into()),
             ..base
         },

@@ -113,7 +113,11 @@ impl Model {
     fn message_faults(&self, message: &NewMessage) -> Vec<Kind> {
         let limits = &self.limits;
         let mut faults: Vec<Kind> = [
-            len_fault(&message.content, limits.max_content_bytes),
+            message
+                .content
+                .as_ref()
+                .filter(|content| content.len() > limits.max_content_bytes)
+                .map(|_| Kind::TooLarge),
             len_fault(&message.refusal, limits.max_content_bytes),
             len_fault(&message.name, limits.max_text_bytes),
             len_fault(&message.tool_call_id, limits.max_text_bytes),

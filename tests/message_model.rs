@@ -1,0 +1,189 @@
+//! The chat message model, on every backend: content as a text or as an array of typed parts,
+//! and per-message metadata, stored and returned exactly as sent (the JSON text, byte for
+//! byte), part of a resend's identity, and checked before anything is stored.
+
+use std::time::Duration;
+
+use soloist::{Content, Engine, Error, NewMessage, RawJson, Role, SessionHandle, SessionId};
+use soloist_testkit::{TestDb, on_every_backend};
+
+async fn created(engine: &Engine) -> SessionHandle {
+    let session = engine.session("alice", SessionId::new());
+    session.create(None, None).await.expect("create");
+    session
+}
+
+/// Lets the session go, so that the next read loads it from the database.
+async fn passivated(engine: &Engine, session: &SessionHandle) {
+    engine.passivate(session.id());
+    while engine.is_live(session.id()) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// A message parsed from JSON, as the server reads a request body.
+fn message(json: &str) -> NewMessage {
+    serde_json::from_str(json).expect("a message")
+}
+
+/// Text with odd spacing, a key order that is not sorted, a number with more digits than an
+/// `f64` holds, and a duplicate key: nothing of it survives a parse into a tree.
+const PARTS: &str = r#"[ {"type":"text", "text":"What is in this image?"},
+    {"image_url": {"url": "https://example.com/cat.png", "detail":"low"}, "type": "image_url"},
+    {"type":"input_audio","input_audio":{"data":"UklGRg==","format":"wav"}},
+    {"type": "file", "file": {"file_id": "file-1", "size": 1.000000000000000000001}}]"#;
+const METADATA: &str = r#"{"z": 1, "a": [true, null], "score": 0.1000000000000000000001, "z": 2}"#;
+
+async fn parts_and_metadata_round_trip_exactly(db: TestDb) {
+    let engine = db.engine().await.expect("engine");
+    let session = created(&engine).await;
+    let user = message(&format!(
+        r#"{{"role": "user", "content": {PARTS}, "metadata": {METADATA}}}"#
+    ));
+    let assistant = message(
+        r#"{"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]}"#,
+    );
+    let plain = message(r#"{"role": "user", "content": "plain text", "metadata": {}}"#);
+    let seqs = session
+        .append(vec![user.clone(), assistant.clone(), plain])
+        .await
+        .expect("append");
+    assert_eq!(seqs, vec![0, 1, 2]);
+    passivated(&engine, &session).await;
+
+    let page = session.get(None, None).await.expect("read");
+    let stored = &page.messages;
+    assert_eq!(stored.len(), 3);
+    assert_eq!(
+        stored[0].content,
+        Some(Content::Parts(RawJson::parse(PARTS).expect("json")))
+    );
+    let json = serde_json::to_string(stored[0].as_ref()).expect("serialize");
+    let compact_parts = RawJson::parse(PARTS).expect("json").get().to_owned();
+    assert!(
+        json.contains(&format!(r#""content":{compact_parts}"#)),
+        "the parts come back as sent: {json}"
+    );
+    assert!(
+        json.contains(&format!(r#""metadata":{METADATA}"#)),
+        "the metadata comes back as sent: {json}"
+    );
+    assert_eq!(stored[0].text(), None);
+    assert_eq!(stored[1].role, Role::Assistant);
+    assert!(matches!(&stored[1].content, Some(Content::Parts(_))));
+    assert_eq!(stored[2].text(), Some("plain text"));
+    assert_eq!(
+        stored[2].metadata.as_ref().map(RawJson::get),
+        Some("{}"),
+        "an empty object is kept"
+    );
+    assert_eq!(stored[1].metadata, None, "no metadata is none, not {{}}");
+
+    // A resend of the same message (same id) is recognised: parts and metadata count.
+    let id = stored[0].id;
+    let again = session
+        .append(vec![user.clone().with_id(id)])
+        .await
+        .expect("resend");
+    assert_eq!(again, vec![0], "the resend answers the first sequence");
+    let mut other_metadata = user.clone().with_id(id);
+    other_metadata.metadata = Some(RawJson::parse(r#"{"z": 3}"#).expect("json"));
+    let refused = session.append(vec![other_metadata]).await;
+    assert!(
+        matches!(refused, Err(Error::MessageIdReused { id: reused }) if reused == id),
+        "{refused:?}"
+    );
+    let mut as_text = user.with_id(id);
+    as_text.content = Some(Content::Text(PARTS.into()));
+    let refused = session.append(vec![as_text]).await;
+    assert!(
+        matches!(refused, Err(Error::MessageIdReused { .. })),
+        "a text with the parts' JSON is other content: {refused:?}"
+    );
+    let page = session.get(None, None).await.expect("read");
+    assert_eq!(page.session.message_count, 3, "nothing more was stored");
+}
+
+async fn malformed_parts_and_metadata_are_refused_whole(db: TestDb) {
+    let engine = db.engine().await.expect("engine");
+    let session = created(&engine).await;
+    let cases = [
+        (r#"{"role": "user", "content": []}"#, "messages[1].content"),
+        (r#"{"role": "user", "content": [1]}"#, "messages[1].content"),
+        (
+            r#"{"role": "user", "content": [{"text": "no type"}]}"#,
+            "messages[1].content",
+        ),
+        (
+            r#"{"role": "user", "content": [{"type": "video", "video": {}}]}"#,
+            "messages[1].content[0].type",
+        ),
+        (
+            r#"{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}"#,
+            "messages[1].content[0].type",
+        ),
+        (
+            r#"{"role": "system", "content": [{"type": "refusal", "refusal": "no"}]}"#,
+            "messages[1].content[0].type",
+        ),
+        (
+            r#"{"role": "user", "content": [{"type": "text"}]}"#,
+            "messages[1].content[0].text",
+        ),
+        (
+            r#"{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}"#,
+            "messages[1].content[0].text",
+        ),
+        (
+            r#"{"role": "user", "content": [{"type": "image_url", "image_url": "https://x"}]}"#,
+            "messages[1].content[0].image_url",
+        ),
+        (
+            r#"{"role": "user", "content": "x", "metadata": [1]}"#,
+            "messages[1].metadata",
+        ),
+        (
+            r#"{"role": "user", "content": "x", "metadata": "text"}"#,
+            "messages[1].metadata",
+        ),
+    ];
+    for (json, field) in cases {
+        let good = NewMessage::user("fine");
+        let refused = session.append(vec![good, message(json)]).await;
+        match refused {
+            Err(Error::InvalidInput { field: got, .. }) => assert_eq!(got, field, "{json}"),
+            other => panic!("{json}: expected invalid input at {field}, got {other:?}"),
+        }
+    }
+    // Too deep, and too large.
+    let deep = format!(
+        r#"{{"role": "user", "content": [{{"type": "text", "text": "x", "extra": {}1{}}}]}}"#,
+        "[".repeat(100),
+        "]".repeat(100)
+    );
+    let refused = session.append(vec![message(&deep)]).await;
+    assert!(
+        matches!(&refused, Err(Error::InvalidInput { field, .. }) if field == "messages[0].content"),
+        "{refused:?}"
+    );
+    let limit = engine.config().limits.max_content_bytes;
+    let large = format!(
+        r#"{{"role": "user", "content": [{{"type": "text", "text": "{}"}}]}}"#,
+        "x".repeat(limit)
+    );
+    let refused = session.append(vec![message(&large)]).await;
+    assert!(
+        matches!(&refused, Err(Error::TooLarge { field, .. }) if field == "messages[0].content"),
+        "{refused:?}"
+    );
+    let page = session.get(None, None).await.expect("read");
+    assert_eq!(page.session.message_count, 0, "no append stored anything");
+    // Content that is neither a string nor an array does not parse at all.
+    let parsed = serde_json::from_str::<NewMessage>(r#"{"role": "user", "content": 5}"#);
+    assert!(parsed.is_err(), "{parsed:?}");
+}
+
+on_every_backend!(
+    parts_and_metadata_round_trip_exactly,
+    malformed_parts_and_metadata_are_refused_whole
+);
