@@ -37,7 +37,7 @@ use uuid::Uuid;
 
 use crate::command::{Command, Reply};
 use crate::error::{Error, Result, StorageError};
-use crate::model::{Member, SessionId};
+use crate::model::{Member, MessageStatus, SessionId};
 
 /// How many times a command may travel between processes: sent on by the process that got it,
 /// and at most once more by a receiver that places the session elsewhere. A command that has
@@ -293,6 +293,22 @@ enum WireError {
         current: i64,
     },
     IdempotencyKeyReused,
+    MessageNotFound,
+    MessageFinished {
+        status: MessageStatus,
+    },
+    OffsetGap {
+        length: u64,
+    },
+    OffsetConflict {
+        length: u64,
+    },
+    FinishConflict {
+        status: MessageStatus,
+    },
+    TurnInProgress {
+        id: Uuid,
+    },
     Overloaded {
         millis: u64,
     },
@@ -329,6 +345,12 @@ impl From<Result<Reply>> for Answer {
                 Error::MessageIdReused { id } => WireError::MessageIdReused { id },
                 Error::PreconditionFailed { current } => WireError::PreconditionFailed { current },
                 Error::IdempotencyKeyReused => WireError::IdempotencyKeyReused,
+                Error::MessageNotFound => WireError::MessageNotFound,
+                Error::MessageFinished { status } => WireError::MessageFinished { status },
+                Error::OffsetGap { length } => WireError::OffsetGap { length },
+                Error::OffsetConflict { length } => WireError::OffsetConflict { length },
+                Error::FinishConflict { status } => WireError::FinishConflict { status },
+                Error::TurnInProgress { id } => WireError::TurnInProgress { id },
                 Error::Overloaded(wait) => WireError::Overloaded {
                     millis: millis(wait),
                 },
@@ -362,6 +384,12 @@ impl From<Answer> for Result<Reply> {
             WireError::MessageIdReused { id } => Error::MessageIdReused { id },
             WireError::PreconditionFailed { current } => Error::PreconditionFailed { current },
             WireError::IdempotencyKeyReused => Error::IdempotencyKeyReused,
+            WireError::MessageNotFound => Error::MessageNotFound,
+            WireError::MessageFinished { status } => Error::MessageFinished { status },
+            WireError::OffsetGap { length } => Error::OffsetGap { length },
+            WireError::OffsetConflict { length } => Error::OffsetConflict { length },
+            WireError::FinishConflict { status } => Error::FinishConflict { status },
+            WireError::TurnInProgress { id } => Error::TurnInProgress { id },
             WireError::Overloaded { millis } => Error::Overloaded(Duration::from_millis(millis)),
             WireError::ShuttingDown => Error::ShuttingDown,
             WireError::ActorFailed => Error::ActorFailed,
@@ -510,6 +538,16 @@ mod tests {
             Error::Conflict("busy".into()),
             Error::MessageIdReused { id: Uuid::new_v4() },
             Error::PreconditionFailed { current: 7 },
+            Error::MessageNotFound,
+            Error::MessageFinished {
+                status: MessageStatus::Aborted,
+            },
+            Error::OffsetGap { length: 12 },
+            Error::OffsetConflict { length: 3 },
+            Error::FinishConflict {
+                status: MessageStatus::Incomplete,
+            },
+            Error::TurnInProgress { id: Uuid::new_v4() },
             Error::Overloaded(Duration::from_millis(250)),
             Error::Timeout(Duration::from_secs(30)),
             Error::OwnerUnreachable("reset".into()),

@@ -13,8 +13,9 @@ use uuid::Uuid;
 
 use crate::cluster::{Directory, Forward, MAX_HOPS, Placement, Undelivered};
 use crate::command::{
-    AddUsage, AppendMessages, Appended, Command, CreateSession, Created, DeleteSession, GetSession,
-    ListSessions, Reply, SessionCommand, SessionList, SessionPage, UpdateSession, check_user,
+    AddUsage, AppendDeltas, AppendMessages, Appended, Command, CreateSession, Created,
+    DeleteSession, DeltasAppended, FinishMessage, GetSession, ListSessions, MessageFinished, Reply,
+    SessionCommand, SessionList, SessionPage, UpdateSession, check_user,
 };
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
@@ -302,6 +303,16 @@ impl Engine {
 
     /// Deletes a session and its messages.
     pub async fn delete_session(&self, command: DeleteSession) -> Result<()> {
+        self.run(command).await
+    }
+
+    /// Appends text to a draft; answers with its length once the text is durable.
+    pub async fn append_deltas(&self, command: AppendDeltas) -> Result<DeltasAppended> {
+        self.run(command).await
+    }
+
+    /// Ends a draft; answers with the message as finished.
+    pub async fn finish_message(&self, command: FinishMessage) -> Result<MessageFinished> {
         self.run(command).await
     }
 

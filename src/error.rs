@@ -57,6 +57,45 @@ pub enum Error {
         /// The reused id.
         id: uuid::Uuid,
     },
+    /// A delta or a finish named a message the session does not have. HTTP 404.
+    #[error("the session has no message with this id")]
+    MessageNotFound,
+    /// A delta named a message that is not a draft in progress: finished, or never one. HTTP
+    /// 409.
+    #[error("the message is {status:?}, not a draft in progress")]
+    MessageFinished {
+        /// The message's status.
+        status: crate::model::MessageStatus,
+    },
+    /// A delta's offset is past the end of the draft's content: text before it is missing.
+    /// Nothing was applied. HTTP 409.
+    #[error("the delta starts past the end of the draft, which is {length} bytes long")]
+    OffsetGap {
+        /// The draft's length in bytes.
+        length: u64,
+    },
+    /// A delta's text differs from what the draft already holds at its offset. Nothing was
+    /// applied. HTTP 409.
+    #[error(
+        "the delta differs from the draft's content at its offset (the draft is {length} bytes long)"
+    )]
+    OffsetConflict {
+        /// The draft's length in bytes.
+        length: u64,
+    },
+    /// The draft was finished already, in another way. HTTP 409.
+    #[error("the message was already finished as {status:?}")]
+    FinishConflict {
+        /// How it was finished.
+        status: crate::model::MessageStatus,
+    },
+    /// The session already has an assistant draft in progress; one turn streams at a time.
+    /// HTTP 409.
+    #[error("an assistant reply is already streaming in this session (message {id})")]
+    TurnInProgress {
+        /// The draft in progress.
+        id: uuid::Uuid,
+    },
     /// The command was conditional on the session's version (`If-Match`) and the session is at
     /// another one: it changed since the caller read it. Nothing was applied. HTTP 412.
     #[error("the session is at version {current}, not the one the command was conditional on")]
@@ -167,14 +206,19 @@ impl Error {
     /// The HTTP status a server should answer with.
     pub fn http_status(&self) -> u16 {
         match self {
-            Error::NotFound => 404,
+            Error::NotFound | Error::MessageNotFound => 404,
             Error::Forbidden => 403,
             Error::InvalidInput { .. } => 400,
             Error::TooLarge { .. } => 413,
             Error::Conflict(_)
             | Error::SessionIdTaken
             | Error::MessageIdReused { .. }
-            | Error::IdempotencyKeyReused => 409,
+            | Error::IdempotencyKeyReused
+            | Error::MessageFinished { .. }
+            | Error::OffsetGap { .. }
+            | Error::OffsetConflict { .. }
+            | Error::FinishConflict { .. }
+            | Error::TurnInProgress { .. } => 409,
             Error::PreconditionFailed { .. } => 412,
             Error::Overloaded(_) => 429,
             Error::ShuttingDown
@@ -196,6 +240,12 @@ impl Error {
             Error::SessionIdTaken => "session_id_taken",
             Error::MessageIdReused { .. } => "message_id_reused",
             Error::IdempotencyKeyReused => "idempotency_key_reused",
+            Error::MessageNotFound => "message_not_found",
+            Error::MessageFinished { .. } => "message_finished",
+            Error::OffsetGap { .. } => "offset_gap",
+            Error::OffsetConflict { .. } => "offset_conflict",
+            Error::FinishConflict { .. } => "finish_conflict",
+            Error::TurnInProgress { .. } => "turn_in_progress",
             Error::PreconditionFailed { .. } => "precondition_failed",
             Error::Overloaded(_) => "overloaded",
             Error::ShuttingDown => "shutting_down",

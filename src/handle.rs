@@ -1,12 +1,14 @@
 //! [`SessionHandle`]: one session, acting as one user.
 
+use uuid::Uuid;
+
 use crate::command::{
-    AddUsage, AppendMessages, CreateSession, Created, DeleteSession, GetSession, SessionPage,
-    UpdateSession,
+    AddUsage, AppendDeltas, AppendMessages, CreateSession, Created, DeleteSession, Delta,
+    FinishMessage, GetSession, SessionPage, UpdateSession,
 };
 use crate::engine::Engine;
 use crate::error::Result;
-use crate::model::{NewMessage, RawJson, SessionId, SessionInfo, Usage};
+use crate::model::{Message, MessageStatus, NewMessage, RawJson, SessionId, SessionInfo, Usage};
 use crate::subscription::MessageStream;
 
 /// A handle on one session acting as one user: the engine's commands with the ids filled in.
@@ -52,6 +54,60 @@ impl SessionHandle {
             })
             .await
             .map(|appended| appended.sequences)
+    }
+
+    /// Starts streaming an assistant reply: appends `message` (an assistant message, its
+    /// content the text so far or none) as a draft, in progress; answers with its sequence
+    /// once stored. Messages appended later order after it. The draft's id (the message's, or
+    /// a new one) is what [`Self::append_delta`] and [`Self::finish_message`] name; sending
+    /// the same start again (same id) answers the same sequence.
+    pub async fn start_message(&self, mut message: NewMessage) -> Result<(Uuid, i64)> {
+        let id = *message.id.get_or_insert_with(Uuid::now_v7);
+        message.status = Some(MessageStatus::InProgress);
+        let sequences = self.append(vec![message]).await?;
+        Ok((id, sequences.first().copied().unwrap_or_default()))
+    }
+
+    /// Appends `text` to draft `message_id` at byte `offset` of its content (what the caller
+    /// has sent of it so far); answers with the content's length once the text is durable. A
+    /// resend of text already there changes nothing; see [`crate::Error::OffsetGap`] and
+    /// [`crate::Error::OffsetConflict`].
+    pub async fn append_delta(&self, message_id: Uuid, offset: u64, text: &str) -> Result<u64> {
+        self.engine
+            .append_deltas(AppendDeltas {
+                user_id: self.user_id.clone(),
+                session_id: self.session_id,
+                message_id,
+                deltas: vec![Delta {
+                    offset,
+                    content: text.to_owned(),
+                }],
+            })
+            .await
+            .map(|appended| appended.length)
+    }
+
+    /// Ends draft `message_id` with `status` (`completed`, `incomplete` or `aborted`), adding
+    /// `usage` to the session's in the same commit; answers with the message as finished.
+    /// Finishing it again the same way answers the same.
+    pub async fn finish_message(
+        &self,
+        message_id: Uuid,
+        status: MessageStatus,
+        usage: Option<Usage>,
+    ) -> Result<Message> {
+        self.engine
+            .finish_message(FinishMessage {
+                user_id: self.user_id.clone(),
+                session_id: self.session_id,
+                message_id,
+                status,
+                tool_calls: None,
+                refusal: None,
+                usage,
+            })
+            .await
+            .map(|finished| finished.message)
     }
 
     /// Reads metadata and up to `limit` messages after `after_seq`.

@@ -63,8 +63,9 @@ pub mod subscription;
 mod writer;
 
 pub use command::{
-    AddUsage, AppendMessages, Appended, Command, CreateSession, Created, DeleteSession, GetSession,
-    ListSessions, Reply, SessionCursor, SessionList, SessionPage, UpdateSession,
+    AddUsage, AppendDeltas, AppendMessages, Appended, Command, CreateSession, Created,
+    DeleteSession, Delta, DeltasAppended, FinishMessage, GetSession, ListSessions, MAX_DELTAS,
+    MessageFinished, Reply, SessionCursor, SessionList, SessionPage, UpdateSession,
 };
 pub use config::{EngineConfig, Limits, SqliteSync};
 pub use engine::Engine;
@@ -73,7 +74,8 @@ pub use engine::{ChangeFeedPaused, WritesPaused};
 pub use error::{Error, Result, StorageError};
 pub use handle::SessionHandle;
 pub use model::{
-    Content, Member, Message, NewMessage, RawJson, Role, SessionId, SessionInfo, Usage,
+    Content, Member, Message, MessageStatus, NewMessage, RawJson, Role, SessionId, SessionInfo,
+    Usage,
 };
 pub use stats::Stats;
 pub use subscription::MessageStream;

@@ -294,6 +294,10 @@ macro_rules! message_types {
                 #[serde(default, skip_serializing_if = "Option::is_none")]
                 pub $field: Option<$type>,
             )*
+            /// `in_progress` starts a draft: an assistant reply that takes its sequence now and
+            /// grows by deltas until it is finished. Default `completed`.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub status: Option<MessageStatus>,
         }
 
         /// A stored message: what was appended, plus its place in the session.
@@ -310,6 +314,10 @@ macro_rules! message_types {
                 #[serde(default, skip_serializing_if = "Option::is_none")]
                 pub $field: Option<$type>,
             )*
+            /// Where the message stands: `completed`, or a draft `in_progress` (its content so
+            /// far), or a draft that ended `incomplete` or `aborted`.
+            #[serde(default)]
+            pub status: MessageStatus,
             /// When the message was stored.
             pub created_at: DateTime<Utc>,
         }
@@ -323,7 +331,19 @@ macro_rules! message_types {
             /// Whether `message` is this one sent again: every field the client chose is the
             /// same (the id aside, which the caller matched already).
             pub fn is_resend_of(&self, message: &NewMessage) -> bool {
-                self.role == message.role $(&& self.$field == message.$field)*
+                if message.status == Some(MessageStatus::InProgress) {
+                    // A draft's start sent again: the draft may have grown, or ended, since.
+                    return self.role == message.role
+                        && self.name == message.name
+                        && self.metadata == message.metadata
+                        && match (self.text(), message.text()) {
+                            (Some(stored), Some(sent)) => stored.starts_with(sent),
+                            (_, None) => true,
+                            (None, Some(_)) => false,
+                        };
+                }
+                self.status == message.status.unwrap_or_default()
+                    && self.role == message.role $(&& self.$field == message.$field)*
             }
 
             /// `message` as stored at `seq` under `id`.
@@ -338,6 +358,7 @@ macro_rules! message_types {
                     id,
                     role: message.role,
                     $($field: message.$field.clone(),)*
+                    status: message.status.unwrap_or_default(),
                     created_at,
                 }
             }
@@ -361,6 +382,58 @@ message_types! {
     refusal: String,
     /// The client's own data about the message (a JSON object), stored and returned as sent.
     metadata: RawJson,
+}
+
+/// Where a message stands. Every message is `completed` but a draft: an assistant reply
+/// appended `in_progress`, which grows by deltas until it is finished `completed`,
+/// `incomplete` (cut short: the stream broke, or nobody finished it in time) or `aborted`
+/// (stopped on purpose).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageStatus {
+    /// Whole.
+    #[default]
+    Completed,
+    /// A draft still streaming.
+    InProgress,
+    /// A draft cut short.
+    Incomplete,
+    /// A draft stopped on purpose.
+    Aborted,
+}
+
+impl MessageStatus {
+    /// The status's wire name, as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageStatus::Completed => "completed",
+            MessageStatus::InProgress => "in_progress",
+            MessageStatus::Incomplete => "incomplete",
+            MessageStatus::Aborted => "aborted",
+        }
+    }
+}
+
+impl FromStr for MessageStatus {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "completed" => MessageStatus::Completed,
+            "in_progress" => MessageStatus::InProgress,
+            "incomplete" => MessageStatus::Incomplete,
+            "aborted" => MessageStatus::Aborted,
+            other => {
+                return Err(Error::invalid(
+                    "status",
+                    format!(
+                        "unknown status {other:?}; expected completed, in_progress, incomplete \
+                         or aborted"
+                    ),
+                ));
+            }
+        })
+    }
 }
 
 /// A message's content, as the OpenAI chat format has it: a text, or an array of typed parts

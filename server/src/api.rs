@@ -6,8 +6,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use soloist::{
-    Message, NewMessage, RawJson, SessionCursor, SessionId, SessionInfo, SessionList, SessionPage,
-    Usage,
+    Delta, Message, MessageStatus, NewMessage, RawJson, SessionCursor, SessionId, SessionInfo,
+    SessionList, SessionPage, Usage,
 };
 
 use crate::error::ApiError;
@@ -155,6 +155,40 @@ pub struct UsageDeltaBody {
     pub completion_tokens: u32,
 }
 
+/// `POST /v1/sessions/{id}/messages/{message_id}/deltas`: one delta (`offset` and
+/// `content`), or several (`deltas`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltasBody {
+    pub offset: Option<u64>,
+    pub content: Option<String>,
+    pub deltas: Option<Vec<Delta>>,
+}
+
+impl DeltasBody {
+    /// The deltas, in order; the body must give one or a list, not both.
+    pub fn into_deltas(self) -> Result<Vec<Delta>, soloist::Error> {
+        match (self.offset, self.content, self.deltas) {
+            (Some(offset), Some(content), None) => Ok(vec![Delta { offset, content }]),
+            (None, None, Some(deltas)) => Ok(deltas),
+            _ => Err(soloist::Error::invalid(
+                "deltas",
+                "send {\"offset\", \"content\"} or {\"deltas\": [...]}",
+            )),
+        }
+    }
+}
+
+/// `POST /v1/sessions/{id}/messages/{message_id}/finish`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinishBody {
+    pub status: MessageStatus,
+    pub tool_calls: Option<RawJson>,
+    pub refusal: Option<String>,
+    pub usage: Option<Usage>,
+}
+
 /// `GET /v1/sessions/{id}/events` query.
 #[derive(Debug, Deserialize)]
 pub struct EventsQuery {
@@ -174,6 +208,18 @@ impl crate::body::BodyKind for UpdateBody {
 }
 
 impl crate::body::BodyKind for AppendBody {
+    fn limit(limits: &crate::BodyLimits) -> usize {
+        limits.append_bytes
+    }
+}
+
+impl crate::body::BodyKind for DeltasBody {
+    fn limit(limits: &crate::BodyLimits) -> usize {
+        limits.append_bytes
+    }
+}
+
+impl crate::body::BodyKind for FinishBody {
     fn limit(limits: &crate::BodyLimits) -> usize {
         limits.append_bytes
     }

@@ -39,9 +39,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::Stream;
+use soloist::uuid::Uuid;
 use soloist::{
-    AddUsage, AppendMessages, Appended, CreateSession, DeleteSession, Engine, GetSession,
-    ListSessions, SessionId, UpdateSession, Usage,
+    AddUsage, AppendDeltas, AppendMessages, Appended, CreateSession, DeleteSession, DeltasAppended,
+    Engine, FinishMessage, GetSession, ListSessions, Message, SessionId, UpdateSession, Usage,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -50,8 +51,8 @@ pub use error::ApiError;
 pub use serve::{ServeConfig, ServeReport, default_max_connections, open_file_limit, serve};
 
 use api::{
-    AppendBody, CreateBody, EventsQuery, ListQuery, PageQuery, SessionListBody, SessionPageBody,
-    SessionSummary, UpdateBody, UsageDeltaBody,
+    AppendBody, CreateBody, DeltasBody, EventsQuery, FinishBody, ListQuery, PageQuery,
+    SessionListBody, SessionPageBody, SessionSummary, UpdateBody, UsageDeltaBody,
 };
 
 /// What every handler shares.
@@ -106,6 +107,14 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/v1/sessions/{id}/messages", post(append_messages))
         .route("/v1/sessions/{id}/usage", post(add_usage))
+        .route(
+            "/v1/sessions/{id}/messages/{message_id}/deltas",
+            post(append_deltas),
+        )
+        .route(
+            "/v1/sessions/{id}/messages/{message_id}/finish",
+            post(finish_message),
+        )
         .route("/v1/sessions/{id}/events", get(events))
         .fallback(|| async { ApiError::unknown_route() })
         .method_not_allowed_fallback(|| async {
@@ -175,6 +184,21 @@ impl<S: Send + Sync> FromRequestParts<S> for SessionPath {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         match Path::<SessionId>::from_request_parts(parts, state).await {
             Ok(Path(id)) => Ok(SessionPath(id)),
+            Err(rejection) => Err(path_rejection(rejection)),
+        }
+    }
+}
+
+/// A message of a session, from the path `/v1/sessions/{id}/messages/{message_id}/...`; a
+/// malformed id is a 400.
+pub struct MessagePath(pub SessionId, pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for MessagePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<(SessionId, Uuid)>::from_request_parts(parts, state).await {
+            Ok(Path((session, message))) => Ok(MessagePath(session, message)),
             Err(rejection) => Err(path_rejection(rejection)),
         }
     }
@@ -468,6 +492,45 @@ async fn add_usage(
         })
         .await?;
     Ok(Json(usage))
+}
+
+async fn append_deltas(
+    State(state): State<AppState>,
+    UserId(user_id): UserId,
+    MessagePath(session_id, message_id): MessagePath,
+    JsonBody(body): JsonBody<DeltasBody>,
+) -> Result<Json<DeltasAppended>, ApiError> {
+    let appended = state
+        .engine
+        .append_deltas(AppendDeltas {
+            user_id,
+            session_id,
+            message_id,
+            deltas: body.into_deltas()?,
+        })
+        .await?;
+    Ok(Json(appended))
+}
+
+async fn finish_message(
+    State(state): State<AppState>,
+    UserId(user_id): UserId,
+    MessagePath(session_id, message_id): MessagePath,
+    JsonBody(body): JsonBody<FinishBody>,
+) -> Result<Json<Message>, ApiError> {
+    let finished = state
+        .engine
+        .finish_message(FinishMessage {
+            user_id,
+            session_id,
+            message_id,
+            status: body.status,
+            tool_calls: body.tool_calls,
+            refusal: body.refusal,
+            usage: body.usage,
+        })
+        .await?;
+    Ok(Json(finished.message))
 }
 
 async fn delete_session(

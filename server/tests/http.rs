@@ -698,3 +698,133 @@ async fn content_parts_and_metadata_come_back_as_sent() {
     let (_, page) = get(&client, &server, &format!("/v1/sessions/{id}"), "alice").await;
     assert_eq!(page["messages"].as_array().map(Vec::len), Some(1), "{page}");
 }
+
+/// A streamed reply over HTTP: a draft appended `in_progress`, deltas (one, then several,
+/// then a resend), the errors of a gap, a conflict, an unknown message, a second turn and a
+/// delta after the end, the draft read while it streams, and its finish, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_reply() {
+    let server = Server::sqlite(&[]);
+    let client = client();
+    let id = create(&client, &server, "alice").await;
+    let messages = format!("/v1/sessions/{id}/messages");
+    let draft = Uuid::now_v7();
+    let started = post(
+        &client,
+        &server,
+        &messages,
+        "alice",
+        &json!({"messages": [{"id": draft, "role": "assistant", "content": "", "status": "in_progress"}]}),
+    )
+    .await;
+    assert_eq!(started, (StatusCode::OK, json!({"sequences": [0]})));
+    let deltas = format!("/v1/sessions/{id}/messages/{draft}/deltas");
+    let one = post(
+        &client,
+        &server,
+        &deltas,
+        "alice",
+        &json!({"offset": 0, "content": "Hel"}),
+    )
+    .await;
+    assert_eq!(one, (StatusCode::OK, json!({"length": 3})));
+    let several =
+        json!({"deltas": [{"offset": 3, "content": "lo"}, {"offset": 5, "content": ", world"}]});
+    let two = post(&client, &server, &deltas, "alice", &several).await;
+    assert_eq!(two, (StatusCode::OK, json!({"length": 12})));
+    let resent = post(&client, &server, &deltas, "alice", &several).await;
+    assert_eq!(
+        resent,
+        (StatusCode::OK, json!({"length": 12})),
+        "a resend changes nothing"
+    );
+    let errors = [
+        (json!({"offset": 20, "content": "!"}), 409, "offset_gap"),
+        (json!({"offset": 0, "content": "J"}), 409, "offset_conflict"),
+        (json!({"offset": 0}), 400, "invalid_input"),
+    ];
+    for (body, status, code) in errors {
+        let (got, answer) = post(&client, &server, &deltas, "alice", &body).await;
+        assert_eq!(
+            (got.as_u16(), answer["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{body}"
+        );
+    }
+    let unknown = format!("/v1/sessions/{id}/messages/{}/deltas", Uuid::now_v7());
+    let (status, answer) = post(
+        &client,
+        &server,
+        &unknown,
+        "alice",
+        &json!({"offset": 0, "content": "x"}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("message_not_found"))
+    );
+    let second = post(
+        &client,
+        &server,
+        &messages,
+        "alice",
+        &json!({"messages": [{"role": "assistant", "status": "in_progress"}]}),
+    )
+    .await;
+    assert_eq!(
+        (second.0, second.1["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("turn_in_progress"))
+    );
+
+    let (_, page) = get(&client, &server, &format!("/v1/sessions/{id}"), "alice").await;
+    assert_eq!(page["messages"][0]["status"], "in_progress");
+    assert_eq!(page["messages"][0]["content"], "Hello, world");
+
+    let finish = format!("/v1/sessions/{id}/messages/{draft}/finish");
+    let body =
+        json!({"status": "completed", "usage": {"prompt_tokens": 4, "completion_tokens": 3}});
+    let (status, finished) = post(&client, &server, &finish, "alice", &body).await;
+    assert_eq!(status, StatusCode::OK, "{finished}");
+    assert_eq!(
+        (finished["status"].as_str(), finished["content"].as_str()),
+        (Some("completed"), Some("Hello, world"))
+    );
+    let again = post(&client, &server, &finish, "alice", &body).await;
+    assert_eq!(
+        again,
+        (StatusCode::OK, finished.clone()),
+        "the same finish answers the same"
+    );
+    let other = post(
+        &client,
+        &server,
+        &finish,
+        "alice",
+        &json!({"status": "aborted"}),
+    )
+    .await;
+    assert_eq!(
+        (other.0, other.1["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("finish_conflict"))
+    );
+    let late = post(
+        &client,
+        &server,
+        &deltas,
+        "alice",
+        &json!({"offset": 12, "content": "!"}),
+    )
+    .await;
+    assert_eq!(
+        (late.0, late.1["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("message_finished"))
+    );
+    let (_, page) = get(&client, &server, &format!("/v1/sessions/{id}"), "alice").await;
+    assert_eq!(
+        page["usage"],
+        json!({"prompt_tokens": 4, "completion_tokens": 3}),
+        "usage added once"
+    );
+    assert_eq!(page["messages"][0]["status"], "completed");
+}

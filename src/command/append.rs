@@ -8,7 +8,7 @@ use super::{SessionCommand, addressed};
 use crate::config::Limits;
 use crate::error::{Error, Result};
 use crate::idempotency::Keyed;
-use crate::model::{NewMessage, SessionId};
+use crate::model::{MessageStatus, NewMessage, SessionId};
 use crate::session::protocol::{Pending, Request, Responder, Write};
 use crate::session::stage::{Batch, StageWrite};
 
@@ -68,6 +68,25 @@ impl StageWrite for AppendMessages {
         let adds = plan.iter().any(|(_, stored)| stored.is_none());
         if adds {
             batch.precondition(self.if_version)?;
+        }
+        // One reply streams at a time: a new draft waits for the one in progress to finish.
+        let new_drafts = plan
+            .iter()
+            .zip(&self.messages)
+            .filter(|((_, stored), message)| {
+                stored.is_none() && message.status == Some(MessageStatus::InProgress)
+            })
+            .count();
+        if new_drafts > 1 {
+            return Err(Error::invalid(
+                "messages",
+                "one append starts at most one draft",
+            ));
+        }
+        if new_drafts == 1 {
+            if let Some(draft) = batch.draft_in_progress() {
+                return Err(Error::TurnInProgress { id: draft.id });
+            }
         }
         let sequences = plan
             .into_iter()

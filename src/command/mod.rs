@@ -19,6 +19,7 @@ mod create;
 mod delete;
 mod get;
 mod list;
+mod stream;
 mod update;
 mod usage;
 mod validate;
@@ -28,6 +29,7 @@ pub use create::{CreateSession, Created};
 pub use delete::DeleteSession;
 pub use get::{DEFAULT_MESSAGE_PAGE, GetSession, SessionPage};
 pub use list::{DEFAULT_SESSION_PAGE, ListSessions, SessionCursor, SessionList};
+pub use stream::{AppendDeltas, Delta, DeltasAppended, FinishMessage, MAX_DELTAS, MessageFinished};
 pub use update::UpdateSession;
 pub use usage::AddUsage;
 pub(crate) use validate::{check_user, validate_page};
@@ -52,6 +54,10 @@ pub enum Command {
     AddUsage(AddUsage),
     /// Delete a session and its messages.
     DeleteSession(DeleteSession),
+    /// Append text to a draft.
+    AppendDeltas(AppendDeltas),
+    /// End a draft.
+    FinishMessage(FinishMessage),
 }
 
 impl Command {
@@ -72,6 +78,8 @@ impl Command {
             Command::UpdateSession(c) => engine.run_routed(c, hops).await.map(Reply::from),
             Command::AddUsage(c) => engine.run_routed(c, hops).await.map(Reply::from),
             Command::DeleteSession(c) => engine.run_routed(c, hops).await.map(Reply::from),
+            Command::AppendDeltas(c) => engine.run_routed(c, hops).await.map(Reply::from),
+            Command::FinishMessage(c) => engine.run_routed(c, hops).await.map(Reply::from),
         }
     }
 }
@@ -94,6 +102,10 @@ pub enum Reply {
     UsageAdded(Usage),
     /// Answer to [`Command::DeleteSession`].
     SessionDeleted,
+    /// Answer to [`Command::AppendDeltas`].
+    DeltasAppended(DeltasAppended),
+    /// Answer to [`Command::FinishMessage`].
+    MessageFinished(MessageFinished),
 }
 
 /// Each answer as its [`Reply`] variant and back (what an idempotency record stores and
@@ -126,6 +138,8 @@ replies! {
     SessionList => Sessions,
     SessionInfo => SessionUpdated,
     Usage => UsageAdded,
+    DeltasAppended => DeltasAppended,
+    MessageFinished => MessageFinished,
 }
 
 /// A delete answers with nothing.
@@ -165,6 +179,8 @@ commands! {
     UpdateSession,
     AddUsage,
     DeleteSession,
+    AppendDeltas,
+    FinishMessage,
 }
 
 /// A command addressed to one session's actor: how it is checked, where it goes, and how it

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::model::{Content, NewMessage, RawJson, Role};
+use crate::model::{Content, MessageStatus, NewMessage, RawJson, Role};
 
 pub(crate) fn check_user(user_id: &str, limits: &Limits) -> Result<()> {
     if user_id.is_empty() {
@@ -153,6 +153,19 @@ fn check_message(index: usize, message: &NewMessage, limits: &Limits) -> Result<
             "only assistant messages make tool or function calls",
         ));
     }
+    match message.status {
+        None | Some(MessageStatus::Completed) => {}
+        Some(MessageStatus::InProgress) => return check_draft(index, message),
+        Some(other) => {
+            return Err(Error::invalid(
+                field("status"),
+                format!(
+                    "a message is appended completed or in_progress (a draft), not {}",
+                    other.as_str()
+                ),
+            ));
+        }
+    }
     if message.content.is_none()
         && message.tool_calls.is_none()
         && message.function_call.is_none()
@@ -161,6 +174,38 @@ fn check_message(index: usize, message: &NewMessage, limits: &Limits) -> Result<
         return Err(Error::invalid(
             field("content"),
             "a message needs content, tool_calls, function_call or refusal",
+        ));
+    }
+    if message.id == Some(Uuid::nil()) {
+        return Err(Error::invalid(
+            field("id"),
+            "the nil UUID is not a message id",
+        ));
+    }
+    Ok(())
+}
+
+/// A draft's start: an assistant message, with text content (or none yet); what only the end
+/// knows (tool calls, a refusal) comes with its finish.
+fn check_draft(index: usize, message: &NewMessage) -> Result<()> {
+    let field = |name: &str| format!("messages[{index}].{name}");
+    if message.role != Role::Assistant {
+        return Err(Error::invalid(
+            field("status"),
+            "only an assistant message streams as a draft",
+        ));
+    }
+    if matches!(message.content, Some(Content::Parts(_))) {
+        return Err(Error::invalid(
+            field("content"),
+            "a draft's content is text, which its deltas extend",
+        ));
+    }
+    if message.tool_calls.is_some() || message.function_call.is_some() || message.refusal.is_some()
+    {
+        return Err(Error::invalid(
+            field("status"),
+            "a draft's tool calls and refusal come with its finish",
         ));
     }
     if message.id == Some(Uuid::nil()) {

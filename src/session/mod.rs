@@ -205,6 +205,7 @@ impl SessionActor {
         info: Option<SessionInfo>,
         deleted: bool,
         messages: Vec<Arc<Message>>,
+        updated: Vec<Arc<Message>>,
         version: i64,
     ) {
         let Some(state) = self.state.as_mut() else {
@@ -223,6 +224,7 @@ impl SessionActor {
                 }
             }
         }
+        state.replace_messages(updated);
         state.push_messages(messages, self.shared.config.cached_messages);
         if deleted {
             // Ends every subscription: they re-subscribe and learn the session is gone.

@@ -12,8 +12,8 @@ use tokio::sync::{broadcast, oneshot};
 use uuid::Uuid;
 
 use crate::command::{
-    AddUsage, AppendMessages, CreateSession, DeleteSession, GetSession, Reply, SessionCommand,
-    UpdateSession,
+    AddUsage, AppendDeltas, AppendMessages, CreateSession, DeleteSession, FinishMessage,
+    GetSession, Reply, SessionCommand, UpdateSession,
 };
 use crate::error::{Error, Result};
 use crate::idempotency::Keyed;
@@ -50,6 +50,8 @@ pub(crate) enum Write {
     Update(Pending<UpdateSession>),
     AddUsage(Pending<AddUsage>),
     Delete(Pending<DeleteSession>),
+    Deltas(Pending<AppendDeltas>),
+    Finish(Pending<FinishMessage>),
 }
 
 /// Runs `$body` with `$pending` bound to the [`Pending`] of whichever write `$write` is.
@@ -61,6 +63,8 @@ macro_rules! each_write {
             Write::Update($pending) => $body,
             Write::AddUsage($pending) => $body,
             Write::Delete($pending) => $body,
+            Write::Deltas($pending) => $body,
+            Write::Finish($pending) => $body,
         }
     };
 }

@@ -120,6 +120,7 @@ impl SessionActor {
             hide_foreign: config.hide_foreign_sessions,
             key_retention: i64::try_from(config.idempotency_retention.as_micros())
                 .unwrap_or(i64::MAX),
+            max_content_bytes: config.limits.max_content_bytes,
         };
         let now = now_micros();
         let staged = stage(self.id, self.state.as_ref(), writes, known, rules, now);
@@ -131,6 +132,7 @@ impl SessionActor {
             info,
             deleted,
             messages,
+            updated,
         } = staged;
         let written = WrittenRows::of(&write);
         let records: Vec<(String, Option<KeyRecord>)> = write
@@ -173,7 +175,7 @@ impl SessionActor {
             state.owned = true;
             state.remember_keys(records.into_iter());
         }
-        self.apply(info, deleted, messages, version);
+        self.apply(info, deleted, messages, updated, version);
         Ok(())
     }
 

@@ -12,8 +12,20 @@ use super::state::{SessionState, access};
 use crate::command::{Reply, SessionCommand};
 use crate::error::{Error, Result};
 use crate::idempotency::Keyed;
-use crate::model::{Message, NewMessage, RawJson, SessionId, SessionInfo, Usage, from_micros};
-use crate::store::{KeyRow, NewSessionRow, SessionWrite};
+use crate::model::{
+    Content, Message, MessageStatus, NewMessage, RawJson, SessionId, SessionInfo, Usage,
+    from_micros,
+};
+use crate::store::{ChunkRow, FinishRow, KeyRow, NewSessionRow, SessionWrite};
+
+/// How a draft ends: what [`Batch::finish`] applies.
+#[derive(Clone, Debug)]
+pub(crate) struct Finish {
+    pub status: MessageStatus,
+    pub tool_calls: Option<RawJson>,
+    pub refusal: Option<String>,
+    pub usage: Option<Usage>,
+}
 
 /// How a write command changes the staged session; its reply is what it answers once the
 /// batch committed, an error refuses it (and changes nothing).
@@ -29,6 +41,8 @@ pub(crate) struct StageRules {
     pub hide_foreign: bool,
     /// How long idempotency records count, in microseconds.
     pub key_retention: i64,
+    /// Bytes a message's content may reach (a draft's, as its deltas arrive).
+    pub max_content_bytes: usize,
 }
 
 /// What staging a batch gives: the write, and what to apply once it committed.
@@ -40,6 +54,8 @@ pub(crate) struct Staged {
     pub deleted: bool,
     /// The new messages, for the cached tail and the subscribers.
     pub messages: Vec<Arc<Message>>,
+    /// Drafts stored before the batch that it changed (grown or finished), as they are now.
+    pub updated: Vec<Arc<Message>>,
 }
 
 /// Stages `writes` on `state` (`None`: not loaded, as after a failed write), deciding each
@@ -64,6 +80,7 @@ pub(crate) fn stage(
         state,
         known,
         hide_foreign: rules.hide_foreign,
+        max_content_bytes: rules.max_content_bytes,
         now,
         base: write.expected_version,
         steps: 0,
@@ -72,6 +89,7 @@ pub(crate) fn stage(
         write,
         pending: HashMap::new(),
         messages: Vec::new(),
+        updated: HashMap::new(),
     };
     for command in writes.iter_mut() {
         each_write!(command, pending => pending.stage(&mut batch));
@@ -81,6 +99,7 @@ pub(crate) fn stage(
         mut info,
         deleted,
         messages,
+        updated,
         mut steps,
         base,
         ..
@@ -100,6 +119,7 @@ pub(crate) fn stage(
         info,
         deleted,
         messages,
+        updated: updated.into_values().collect(),
     }
 }
 
@@ -139,6 +159,7 @@ pub(crate) struct Batch<'a> {
     state: Option<&'a SessionState>,
     known: &'a HashMap<Uuid, Arc<Message>>,
     hide_foreign: bool,
+    max_content_bytes: usize,
     now: i64,
     /// The committed version the batch starts from.
     base: i64,
@@ -150,9 +171,11 @@ pub(crate) struct Batch<'a> {
     info: Option<SessionInfo>,
     deleted: bool,
     write: SessionWrite,
-    /// Messages staged by earlier commands of the batch, by id.
+    /// Messages staged or changed by earlier commands of the batch, by id.
     pending: HashMap<Uuid, Arc<Message>>,
     messages: Vec<Arc<Message>>,
+    /// Drafts stored before the batch that it changed, by id.
+    updated: HashMap<Uuid, Arc<Message>>,
 }
 
 impl Batch<'_> {
@@ -214,13 +237,173 @@ impl Batch<'_> {
         created
     }
 
-    /// The stored or staged message with this id: cached, staged earlier in the batch, or
-    /// found stored after a conflict.
+    /// The stored or staged message with this id, as the batch left it so far: staged or
+    /// changed earlier in the batch, cached, or found stored after a conflict.
     pub fn stored_message(&self, id: &Uuid) -> Option<&Arc<Message>> {
-        self.state
-            .and_then(|state| state.cached(id))
-            .or_else(|| self.pending.get(id))
+        self.pending
+            .get(id)
+            .or_else(|| self.state.and_then(|state| state.cached(id)))
             .or_else(|| self.known.get(id))
+    }
+
+    /// The draft still in progress in the session, if any (one at a time).
+    pub fn draft_in_progress(&self) -> Option<&Arc<Message>> {
+        let cached = self.state.into_iter().flat_map(|state| state.tail.iter());
+        cached
+            .chain(self.messages.iter())
+            .map(|message| self.stored_message(&message.id).unwrap_or(message))
+            .find(|message| message.status == MessageStatus::InProgress)
+    }
+
+    /// The draft `id` of `user_id`'s session, still in progress.
+    fn draft(&self, user_id: &str, id: &Uuid) -> Result<Arc<Message>> {
+        self.session(user_id)?;
+        let message = self
+            .stored_message(id)
+            .ok_or(Error::MessageNotFound)?
+            .clone();
+        if message.status != MessageStatus::InProgress {
+            return Err(Error::MessageFinished {
+                status: message.status,
+            });
+        }
+        Ok(message)
+    }
+
+    /// Appends each delta's text at its byte offset of draft `id`'s content, in order; returns
+    /// the content's length after them. Text already there (a resend) changes nothing; past
+    /// the end is a gap; other text inside the content is a conflict. All or nothing: a delta
+    /// refused leaves the draft as it was.
+    pub fn append_deltas<'t>(
+        &mut self,
+        user_id: &str,
+        id: &Uuid,
+        deltas: impl IntoIterator<Item = (u64, &'t str)>,
+    ) -> Result<u64> {
+        let draft = self.draft(user_id, id)?;
+        let before = draft.text().unwrap_or_default();
+        let mut content = before.to_owned();
+        for (offset, text) in deltas {
+            let length = content.len() as u64;
+            let Some(start) = usize::try_from(offset)
+                .ok()
+                .filter(|&start| start <= content.len())
+            else {
+                return Err(Error::OffsetGap { length });
+            };
+            if !content.is_char_boundary(start) {
+                return Err(Error::OffsetConflict { length });
+            }
+            let overlap = (content.len() - start).min(text.len());
+            if content.as_bytes()[start..start + overlap] != text.as_bytes()[..overlap] {
+                return Err(Error::OffsetConflict { length });
+            }
+            // The overlap ends on a character boundary of the content, so of the text too.
+            content.push_str(text.get(overlap..).unwrap_or_default());
+            if content.len() > self.max_content_bytes {
+                return Err(Error::TooLarge {
+                    field: "content".into(),
+                    size: content.len(),
+                    limit: self.max_content_bytes,
+                });
+            }
+        }
+        let length = content.len() as u64;
+        if content.len() == before.len() {
+            return Ok(length);
+        }
+        let added = content[before.len()..].to_owned();
+        let at = before.len();
+        let mut message = Message::clone(&draft);
+        message.content = Some(Content::Text(content));
+        let seq = message.seq;
+        if !self.replace_staged_row(&message) {
+            // One chunk per draft per flush: deltas right after the previous ones join them.
+            match self.write.chunks.last_mut() {
+                Some(chunk)
+                    if chunk.seq == seq
+                        && usize::try_from(chunk.offset)
+                            .is_ok_and(|offset| offset + chunk.content.len() == at) =>
+                {
+                    chunk.content.push_str(&added);
+                }
+                _ => self.write.chunks.push(ChunkRow {
+                    seq,
+                    offset: at as i64,
+                    content: added,
+                }),
+            }
+        }
+        self.keep_changed(Arc::new(message));
+        self.changed();
+        Ok(length)
+    }
+
+    /// Finishes draft `id` as `finished` says (its status, tool calls and refusal); returns the
+    /// message as finished. Finishing it again the same way changes nothing and answers the
+    /// same; another way is a conflict.
+    pub fn finish(&mut self, user_id: &str, id: &Uuid, finished: &Finish) -> Result<Arc<Message>> {
+        self.session(user_id)?;
+        let message = self
+            .stored_message(id)
+            .ok_or(Error::MessageNotFound)?
+            .clone();
+        if message.status != MessageStatus::InProgress {
+            let same = message.status == finished.status
+                && (finished.tool_calls.is_none() || message.tool_calls == finished.tool_calls)
+                && (finished.refusal.is_none() || message.refusal == finished.refusal);
+            return if same {
+                Ok(message)
+            } else {
+                Err(Error::FinishConflict {
+                    status: message.status,
+                })
+            };
+        }
+        let mut done = Message::clone(&message);
+        done.status = finished.status;
+        if finished.tool_calls.is_some() {
+            done.tool_calls = finished.tool_calls.clone();
+        }
+        if finished.refusal.is_some() {
+            done.refusal = finished.refusal.clone();
+        }
+        let done = Arc::new(done);
+        if !self.replace_staged_row(&done) {
+            self.write.chunks.retain(|chunk| chunk.seq != done.seq);
+            self.write.finishes.push(FinishRow {
+                seq: done.seq,
+                message: done.clone(),
+            });
+        }
+        self.keep_changed(done.clone());
+        if let Some(usage) = finished.usage {
+            self.add_usage(usage);
+        }
+        self.changed();
+        Ok(done)
+    }
+
+    /// If `message` was appended by this batch, stages it in its new state in place of the
+    /// row (which is then inserted as it is now); `false` if it was stored before.
+    fn replace_staged_row(&mut self, message: &Message) -> bool {
+        let Some(row) = self.write.rows.iter_mut().find(|row| row.id == message.id) else {
+            return false;
+        };
+        *row = Arc::new(message.clone());
+        if let Some(new) = self.messages.iter_mut().find(|new| new.id == message.id) {
+            *new = row.clone();
+        }
+        true
+    }
+
+    /// Remembers a message the batch changed, for the commands after it and the cached tail.
+    fn keep_changed(&mut self, message: Arc<Message>) {
+        let appended_here = self.messages.iter().any(|new| new.id == message.id);
+        if !appended_here {
+            self.updated.insert(message.id, message.clone());
+        }
+        self.pending.insert(message.id, message);
     }
 
     /// Stages a new message at the next sequence; returns the sequence. (A command checks

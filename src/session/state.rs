@@ -91,6 +91,20 @@ impl SessionState {
         }
     }
 
+    /// Puts committed new states of cached messages (drafts grown or finished) in place of
+    /// the old.
+    pub fn replace_messages(&mut self, messages: impl IntoIterator<Item = Arc<Message>>) {
+        let start = self.tail_start();
+        for message in messages {
+            let index = usize::try_from(message.seq - start).ok();
+            if let Some(slot) = index.and_then(|index| self.tail.get_mut(index)) {
+                if slot.id == message.id {
+                    *slot = message;
+                }
+            }
+        }
+    }
+
     /// Forgets the messages (the session was deleted).
     pub fn clear_messages(&mut self) {
         self.tail.clear();

@@ -35,6 +35,7 @@ use crate::config::EngineConfig;
 use crate::error::{Error, StorageError};
 use crate::idempotency::KeyRecord;
 use crate::model::{Member, Message, SessionId, SessionInfo, Usage};
+pub(crate) use rows::{ChunkRow, FinishRow};
 
 /// A session's row and the newest messages, as loaded on activation.
 #[derive(Debug)]
@@ -84,6 +85,10 @@ pub(crate) struct SessionWrite {
     pub usage: Usage,
     /// Delete the session (keeping its row as a tombstone) and its messages.
     pub delete: bool,
+    /// Text appended to drafts, one chunk per draft.
+    pub chunks: Vec<ChunkRow>,
+    /// Drafts finished (their chunks compacted into the message row).
+    pub finishes: Vec<FinishRow>,
     /// Idempotency records to store with the write; a key already stored (and not expired) is
     /// a conflict, like a stored message id.
     pub keys: Vec<KeyRow>,
@@ -125,6 +130,8 @@ impl SessionWrite {
             metadata: None,
             usage: Usage::default(),
             delete: false,
+            chunks: Vec::new(),
+            finishes: Vec::new(),
             keys: Vec::new(),
             keys_expire_before: 0,
             steps: 1,
@@ -134,7 +141,25 @@ impl SessionWrite {
 
     /// Bytes of message payload (content, texts, JSON) this write carries.
     pub fn payload_bytes(&self) -> usize {
-        rows::payload_bytes(&self.rows) + self.metadata.as_ref().map_or(0, String::len)
+        rows::payload_bytes(&self.rows)
+            + self.metadata.as_ref().map_or(0, String::len)
+            + self
+                .chunks
+                .iter()
+                .map(|chunk| chunk.content.len())
+                .sum::<usize>()
+            + rows::payload_bytes(self.finishes.iter().map(|finish| &finish.message))
+    }
+
+    /// Whether the write has parts only the general flush writes (creates, deletes, keys,
+    /// drafts' chunks and finishes).
+    #[cfg(feature = "postgres")]
+    pub fn needs_general_flush(&self) -> bool {
+        self.create.is_some()
+            || self.delete
+            || !self.keys.is_empty()
+            || !self.chunks.is_empty()
+            || !self.finishes.is_empty()
     }
 
     /// Whether the write changes nothing (and need not be flushed).
@@ -146,6 +171,8 @@ impl SessionWrite {
             && self.usage == Usage::default()
             && !self.delete
             && self.keys.is_empty()
+            && self.chunks.is_empty()
+            && self.finishes.is_empty()
     }
 }
 

@@ -9,8 +9,8 @@ use sqlx::SqlStr;
 
 use super::dialect::{Batched, Dialect};
 use super::rows::{
-    ExpiredKeys, KeyInsert, MessageRow, NewSession, SESSION_COLUMNS, SessionChange, WriteRow,
-    key_columns, message_columns, names,
+    ChunkInsert, ExpiredKeys, FinishUpdate, KeyInsert, MessageRow, NewSession, SESSION_COLUMNS,
+    SessionChange, WriteRow, key_columns, message_columns, names,
 };
 
 /// The rendered statements of one store.
@@ -60,6 +60,17 @@ pub(crate) struct Queries {
     pub update_sessions: Batched,
     /// Deletes the messages of deleted sessions. Binds: list.
     pub delete_messages: Batched,
+    /// The chunks of a session's drafts in a range of sequences, in order. Binds: id, first
+    /// sequence, last sequence.
+    pub chunks: SqlStr,
+    /// Inserts drafts' chunks. Binds: rows.
+    pub insert_chunks: Batched,
+    /// Finishes drafts: status, whole content, tool calls, refusal. Binds: rows.
+    pub finish_messages: Batched,
+    /// Deletes the chunks of finished drafts. Binds: rows (of `finish_messages`).
+    pub delete_finished_chunks: Batched,
+    /// Deletes the chunks of deleted sessions. Binds: list.
+    pub delete_chunks: Batched,
 }
 
 impl Queries {
@@ -171,6 +182,38 @@ impl Queries {
             }),
             delete_messages: d.render_batched(|count| {
                 format!("DELETE FROM messages WHERE session_id {}", d.in_list(count))
+            }),
+            chunks: d.render(
+                "SELECT seq, byte_offset, content FROM message_chunks \
+                 WHERE session_id = ? AND seq >= ? AND seq <= ? ORDER BY seq, byte_offset",
+            ),
+            insert_chunks: d.render_batched(|count| {
+                format!(
+                    "{} ON CONFLICT DO NOTHING",
+                    insert::<ChunkInsert>(d, "message_chunks", count)
+                )
+            }),
+            finish_messages: d.render_batched(|count| {
+                format!(
+                    "WITH {} UPDATE messages SET status = f.status, content = f.content, \
+                     tool_calls = COALESCE(f.tool_calls, messages.tool_calls), \
+                     refusal = COALESCE(f.refusal, messages.refusal) \
+                     FROM f WHERE messages.session_id = f.session_id AND messages.seq = f.seq",
+                    d.table("f", FinishUpdate::COLUMNS, count)
+                )
+            }),
+            delete_finished_chunks: d.render_batched(|count| {
+                format!(
+                    "WITH {} DELETE FROM message_chunks WHERE (session_id, seq) IN \
+                     (SELECT session_id, seq FROM f)",
+                    d.table("f", FinishUpdate::COLUMNS, count)
+                )
+            }),
+            delete_chunks: d.render_batched(|count| {
+                format!(
+                    "DELETE FROM message_chunks WHERE session_id {}",
+                    d.in_list(count)
+                )
             }),
         }
     }

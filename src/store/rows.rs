@@ -10,7 +10,9 @@ use uuid::Uuid;
 use super::{KeyRow, NewSessionRow, SessionWrite};
 use crate::error::StorageError;
 use crate::idempotency::KeyRecord;
-use crate::model::{Content, Message, RawJson, Role, SessionInfo, Usage, from_micros};
+use crate::model::{
+    Content, Message, MessageStatus, RawJson, Role, SessionInfo, Usage, from_micros,
+};
 
 /// The SQL type of a written column: PostgreSQL types the arrays it unnests by it.
 #[derive(Clone, Copy, Debug)]
@@ -112,6 +114,7 @@ impl WriteRow for MessageRow<'_> {
         ("refusal", SqlType::Text),
         ("content_parts", SqlType::Text),
         ("metadata", SqlType::Text),
+        ("status", SqlType::Text),
         ("created_at", SqlType::Int),
     ];
 
@@ -137,6 +140,7 @@ impl WriteRow for MessageRow<'_> {
             Value::Text(message.refusal.as_deref()),
             Value::Text(parts),
             Value::Text(message.metadata.as_ref().map(RawJson::get)),
+            Value::Text(Some(message.status.as_str())),
             Value::Int(self.created_at),
         ]
     }
@@ -161,6 +165,7 @@ pub(crate) struct MessageRecord {
     refusal: Option<String>,
     content_parts: Option<String>,
     metadata: Option<String>,
+    status: String,
     created_at: i64,
 }
 
@@ -201,6 +206,10 @@ impl TryFrom<MessageRecord> for Message {
             function_call: parse_json("function_call", record.function_call)?,
             refusal: record.refusal,
             metadata: parse_json("metadata", record.metadata)?,
+            status: record
+                .status
+                .parse::<MessageStatus>()
+                .map_err(|error| corrupt("status", error))?,
             created_at: from_micros(record.created_at),
         })
     }
@@ -209,6 +218,135 @@ impl TryFrom<MessageRecord> for Message {
 /// Checks stored messages into the engine's type.
 pub(crate) fn into_messages(records: Vec<MessageRecord>) -> Result<Vec<Message>, StorageError> {
     records.into_iter().map(Message::try_from).collect()
+}
+
+/// Text appended to a draft by one flush: the deltas the batch accepted for it, together.
+#[derive(Clone, Debug)]
+pub(crate) struct ChunkRow {
+    /// The draft's sequence.
+    pub seq: i64,
+    /// Bytes of the draft's content before this chunk.
+    pub offset: i64,
+    /// The text.
+    pub content: String,
+}
+
+/// A chunk row of one session's write, to insert.
+pub(crate) struct ChunkInsert<'a> {
+    pub session_id: Uuid,
+    pub chunk: &'a ChunkRow,
+}
+
+impl<'a> ChunkInsert<'a> {
+    /// The chunk rows of `write`.
+    pub fn of(write: &'a SessionWrite) -> impl Iterator<Item = ChunkInsert<'a>> {
+        write.chunks.iter().map(|chunk| ChunkInsert {
+            session_id: write.session_id.into(),
+            chunk,
+        })
+    }
+}
+
+impl WriteRow for ChunkInsert<'_> {
+    const COLUMNS: &'static [(&'static str, SqlType)] = &[
+        ("session_id", SqlType::Uuid),
+        ("seq", SqlType::Int),
+        ("byte_offset", SqlType::Int),
+        ("content", SqlType::Bytes),
+    ];
+
+    fn values(&self) -> impl IntoIterator<Item = Value<'_>> {
+        [
+            Value::Uuid(self.session_id),
+            Value::Int(self.chunk.seq),
+            Value::Int(self.chunk.offset),
+            Value::Bytes(Some(self.chunk.content.as_bytes())),
+        ]
+    }
+}
+
+/// A draft a flush finishes: its status, its whole content (the chunks compacted into the
+/// message row, and deleted), and what the finish adds.
+#[derive(Clone, Debug)]
+pub(crate) struct FinishRow {
+    /// The draft's sequence.
+    pub seq: i64,
+    /// Its message, as finished.
+    pub message: Arc<Message>,
+}
+
+/// A finish of one session's write, to apply.
+pub(crate) struct FinishUpdate<'a> {
+    pub session_id: Uuid,
+    pub finish: &'a FinishRow,
+}
+
+impl<'a> FinishUpdate<'a> {
+    /// The finishes of `write`.
+    pub fn of(write: &'a SessionWrite) -> impl Iterator<Item = FinishUpdate<'a>> {
+        write.finishes.iter().map(|finish| FinishUpdate {
+            session_id: write.session_id.into(),
+            finish,
+        })
+    }
+}
+
+impl WriteRow for FinishUpdate<'_> {
+    const COLUMNS: &'static [(&'static str, SqlType)] = &[
+        ("session_id", SqlType::Uuid),
+        ("seq", SqlType::Int),
+        ("status", SqlType::Text),
+        ("content", SqlType::Bytes),
+        ("tool_calls", SqlType::Text),
+        ("refusal", SqlType::Text),
+    ];
+
+    fn values(&self) -> impl IntoIterator<Item = Value<'_>> {
+        let message = &self.finish.message;
+        [
+            Value::Uuid(self.session_id),
+            Value::Int(self.finish.seq),
+            Value::Text(Some(message.status.as_str())),
+            Value::Bytes(message.text().map(str::as_bytes)),
+            Value::Text(message.tool_calls.as_ref().map(RawJson::get)),
+            Value::Text(message.refusal.as_deref()),
+        ]
+    }
+}
+
+/// A stored chunk of a draft.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ChunkRecord {
+    pub seq: i64,
+    pub byte_offset: i64,
+    pub content: Vec<u8>,
+}
+
+/// Adds the stored chunks of `messages`' drafts to their content, in order; a chunk that does
+/// not start where the content ends is corrupt.
+pub(crate) fn with_chunks(
+    messages: &mut [Message],
+    chunks: Vec<ChunkRecord>,
+) -> Result<(), StorageError> {
+    for chunk in chunks {
+        let Some(message) = messages.iter_mut().find(|message| {
+            message.seq == chunk.seq && message.status == MessageStatus::InProgress
+        }) else {
+            continue;
+        };
+        let text = String::from_utf8(chunk.content).map_err(|error| corrupt("chunk", error))?;
+        let content = message
+            .content
+            .get_or_insert_with(|| Content::Text(String::new()));
+        let Content::Text(content) = content else {
+            return Err(corrupt("chunk", "a draft with parts"));
+        };
+        if usize::try_from(chunk.byte_offset).ok() != Some(content.len()) {
+            return Err(corrupt("chunk", "a gap in a draft's chunks"));
+        }
+        content.push_str(&text);
+    }
+    Ok(())
 }
 
 /// The row of a session a flush creates.
@@ -411,11 +549,11 @@ impl SessionRecord {
 }
 
 /// Bytes of message payload (content, texts, JSON) `messages` carry.
-pub(crate) fn payload_bytes(messages: &[Arc<Message>]) -> usize {
+pub(crate) fn payload_bytes<'a>(messages: impl IntoIterator<Item = &'a Arc<Message>>) -> usize {
     let text = |text: &Option<String>| text.as_ref().map_or(0, String::len);
     let json = |json: &Option<RawJson>| json.as_ref().map_or(0, |json| json.get().len());
     messages
-        .iter()
+        .into_iter()
         .map(|message| {
             message.content.as_ref().map_or(0, Content::len)
                 + json(&message.metadata)

@@ -18,14 +18,16 @@ use super::dialect::Batched;
 use super::flush::{FlushPlan, StoredHead, by_session};
 use super::queries::Queries;
 use super::rows::{
-    ExpiredKeys, KeyInsert, KeyRecordRow, MessageRecord, MessageRow, NewSession, SessionChange,
-    SessionRecord, WriteRow, into_messages,
+    ChunkInsert, ChunkRecord, ExpiredKeys, FinishUpdate, KeyInsert, KeyRecordRow, MessageRecord,
+    MessageRow, NewSession, SessionChange, SessionRecord, WriteRow, into_messages, with_chunks,
 };
 use super::{FlushOutcome, LoadedSession, Ownership, SessionWrite};
 use crate::command::SessionCursor;
 use crate::error::StorageError;
 use crate::idempotency::KeyRecord;
-use crate::model::{Member, Message, SessionId, SessionInfo, from_micros, now_micros};
+use crate::model::{
+    Member, Message, MessageStatus, SessionId, SessionInfo, from_micros, now_micros,
+};
 
 /// A SQL store: its connection pools, its rendered statements, and who this process is.
 #[derive(Debug)]
@@ -73,6 +75,15 @@ impl<DB: Backend> Sql<DB> {
     }
 }
 
+/// Which messages of a session a read names.
+#[derive(Clone, Copy)]
+enum MessageQuery<'a> {
+    /// These ids.
+    Ids(&'a [Uuid]),
+    /// The sequences after `after`, up to `last`.
+    Range { after: i64, last: i64 },
+}
+
 /// The shared code needs of a driver what SQLite's and PostgreSQL's both provide: executors
 /// over pools and transactions, the scalar types it binds, and the records it reads.
 impl<DB> Sql<DB>
@@ -93,6 +104,7 @@ where
     for<'r> MessageRecord: FromRow<'r, DB::Row>,
     for<'r> KeyRecordRow: FromRow<'r, DB::Row>,
     for<'r> StoredHead: FromRow<'r, DB::Row>,
+    for<'r> ChunkRecord: FromRow<'r, DB::Row>,
 {
     /// See [`Store::load`](super::Store::load).
     pub async fn load(
@@ -122,13 +134,92 @@ where
                 .fetch_all(&mut *tx)
                 .await?
         };
+        let mut tail = into_messages(records)?;
+        self.complete_drafts(&mut tx, id, &mut tail).await?;
         tx.commit().await?;
         Ok(Some(LoadedSession {
             info,
             deleted,
             epoch,
-            tail: into_messages(records)?,
+            tail,
         }))
+    }
+
+    /// Adds their stored chunks to the drafts among `messages` (read on `tx`, which must be the
+    /// snapshot the messages were read in: a draft finished in between has its chunks gone).
+    async fn complete_drafts(
+        &self,
+        tx: &mut DB::Connection,
+        id: SessionId,
+        messages: &mut [Message],
+    ) -> Result<(), StorageError> {
+        let mut drafts = messages
+            .iter()
+            .filter(|message| message.status == MessageStatus::InProgress)
+            .map(|message| message.seq);
+        let Some(first) = drafts.next() else {
+            return Ok(());
+        };
+        let last = drafts.next_back().unwrap_or(first);
+        let args = Params::<DB>::new().add(id).add(first).add(last).finish()?;
+        let chunks: Vec<ChunkRecord> = sqlx::query_as_with(self.queries.chunks.clone(), args)
+            .fetch_all(&mut *tx)
+            .await?;
+        with_chunks(messages, chunks)
+    }
+
+    /// The messages `query` names, from the reading pool; if drafts are among them, read
+    /// again with the drafts' chunks in one snapshot.
+    async fn read_with_drafts(
+        &self,
+        id: SessionId,
+        query: MessageQuery<'_>,
+    ) -> Result<Vec<Message>, StorageError> {
+        let messages = {
+            let mut connection = self.readers.acquire().await?;
+            into_messages(self.fetch_messages(&mut connection, id, query).await?)?
+        };
+        if messages
+            .iter()
+            .all(|message| message.status != MessageStatus::InProgress)
+        {
+            return Ok(messages);
+        }
+        let mut tx = self.readers.begin_with(DB::DIALECT.begin_snapshot).await?;
+        let mut messages = into_messages(self.fetch_messages(&mut tx, id, query).await?)?;
+        self.complete_drafts(&mut tx, id, &mut messages).await?;
+        tx.commit().await?;
+        Ok(messages)
+    }
+
+    /// The stored rows of the messages `query` names.
+    async fn fetch_messages(
+        &self,
+        connection: &mut DB::Connection,
+        id: SessionId,
+        query: MessageQuery<'_>,
+    ) -> Result<Vec<MessageRecord>, StorageError> {
+        let mut records: Vec<MessageRecord> = Vec::new();
+        match query {
+            MessageQuery::Ids(ids) => {
+                for chunk in DB::DIALECT.list_chunks(ids) {
+                    let args = Params::<DB>::new().add(id).list(chunk).finish()?;
+                    let statement = self.queries.stored_messages.get(chunk.len());
+                    records.extend(
+                        sqlx::query_as_with(statement, args)
+                            .fetch_all(&mut *connection)
+                            .await?,
+                    );
+                }
+            }
+            MessageQuery::Range { after, last } => {
+                let args = Params::<DB>::new().add(id).add(after).add(last).finish()?;
+                records = sqlx::query_as_with(self.queries.read_messages.clone(), args)
+                    .fetch_all(&mut *connection)
+                    .await?;
+            }
+        }
+        Ok(records)
     }
 
     /// See [`Store::stored_ids`](super::Store::stored_ids).
@@ -155,17 +246,7 @@ where
         id: SessionId,
         ids: &[Uuid],
     ) -> Result<Vec<Message>, StorageError> {
-        let mut records: Vec<MessageRecord> = Vec::new();
-        for chunk in DB::DIALECT.list_chunks(ids) {
-            let args = Params::<DB>::new().add(id).list(chunk).finish()?;
-            let statement = self.queries.stored_messages.get(chunk.len());
-            records.extend(
-                sqlx::query_as_with(statement, args)
-                    .fetch_all(&self.readers)
-                    .await?,
-            );
-        }
-        into_messages(records)
+        self.read_with_drafts(id, MessageQuery::Ids(ids)).await
     }
 
     /// See [`Store::key_records`](super::Store::key_records).
@@ -208,16 +289,14 @@ where
         limit: usize,
     ) -> Result<Vec<Message>, StorageError> {
         let last = after_seq.saturating_add(limit as i64);
-        let args = Params::<DB>::new()
-            .add(id)
-            .add(after_seq)
-            .add(last)
-            .finish()?;
-        let records: Vec<MessageRecord> =
-            sqlx::query_as_with(self.queries.read_messages.clone(), args)
-                .fetch_all(&self.readers)
-                .await?;
-        into_messages(records)
+        self.read_with_drafts(
+            id,
+            MessageQuery::Range {
+                after: after_seq,
+                last,
+            },
+        )
+        .await
     }
 
     /// See [`Store::list_sessions`](super::Store::list_sessions).
@@ -374,6 +453,7 @@ where
                 continue;
             }
             self.update_sessions(tx, writes, &active, now).await?;
+            self.write_drafts(tx, writes, &active).await?;
             transaction.commit().await?;
             return Ok(plan.commit_active());
         }
@@ -487,6 +567,32 @@ where
             .await
     }
 
+    /// Appends the active writes' chunks to their drafts, and finishes their finished drafts
+    /// (the whole text into the message row, the chunks deleted).
+    async fn write_drafts(
+        &self,
+        tx: &mut DB::Connection,
+        writes: &[SessionWrite],
+        active: &[usize],
+    ) -> Result<(), StorageError> {
+        let chunks: Vec<ChunkInsert> = active
+            .iter()
+            .flat_map(|&index| ChunkInsert::of(&writes[index]))
+            .collect();
+        let queries = &self.queries;
+        self.run_chunks(tx, &queries.insert_chunks, &chunks, identity)
+            .await?;
+        let finishes: Vec<FinishUpdate> = active
+            .iter()
+            .flat_map(|&index| FinishUpdate::of(&writes[index]))
+            .collect();
+        self.run_chunks(tx, &queries.finish_messages, &finishes, identity)
+            .await?;
+        self.run_chunks(tx, &queries.delete_finished_chunks, &finishes, identity)
+            .await?;
+        Ok(())
+    }
+
     /// Applies the active writes to their sessions (taking them over and renewing the lease),
     /// and deletes the messages of the sessions they delete.
     async fn update_sessions(
@@ -517,6 +623,10 @@ where
         for chunk in DB::DIALECT.list_chunks(&deleted) {
             let args = Params::<DB>::new().list(chunk).finish()?;
             sqlx::query_with(self.queries.delete_messages.get(chunk.len()), args)
+                .execute(&mut *tx)
+                .await?;
+            let args = Params::<DB>::new().list(chunk).finish()?;
+            sqlx::query_with(self.queries.delete_chunks.get(chunk.len()), args)
                 .execute(&mut *tx)
                 .await?;
         }

@@ -184,6 +184,30 @@ pub async fn stored_owner(url: &str, session: SessionId) -> Result<Option<Uuid>>
     Ok(row.and_then(|(owner,)| owner))
 }
 
+/// The stored chunks of a session's drafts, `(seq, byte offset, bytes)` in order, straight
+/// from the database at `url`.
+pub async fn stored_chunks(url: &str, session: SessionId) -> Result<Vec<(i64, i64, i64)>> {
+    let sql = "SELECT seq, byte_offset, CAST(LENGTH(content) AS BIGINT) FROM message_chunks \
+               WHERE session_id = {} ORDER BY seq, byte_offset";
+    if url.starts_with("postgres") {
+        let mut connection = PgConnection::connect(url).await?;
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(sql.replace("{}", "$1")))
+            .bind(session)
+            .fetch_all(&mut connection)
+            .await;
+        let _ = connection.close().await;
+        rows.map_err(Error::from)
+    } else {
+        let mut connection = SqliteConnection::connect(url).await?;
+        let rows = sqlx::query_as(sqlx::AssertSqlSafe(sql.replace("{}", "?")))
+            .bind(session)
+            .fetch_all(&mut connection)
+            .await;
+        let _ = connection.close().await;
+        rows.map_err(Error::from)
+    }
+}
+
 /// Asserts that sequences are exactly 0..n-1 and that no message id appears twice.
 #[track_caller]
 pub fn assert_contiguous(rows: &[(i64, Uuid)]) {

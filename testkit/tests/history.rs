@@ -82,6 +82,7 @@ fn message(seq: i64, id: Uuid) -> Arc<Message> {
         function_call: None,
         refusal: None,
         metadata: None,
+        status: Default::default(),
         created_at: chrono::Utc::now(),
     })
 }

@@ -14,6 +14,7 @@ use crate::store::LoadedSession;
 const RULES: StageRules = StageRules {
     hide_foreign: true,
     key_retention: i64::MAX,
+    max_content_bytes: 64 * 1024,
 };
 const NOW: i64 = 1_700_000_000_000_000;
 

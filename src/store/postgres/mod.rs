@@ -242,10 +242,7 @@ impl PostgresStore {
         // statement, so one round trip and its own transaction; creates and deletes take the
         // multi-statement path, as does a fast attempt that met a stored message id or a row
         // written by something other than soloist (a unique violation).
-        if writes
-            .iter()
-            .all(|write| write.create.is_none() && !write.delete && write.keys.is_empty())
-        {
+        if !writes.iter().any(SessionWrite::needs_general_flush) {
             match self.flush_in_one_statement(writes).await {
                 Err(error) if error.code() == Some(UNIQUE_VIOLATION) => {}
                 other => return other,

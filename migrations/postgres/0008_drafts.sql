@@ -1,0 +1,14 @@
+-- Drafts: an assistant reply streamed as it is generated. Its message row takes its sequence
+-- when the draft starts (`status` 'in_progress'); the text each flush appends to it is a chunk
+-- row (one per draft per flush, at the byte offset it starts at), so that no flush rewrites the
+-- growing message. Finishing the draft writes the whole text into the message row and deletes
+-- its chunks, in one transaction.
+ALTER TABLE messages ADD COLUMN status TEXT NOT NULL DEFAULT 'completed';
+
+CREATE TABLE message_chunks (
+    session_id  UUID   NOT NULL,
+    seq         BIGINT NOT NULL,
+    byte_offset BIGINT NOT NULL,
+    content     BYTEA  NOT NULL,
+    PRIMARY KEY (session_id, seq, byte_offset)
+);
