@@ -309,6 +309,12 @@ enum WireError {
     TurnInProgress {
         id: Uuid,
     },
+    UnknownToolCall {
+        id: String,
+    },
+    ToolCallAnswered {
+        id: String,
+    },
     Overloaded {
         millis: u64,
     },
@@ -351,6 +357,8 @@ impl From<Result<Reply>> for Answer {
                 Error::OffsetConflict { length } => WireError::OffsetConflict { length },
                 Error::FinishConflict { status } => WireError::FinishConflict { status },
                 Error::TurnInProgress { id } => WireError::TurnInProgress { id },
+                Error::UnknownToolCall { id } => WireError::UnknownToolCall { id },
+                Error::ToolCallAnswered { id } => WireError::ToolCallAnswered { id },
                 Error::Overloaded(wait) => WireError::Overloaded {
                     millis: millis(wait),
                 },
@@ -390,6 +398,8 @@ impl From<Answer> for Result<Reply> {
             WireError::OffsetConflict { length } => Error::OffsetConflict { length },
             WireError::FinishConflict { status } => Error::FinishConflict { status },
             WireError::TurnInProgress { id } => Error::TurnInProgress { id },
+            WireError::UnknownToolCall { id } => Error::UnknownToolCall { id },
+            WireError::ToolCallAnswered { id } => Error::ToolCallAnswered { id },
             WireError::Overloaded { millis } => Error::Overloaded(Duration::from_millis(millis)),
             WireError::ShuttingDown => Error::ShuttingDown,
             WireError::ActorFailed => Error::ActorFailed,
@@ -548,6 +558,12 @@ mod tests {
                 status: MessageStatus::Incomplete,
             },
             Error::TurnInProgress { id: Uuid::new_v4() },
+            Error::UnknownToolCall {
+                id: "call_1".into(),
+            },
+            Error::ToolCallAnswered {
+                id: "call_2".into(),
+            },
             Error::Overloaded(Duration::from_millis(250)),
             Error::Timeout(Duration::from_secs(30)),
             Error::OwnerUnreachable("reset".into()),

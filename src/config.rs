@@ -93,6 +93,10 @@ pub struct EngineConfig {
     /// A session actor idle this long passivates (its memory is freed; the next command
     /// reloads it).
     pub idle_timeout: Duration,
+    /// A draft (a streamed reply in progress) that gets no delta for this long is finished
+    /// `incomplete` by the process that holds its session; so is one found in progress when
+    /// its session is activated, if no delta comes within this long. Default 60 s.
+    pub draft_timeout: Duration,
     /// Live session actors at most; beyond it the least recently used idle ones passivate.
     pub max_live_sessions: Option<usize>,
     /// Newest messages kept in memory per live session; older pages are read from the database.
@@ -152,6 +156,7 @@ impl EngineConfig {
             command_timeout: Some(Duration::from_secs(30)),
             database_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(300),
+            draft_timeout: Duration::from_secs(60),
             max_live_sessions: Some(100_000),
             cached_messages: 1000,
             max_conflict_retries: 8,

@@ -31,10 +31,10 @@ use crate::writer::Writer;
 /// The session engine. Cheap to clone; every clone drives the same sessions.
 #[derive(Clone)]
 pub struct Engine {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     registry: Registry<SessionActor>,
     shared: Arc<Shared>,
     /// The writer tasks, waited for at shutdown.
@@ -128,6 +128,7 @@ impl Engine {
             stats,
             // Until the feed listens for the first time, reads check the stored version.
             feed_down: AtomicBool::new(feed_listens),
+            drafts: Arc::default(),
             config,
             #[cfg(any(test, feature = "fault-injection"))]
             faults: Default::default(),
@@ -176,7 +177,7 @@ impl Engine {
         let () = feed_pause;
         writers.close();
         info!(database = %redact(&shared.config.database_url), "soloist engine started");
-        Ok(Engine {
+        let engine = Engine {
             inner: Arc::new(Inner {
                 registry,
                 shared,
@@ -193,7 +194,15 @@ impl Engine {
                 #[cfg(any(test, feature = "fault-injection"))]
                 feed_listens,
             }),
-        })
+        };
+        let inner = &engine.inner;
+        inner.writers.spawn(crate::drafts::finish_abandoned(
+            Arc::downgrade(inner),
+            inner.shared.drafts.clone(),
+            inner.shared.config.draft_timeout,
+            inner.stop_feed.clone(),
+        ));
+        Ok(engine)
     }
 
     /// The configuration the engine runs with.
@@ -433,11 +442,13 @@ impl Engine {
         user_id: &str,
         session_id: SessionId,
         after_seq: i64,
+        draft: Option<i64>,
     ) -> Result<Subscribed> {
         check_user(user_id, &self.config().limits)?;
         let subscribe = Subscribe {
             user_id: user_id.to_owned(),
             after_seq,
+            draft,
         };
         self.ask(session_id, "subscribe", |respond| {
             Box::new(Request::Read(Read::Subscribe(subscribe, respond)))

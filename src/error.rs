@@ -96,6 +96,20 @@ pub enum Error {
         /// The draft in progress.
         id: uuid::Uuid,
     },
+    /// A `tool` message answers a tool call that no earlier assistant message of the session
+    /// made. Nothing was applied. HTTP 409.
+    #[error("no assistant message of this session made tool call {id:?}")]
+    UnknownToolCall {
+        /// The `tool_call_id`.
+        id: String,
+    },
+    /// A `tool` message answers a tool call that was answered already. Nothing was applied.
+    /// HTTP 409.
+    #[error("tool call {id:?} was answered already")]
+    ToolCallAnswered {
+        /// The `tool_call_id`.
+        id: String,
+    },
     /// The command was conditional on the session's version (`If-Match`) and the session is at
     /// another one: it changed since the caller read it. Nothing was applied. HTTP 412.
     #[error("the session is at version {current}, not the one the command was conditional on")]
@@ -218,7 +232,9 @@ impl Error {
             | Error::OffsetGap { .. }
             | Error::OffsetConflict { .. }
             | Error::FinishConflict { .. }
-            | Error::TurnInProgress { .. } => 409,
+            | Error::TurnInProgress { .. }
+            | Error::UnknownToolCall { .. }
+            | Error::ToolCallAnswered { .. } => 409,
             Error::PreconditionFailed { .. } => 412,
             Error::Overloaded(_) => 429,
             Error::ShuttingDown
@@ -246,6 +262,8 @@ impl Error {
             Error::OffsetConflict { .. } => "offset_conflict",
             Error::FinishConflict { .. } => "finish_conflict",
             Error::TurnInProgress { .. } => "turn_in_progress",
+            Error::UnknownToolCall { .. } => "unknown_tool_call",
+            Error::ToolCallAnswered { .. } => "tool_call_answered",
             Error::PreconditionFailed { .. } => "precondition_failed",
             Error::Overloaded(_) => "overloaded",
             Error::ShuttingDown => "shutting_down",

@@ -9,7 +9,7 @@ use crate::command::{
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::model::{Message, MessageStatus, NewMessage, RawJson, SessionId, SessionInfo, Usage};
-use crate::subscription::MessageStream;
+use crate::subscription::{MessageStream, Position};
 
 /// A handle on one session acting as one user: the engine's commands with the ids filled in.
 /// Cheap to clone and to share between tasks.
@@ -51,6 +51,7 @@ impl SessionHandle {
                 session_id: self.session_id,
                 messages,
                 if_version: None,
+                on_busy: Default::default(),
             })
             .await
             .map(|appended| appended.sequences)
@@ -156,11 +157,19 @@ impl SessionHandle {
     /// Follows the session: the stored messages after `after_seq` (all when `None`), then each
     /// new message as it commits, gap-free and in order.
     pub async fn subscribe(&self, after_seq: Option<i64>) -> Result<MessageStream> {
+        self.subscribe_from(Position::after(after_seq.unwrap_or(-1)))
+            .await
+    }
+
+    /// Follows the session from `position` (what a subscriber was given: see [`Position`]):
+    /// the messages after it and the rest of its open draft, then everything as it commits.
+    /// Read events with [`MessageStream::next_event`] to follow drafts delta by delta.
+    pub async fn subscribe_from(&self, position: Position) -> Result<MessageStream> {
         MessageStream::start(
             self.engine.clone(),
             self.user_id.clone(),
             self.session_id,
-            after_seq.unwrap_or(-1),
+            position,
         )
         .await
     }

@@ -48,6 +48,7 @@ mod backoff;
 pub mod cluster;
 pub mod command;
 pub mod config;
+mod drafts;
 pub mod engine;
 pub mod error;
 mod faults;
@@ -65,7 +66,7 @@ mod writer;
 pub use command::{
     AddUsage, AppendDeltas, AppendMessages, Appended, Command, CreateSession, Created,
     DeleteSession, Delta, DeltasAppended, FinishMessage, GetSession, ListSessions, MAX_DELTAS,
-    MessageFinished, Reply, SessionCursor, SessionList, SessionPage, UpdateSession,
+    MessageFinished, OnBusy, Reply, SessionCursor, SessionList, SessionPage, UpdateSession,
 };
 pub use config::{EngineConfig, Limits, SqliteSync};
 pub use engine::Engine;
@@ -74,11 +75,11 @@ pub use engine::{ChangeFeedPaused, WritesPaused};
 pub use error::{Error, Result, StorageError};
 pub use handle::SessionHandle;
 pub use model::{
-    Content, Member, Message, MessageStatus, NewMessage, RawJson, Role, SessionId, SessionInfo,
-    Usage,
+    Content, Member, Message, MessageStatus, NewMessage, PendingToolCall, RawJson, Role, SessionId,
+    SessionInfo, Usage,
 };
 pub use stats::Stats;
-pub use subscription::MessageStream;
+pub use subscription::{MessageStream, Position, StreamEvent};
 pub use uuid;
 
 /// The README's example, compiled as a doctest so it cannot drift from the API.

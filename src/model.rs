@@ -548,6 +548,34 @@ impl NewMessage {
     }
 }
 
+/// The ids of the tool calls in an assistant message's `tool_calls` (an array of objects
+/// with an `"id"`; entries without one cannot be answered, and are left out).
+pub(crate) fn tool_call_ids(tool_calls: &RawJson) -> Vec<String> {
+    #[derive(Deserialize)]
+    struct Call<'a> {
+        #[serde(default, borrow)]
+        id: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_str::<Vec<Call<'_>>>(tool_calls.get())
+        .map(|calls| {
+            calls
+                .into_iter()
+                .filter_map(|call| call.id.map(std::borrow::Cow::into_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A tool call an assistant message of the session made that no `tool` message has answered
+/// yet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingToolCall {
+    /// The call's id, which the answer names as its `tool_call_id`.
+    pub id: String,
+    /// The sequence of the assistant message that made it.
+    pub seq: i64,
+}
+
 /// Token usage counters of a session; they only move by deltas.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {

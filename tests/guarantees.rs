@@ -324,6 +324,7 @@ async fn every_command_gets_one_reply(db: TestDb) {
                     session_id,
                     messages: vec![role_message],
                     if_version: None,
+                    on_busy: Default::default(),
                 };
                 let result = client.append_command(&engine, command).await;
                 match result {

@@ -183,7 +183,141 @@ async fn malformed_parts_and_metadata_are_refused_whole(db: TestDb) {
     assert!(parsed.is_err(), "{parsed:?}");
 }
 
+fn tool_result(call: &str) -> NewMessage {
+    NewMessage {
+        tool_call_id: Some(call.into()),
+        ..NewMessage::new(Role::Tool, format!("result of {call}"))
+    }
+}
+
+fn pending(page: &soloist::SessionPage) -> Vec<(String, i64)> {
+    page.pending_tool_calls
+        .iter()
+        .map(|call| (call.id.clone(), call.seq))
+        .collect()
+}
+
+/// A tool message answers, by its `tool_call_id`, a call an earlier assistant message made and
+/// nobody answered: an unknown call and a second answer are refused and store nothing; call
+/// ids are unique in a session; the calls waiting for an answer show in every read, also once
+/// the calls are older than the cached messages and the session was loaded again.
+async fn tool_results_pair_with_tool_calls(db: TestDb) {
+    let config = soloist::EngineConfig {
+        cached_messages: 2,
+        ..db.config()
+    };
+    let engine = db.engine_with(config).await.expect("engine");
+    let session = created(&engine).await;
+    let calls = message(
+        r#"{"role": "assistant", "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+            {"id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}"#,
+    );
+    session.append(vec![calls]).await.expect("calls");
+    let page = session.get(None, None).await.expect("read");
+    assert_eq!(
+        pending(&page),
+        vec![("call_a".into(), 0), ("call_b".into(), 0)]
+    );
+
+    let answer = tool_result("call_a").with_id(soloist::uuid::Uuid::now_v7());
+    assert_eq!(
+        session.append(vec![answer.clone()]).await.expect("answer"),
+        vec![1]
+    );
+    assert_eq!(
+        session
+            .append(vec![answer])
+            .await
+            .expect("the same answer again"),
+        vec![1],
+        "a resend is not a second answer"
+    );
+    let twice = session.append(vec![tool_result("call_a")]).await;
+    assert!(
+        matches!(&twice, Err(Error::ToolCallAnswered { id }) if id == "call_a"),
+        "{twice:?}"
+    );
+    let unknown = session.append(vec![tool_result("call_z")]).await;
+    assert!(
+        matches!(&unknown, Err(Error::UnknownToolCall { id }) if id == "call_z"),
+        "{unknown:?}"
+    );
+    let reused = session
+        .append(vec![message(
+            r#"{"role": "assistant", "tool_calls": [{"id": "call_b", "type": "function"}]}"#,
+        )])
+        .await;
+    assert!(
+        matches!(&reused, Err(Error::InvalidInput { field, .. }) if field == "messages[0].tool_calls"),
+        "{reused:?}"
+    );
+    // In one append: a call and its answer; a second answer to it in the same append is
+    // refused, and refuses the whole append.
+    let both = session
+        .append(vec![
+            message(r#"{"role": "assistant", "tool_calls": [{"id": "call_c"}]}"#),
+            tool_result("call_c"),
+            tool_result("call_c"),
+        ])
+        .await;
+    assert!(
+        matches!(&both, Err(Error::ToolCallAnswered { .. })),
+        "{both:?}"
+    );
+    let page = session.get(None, None).await.expect("read");
+    assert_eq!(
+        page.session.message_count, 2,
+        "no refused append stored anything"
+    );
+    assert_eq!(pending(&page), vec![("call_b".into(), 0)]);
+
+    // The calls fall out of the two cached messages, and the session is loaded again.
+    for turn in 0..4 {
+        session
+            .append(vec![NewMessage::user(format!("turn {turn}"))])
+            .await
+            .expect("user");
+    }
+    passivated(&engine, &session).await;
+    let page = session.get(Some(4), None).await.expect("read");
+    assert_eq!(pending(&page), vec![("call_b".into(), 0)]);
+    let twice = session.append(vec![tool_result("call_a")]).await;
+    assert!(
+        matches!(&twice, Err(Error::ToolCallAnswered { .. })),
+        "{twice:?}"
+    );
+    session
+        .append(vec![tool_result("call_b")])
+        .await
+        .expect("the other answer");
+    // A streamed reply's tool calls come with its finish.
+    let (draft, seq) = session
+        .start_message(NewMessage::assistant("Checking"))
+        .await
+        .expect("draft");
+    let finish = soloist::FinishMessage {
+        user_id: "alice".into(),
+        session_id: session.id(),
+        message_id: draft,
+        status: soloist::MessageStatus::Completed,
+        tool_calls: Some(
+            RawJson::parse(r#"[{"id": "call_d", "type": "function"}]"#).expect("json"),
+        ),
+        refusal: None,
+        usage: None,
+    };
+    engine.finish_message(finish).await.expect("finish");
+    let page = session.get(None, Some(0)).await.expect("read");
+    assert_eq!(pending(&page), vec![("call_d".into(), seq)]);
+    session
+        .append(vec![tool_result("call_d")])
+        .await
+        .expect("answered");
+}
+
 on_every_backend!(
     parts_and_metadata_round_trip_exactly,
-    malformed_parts_and_metadata_are_refused_whole
+    malformed_parts_and_metadata_are_refused_whole,
+    tool_results_pair_with_tool_calls
 );

@@ -274,6 +274,7 @@ async fn writes_honour_the_version_they_read(db: TestDb) {
         session_id: session.id(),
         messages,
         if_version,
+        on_busy: Default::default(),
     };
     assert!(matches!(
         engine.append(append(vec![message.clone()], stale)).await,

@@ -121,6 +121,7 @@ async fn append(engine: &Engine, session: SessionId, text: &str) -> soloist::Res
             session_id: session,
             messages: vec![NewMessage::user(text)],
             if_version: None,
+            on_busy: Default::default(),
         })
         .await
         .map(|appended| appended.sequences)

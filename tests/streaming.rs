@@ -9,8 +9,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use soloist::uuid::Uuid;
 use soloist::{
-    AppendDeltas, Delta, Engine, Error, MessageStatus, NewMessage, Role, SessionHandle, SessionId,
-    Usage,
+    AppendDeltas, AppendMessages, Delta, Engine, Error, MessageStatus, MessageStream, NewMessage,
+    OnBusy, Role, SessionHandle, SessionId, StreamEvent, Usage,
 };
 use soloist_testkit::{TestDb, on_every_backend, stored_chunks};
 
@@ -184,19 +184,45 @@ async fn one_reply_streams_at_a_time(db: TestDb) {
         matches!(&refused, Err(Error::InvalidInput { field, .. }) if field == "messages[0].status"),
         "{refused:?}"
     );
-    session
-        .finish_message(first, MessageStatus::Incomplete, None)
+    // `on_busy: interrupt` finishes the running draft incomplete and starts the new one, in
+    // one commit.
+    assert_eq!(
+        plain(session.append_delta(first, 0, "partial").await),
+        Ok(7)
+    );
+    let mut next = NewMessage::assistant("");
+    next.status = Some(MessageStatus::InProgress);
+    let interrupting = engine
+        .append(AppendMessages {
+            user_id: "alice".into(),
+            session_id: session.id(),
+            messages: vec![next],
+            if_version: None,
+            on_busy: OnBusy::Interrupt,
+        })
         .await
-        .expect("finish");
-    let (next, seq) = session
-        .start_message(NewMessage::assistant(""))
-        .await
-        .expect("the next turn");
-    assert_eq!(seq, 1);
-    assert_ne!(next, first);
+        .expect("interrupt");
+    assert_eq!(interrupting.sequences, vec![1]);
+    passivated(&engine, &session).await;
     let page = session.get(None, None).await.expect("read");
-    assert_eq!(page.messages[0].status, MessageStatus::Incomplete);
+    assert_eq!(
+        (page.messages[0].status, page.messages[0].text()),
+        (MessageStatus::Incomplete, Some("partial"))
+    );
     assert_eq!(page.messages[1].status, MessageStatus::InProgress);
+    assert_eq!(
+        plain(session.append_delta(first, 7, "!").await),
+        err(Error::MessageFinished {
+            status: MessageStatus::Incomplete
+        })
+    );
+    if db.shareable() {
+        let chunks = stored_chunks(&db.url, session.id()).await.expect("chunks");
+        assert!(
+            chunks.is_empty(),
+            "the interrupted draft was compacted: {chunks:?}"
+        );
+    }
 }
 
 /// Deltas that queue up while a flush is in flight share the next one: fewer chunks than
@@ -256,8 +282,197 @@ async fn deltas_share_flushes(db: TestDb) {
     }
 }
 
+/// The next event of `stream`, within 5 s.
+async fn event(stream: &mut MessageStream) -> StreamEvent {
+    tokio::time::timeout(Duration::from_secs(5), stream.next_event())
+        .await
+        .expect("an event within 5 s")
+        .expect("an event")
+}
+
+/// What a subscriber sees: whole messages, a draft created with its content so far, each
+/// durable delta at its offset, the finish; and one that resumes from a position mid-draft
+/// gets the rest of the draft from that byte, with no gap and no repeat.
+async fn subscribers_follow_drafts_and_resume_mid_draft(db: TestDb) {
+    let engine = db.engine().await.expect("engine");
+    let session = created(&engine).await;
+    let mut stream = session.subscribe(None).await.expect("subscribe");
+    session
+        .append(vec![NewMessage::user("Hi")])
+        .await
+        .expect("question");
+    let StreamEvent::Message(question) = event(&mut stream).await else {
+        panic!("a whole message first");
+    };
+    assert_eq!(question.text(), Some("Hi"));
+    let (draft, seq) = session
+        .start_message(NewMessage::assistant("He"))
+        .await
+        .expect("start");
+    match event(&mut stream).await {
+        StreamEvent::Created(message) => {
+            assert_eq!((message.seq, message.text()), (seq, Some("He")));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(stream.position().to_string(), format!("{seq}:2"));
+    session.append_delta(draft, 2, "llo").await.expect("delta");
+    assert_eq!(
+        event(&mut stream).await,
+        StreamEvent::Delta {
+            seq,
+            offset: 2,
+            content: "llo".into()
+        }
+    );
+    let resume_at = stream.position();
+    assert_eq!(resume_at.to_string(), format!("{seq}:5"));
+    session
+        .append_delta(draft, 5, ", wor")
+        .await
+        .expect("delta");
+    // A user message while the reply streams, then more of the reply.
+    session
+        .append(vec![NewMessage::user("(meanwhile)")])
+        .await
+        .expect("meanwhile");
+    session.append_delta(draft, 10, "ld").await.expect("delta");
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(event(&mut stream).await);
+    }
+    assert_eq!(
+        seen[0],
+        StreamEvent::Delta {
+            seq,
+            offset: 5,
+            content: ", wor".into()
+        }
+    );
+    assert!(matches!(&seen[1], StreamEvent::Message(message) if message.seq == seq + 1));
+    assert_eq!(
+        seen[2],
+        StreamEvent::Delta {
+            seq,
+            offset: 10,
+            content: "ld".into()
+        }
+    );
+    assert_eq!(
+        stream.position().to_string(),
+        format!("{}/{seq}:12", seq + 1)
+    );
+
+    // Connecting now: the draft with its content so far, then the rest.
+    let mut late = session.subscribe(Some(seq - 1)).await.expect("late");
+    match event(&mut late).await {
+        StreamEvent::Created(message) => assert_eq!(message.text(), Some("Hello, world")),
+        other => panic!("{other:?}"),
+    }
+    session
+        .finish_message(draft, MessageStatus::Completed, None)
+        .await
+        .expect("finish");
+    assert!(
+        matches!(event(&mut stream).await, StreamEvent::Finished(message) if message.status == MessageStatus::Completed)
+    );
+    assert_eq!(stream.position().to_string(), format!("{}", seq + 1));
+
+    // Resuming from a position mid-draft, after the draft ended (and the session was let go,
+    // so everything comes from the database): the rest of the draft from that byte, its
+    // finish, then the messages after it.
+    passivated(&engine, &session).await;
+    let mut resumed = session.subscribe_from(resume_at).await.expect("resume");
+    assert_eq!(
+        event(&mut resumed).await,
+        StreamEvent::Delta {
+            seq,
+            offset: 5,
+            content: ", world".into()
+        }
+    );
+    assert!(
+        matches!(event(&mut resumed).await, StreamEvent::Finished(message) if message.text() == Some("Hello, world"))
+    );
+    assert!(
+        matches!(event(&mut resumed).await, StreamEvent::Message(message) if message.seq == seq + 1)
+    );
+}
+
 on_every_backend!(
+    subscribers_follow_drafts_and_resume_mid_draft,
     a_draft_streams_resends_nothing_twice_and_finishes_once,
     one_reply_streams_at_a_time,
     deltas_share_flushes
 );
+
+/// Waits until the message at `seq` is no longer in progress (at most 5 s).
+async fn ended(session: &SessionHandle, seq: i64) -> (MessageStatus, Option<String>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = read(session, seq).await;
+        if now.0 != MessageStatus::InProgress || std::time::Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A draft that gets no delta for `draft_timeout` is finished `incomplete`, keeping its text;
+/// one left in progress by a process that stopped is finished so by the next process that
+/// activates its session, once its timeout passed there with no delta.
+async fn abandoned_drafts_end_incomplete(db: TestDb) {
+    let quick = soloist::EngineConfig {
+        draft_timeout: Duration::from_millis(200),
+        ..db.config()
+    };
+    let engine = db.engine_with(quick.clone()).await.expect("engine");
+    let session = created(&engine).await;
+    let (draft, seq) = session
+        .start_message(NewMessage::assistant("half a"))
+        .await
+        .expect("start");
+    assert_eq!(
+        plain(session.append_delta(draft, 6, " reply").await),
+        Ok(12)
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(
+        ended(&session, seq).await,
+        (MessageStatus::Incomplete, Some("half a reply".into()))
+    );
+    assert!(started.elapsed() >= Duration::from_millis(200));
+
+    // A process that stops with a draft streaming leaves it in progress in the database.
+    let patient = soloist::EngineConfig {
+        draft_timeout: Duration::from_secs(3600),
+        ..db.config()
+    };
+    let first = db.engine_with(patient).await.expect("first engine");
+    let orphaned = created(&first).await;
+    let (_, seq) = orphaned
+        .start_message(NewMessage::assistant("cut"))
+        .await
+        .expect("start");
+    first.shutdown().await;
+    drop(first);
+    let next = db.engine_with(quick).await.expect("next engine");
+    let orphaned = next.session("alice", orphaned.id());
+    assert_eq!(
+        read(&orphaned, seq).await,
+        (MessageStatus::InProgress, Some("cut".into())),
+        "still in progress when found"
+    );
+    assert_eq!(
+        ended(&orphaned, seq).await,
+        (MessageStatus::Incomplete, Some("cut".into()))
+    );
+    next.shutdown().await;
+    engine.shutdown().await;
+}
+
+/// Two engines on one database: the backends they can share.
+mod shared {
+    use super::*;
+    soloist_testkit::on_shared_backends!(abandoned_drafts_end_incomplete);
+}

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use soloist::{
-    Delta, Message, MessageStatus, NewMessage, RawJson, SessionCursor, SessionId, SessionInfo,
-    SessionList, SessionPage, Usage,
+    Delta, Message, MessageStatus, NewMessage, OnBusy, PendingToolCall, RawJson, SessionCursor,
+    SessionId, SessionInfo, SessionList, SessionPage, Usage,
 };
 
 use crate::error::ApiError;
@@ -58,6 +58,9 @@ impl From<SessionInfo> for SessionSummary {
 #[serde(deny_unknown_fields)]
 pub struct AppendBody {
     pub messages: Vec<NewMessage>,
+    /// What a draft started here does while another streams.
+    #[serde(default)]
+    pub on_busy: OnBusy,
 }
 
 /// `GET /v1/sessions/{id}` query.
@@ -79,6 +82,8 @@ pub struct SessionPageBody {
     /// Pass as `after_seq` for the next page; absent at the end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_after_seq: Option<i64>,
+    /// Tool calls still waiting for their answer.
+    pub pending_tool_calls: Vec<PendingToolCall>,
 }
 
 impl From<SessionPage> for SessionPageBody {
@@ -87,6 +92,7 @@ impl From<SessionPage> for SessionPageBody {
             session: page.session.into(),
             messages: page.messages,
             next_after_seq: page.next_after_seq,
+            pending_tool_calls: page.pending_tool_calls,
         }
     }
 }

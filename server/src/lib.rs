@@ -42,7 +42,8 @@ use futures::Stream;
 use soloist::uuid::Uuid;
 use soloist::{
     AddUsage, AppendDeltas, AppendMessages, Appended, CreateSession, DeleteSession, DeltasAppended,
-    Engine, FinishMessage, GetSession, ListSessions, Message, SessionId, UpdateSession, Usage,
+    Engine, FinishMessage, GetSession, ListSessions, Message, Position, SessionId, StreamEvent,
+    UpdateSession, Usage,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -399,6 +400,7 @@ async fn append_messages(
             session_id,
             messages: body.messages,
             if_version,
+            on_busy: body.on_busy,
         })
         .await?;
     Ok(Json(appended))
@@ -553,8 +555,16 @@ async fn delete_session(
 }
 
 /// Server-Sent Events: the stored messages after `after_seq` (or after the `Last-Event-ID` a
-/// reconnecting client sends), then each new message as it commits. Each event's id is the
-/// message's sequence, so a client that reconnects resumes exactly where it stopped.
+/// reconnecting client sends), then each new message as it commits, and the drafts among them
+/// as they grow and end:
+/// - `message`: a new message, whole (its JSON);
+/// - `message.created`: a new draft, with its content so far;
+/// - `message.delta`: `{"seq", "offset", "content"}`, text a draft grew by, once durable;
+/// - `message.finished`: a draft as it ended.
+///
+/// Each event's id is the stream's [`Position`] after it (`7`, `7:120`, `8/7:120`), so a
+/// client that reconnects with it resumes exactly: the messages after it, and the rest of an
+/// open draft from the byte it stopped at, with no gap and no repeat.
 async fn events(
     State(state): State<AppState>,
     UserId(user_id): UserId,
@@ -562,15 +572,24 @@ async fn events(
     QueryParams(query): QueryParams<EventsQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let resume = headers
+    let resume = match headers
         .get("last-event-id")
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<i64>().ok());
-    let after_seq = resume.or(query.after_seq);
+        .map(|value| value.to_str().unwrap_or_default())
+    {
+        Some(id) => Some(id.trim().parse::<Position>().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                "Last-Event-ID is not an event id of this stream",
+            )
+        })?),
+        None => None,
+    };
+    let position = resume.unwrap_or_else(|| Position::after(query.after_seq.unwrap_or(-1)));
     let stream = state
         .engine
         .session(user_id, session_id)
-        .subscribe(after_seq)
+        .subscribe_from(position)
         .await?;
     let shutdown = state.shutdown.clone();
     let events = futures::stream::unfold(
@@ -580,15 +599,38 @@ async fn events(
                 return None;
             }
             let next = tokio::select! {
-                next = stream.next() => next,
+                next = stream.next_event() => next,
                 () = shutdown.cancelled() => return None,
             };
             let event = match next {
-                Ok(message) => Event::default()
-                    .event("message")
-                    .id(message.seq.to_string())
-                    .json_data(&*message)
-                    .unwrap_or_else(|_| Event::default().event("error").data("encoding")),
+                Ok(event) => {
+                    let id = stream.position().to_string();
+                    let (name, data) = match &event {
+                        StreamEvent::Message(message) => {
+                            ("message", serde_json::to_string(&**message))
+                        }
+                        StreamEvent::Created(message) => {
+                            ("message.created", serde_json::to_string(&**message))
+                        }
+                        StreamEvent::Delta {
+                            seq,
+                            offset,
+                            content,
+                        } => (
+                            "message.delta",
+                            serde_json::to_string(
+                                &serde_json::json!({"seq": seq, "offset": offset, "content": content}),
+                            ),
+                        ),
+                        StreamEvent::Finished(message) => {
+                            ("message.finished", serde_json::to_string(&**message))
+                        }
+                    };
+                    match data {
+                        Ok(data) => Event::default().event(name).id(id).data(data),
+                        Err(_) => Event::default().event("error").data("encoding"),
+                    }
+                }
                 // The stream ended (session deleted, engine stopping): say why, then close.
                 Err(error) => {
                     let event = Event::default()

@@ -52,6 +52,15 @@ struct Args {
     /// Seconds an idle session stays in memory.
     #[arg(long, default_value = "300", value_name = "SECONDS")]
     idle_timeout: u64,
+    /// A streamed reply (draft) that gets no delta for this long is finished `incomplete`.
+    #[arg(
+        long,
+        env = "SOLOIST_DRAFT_TIMEOUT_MS",
+        default_value = "60000",
+        value_name = "MS",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    draft_timeout_ms: u64,
     /// Answer 403 to a user who asks for someone else's session, instead of the default 404
     /// that makes a foreign session indistinguishable from a missing one.
     #[arg(long)]
@@ -192,6 +201,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         send_timeout: Some(Duration::from_millis(args.send_timeout_ms)),
         command_timeout: Some(Duration::from_millis(args.command_timeout_ms)),
         idle_timeout: Duration::from_secs(args.idle_timeout),
+        draft_timeout: Duration::from_millis(args.draft_timeout_ms),
         mailbox_capacity: args.mailbox_capacity,
         hide_foreign_sessions: !args.reveal_foreign_sessions,
         writer_connections: args.writer_connections,

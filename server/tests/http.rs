@@ -12,7 +12,10 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use common::{Server, admin_pool, assert_error, client, create, get, post, postgres_db, send};
+use common::{
+    Server, admin_pool, assert_error, client, create, get, post, postgres_db, read_named_events,
+    send,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint() {
@@ -827,4 +830,102 @@ async fn a_streamed_reply() {
         "usage added once"
     );
     assert_eq!(page["messages"][0]["status"], "completed");
+}
+
+/// The event stream follows a streamed reply: `message.created` with the draft so far,
+/// `message.delta` per durable delta, `message.finished`; a client that reconnects with the
+/// id of a delta gets the rest of the draft from that byte, and a malformed id is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_follow_a_streamed_reply_and_resume_mid_draft() {
+    let server = Server::sqlite(&[]);
+    let client = client();
+    let id = create(&client, &server, "alice").await;
+    let draft = Uuid::now_v7();
+    let start = json!({"messages": [{"id": draft, "role": "assistant", "content": "He", "status": "in_progress"}]});
+    post(
+        &client,
+        &server,
+        &format!("/v1/sessions/{id}/messages"),
+        "alice",
+        &start,
+    )
+    .await;
+    let events_url = server.url(&format!("/v1/sessions/{id}/events"));
+    let deltas = format!("/v1/sessions/{id}/messages/{draft}/deltas");
+    let live = client
+        .get(&events_url)
+        .header("x-user-id", "alice")
+        .send()
+        .await
+        .expect("events");
+    post(
+        &client,
+        &server,
+        &deltas,
+        "alice",
+        &json!({"offset": 2, "content": "llo"}),
+    )
+    .await;
+    let seen = read_named_events(live, 2).await;
+    assert_eq!(
+        (seen[0].0.as_str(), seen[0].1.as_str()),
+        ("0:2", "message.created")
+    );
+    assert_eq!(seen[0].2["content"], "He");
+    assert_eq!(seen[0].2["status"], "in_progress");
+    assert_eq!(
+        (seen[1].0.as_str(), seen[1].1.as_str(), &seen[1].2),
+        (
+            "0:5",
+            "message.delta",
+            &json!({"seq": 0, "offset": 2, "content": "llo"})
+        )
+    );
+    // While the client is away: more text, and the end.
+    post(
+        &client,
+        &server,
+        &deltas,
+        "alice",
+        &json!({"offset": 5, "content": " there"}),
+    )
+    .await;
+    let finish = format!("/v1/sessions/{id}/messages/{draft}/finish");
+    post(
+        &client,
+        &server,
+        &finish,
+        "alice",
+        &json!({"status": "completed"}),
+    )
+    .await;
+    let resumed = client
+        .get(&events_url)
+        .header("x-user-id", "alice")
+        .header("last-event-id", "0:5")
+        .send()
+        .await
+        .expect("events");
+    let rest = read_named_events(resumed, 2).await;
+    assert_eq!(
+        (rest[0].0.as_str(), rest[0].1.as_str(), &rest[0].2),
+        (
+            "0:11",
+            "message.delta",
+            &json!({"seq": 0, "offset": 5, "content": " there"})
+        )
+    );
+    assert_eq!(
+        (rest[1].0.as_str(), rest[1].1.as_str()),
+        ("0", "message.finished")
+    );
+    assert_eq!(rest[1].2["content"], "Hello there");
+    let bad = client
+        .get(&events_url)
+        .header("x-user-id", "alice")
+        .header("last-event-id", "0:x")
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
 }

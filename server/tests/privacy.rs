@@ -441,7 +441,10 @@ async fn timing_probe(
 /// within 20% of each other. Measured on two busy cores: a foreign session that skipped the
 /// missing one's read transaction was the faster in 84% to 88% of rounds (medians 21% to 27%
 /// apart); reading the same way, 31% to 54% in debug builds (at most 11% apart), the spread
-/// coming from the found row's decoding, which a missing session does not have.
+/// coming from the found row's decoding, which a missing session does not have. Since a
+/// read-only batch of foreign users decodes only the row's owner (and then loads as missing),
+/// a cold foreign session was the faster in 35% to 43% of rounds on SQLite, 46% to 50% on
+/// PostgreSQL (three runs each; 20% to 34% on SQLite before, in eight runs).
 #[track_caller]
 fn assert_indistinguishable(separation: &Separation, label: &str) {
     assert!(

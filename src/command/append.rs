@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::idempotency::Keyed;
 use crate::model::{MessageStatus, NewMessage, SessionId};
 use crate::session::protocol::{Pending, Request, Responder, Write};
-use crate::session::stage::{Batch, StageWrite};
+use crate::session::stage::{Batch, Finish, StageWrite};
 
 /// Append 1..N messages; answered after the transaction holding them committed.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -26,6 +26,28 @@ pub struct AppendMessages {
     /// otherwise [`Error::PreconditionFailed`] and nothing changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub if_version: Option<i64>,
+    /// What a draft this append starts does when another is still streaming: refused with
+    /// [`Error::TurnInProgress`] (the default), or `interrupt`: the running draft is finished
+    /// `incomplete` first, in the same commit.
+    #[serde(default, skip_serializing_if = "OnBusy::is_refuse")]
+    pub on_busy: OnBusy,
+}
+
+/// What starting a draft does while another streams in the session.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBusy {
+    /// Refuse the append: [`Error::TurnInProgress`].
+    #[default]
+    Refuse,
+    /// Finish the running draft `incomplete`, then start the new one, in one commit.
+    Interrupt,
+}
+
+impl OnBusy {
+    fn is_refuse(&self) -> bool {
+        *self == OnBusy::Refuse
+    }
 }
 
 /// The answer to [`AppendMessages`]: each message's sequence, in the order sent.
@@ -69,6 +91,21 @@ impl StageWrite for AppendMessages {
         if adds {
             batch.precondition(self.if_version)?;
         }
+        // A tool result answers a call the session made and nobody answered yet.
+        let new_messages = plan
+            .iter()
+            .zip(&self.messages)
+            .enumerate()
+            .filter(|(_, ((_, stored), _))| stored.is_none())
+            .map(|(index, (_, message))| {
+                (
+                    index,
+                    message.role,
+                    message.tool_calls.as_ref(),
+                    message.tool_call_id.as_deref(),
+                )
+            });
+        batch.check_tool_pairing(new_messages)?;
         // One reply streams at a time: a new draft waits for the one in progress to finish.
         let new_drafts = plan
             .iter()
@@ -84,8 +121,17 @@ impl StageWrite for AppendMessages {
             ));
         }
         if new_drafts == 1 {
-            if let Some(draft) = batch.draft_in_progress() {
-                return Err(Error::TurnInProgress { id: draft.id });
+            if let Some(draft) = batch.draft_in_progress().map(|draft| draft.id) {
+                if self.on_busy == OnBusy::Refuse {
+                    return Err(Error::TurnInProgress { id: draft });
+                }
+                let cut = Finish {
+                    status: MessageStatus::Incomplete,
+                    tool_calls: None,
+                    refusal: None,
+                    usage: None,
+                };
+                batch.finish(&self.user_id, &draft, &cut)?;
             }
         }
         let sequences = plan
@@ -94,7 +140,16 @@ impl StageWrite for AppendMessages {
             .map(|((id, stored), message)| match stored {
                 Some(seq) => Ok(seq),
                 // Fails for the first new message or for none: the session was checked above.
-                None => batch.add_message(id, message),
+                None => {
+                    let seq = batch.add_message(id, message)?;
+                    batch.record_tool_calls(
+                        seq,
+                        message.role,
+                        message.tool_calls.as_ref(),
+                        message.tool_call_id.as_deref(),
+                    );
+                    Ok(seq)
+                }
             })
             .collect::<Result<Vec<i64>>>()?;
         if adds {

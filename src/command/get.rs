@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{SessionCommand, addressed};
 use crate::idempotency::Keyed;
-use crate::model::{Message, SessionId, SessionInfo};
+use crate::model::{Message, PendingToolCall, SessionId, SessionInfo};
 use crate::session::protocol::{Read, Request, Responder};
 
 /// Default page size of [`GetSession`].
@@ -41,6 +41,10 @@ pub struct SessionPage {
     pub messages: Vec<Arc<Message>>,
     /// Pass as `after_seq` to read the next page; `None` when this page reached the end.
     pub next_after_seq: Option<i64>,
+    /// The tool calls of the session's assistant messages that no `tool` message has answered
+    /// yet, oldest first.
+    #[serde(default)]
+    pub pending_tool_calls: Vec<PendingToolCall>,
 }
 
 impl SessionCommand for GetSession {

@@ -24,7 +24,7 @@ mod update;
 mod usage;
 mod validate;
 
-pub use append::{AppendMessages, Appended};
+pub use append::{AppendMessages, Appended, OnBusy};
 pub use create::{CreateSession, Created};
 pub use delete::DeleteSession;
 pub use get::{DEFAULT_MESSAGE_PAGE, GetSession, SessionPage};

@@ -24,7 +24,7 @@ use tracing::{Instrument, info_span};
 
 use crate::config::EngineConfig;
 use crate::error::Error;
-use crate::model::{Message, SessionId, SessionInfo};
+use crate::model::{Message, MessageStatus, SessionId, SessionInfo};
 use crate::stats::EngineStats;
 use crate::store::Store;
 use crate::writer::Writer;
@@ -40,6 +40,8 @@ pub(crate) struct Shared {
     /// The change feed (PostgreSQL LISTEN/NOTIFY) is expected but not listening: notices of
     /// other processes' writes may be missed, so every read checks the stored version first.
     pub feed_down: AtomicBool,
+    /// The drafts in progress in the sessions this process holds, for their timeout.
+    pub drafts: Arc<crate::drafts::Drafts>,
     /// Test hooks (see [`crate::faults`]); not compiled into release builds.
     #[cfg(any(test, feature = "fault-injection"))]
     pub faults: crate::faults::Faults,
@@ -218,15 +220,27 @@ impl SessionActor {
         });
         if let Some(events) = &self.events {
             if events.receiver_count() > 0 {
-                for message in &messages {
+                // Drafts that grew or ended first: they are older than the new messages.
+                for message in updated.iter().chain(&messages) {
                     // Subscribers that lag behind catch up from the database.
                     let _ = events.send(message.clone());
+                }
+            }
+        }
+        if let Some(user) = state.info.as_ref().map(|info| info.user_id.clone()) {
+            let drafts = &self.shared.drafts;
+            for message in updated.iter().chain(&messages) {
+                if message.status == MessageStatus::InProgress {
+                    drafts.touch(self.id, message.id, &user);
+                } else {
+                    drafts.forget(self.id, Some(message.id));
                 }
             }
         }
         state.replace_messages(updated);
         state.push_messages(messages, self.shared.config.cached_messages);
         if deleted {
+            self.shared.drafts.forget(self.id, None);
             // Ends every subscription: they re-subscribe and learn the session is gone.
             self.events = None;
             state.deleted = true;

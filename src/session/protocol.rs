@@ -82,13 +82,15 @@ pub(crate) enum Read {
 pub(crate) struct Subscribe {
     pub user_id: String,
     pub after_seq: i64,
+    /// A draft at or before `after_seq` to give first, as it stands now.
+    pub draft: Option<i64>,
 }
 
 /// The answer to a [`Subscribe`]: taken in one step of the actor, so that no commit can fall
 /// between the backlog and the first live message.
 #[derive(Debug)]
 pub(crate) struct Subscribed {
-    /// Stored messages after `after_seq`, at most a page.
+    /// The draft asked for, then the stored messages after `after_seq`, at most a page.
     pub backlog: Vec<Arc<Message>>,
     /// Whether `backlog` reaches the newest message; if not, page again before listening.
     pub caught_up: bool,

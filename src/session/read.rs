@@ -11,30 +11,51 @@ use super::state::SessionState;
 use super::{SessionActor, Sorted};
 use crate::command::{DEFAULT_MESSAGE_PAGE, GetSession, SessionPage, validate_page};
 use crate::error::{Error, Result, StorageError};
-use crate::model::Message;
+use crate::model::{Message, MessageStatus};
 
 /// Committed messages buffered per session for subscribers that fall behind; past it they
 /// catch up from the database.
 const SUBSCRIBER_BUFFER: usize = 1024;
 
 impl SessionActor {
-    /// Loads the session; with `readers`, its messages only if one of them owns it.
-    pub(super) async fn load(&mut self, readers: &[&str]) -> Result<(), StorageError> {
+    /// Loads the session; with `readers`, its messages only if one of them owns it, and with
+    /// `hide` too, as missing if none of them does.
+    pub(super) async fn load(&mut self, readers: &[&str], hide: bool) -> Result<(), StorageError> {
         self.shared.stats.record_load();
         let loaded = self
             .shared
             .store
-            .load(self.id, self.shared.config.cached_messages, readers)
+            .load(self.id, self.shared.config.cached_messages, readers, hide)
             .await?;
-        self.state = Some(SessionState::from_store(loaded));
+        if hide && loaded.is_none() {
+            // Missing, or hidden from these readers: nothing to keep, and the next batch
+            // (perhaps its owner's) loads again.
+            self.state = None;
+            return Ok(());
+        }
+        let state = SessionState::from_store(loaded);
+        if let Some(info) = &state.info {
+            let drafts = state
+                .tail
+                .iter()
+                .filter(|message| message.status == MessageStatus::InProgress);
+            for draft in drafts {
+                self.shared.drafts.adopt(self.id, draft.id, &info.user_id);
+            }
+        }
+        self.state = Some(state);
         Ok(())
     }
 
     /// Makes sure the state is loaded and, if a command asked for it, current.
     pub(super) async fn prepare(&mut self, batch: &Sorted) -> Result<(), StorageError> {
+        // A batch of reads only, for users who do not own the session: with foreign sessions
+        // hidden, what it finds is what a missing session gives them (a write of theirs, such
+        // as a create under a taken id, needs the row to be refused rightly).
+        let hide = self.shared.config.hide_foreign_sessions && batch.writes.is_empty();
         let Some(state) = &self.state else {
             let users: Vec<&str> = batch.users().collect();
-            return self.load(&users).await;
+            return self.load(&users, hide).await;
         };
         // Refusing someone else's commands from memory would answer faster than a missing
         // session (which is a database read) and tell them apart: pay the same read.
@@ -47,7 +68,7 @@ impl SessionActor {
                 let users: Vec<&str> = batch.users().collect();
                 self.shared
                     .store
-                    .load(self.id, self.shared.config.cached_messages, &users)
+                    .load(self.id, self.shared.config.cached_messages, &users, hide)
                     .await?;
             }
         }
@@ -78,7 +99,7 @@ impl SessionActor {
     /// Reloads the session and publishes to subscribers the messages other processes added.
     pub(super) async fn catch_up(&mut self) -> Result<(), StorageError> {
         let known = self.state.as_ref().map_or(0, SessionState::message_count);
-        self.load(&[]).await?;
+        self.load(&[], false).await?;
         if let (Some(events), Some(state)) = (&self.events, &self.state) {
             if events.receiver_count() > 0 {
                 for message in state.tail.iter().filter(|message| message.seq >= known) {
@@ -96,28 +117,38 @@ impl SessionActor {
         match read {
             Read::Get(get, respond) => respond.send(&stats, self.page(&get).await),
             Read::Subscribe(subscribe, respond) => {
-                let subscribed = self.subscribe(&subscribe.user_id, subscribe.after_seq);
+                let subscribed =
+                    self.subscribe(&subscribe.user_id, subscribe.after_seq, subscribe.draft);
                 respond.send(&stats, subscribed.await);
             }
         }
     }
 
-    async fn subscribe(&mut self, user_id: &str, after_seq: i64) -> Result<Subscribed> {
+    async fn subscribe(
+        &mut self,
+        user_id: &str,
+        after_seq: i64,
+        draft: Option<i64>,
+    ) -> Result<Subscribed> {
         let limit = self.shared.config.limits.max_page_size;
-        let page = self
-            .page(&GetSession {
-                user_id: user_id.to_owned(),
-                after_seq: Some(after_seq),
-                limit: Some(limit),
-                ..GetSession::default()
-            })
-            .await?;
+        let read = |after_seq: i64, limit: usize| GetSession {
+            user_id: user_id.to_owned(),
+            after_seq: Some(after_seq),
+            limit: Some(limit),
+            ..GetSession::default()
+        };
+        let mut backlog = Vec::new();
+        if let Some(draft) = draft.filter(|&draft| draft <= after_seq) {
+            backlog = self.page(&read(draft - 1, 1)).await?.messages;
+        }
+        let page = self.page(&read(after_seq, limit)).await?;
+        backlog.extend(page.messages);
         let events = self
             .events
             .get_or_insert_with(|| broadcast::channel(SUBSCRIBER_BUFFER).0);
         Ok(Subscribed {
             caught_up: page.next_after_seq.is_none(),
-            backlog: page.messages,
+            backlog,
             live: events.subscribe(),
         })
     }
@@ -154,6 +185,7 @@ impl SessionActor {
             session: info,
             messages,
             next_after_seq,
+            pending_tool_calls: state.pending_calls(),
         })
     }
 }

@@ -133,6 +133,7 @@ impl SessionActor {
             deleted,
             messages,
             updated,
+            calls,
         } = staged;
         let written = WrittenRows::of(&write);
         let records: Vec<(String, Option<KeyRecord>)> = write
@@ -174,6 +175,7 @@ impl SessionActor {
             state.epoch = written.held_epoch;
             state.owned = true;
             state.remember_keys(records.into_iter());
+            state.calls.extend(calls);
         }
         self.apply(info, deleted, messages, updated, version);
         Ok(())
@@ -266,7 +268,7 @@ impl SessionActor {
         &mut self,
         writes: &[Write],
     ) -> Result<HashMap<Uuid, Arc<Message>>, StorageError> {
-        self.load(&[]).await?;
+        self.load(&[], false).await?;
         let ids: Vec<Uuid> = writes.iter().flat_map(Write::message_ids).collect();
         let stored = self.shared.store.stored_messages(self.id, &ids).await?;
         Ok(stored

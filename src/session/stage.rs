@@ -8,13 +8,13 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::protocol::{Decision, Pending, Write, each_write};
-use super::state::{SessionState, access};
+use super::state::{Call, SessionState, access, record_calls};
 use crate::command::{Reply, SessionCommand};
 use crate::error::{Error, Result};
 use crate::idempotency::Keyed;
 use crate::model::{
-    Content, Message, MessageStatus, NewMessage, RawJson, SessionId, SessionInfo, Usage,
-    from_micros,
+    Content, Message, MessageStatus, NewMessage, RawJson, Role, SessionId, SessionInfo, Usage,
+    from_micros, tool_call_ids,
 };
 use crate::store::{ChunkRow, FinishRow, KeyRow, NewSessionRow, SessionWrite};
 
@@ -56,6 +56,8 @@ pub(crate) struct Staged {
     pub messages: Vec<Arc<Message>>,
     /// Drafts stored before the batch that it changed (grown or finished), as they are now.
     pub updated: Vec<Arc<Message>>,
+    /// The tool calls the batch made or answered, as they are now.
+    pub calls: HashMap<String, Call>,
 }
 
 /// Stages `writes` on `state` (`None`: not loaded, as after a failed write), deciding each
@@ -90,6 +92,7 @@ pub(crate) fn stage(
         pending: HashMap::new(),
         messages: Vec::new(),
         updated: HashMap::new(),
+        calls: HashMap::new(),
     };
     for command in writes.iter_mut() {
         each_write!(command, pending => pending.stage(&mut batch));
@@ -100,6 +103,7 @@ pub(crate) fn stage(
         deleted,
         messages,
         updated,
+        calls,
         mut steps,
         base,
         ..
@@ -120,6 +124,7 @@ pub(crate) fn stage(
         deleted,
         messages,
         updated: updated.into_values().collect(),
+        calls,
     }
 }
 
@@ -176,6 +181,8 @@ pub(crate) struct Batch<'a> {
     messages: Vec<Arc<Message>>,
     /// Drafts stored before the batch that it changed, by id.
     updated: HashMap<Uuid, Arc<Message>>,
+    /// Tool calls the batch made or answered so far, by id.
+    calls: HashMap<String, Call>,
 }
 
 impl Batch<'_> {
@@ -360,6 +367,14 @@ impl Batch<'_> {
                 })
             };
         }
+        if let Some(tool_calls) = &finished.tool_calls {
+            self.check_tool_pairing([(0, Role::Assistant, Some(tool_calls), None)])
+                .map_err(|error| match error {
+                    Error::InvalidInput { reason, .. } => Error::invalid("tool_calls", reason),
+                    other => other,
+                })?;
+            self.record_tool_calls(message.seq, Role::Assistant, Some(tool_calls), None);
+        }
         let mut done = Message::clone(&message);
         done.status = finished.status;
         if finished.tool_calls.is_some() {
@@ -382,6 +397,72 @@ impl Batch<'_> {
         }
         self.changed();
         Ok(done)
+    }
+
+    /// The tool call `id` of the session as the batch left it so far.
+    fn call(&self, id: &str) -> Option<Call> {
+        self.calls
+            .get(id)
+            .or_else(|| self.state.and_then(|state| state.calls.get(id)))
+            .copied()
+    }
+
+    /// Checks that `messages` (new ones, in order, each with its index in the command) make
+    /// only tool calls with ids new to the session and answer only calls made and not yet
+    /// answered; changes nothing.
+    pub fn check_tool_pairing<'m>(
+        &self,
+        messages: impl IntoIterator<Item = (usize, Role, Option<&'m RawJson>, Option<&'m str>)>,
+    ) -> Result<()> {
+        let mut scratch: HashMap<String, bool> = HashMap::new();
+        for (index, role, tool_calls, tool_call_id) in messages {
+            match role {
+                Role::Assistant => {
+                    for id in tool_calls.map(tool_call_ids).unwrap_or_default() {
+                        if self.call(&id).is_some() || scratch.contains_key(&id) {
+                            return Err(Error::invalid(
+                                format!("messages[{index}].tool_calls"),
+                                format!("tool call id {id:?} is already used in this session"),
+                            ));
+                        }
+                        scratch.insert(id, false);
+                    }
+                }
+                Role::Tool => {
+                    let Some(id) = tool_call_id else { continue };
+                    let answered = scratch
+                        .get(id)
+                        .copied()
+                        .or_else(|| self.call(id).map(|call| call.answered));
+                    match answered {
+                        None => return Err(Error::UnknownToolCall { id: id.to_owned() }),
+                        Some(true) => return Err(Error::ToolCallAnswered { id: id.to_owned() }),
+                        Some(false) => {
+                            scratch.insert(id.to_owned(), true);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the tool calls a message at `seq` makes or answers (checked already).
+    pub fn record_tool_calls(
+        &mut self,
+        seq: i64,
+        role: Role,
+        tool_calls: Option<&RawJson>,
+        tool_call_id: Option<&str>,
+    ) {
+        // The batch's copy starts from the session's entries it changes.
+        if let Some(id) = tool_call_id.filter(|_| role == Role::Tool) {
+            if let Some(call) = self.call(id) {
+                self.calls.insert(id.to_owned(), call);
+            }
+        }
+        record_calls(&mut self.calls, seq, role, tool_calls, tool_call_id);
     }
 
     /// If `message` was appended by this batch, stages it in its new state in place of the

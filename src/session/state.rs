@@ -7,7 +7,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::idempotency::KeyRecord;
-use crate::model::{Message, SessionInfo};
+use crate::model::{Message, PendingToolCall, Role, SessionInfo, tool_call_ids};
 use crate::store::LoadedSession;
 
 /// Idempotency records kept per live session at most; past it the cache starts over (records
@@ -32,6 +32,42 @@ pub(crate) struct SessionState {
     pub owned: bool,
     /// Idempotency records looked up or written since the load, by key; `None`: not stored.
     keys: HashMap<String, Option<KeyRecord>>,
+    /// Every tool call the session's assistant messages made, by id.
+    pub calls: HashMap<String, Call>,
+}
+
+/// A tool call of the session: the assistant message that made it, and whether a `tool`
+/// message answered it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Call {
+    pub seq: i64,
+    pub answered: bool,
+}
+
+/// Records the tool calls `message` (at `seq`) makes or answers in `calls`.
+pub(crate) fn record_calls(
+    calls: &mut HashMap<String, Call>,
+    seq: i64,
+    role: Role,
+    tool_calls: Option<&crate::model::RawJson>,
+    tool_call_id: Option<&str>,
+) {
+    match role {
+        Role::Assistant => {
+            for id in tool_calls.map(tool_call_ids).unwrap_or_default() {
+                calls.entry(id).or_insert(Call {
+                    seq,
+                    answered: false,
+                });
+            }
+        }
+        Role::Tool => {
+            if let Some(call) = tool_call_id.and_then(|id| calls.get_mut(id)) {
+                call.answered = true;
+            }
+        }
+        _ => {}
+    }
 }
 
 impl SessionState {
@@ -45,6 +81,25 @@ impl SessionState {
             .iter()
             .map(|message| (message.id, message.seq))
             .collect();
+        let mut calls = HashMap::new();
+        for older in &loaded.older_tool_messages {
+            record_calls(
+                &mut calls,
+                older.seq,
+                older.role,
+                older.tool_calls.as_ref(),
+                older.tool_call_id.as_deref(),
+            );
+        }
+        for message in &loaded.tail {
+            record_calls(
+                &mut calls,
+                message.seq,
+                message.role,
+                message.tool_calls.as_ref(),
+                message.tool_call_id.as_deref(),
+            );
+        }
         Self {
             info: Some(loaded.info),
             deleted: loaded.deleted,
@@ -53,7 +108,23 @@ impl SessionState {
             epoch: loaded.epoch,
             owned: false,
             keys: HashMap::new(),
+            calls,
         }
+    }
+
+    /// The tool calls no `tool` message has answered yet, oldest first.
+    pub fn pending_calls(&self) -> Vec<PendingToolCall> {
+        let mut pending: Vec<PendingToolCall> = self
+            .calls
+            .iter()
+            .filter(|(_, call)| !call.answered)
+            .map(|(id, call)| PendingToolCall {
+                id: id.clone(),
+                seq: call.seq,
+            })
+            .collect();
+        pending.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
+        pending
     }
 
     /// The committed version (0 before the session exists).

@@ -48,6 +48,18 @@ pub(crate) struct LoadedSession {
     pub epoch: i64,
     /// The newest messages, ascending by `seq`.
     pub tail: Vec<Message>,
+    /// The messages before the tail that make or answer tool calls (their sequence, role,
+    /// tool calls and tool call id only), ascending.
+    pub older_tool_messages: Vec<ToolMessage>,
+}
+
+/// What a stored message says of tool calls.
+#[derive(Clone, Debug)]
+pub(crate) struct ToolMessage {
+    pub seq: i64,
+    pub role: crate::model::Role,
+    pub tool_calls: Option<crate::model::RawJson>,
+    pub tool_call_id: Option<String>,
 }
 
 /// The row of a session created by a flush.
@@ -304,7 +316,9 @@ impl Store {
         /// With `readers` (the users whose commands asked for the load), the messages are read
         /// only if one of them owns the session: a load for someone else's commands costs what
         /// a load of a missing session costs, and keeps nothing of the conversation in memory.
-        fn load(&self, id: SessionId, tail: usize, readers: &[&str])
+        /// With `hide` too, a session none of them owns loads as missing: only its owner column
+        /// is read, so that it answers as fast as a missing one.
+        fn load(&self, id: SessionId, tail: usize, readers: &[&str], hide: bool)
             -> Result<Option<LoadedSession>, StorageError>;
 
         /// Sequences of those of `ids` that are stored in the session.

@@ -20,6 +20,8 @@ pub(crate) struct Queries {
     pub session: SqlStr,
     /// A session's newest messages. Binds: id, first sequence.
     pub tail: SqlStr,
+    /// The messages before a sequence that make or answer tool calls. Binds: id, sequence.
+    pub older_tool_messages: SqlStr,
     /// A page of a session's messages. Binds: id, after this sequence, up to this one.
     pub read_messages: SqlStr,
     /// A page of a user's sessions, newest first. Binds: user, cursor time, cursor id, limit.
@@ -87,6 +89,11 @@ impl Queries {
             tail: d.render(&format!(
                 "SELECT {messages} FROM messages WHERE session_id = ? AND seq >= ? ORDER BY seq"
             )),
+            older_tool_messages: d.render(
+                "SELECT seq, role, tool_calls, tool_call_id FROM messages \
+                 WHERE session_id = ? AND seq < ? \
+                 AND (tool_calls IS NOT NULL OR tool_call_id IS NOT NULL) ORDER BY seq",
+            ),
             // Contiguous sequences: a page is exactly a key range too.
             read_messages: d.render(&format!(
                 "SELECT {messages} FROM messages \

@@ -314,6 +314,31 @@ impl WriteRow for FinishUpdate<'_> {
     }
 }
 
+/// A stored message's tool calls (the columns of `older_tool_messages`).
+#[derive(sqlx::FromRow)]
+pub(crate) struct ToolMessageRecord {
+    seq: i64,
+    role: String,
+    tool_calls: Option<String>,
+    tool_call_id: Option<String>,
+}
+
+impl TryFrom<ToolMessageRecord> for super::ToolMessage {
+    type Error = StorageError;
+
+    fn try_from(record: ToolMessageRecord) -> Result<Self, StorageError> {
+        Ok(super::ToolMessage {
+            seq: record.seq,
+            role: record
+                .role
+                .parse::<Role>()
+                .map_err(|error| corrupt("role", error))?,
+            tool_calls: parse_json("tool_calls", record.tool_calls)?,
+            tool_call_id: record.tool_call_id,
+        })
+    }
+}
+
 /// A stored chunk of a draft.
 #[derive(sqlx::FromRow)]
 pub(crate) struct ChunkRecord {

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::convert::identity;
 use std::sync::Arc;
 
-use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Type};
+use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Row, Type};
 use uuid::Uuid;
 
 use super::backend::{Backend, Params};
@@ -19,7 +19,8 @@ use super::flush::{FlushPlan, StoredHead, by_session};
 use super::queries::Queries;
 use super::rows::{
     ChunkInsert, ChunkRecord, ExpiredKeys, FinishUpdate, KeyInsert, KeyRecordRow, MessageRecord,
-    MessageRow, NewSession, SessionChange, SessionRecord, WriteRow, into_messages, with_chunks,
+    MessageRow, NewSession, SessionChange, SessionRecord, ToolMessageRecord, WriteRow,
+    into_messages, with_chunks,
 };
 use super::{FlushOutcome, LoadedSession, Ownership, SessionWrite};
 use crate::command::SessionCursor;
@@ -105,6 +106,9 @@ where
     for<'r> KeyRecordRow: FromRow<'r, DB::Row>,
     for<'r> StoredHead: FromRow<'r, DB::Row>,
     for<'r> ChunkRecord: FromRow<'r, DB::Row>,
+    for<'r> ToolMessageRecord: FromRow<'r, DB::Row>,
+    for<'r> String: sqlx::Decode<'r, DB> + Type<DB>,
+    for<'a> &'a str: sqlx::ColumnIndex<DB::Row>,
 {
     /// See [`Store::load`](super::Store::load).
     pub async fn load(
@@ -112,28 +116,50 @@ where
         id: SessionId,
         tail: usize,
         readers: &[&str],
+        hide: bool,
     ) -> Result<Option<LoadedSession>, StorageError> {
         // One read transaction, so the row and the messages are one snapshot.
         let mut tx = self.readers.begin_with(DB::DIALECT.begin_snapshot).await?;
         let args = Params::<DB>::new().add(id).finish()?;
-        let record: Option<SessionRecord> = sqlx::query_as_with(self.queries.session.clone(), args)
+        let row: Option<DB::Row> = sqlx::query_with(self.queries.session.clone(), args)
             .fetch_optional(&mut *tx)
             .await?;
-        let Some(record) = record else {
+        let Some(row) = row else {
             tx.commit().await?;
             return Ok(None);
         };
-        let (info, deleted, epoch) = record.into_info()?;
+        if hide && !readers.is_empty() {
+            let owner: String = row.try_get("user_id")?;
+            if !readers.contains(&owner.as_str()) {
+                tx.commit().await?;
+                return Ok(None);
+            }
+        }
+        let (info, deleted, epoch) = SessionRecord::from_row(&row)?.into_info()?;
         let foreign = !readers.is_empty() && !readers.contains(&info.user_id.as_str());
+        let first = (info.message_count - tail as i64).max(0);
         let records: Vec<MessageRecord> = if deleted || tail == 0 || foreign {
             Vec::new()
         } else {
-            let first = (info.message_count - tail as i64).max(0);
             let args = Params::<DB>::new().add(id).add(first).finish()?;
             sqlx::query_as_with(self.queries.tail.clone(), args)
                 .fetch_all(&mut *tx)
                 .await?
         };
+        // What the tail does not hold of the session's tool calls, for their pairing.
+        let older: Vec<ToolMessageRecord> = if deleted || foreign || first == 0 {
+            Vec::new()
+        } else {
+            let first = if tail == 0 { info.message_count } else { first };
+            let args = Params::<DB>::new().add(id).add(first).finish()?;
+            sqlx::query_as_with(self.queries.older_tool_messages.clone(), args)
+                .fetch_all(&mut *tx)
+                .await?
+        };
+        let older_tool_messages = older
+            .into_iter()
+            .map(super::ToolMessage::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
         let mut tail = into_messages(records)?;
         self.complete_drafts(&mut tx, id, &mut tail).await?;
         tx.commit().await?;
@@ -142,6 +168,7 @@ where
             deleted,
             epoch,
             tail,
+            older_tool_messages,
         }))
     }
 

@@ -128,12 +128,13 @@ enum IdSpec {
 enum Body {
     /// A plain text message (system, user or assistant).
     Text(Role, Text),
-    /// A tool result answering `call{n}`.
+    /// A tool result answering `c{n}`: a call made earlier, answered already, or never made.
     ToolResult(u8, Text),
     /// Invalid: a tool message without `tool_call_id`.
     ToolWithoutCallId(Text),
-    /// An assistant message calling `n` tools (over `max_json_bytes` from 6 calls on).
-    ToolCalls(u8),
+    /// An assistant message calling `n` tools, `c{first}` on (over `max_json_bytes` from 6
+    /// calls on; an id the session used already is refused).
+    ToolCalls(u8, u8),
     /// Invalid: `tool_calls` is an object, not an array.
     ToolCallsNotArray,
     /// Invalid: a user message with `tool_calls`.
@@ -165,8 +166,8 @@ fn role() -> impl Strategy<Value = Role> {
 fn valid_body() -> impl Strategy<Value = Body> {
     prop_oneof![
         12 => (role(), text_within(CONTENT)).prop_map(|(role, text)| Body::Text(role, text)),
-        2 => (0u8..20, text_within(CONTENT)).prop_map(|(call, text)| Body::ToolResult(call, text)),
-        2 => (0u8..6).prop_map(Body::ToolCalls),
+        2 => (0u8..16, text_within(CONTENT)).prop_map(|(call, text)| Body::ToolResult(call, text)),
+        2 => (0u8..16, 0u8..6).prop_map(|(first, n)| Body::ToolCalls(first, n)),
         1 => text_within(SHORT - 1).prop_map(Body::FunctionResult),
         1 => any::<u8>().prop_map(Body::FunctionCall),
         1 => text_within(CONTENT).prop_map(Body::Refusal),
@@ -177,7 +178,7 @@ fn invalid_body() -> impl Strategy<Value = Body> {
     prop_oneof![
         (role(), text_over(CONTENT)).prop_map(|(role, text)| Body::Text(role, text)),
         text_within(CONTENT).prop_map(Body::ToolWithoutCallId),
-        (6u8..9).prop_map(Body::ToolCalls),
+        (0u8..16, 6u8..9).prop_map(|(first, n)| Body::ToolCalls(first, n)),
         Just(Body::ToolCallsNotArray),
         text_within(CONTENT).prop_map(Body::UserWithToolCalls),
         text_over(SHORT).prop_map(Body::FunctionResult),
@@ -224,10 +225,10 @@ pub fn build_message(msg: &Msg, pool: &[Uuid]) -> NewMessage {
         id,
         ..NewMessage::default()
     };
-    let tool_calls = |n: u8| {
+    let tool_calls = |first: u8, n: u8| {
         Value::Array(
             (0..n)
-                .map(|index| json!({"id": format!("c{index}")}))
+                .map(|index| json!({"id": format!("c{}", u16::from(first) + u16::from(index))}))
                 .collect(),
         )
     };
@@ -240,7 +241,7 @@ pub fn build_message(msg: &Msg, pool: &[Uuid]) -> NewMessage {
         Body::ToolResult(call, text) => NewMessage {
             role: Role::Tool,
             content: Some(text.render().into()),
-            tool_call_id: Some(format!("call{call}")),
+            tool_call_id: Some(format!("c{call}")),
             ..base
         },
         Body::ToolWithoutCallId(text) => NewMessage {
@@ -248,9 +249,9 @@ pub fn build_message(msg: &Msg, pool: &[Uuid]) -> NewMessage {
             content: Some(text.render().into()),
             ..base
         },
-        Body::ToolCalls(n) => NewMessage {
+        Body::ToolCalls(first, n) => NewMessage {
             role: Role::Assistant,
-            tool_calls: Some(tool_calls(*n).into()),
+            tool_calls: Some(tool_calls(*first, *n).into()),
             ..base
         },
         Body::ToolCallsNotArray => NewMessage {
@@ -261,7 +262,7 @@ pub fn build_message(msg: &Msg, pool: &[Uuid]) -> NewMessage {
         Body::UserWithToolCalls(text) => NewMessage {
             role: Role::User,
             content: Some(text.render().into()),
-            tool_calls: Some(tool_calls(1).into()),
+            tool_calls: Some(tool_calls(0, 1).into()),
             ..base
         },
         Body::FunctionResult(name) => NewMessage {

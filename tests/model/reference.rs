@@ -24,6 +24,8 @@ pub enum Kind {
     TooLarge,
     SessionIdTaken,
     MessageIdReused,
+    UnknownToolCall,
+    ToolCallAnswered,
     /// Anything else (storage, shutdown, actor failure...): never expected here.
     Other,
 }
@@ -36,6 +38,8 @@ pub fn kind(error: &Error) -> Kind {
         Error::TooLarge { .. } => Kind::TooLarge,
         Error::SessionIdTaken => Kind::SessionIdTaken,
         Error::MessageIdReused { .. } => Kind::MessageIdReused,
+        Error::UnknownToolCall { .. } => Kind::UnknownToolCall,
+        Error::ToolCallAnswered { .. } => Kind::ToolCallAnswered,
         _ => Kind::Other,
     }
 }
@@ -62,6 +66,8 @@ pub struct ModelSession {
     messages: Vec<ModelMessage>,
     /// Client message id → sequence.
     ids: HashMap<Uuid, i64>,
+    /// Every tool call id an assistant message made → whether a tool message answered it.
+    calls: HashMap<String, bool>,
     /// Bumped by every committed write.
     version: i64,
     deleted: bool,
@@ -75,6 +81,20 @@ pub struct Model {
     pub sessions: HashMap<SessionId, ModelSession>,
     hide_foreign: bool,
     pub limits: Limits,
+}
+
+/// The ids of the tool calls an assistant message makes (entries with an `"id"`).
+fn call_ids(message: &NewMessage) -> Vec<String> {
+    let Some(tool_calls) = &message.tool_calls else {
+        return Vec::new();
+    };
+    match tool_calls.to_value() {
+        serde_json::Value::Array(calls) => calls
+            .iter()
+            .filter_map(|call| call.get("id").and_then(|id| id.as_str()).map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 fn len_fault(text: &Option<String>, limit: usize) -> Option<Kind> {
@@ -209,6 +229,7 @@ impl Model {
                         usage: Usage::default(),
                         messages: Vec::new(),
                         ids: HashMap::new(),
+                        calls: HashMap::new(),
                         version: 1,
                         deleted: false,
                         created_at: None,
@@ -251,13 +272,47 @@ impl Model {
         let session = self.access(id, user)?;
         // An id stored with other content refuses the whole append; the same message again
         // is a resend.
-        for message in messages {
-            if let Some(&seq) = message.id.and_then(|id| session.ids.get(&id)) {
-                if session.messages[seq as usize].message != *message {
-                    return Err(vec![Kind::MessageIdReused]);
-                }
+        let resend = |message: &NewMessage| {
+            message
+                .id
+                .and_then(|id| session.ids.get(&id))
+                .is_some_and(|&seq| session.messages[seq as usize].message == *message)
+        };
+        let reused = messages.iter().any(|message| {
+            message.id.is_some_and(|id| session.ids.contains_key(&id)) && !resend(message)
+        });
+        let mut faults = Vec::new();
+        if reused {
+            faults.push(Kind::MessageIdReused);
+        }
+        // Tool results answer calls the session made and nobody answered; call ids are new.
+        // (An engine that no longer caches a reused id's message takes it for a new one, so
+        // the first pairing fault of the others is as right a refusal as the reuse.)
+        let mut calls = session.calls.clone();
+        for message in messages.iter().filter(|message| !resend(message)) {
+            let fault = match message.role {
+                Role::Assistant => call_ids(message)
+                    .into_iter()
+                    .find_map(|id| calls.insert(id, false).map(|_| Kind::InvalidInput)),
+                Role::Tool => match message.tool_call_id.as_ref().map(|id| calls.get_mut(id)) {
+                    Some(None) | None => Some(Kind::UnknownToolCall),
+                    Some(Some(true)) => Some(Kind::ToolCallAnswered),
+                    Some(Some(answered)) => {
+                        *answered = true;
+                        None
+                    }
+                },
+                _ => None,
+            };
+            if let Some(fault) = fault {
+                faults.push(fault);
+                break;
             }
         }
+        if !faults.is_empty() {
+            return Err(faults);
+        }
+        session.calls = calls;
         let mut sequences = Vec::new();
         let mut added = false;
         for message in messages {

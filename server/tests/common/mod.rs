@@ -351,3 +351,37 @@ pub async fn read_response(stream: &mut TcpStream) -> (u16, String, String) {
         .expect("body");
     (status, head, String::from_utf8_lossy(&body).into_owned())
 }
+
+/// Reads `count` SSE events `(id, event name, data JSON)` from a response.
+pub async fn read_named_events(
+    response: reqwest::Response,
+    count: usize,
+) -> Vec<(String, String, Value)> {
+    use futures::StreamExt;
+    let mut events = Vec::new();
+    let mut buffer = String::new();
+    let mut body = response.bytes_stream();
+    while events.len() < count {
+        let chunk = tokio::time::timeout(Duration::from_secs(20), body.next())
+            .await
+            .expect("an event within 20 s")
+            .expect("stream open")
+            .expect("chunk");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            let field = |name: &str| {
+                event
+                    .lines()
+                    .find_map(|line| line.strip_prefix(name))
+                    .map(|value| value.trim().to_owned())
+            };
+            if let (Some(id), Some(name), Some(data)) =
+                (field("id:"), field("event:"), field("data:"))
+            {
+                events.push((id, name, serde_json::from_str(&data).unwrap_or(Value::Null)));
+            }
+        }
+    }
+    events
+}

@@ -40,6 +40,7 @@ fn state(count: i64) -> SessionState {
         deleted: false,
         epoch: 2,
         tail: Vec::new(),
+        older_tool_messages: Vec::new(),
     }))
 }
 
@@ -55,6 +56,7 @@ fn append(user: &str, messages: Vec<NewMessage>, if_version: Option<i64>) -> Wri
             session_id: session_id(),
             messages,
             if_version,
+            on_busy: Default::default(),
         },
         None,
     ))
