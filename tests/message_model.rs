@@ -2,24 +2,8 @@
 //! and per-message metadata, stored and returned exactly as sent (the JSON text, byte for
 //! byte), part of a resend's identity, and checked before anything is stored.
 
-use std::time::Duration;
-
-use soloist::{Content, Engine, Error, NewMessage, RawJson, Role, SessionHandle, SessionId};
-use soloist_testkit::{TestDb, on_every_backend};
-
-async fn created(engine: &Engine) -> SessionHandle {
-    let session = engine.session("alice", SessionId::new());
-    session.create(None, None).await.expect("create");
-    session
-}
-
-/// Lets the session go, so that the next read loads it from the database.
-async fn passivated(engine: &Engine, session: &SessionHandle) {
-    engine.passivate(session.id());
-    while engine.is_live(session.id()) {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
+use soloist::{Content, Error, NewMessage, RawJson, Role};
+use soloist_testkit::{TestDb, created_session, on_every_backend, passivated};
 
 /// A message parsed from JSON, as the server reads a request body.
 fn message(json: &str) -> NewMessage {
@@ -36,7 +20,7 @@ const METADATA: &str = r#"{"z": 1, "a": [true, null], "score": 0.100000000000000
 
 async fn parts_and_metadata_round_trip_exactly(db: TestDb) {
     let engine = db.engine().await.expect("engine");
-    let session = created(&engine).await;
+    let session = created_session(&engine).await;
     let user = message(&format!(
         r#"{{"role": "user", "content": {PARTS}, "metadata": {METADATA}}}"#
     ));
@@ -49,7 +33,7 @@ async fn parts_and_metadata_round_trip_exactly(db: TestDb) {
         .await
         .expect("append");
     assert_eq!(seqs, vec![0, 1, 2]);
-    passivated(&engine, &session).await;
+    passivated(&engine, session.id()).await;
 
     let page = session.get(None, None).await.expect("read");
     let stored = &page.messages;
@@ -106,7 +90,7 @@ async fn parts_and_metadata_round_trip_exactly(db: TestDb) {
 
 async fn malformed_parts_and_metadata_are_refused_whole(db: TestDb) {
     let engine = db.engine().await.expect("engine");
-    let session = created(&engine).await;
+    let session = created_session(&engine).await;
     let cases = [
         (r#"{"role": "user", "content": []}"#, "messages[1].content"),
         (r#"{"role": "user", "content": [1]}"#, "messages[1].content"),
@@ -207,7 +191,7 @@ async fn tool_results_pair_with_tool_calls(db: TestDb) {
         ..db.config()
     };
     let engine = db.engine_with(config).await.expect("engine");
-    let session = created(&engine).await;
+    let session = created_session(&engine).await;
     let calls = message(
         r#"{"role": "assistant", "tool_calls": [
             {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
@@ -279,7 +263,7 @@ async fn tool_results_pair_with_tool_calls(db: TestDb) {
             .await
             .expect("user");
     }
-    passivated(&engine, &session).await;
+    passivated(&engine, session.id()).await;
     let page = session.get(Some(4), None).await.expect("read");
     assert_eq!(pending(&page), vec![("call_b".into(), 0)]);
     let twice = session.append(vec![tool_result("call_a")]).await;

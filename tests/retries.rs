@@ -7,10 +7,10 @@ use std::time::Duration;
 use soloist::SessionId;
 use soloist::uuid::Uuid;
 use soloist::{
-    AddUsage, CreateSession, DeleteSession, Engine, EngineConfig, Error, ListSessions, NewMessage,
+    AddUsage, CreateSession, DeleteSession, EngineConfig, Error, ListSessions, NewMessage,
     SessionHandle, UpdateSession,
 };
-use soloist_testkit::{TestDb, on_every_backend, on_shared_backends};
+use soloist_testkit::{TestDb, created_session, on_every_backend, on_shared_backends, passivated};
 
 fn usage(session: &SessionHandle, key: &str, prompt: u32) -> AddUsage {
     AddUsage {
@@ -22,22 +22,9 @@ fn usage(session: &SessionHandle, key: &str, prompt: u32) -> AddUsage {
     }
 }
 
-async fn created(engine: &Engine) -> SessionHandle {
-    let session = engine.session("alice", SessionId::new());
-    session.create(None, None).await.expect("create");
-    session
-}
-
-async fn wait_until_passivated(engine: &Engine, session: &SessionHandle) {
-    engine.passivate(session.id());
-    while engine.is_live(session.id()) {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
 async fn a_keyed_usage_applies_once(db: TestDb) {
     let engine = db.engine().await.expect("engine");
-    let session = created(&engine).await;
+    let session = created_session(&engine).await;
     let first = engine
         .add_usage(usage(&session, "k1", 5))
         .await
@@ -77,7 +64,7 @@ async fn a_keyed_usage_applies_once(db: TestDb) {
     );
 
     // The record outlives the actor: a fresh activation reads it from the database.
-    wait_until_passivated(&engine, &session).await;
+    passivated(&engine, session.id()).await;
     let after = engine
         .add_usage(usage(&session, "k1", 5))
         .await
@@ -106,7 +93,7 @@ async fn a_timed_out_keyed_usage_retried_applies_once(db: TestDb) {
         })
         .await
         .expect("engine");
-    let session = created(&engine).await;
+    let session = created_session(&engine).await;
     let paused = engine.pause_writes().await;
     // Not acknowledged, but queued: it commits once the writes resume.
     assert!(matches!(
@@ -226,7 +213,7 @@ async fn keyed_create_update_and_delete_replay(db: TestDb) {
 
 async fn writes_honour_the_version_they_read(db: TestDb) {
     let engine = db.engine().await.expect("engine");
-    let session = created(&engine).await;
+    let session = created_session(&engine).await;
     let version = session
         .get(None, Some(0))
         .await
@@ -328,7 +315,7 @@ async fn a_message_id_comes_back_only_with_its_message(db: TestDb) {
         })
         .await
         .expect("engine");
-    let session = created(&engine).await;
+    let session = created_session(&engine).await;
     let first = Uuid::now_v7();
     session
         .append(vec![NewMessage::user("original").with_id(first)])
@@ -407,12 +394,12 @@ async fn a_message_id_comes_back_only_with_its_message(db: TestDb) {
 
 async fn reads_of_missing_and_foreign_sessions_leave_nothing_live(db: TestDb) {
     let engine = db.engine().await.expect("engine");
-    let owned = created(&engine).await;
+    let owned = created_session(&engine).await;
     owned
         .append(vec![NewMessage::user("kept")])
         .await
         .expect("append");
-    wait_until_passivated(&engine, &owned).await;
+    passivated(&engine, owned.id()).await;
     for round in 0..500 {
         let missing = engine.session("mallory", SessionId::new());
         assert!(matches!(
@@ -474,7 +461,7 @@ mod expiry {
             })
             .await
             .expect("engine");
-        let session = created(&engine).await;
+        let session = created_session(&engine).await;
         // A session that never stores a key again: only the engine's purge can delete its record.
         engine
             .add_usage(usage(&session, "old", 2))

@@ -9,10 +9,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use soloist::uuid::Uuid;
 use soloist::{
-    AppendDeltas, AppendMessages, Delta, Engine, Error, MessageStatus, MessageStream, NewMessage,
-    OnBusy, Role, SessionHandle, SessionId, StreamEvent, Usage,
+    AppendDeltas, AppendMessages, Delta, Error, MessageStatus, MessageStream, NewMessage, OnBusy,
+    Role, SessionHandle, StreamEvent, Usage,
 };
-use soloist_testkit::{TestDb, on_every_backend, stored_chunks};
+use soloist_testkit::{TestDb, created_session, on_every_backend, passivated, stored_chunks};
 
 /// A result with the error as its debug text, to compare.
 fn plain<T>(result: soloist::Result<T>) -> Result<T, String> {
@@ -24,20 +24,6 @@ fn err<T>(error: Error) -> Result<T, String> {
     Err(format!("{error:?}"))
 }
 
-async fn created(engine: &Engine) -> SessionHandle {
-    let session = engine.session("alice", SessionId::new());
-    session.create(None, None).await.expect("create");
-    session
-}
-
-/// Lets the session go, so that the next read loads it from the database.
-async fn passivated(engine: &Engine, session: &SessionHandle) {
-    engine.passivate(session.id());
-    while engine.is_live(session.id()) {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
 /// The message at `seq` as the session reads it now: `(status, text)`.
 async fn read(session: &SessionHandle, seq: i64) -> (MessageStatus, Option<String>) {
     let page = session.get(Some(seq - 1), Some(1)).await.expect("read");
@@ -47,7 +33,7 @@ async fn read(session: &SessionHandle, seq: i64) -> (MessageStatus, Option<Strin
 
 async fn a_draft_streams_resends_nothing_twice_and_finishes_once(db: TestDb) {
     let engine = db.engine().await.expect("engine");
-    let session = created(&engine).await;
+    let session = created_session(&engine).await;
     session
         .append(vec![NewMessage::user("Say hello")])
         .await
@@ -87,7 +73,7 @@ async fn a_draft_streams_resends_nothing_twice_and_finishes_once(db: TestDb) {
         read(&session, 1).await,
         (MessageStatus::InProgress, Some("Hello, wor".into()))
     );
-    passivated(&engine, &session).await;
+    passivated(&engine, session.id()).await;
     assert_eq!(
         read(&session, 1).await,
         (MessageStatus::InProgress, Some("Hello, wor".into())),
@@ -138,7 +124,7 @@ async fn a_draft_streams_resends_nothing_twice_and_finishes_once(db: TestDb) {
         plain(session.append_delta(Uuid::now_v7(), 0, "?").await),
         err(Error::MessageNotFound)
     );
-    passivated(&engine, &session).await;
+    passivated(&engine, session.id()).await;
     let page = session.get(None, None).await.expect("read");
     assert_eq!(page.session.usage, usage, "added once");
     assert_eq!(page.session.message_count, 3);
@@ -159,7 +145,7 @@ async fn a_draft_streams_resends_nothing_twice_and_finishes_once(db: TestDb) {
 
 async fn one_reply_streams_at_a_time(db: TestDb) {
     let engine = db.engine().await.expect("engine");
-    let session = created(&engine).await;
+    let session = created_session(&engine).await;
     let start = NewMessage::assistant("").with_id(Uuid::now_v7());
     let (first, seq) = session.start_message(start.clone()).await.expect("start");
     assert_eq!(
@@ -203,7 +189,7 @@ async fn one_reply_streams_at_a_time(db: TestDb) {
         .await
         .expect("interrupt");
     assert_eq!(interrupting.sequences, vec![1]);
-    passivated(&engine, &session).await;
+    passivated(&engine, session.id()).await;
     let page = session.get(None, None).await.expect("read");
     assert_eq!(
         (page.messages[0].status, page.messages[0].text()),
@@ -231,7 +217,7 @@ async fn one_reply_streams_at_a_time(db: TestDb) {
 /// the mailbox holds, so they arrive in order).
 async fn deltas_share_flushes(db: TestDb) {
     let engine = db.engine().await.expect("engine");
-    let session = created(&engine).await;
+    let session = created_session(&engine).await;
     let (draft, seq) = session
         .start_message(NewMessage::assistant(""))
         .await
@@ -264,7 +250,7 @@ async fn deltas_share_flushes(db: TestDb) {
         .collect();
     assert!(lengths.windows(2).all(|pair| pair[0] <= pair[1]));
     assert_eq!(lengths.last().copied(), Some(whole.len() as u64));
-    passivated(&engine, &session).await;
+    passivated(&engine, session.id()).await;
     assert_eq!(
         read(&session, seq).await,
         (MessageStatus::InProgress, Some(whole.clone()))
@@ -295,7 +281,7 @@ async fn event(stream: &mut MessageStream) -> StreamEvent {
 /// gets the rest of the draft from that byte, with no gap and no repeat.
 async fn subscribers_follow_drafts_and_resume_mid_draft(db: TestDb) {
     let engine = db.engine().await.expect("engine");
-    let session = created(&engine).await;
+    let session = created_session(&engine).await;
     let mut stream = session.subscribe(None).await.expect("subscribe");
     session
         .append(vec![NewMessage::user("Hi")])
@@ -381,7 +367,7 @@ async fn subscribers_follow_drafts_and_resume_mid_draft(db: TestDb) {
     // Resuming from a position mid-draft, after the draft ended (and the session was let go,
     // so everything comes from the database): the rest of the draft from that byte, its
     // finish, then the messages after it.
-    passivated(&engine, &session).await;
+    passivated(&engine, session.id()).await;
     let mut resumed = session.subscribe_from(resume_at).await.expect("resume");
     assert_eq!(
         event(&mut resumed).await,
@@ -427,7 +413,7 @@ async fn abandoned_drafts_end_incomplete(db: TestDb) {
         ..db.config()
     };
     let engine = db.engine_with(quick.clone()).await.expect("engine");
-    let session = created(&engine).await;
+    let session = created_session(&engine).await;
     let (draft, seq) = session
         .start_message(NewMessage::assistant("half a"))
         .await
@@ -449,7 +435,7 @@ async fn abandoned_drafts_end_incomplete(db: TestDb) {
         ..db.config()
     };
     let first = db.engine_with(patient).await.expect("first engine");
-    let orphaned = created(&first).await;
+    let orphaned = created_session(&first).await;
     let (_, seq) = orphaned
         .start_message(NewMessage::assistant("cut"))
         .await

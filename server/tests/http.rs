@@ -7,7 +7,6 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -355,33 +354,11 @@ async fn every_error_code() {
 
 /// Reads SSE events (`id`, data JSON) from a response until `count` messages arrived.
 async fn read_events(response: reqwest::Response, count: usize) -> Vec<(i64, Value)> {
-    let mut events = Vec::new();
-    let mut buffer = String::new();
-    let mut body = response.bytes_stream();
-    while events.len() < count {
-        let chunk = tokio::time::timeout(Duration::from_secs(20), body.next())
-            .await
-            .expect("an event within 20 s")
-            .expect("stream open")
-            .expect("chunk");
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buffer.find("\n\n") {
-            let event: String = buffer.drain(..end + 2).collect();
-            let mut id = None;
-            let mut data = None;
-            for line in event.lines() {
-                if let Some(value) = line.strip_prefix("id:") {
-                    id = value.trim().parse::<i64>().ok();
-                } else if let Some(value) = line.strip_prefix("data:") {
-                    data = serde_json::from_str::<Value>(value.trim()).ok();
-                }
-            }
-            if let (Some(id), Some(data)) = (id, data) {
-                events.push((id, data));
-            }
-        }
-    }
-    events
+    read_named_events(response, count)
+        .await
+        .into_iter()
+        .map(|(id, _, data)| (id.parse::<i64>().expect("a message's id"), data))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -262,13 +262,17 @@ impl Batch<'_> {
             .find(|message| message.status == MessageStatus::InProgress)
     }
 
+    /// Message `id` of `user_id`'s session, as the batch left it so far.
+    fn message(&self, user_id: &str, id: &Uuid) -> Result<Arc<Message>> {
+        self.session(user_id)?;
+        self.stored_message(id)
+            .cloned()
+            .ok_or(Error::MessageNotFound)
+    }
+
     /// The draft `id` of `user_id`'s session, still in progress.
     fn draft(&self, user_id: &str, id: &Uuid) -> Result<Arc<Message>> {
-        self.session(user_id)?;
-        let message = self
-            .stored_message(id)
-            .ok_or(Error::MessageNotFound)?
-            .clone();
+        let message = self.message(user_id, id)?;
         if message.status != MessageStatus::InProgress {
             return Err(Error::MessageFinished {
                 status: message.status,
@@ -350,11 +354,7 @@ impl Batch<'_> {
     /// message as finished. Finishing it again the same way changes nothing and answers the
     /// same; another way is a conflict.
     pub fn finish(&mut self, user_id: &str, id: &Uuid, finished: &Finish) -> Result<Arc<Message>> {
-        self.session(user_id)?;
-        let message = self
-            .stored_message(id)
-            .ok_or(Error::MessageNotFound)?
-            .clone();
+        let message = self.message(user_id, id)?;
         if message.status != MessageStatus::InProgress {
             let same = message.status == finished.status
                 && (finished.tool_calls.is_none() || message.tool_calls == finished.tool_calls)

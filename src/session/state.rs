@@ -82,23 +82,16 @@ impl SessionState {
             .map(|message| (message.id, message.seq))
             .collect();
         let mut calls = HashMap::new();
-        for older in &loaded.older_tool_messages {
-            record_calls(
-                &mut calls,
-                older.seq,
-                older.role,
-                older.tool_calls.as_ref(),
-                older.tool_call_id.as_deref(),
-            );
-        }
-        for message in &loaded.tail {
-            record_calls(
-                &mut calls,
-                message.seq,
-                message.role,
-                message.tool_calls.as_ref(),
-                message.tool_call_id.as_deref(),
-            );
+        let older = loaded.older_tool_messages.iter().map(|older| {
+            let (calls, answers) = (older.tool_calls.as_ref(), older.tool_call_id.as_deref());
+            (older.seq, older.role, calls, answers)
+        });
+        let cached = loaded.tail.iter().map(|message| {
+            let (calls, answers) = (message.tool_calls.as_ref(), message.tool_call_id.as_deref());
+            (message.seq, message.role, calls, answers)
+        });
+        for (seq, role, made, answered) in older.chain(cached) {
+            record_calls(&mut calls, seq, role, made, answered);
         }
         Self {
             info: Some(loaded.info),

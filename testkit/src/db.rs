@@ -220,3 +220,19 @@ pub fn assert_contiguous(rows: &[(i64, Uuid)]) {
     let ids: HashSet<_> = rows.iter().map(|(_, id)| id).collect();
     assert_eq!(ids.len(), rows.len(), "a message id is stored twice");
 }
+
+/// A new session of `alice` on `engine`, created.
+pub async fn created_session(engine: &Engine) -> soloist::SessionHandle {
+    let session = engine.session("alice", SessionId::new());
+    session.create(None, None).await.expect("create");
+    session
+}
+
+/// Lets `session`'s actor go and waits until it has, so that the next command loads the
+/// session from the database.
+pub async fn passivated(engine: &Engine, session: SessionId) {
+    engine.passivate(session);
+    while engine.is_live(session) {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}

@@ -24,7 +24,10 @@ mod dir;
 pub mod history;
 mod postgres;
 
-pub use db::{Backend, TestDb, assert_contiguous, stored_chunks, stored_owner, stored_rows};
+pub use db::{
+    Backend, TestDb, assert_contiguous, created_session, passivated, stored_chunks, stored_owner,
+    stored_rows,
+};
 pub use dir::TempDir;
 pub use postgres::{
     PgSchema, ci, postgres_answers, postgres_available, postgres_base_url, search_path_url,
