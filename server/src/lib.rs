@@ -565,6 +565,14 @@ async fn delete_session(
 /// Each event's id is the stream's [`Position`] after it (`7`, `7:120`, `8/7:120`), so a
 /// client that reconnects with it resumes exactly: the messages after it, and the rest of an
 /// open draft from the byte it stopped at, with no gap and no repeat.
+/// The data of a `message.delta` event.
+#[derive(serde::Serialize)]
+struct DeltaEvent<'a> {
+    seq: i64,
+    offset: u64,
+    content: &'a str,
+}
+
 async fn events(
     State(state): State<AppState>,
     UserId(user_id): UserId,
@@ -618,9 +626,11 @@ async fn events(
                             content,
                         } => (
                             "message.delta",
-                            serde_json::to_string(
-                                &serde_json::json!({"seq": seq, "offset": offset, "content": content}),
-                            ),
+                            serde_json::to_string(&DeltaEvent {
+                                seq: *seq,
+                                offset: *offset,
+                                content,
+                            }),
                         ),
                         StreamEvent::Finished(message) => {
                             ("message.finished", serde_json::to_string(&**message))
