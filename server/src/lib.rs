@@ -554,6 +554,14 @@ async fn delete_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The data of a `message.delta` event.
+#[derive(serde::Serialize)]
+struct DeltaEvent<'a> {
+    seq: i64,
+    offset: u64,
+    content: &'a str,
+}
+
 /// Server-Sent Events: the stored messages after `after_seq` (or after the `Last-Event-ID` a
 /// reconnecting client sends), then each new message as it commits, and the drafts among them
 /// as they grow and end:
@@ -565,14 +573,6 @@ async fn delete_session(
 /// Each event's id is the stream's [`Position`] after it (`7`, `7:120`, `8/7:120`), so a
 /// client that reconnects with it resumes exactly: the messages after it, and the rest of an
 /// open draft from the byte it stopped at, with no gap and no repeat.
-/// The data of a `message.delta` event.
-#[derive(serde::Serialize)]
-struct DeltaEvent<'a> {
-    seq: i64,
-    offset: u64,
-    content: &'a str,
-}
-
 async fn events(
     State(state): State<AppState>,
     UserId(user_id): UserId,
