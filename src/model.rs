@@ -510,7 +510,17 @@ impl<'de> Deserialize<'de> for Content {
         if raw.is_array() {
             return Ok(Content::Parts(raw));
         }
-        serde_json::from_str::<String>(raw.get())
+        // A string without escapes is its text between the quotes: no second parse.
+        let text = raw.get();
+        if let Some(inner) = text
+            .strip_prefix('"')
+            .and_then(|text| text.strip_suffix('"'))
+        {
+            if !inner.contains('\\') {
+                return Ok(Content::Text(inner.to_owned()));
+            }
+        }
+        serde_json::from_str::<String>(text)
             .map(Content::Text)
             .map_err(|_| D::Error::custom("content must be a string or an array of parts"))
     }
@@ -633,7 +643,25 @@ pub(crate) fn now_micros() -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::RawJson;
+    use super::{Content, RawJson};
+
+    #[test]
+    fn content_reads_texts_with_and_without_escapes_and_parts_as_sent() {
+        let read = |json: &str| serde_json::from_str::<Content>(json).expect("content");
+        assert_eq!(read(r#""plain text""#), Content::Text("plain text".into()));
+        assert_eq!(
+            read(r#""say \"hi\"\n""#),
+            Content::Text("say \"hi\"\n".into())
+        );
+        assert_eq!(read(r#""caf\u00e9""#), Content::Text("café".into()));
+        assert_eq!(read(r#""""#), Content::Text(String::new()));
+        let parts = r#"[{"type":"text", "text":"a"}]"#;
+        assert_eq!(
+            read(parts),
+            Content::Parts(RawJson::parse(parts).expect("json"))
+        );
+        assert!(serde_json::from_str::<Content>("5").is_err());
+    }
 
     fn depth(text: &str) -> usize {
         RawJson::parse(text).expect("valid JSON").depth()

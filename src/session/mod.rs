@@ -227,13 +227,18 @@ impl SessionActor {
                 }
             }
         }
-        if let Some(user) = state.info.as_ref().map(|info| info.user_id.clone()) {
+        // The drafts' timeouts: drafts that started or grew restart theirs, drafts that ended
+        // drop theirs. A batch without drafts (the common append) touches nothing.
+        if let Some(info) = state.info.as_ref() {
             let drafts = &self.shared.drafts;
-            for message in updated.iter().chain(&messages) {
-                if message.status == MessageStatus::InProgress {
-                    drafts.touch(self.id, message.id, &user);
+            let started = messages
+                .iter()
+                .filter(|message| message.status == MessageStatus::InProgress);
+            for draft in updated.iter().chain(started) {
+                if draft.status == MessageStatus::InProgress {
+                    drafts.touch(self.id, draft.id, &info.user_id);
                 } else {
-                    drafts.forget(self.id, Some(message.id));
+                    drafts.forget(self.id, Some(draft.id));
                 }
             }
         }
