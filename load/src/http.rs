@@ -240,6 +240,11 @@ impl Cluster {
         }
     }
 
+    /// The client the requests go through.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     fn url(&self, process: usize) -> &str {
         self.urls.get(process).map_or("", String::as_str)
     }
@@ -257,22 +262,30 @@ impl Cluster {
             messages: [&new_message],
         })
         .map_err(|_| Failure::answer_unreadable())?;
+        let answer = self.send(session, "messages", body, attempts).await?;
+        serde_json::from_slice::<Appended>(&answer)
+            .ok()
+            .and_then(|appended| appended.sequences.first().copied())
+            .ok_or_else(Failure::answer_unreadable)
+    }
+
+    /// POSTs `body` to `/v1/sessions/{session}/{path}` through the process the routing picks,
+    /// sending the same body again after a retryable failure (at most [`MAX_RETRIES`] times,
+    /// each retry to the process picked then); answers the body of the 2xx answer, or the last
+    /// failure. Only for requests that are idempotent by their body (a message id, an offset).
+    pub async fn send(
+        &self,
+        session: Uuid,
+        path: &str,
+        body: Vec<u8>,
+        attempts: &mut Attempts,
+    ) -> Result<Vec<u8>, Failure> {
         let mut backoff = FIRST_BACKOFF;
         let mut retries = 0;
         loop {
-            let process = self.targets.pick(session);
-            let url = format!("{}/v1/sessions/{session}/messages", self.url(process));
+            let url = format!("{}/{path}", self.session_url(session));
             let failure = match self.post(&url, body.clone(), None).await {
-                Ok(answer) => match serde_json::from_slice::<Appended>(&answer) {
-                    Ok(appended) => {
-                        return appended
-                            .sequences
-                            .first()
-                            .copied()
-                            .ok_or_else(Failure::answer_unreadable);
-                    }
-                    Err(_) => Failure::answer_unreadable(),
-                },
+                Ok(answer) => return Ok(answer),
                 Err(failure) => failure,
             };
             if !failure.retryable || retries >= MAX_RETRIES {
@@ -283,6 +296,12 @@ impl Cluster {
             tokio::time::sleep(backoff).await;
             backoff *= 2;
         }
+    }
+
+    /// `/v1/sessions/{session}` at the process the routing picks for this request.
+    pub fn session_url(&self, session: Uuid) -> String {
+        let process = self.targets.pick(session);
+        format!("{}/v1/sessions/{session}", self.url(process))
     }
 
     /// Creates `count` sessions owned by [`USER_ID`], `parallel` requests at a time. Servers

@@ -11,6 +11,8 @@
 //! soloist-load --cluster --processes 3 --routing sticky --workload many
 //!                                           # 3 soloist-server processes, one database, HTTP
 //! soloist-load --cluster-table              # 1 process / 3 sticky / 3 round-robin x 3 shapes
+//! soloist-load --workload stream            # streamed replies: 200 sessions x 50 deltas/s,
+//!                                           # soloist (server + SSE) vs rewrite per delta
 //! soloist-load --quick ...                  # 3 s runs instead of 10 s
 //! ```
 //!
@@ -34,7 +36,8 @@
 //!
 //! Modules: [`workload`] (what is written), [`strategy`] (how: soloist and the baselines),
 //! [`run`] (one measured run), [`check`] (the correctness check), [`db`] (fresh databases),
-//! [`memory`] (idle memory), [`report`] and [`plot`] (output), [`machine`] (machine info);
+//! [`memory`] (idle memory), [`stream`] (streamed replies), [`report`] and [`plot`] (output),
+//! [`machine`] (machine info);
 //! cluster runs: [`cluster`] (one run), [`servers`] (the processes), [`http`] (routing and
 //! requests).
 
@@ -51,6 +54,7 @@ mod run;
 mod servers;
 mod settings;
 mod strategy;
+mod stream;
 mod workload;
 
 use std::path::PathBuf;
@@ -86,6 +90,9 @@ enum WorkloadArg {
     ChatTurn,
     /// RSS per idle live session.
     IdleMemory,
+    /// Streamed replies: S sessions x --delta-rate deltas/s, --viewers SSE viewers each,
+    /// soloist (a server, over HTTP) against the whole message rewritten per delta.
+    Stream,
 }
 
 /// What `--db` can name.
@@ -157,6 +164,18 @@ struct Cli {
     /// Rows per multi-row INSERT and commit of the limit strategy.
     #[arg(long, default_value_t = 100)]
     limit_batch: usize,
+    /// --workload stream: deltas due per second per session.
+    #[arg(long, default_value_t = 50.0)]
+    delta_rate: f64,
+    /// --workload stream: deltas per reply.
+    #[arg(long, default_value_t = 250)]
+    deltas_per_reply: usize,
+    /// --workload stream: bytes per delta (at least 16).
+    #[arg(long, default_value_t = 16)]
+    delta_bytes: usize,
+    /// --workload stream: SSE viewers per session.
+    #[arg(long, default_value_t = 1)]
+    viewers: usize,
     /// Sessions activated by --workload idle-memory.
     #[arg(long, default_value_t = 20_000)]
     idle_sessions: usize,
@@ -257,7 +276,7 @@ impl Cli {
         let workload = match self.workload {
             WorkloadArg::Hot => Workload::Hot,
             WorkloadArg::Many => Workload::Many,
-            WorkloadArg::ChatTurn | WorkloadArg::IdleMemory => {
+            WorkloadArg::ChatTurn | WorkloadArg::IdleMemory | WorkloadArg::Stream => {
                 return Err(LoadError::Config(
                     "--cluster runs --workload hot or many".into(),
                 ));
@@ -321,6 +340,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "all"
     } else if cli.workload == WorkloadArg::IdleMemory {
         "idle-memory"
+    } else if cli.workload == WorkloadArg::Stream {
+        "stream"
     } else {
         "workload"
     };
@@ -385,6 +406,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
         }
+    } else if cli.workload == WorkloadArg::Stream {
+        if !(cli.delta_rate.is_finite() && cli.delta_rate > 0.0) {
+            return Err(LoadError::Config("--delta-rate must be above 0".into()).into());
+        }
+        let options = stream::options(cli.server_bin.as_deref(), &cli.out)?;
+        let sessions = cli.sessions.unwrap_or(200).max(1);
+        for db in cli.dbs(DbArg::Both) {
+            while let Some(spec) = stream::plan_next(
+                db,
+                &report.stream,
+                sessions,
+                cli.delta_rate,
+                cli.deltas_per_reply.max(1),
+                cli.delta_bytes,
+                cli.viewers,
+            ) {
+                report
+                    .stream
+                    .push(stream::run(&spec, &settings, &options).await);
+            }
+        }
     } else if cli.workload == WorkloadArg::IdleMemory {
         let db = cli.dbs(DbArg::Sqlite)[0];
         report.idle_memory = Some(memory::measure(db, cli.idle_sessions.max(1), &settings).await?);
@@ -392,7 +434,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let workload = match cli.workload {
             WorkloadArg::Hot => Workload::Hot,
             WorkloadArg::Many => Workload::Many,
-            WorkloadArg::ChatTurn | WorkloadArg::IdleMemory => Workload::ChatTurn,
+            WorkloadArg::ChatTurn | WorkloadArg::IdleMemory | WorkloadArg::Stream => {
+                Workload::ChatTurn
+            }
         };
         for db in cli.dbs(DbArg::Both) {
             for strategy in cli.strategies(db) {

@@ -21,6 +21,7 @@ use crate::memory::IdleMemory;
 use crate::run::RunResult;
 use crate::settings::Settings;
 use crate::strategy::StrategyKind;
+use crate::stream::StreamResult;
 use crate::workload::Workload;
 
 /// soloist against (d) and the limit in one group.
@@ -102,6 +103,8 @@ pub struct Report {
     pub idle_memory: Option<IdleMemory>,
     /// Cluster runs: several server processes on one database, over HTTP.
     pub cluster: Vec<ClusterResult>,
+    /// Stream runs: streamed replies, soloist against the usual way.
+    pub stream: Vec<StreamResult>,
 }
 
 type GroupKey = (Workload, DbKind, usize, usize);
@@ -134,6 +137,7 @@ impl Report {
             sweep: None,
             idle_memory: None,
             cluster: Vec::new(),
+            stream: Vec::new(),
         }
     }
 
@@ -331,7 +335,10 @@ impl Report {
             write_cluster(&mut out, &self.cluster);
             let _ = writeln!(out, "{}", CLUSTER_LEGEND);
         }
-        if !self.runs.is_empty() || self.cluster.is_empty() {
+        if !self.stream.is_empty() {
+            out.push_str(&crate::stream::markdown(&self.stream));
+        }
+        if !self.runs.is_empty() || (self.cluster.is_empty() && self.stream.is_empty()) {
             let _ = writeln!(out, "{}", LEGEND);
         }
         out
