@@ -2,12 +2,17 @@
 //! the engine tuning of each case. Invalid input is generated on purpose (text over the small
 //! limits, tool messages without a call id, metadata that is not an object, the nil id...), so
 //! that the model's refusals are exercised as often as its values.
+//!
+//! Streamed replies too: drafts started (alone, or inside an append; refused while another
+//! streams, or interrupting it), deltas (mostly at the draft's end, sometimes resending text it
+//! holds, sometimes past its end or differing from it), finishes (each status, repeated, or
+//! conflicting), aimed at recent drafts, at the pool's ids (other messages) or at unknown ids.
 
 use proptest::collection::vec;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use soloist::uuid::Uuid;
-use soloist::{NewMessage, Role};
+use soloist::{MessageStatus, NewMessage, Role};
 
 use crate::{CONTENT, ID_POOL, SHORT, Tuning};
 
@@ -114,7 +119,7 @@ fn meta() -> impl Strategy<Value = Meta> {
 
 /// Which message id a message carries.
 #[derive(Clone, Debug)]
-enum IdSpec {
+pub enum IdSpec {
     /// None: the engine generates one.
     Generated,
     /// One of the case's pool of client ids.
@@ -147,6 +152,14 @@ enum Body {
     Refusal(Text),
     /// Invalid: no content, tool calls, function call nor refusal.
     Blank(Role),
+    /// A draft's start (an assistant reply in progress), with its text so far or none.
+    Draft(Option<Text>),
+    /// Invalid: a draft of another role than the assistant.
+    DraftOf(Role, Text),
+    /// Invalid: a draft that makes tool calls before its finish.
+    DraftWithToolCalls(u8),
+    /// Invalid: a message appended ended (incomplete or aborted), which only a finish does.
+    Ended(MessageStatus, Text),
 }
 
 #[derive(Clone, Debug)]
@@ -171,6 +184,7 @@ fn valid_body() -> impl Strategy<Value = Body> {
         1 => text_within(SHORT - 1).prop_map(Body::FunctionResult),
         1 => any::<u8>().prop_map(Body::FunctionCall),
         1 => text_within(CONTENT).prop_map(Body::Refusal),
+        1 => proptest::option::weighted(0.8, text_within(CONTENT)).prop_map(Body::Draft),
     ]
 }
 
@@ -184,6 +198,20 @@ fn invalid_body() -> impl Strategy<Value = Body> {
         text_over(SHORT).prop_map(Body::FunctionResult),
         text_over(CONTENT).prop_map(Body::Refusal),
         role().prop_map(Body::Blank),
+        (
+            prop_oneof![Just(Role::User), Just(Role::System)],
+            text_within(CONTENT)
+        )
+            .prop_map(|(role, text)| Body::DraftOf(role, text)),
+        (0u8..16).prop_map(Body::DraftWithToolCalls),
+        (
+            prop_oneof![
+                Just(MessageStatus::Incomplete),
+                Just(MessageStatus::Aborted)
+            ],
+            text_within(CONTENT)
+        )
+            .prop_map(|(status, text)| Body::Ended(status, text)),
     ]
 }
 
@@ -215,8 +243,19 @@ fn messages() -> impl Strategy<Value = Vec<Msg>> {
     ]
 }
 
+/// The JSON of `n` tool calls `c{first}`, `c{first + 1}`...
+fn tool_calls_json(first: u8, n: u8) -> Value {
+    Value::Array(
+        (0..n)
+            .map(|index| json!({"id": format!("c{}", u16::from(first) + u16::from(index))}))
+            .collect(),
+    )
+}
+
 pub fn build_message(msg: &Msg, pool: &[Uuid]) -> NewMessage {
     let id = match msg.id {
+        // A draft always gets its id from the client, which names it in deltas and finishes.
+        IdSpec::Generated if matches!(msg.body, Body::Draft(_)) => Some(Uuid::now_v7()),
         IdSpec::Generated => None,
         IdSpec::Pool(index) => Some(pool[index]),
         IdSpec::Nil => Some(Uuid::nil()),
@@ -225,13 +264,7 @@ pub fn build_message(msg: &Msg, pool: &[Uuid]) -> NewMessage {
         id,
         ..NewMessage::default()
     };
-    let tool_calls = |first: u8, n: u8| {
-        Value::Array(
-            (0..n)
-                .map(|index| json!({"id": format!("c{}", u16::from(first) + u16::from(index))}))
-                .collect(),
-        )
-    };
+    let tool_calls = tool_calls_json;
     match &msg.body {
         Body::Text(role, text) => NewMessage {
             role: *role,
@@ -285,7 +318,112 @@ pub fn build_message(msg: &Msg, pool: &[Uuid]) -> NewMessage {
             role: *role,
             ..base
         },
+        Body::Draft(text) => NewMessage {
+            role: Role::Assistant,
+            content: text.as_ref().map(|text| text.render().into()),
+            status: Some(MessageStatus::InProgress),
+            ..base
+        },
+        Body::DraftOf(role, text) => NewMessage {
+            role: *role,
+            content: Some(text.render().into()),
+            status: Some(MessageStatus::InProgress),
+            ..base
+        },
+        Body::DraftWithToolCalls(first) => NewMessage {
+            role: Role::Assistant,
+            tool_calls: Some(tool_calls(*first, 1).into()),
+            status: Some(MessageStatus::InProgress),
+            ..base
+        },
+        Body::Ended(status, text) => NewMessage {
+            role: Role::Assistant,
+            content: Some(text.render().into()),
+            status: Some(*status),
+            ..base
+        },
     }
+}
+
+/// Which draft a delta or a finish names.
+#[derive(Clone, Debug)]
+pub enum DraftRef {
+    /// The id of the `n`-th most recent start of the case (whatever became of it).
+    Recent(usize),
+    /// One of the pool's ids: another message, a draft appended with it, or nothing.
+    Pool(usize),
+    /// An id no message has.
+    Unknown,
+}
+
+fn draft_ref() -> impl Strategy<Value = DraftRef> {
+    prop_oneof![
+        10 => prop_oneof![3 => Just(0usize), 1 => Just(1usize), 1 => Just(2usize)]
+            .prop_map(DraftRef::Recent),
+        2 => (0..ID_POOL).prop_map(DraftRef::Pool),
+        1 => Just(DraftRef::Unknown),
+    ]
+}
+
+/// Where a delta goes in the draft's content as it is when the delta is sent.
+#[derive(Clone, Debug)]
+pub enum At {
+    /// At its end: the next text.
+    End,
+    /// Its last `n` characters again, followed by the new text (a resend, or an overlap).
+    Resend(u8),
+    /// `1 + n` bytes past its end: a gap.
+    Gap(u8),
+    /// At its start, with text that differs there (unless the draft is still empty).
+    Conflict,
+    /// At byte `n` modulo its length plus one: anywhere, even inside a character.
+    Inside(u8),
+}
+
+/// One delta of a command.
+#[derive(Clone, Debug)]
+pub struct DeltaSpec {
+    pub at: At,
+    pub text: Text,
+}
+
+fn delta() -> impl Strategy<Value = DeltaSpec> {
+    let at = prop_oneof![
+        10 => Just(At::End),
+        3 => (0u8..4).prop_map(At::Resend),
+        1 => (0u8..3).prop_map(At::Gap),
+        1 => Just(At::Conflict),
+        1 => (0u8..20).prop_map(At::Inside),
+    ];
+    // Tokens of a few bytes, which fill the small content limit in a few deltas; sometimes a
+    // delta over the limit by itself.
+    let text = prop_oneof![12 => text_within(6), 1 => text_over(CONTENT)];
+    (at, text).prop_map(|(at, text)| DeltaSpec { at, text })
+}
+
+/// What a start sends.
+#[derive(Clone, Debug)]
+pub enum StartSpec {
+    /// A new draft: its id (a fresh one, or the pool's) and its text so far.
+    New(IdSpec, Option<Text>),
+    /// The `n`-th most recent start of the case, sent again as it was.
+    Again(usize),
+}
+
+/// A draft's start as sent, with a fresh id unless the pool gives one.
+pub fn build_start(id: &IdSpec, text: &Option<Text>, pool: &[Uuid]) -> NewMessage {
+    build_message(
+        &Msg {
+            body: Body::Draft(text.clone()),
+            id: id.clone(),
+        },
+        pool,
+    )
+}
+
+/// A finish's tool calls as sent.
+pub fn finish_tool_calls(calls: Option<(u8, u8)>) -> Option<soloist::RawJson> {
+    calls.map(|(first, n)| tool_calls_json(first, n).into())
 }
 
 #[derive(Clone, Debug)]
@@ -329,6 +467,47 @@ pub enum Op {
     },
     /// Shut the engine down and start a new one on the same database (a no-op in memory).
     Restart,
+    /// Start a draft alone, refused while another streams or interrupting it.
+    Start {
+        session: usize,
+        user: usize,
+        start: StartSpec,
+        interrupt: bool,
+    },
+    /// Append text to a draft: one delta, or two in one command (all or nothing).
+    Deltas {
+        session: usize,
+        user: usize,
+        draft: DraftRef,
+        deltas: Vec<DeltaSpec>,
+    },
+    /// End a draft (`InProgress` is refused), with tool calls `c{first}`... and usage.
+    Finish {
+        session: usize,
+        user: usize,
+        draft: DraftRef,
+        status: MessageStatus,
+        tool_calls: Option<(u8, u8)>,
+        usage: Option<(u32, u32)>,
+    },
+}
+
+impl Op {
+    /// The session and the user of a command on one session.
+    pub fn target(&self) -> Option<(usize, usize)> {
+        match *self {
+            Op::Create { session, user, .. }
+            | Op::Append { session, user, .. }
+            | Op::Get { session, user, .. }
+            | Op::Update { session, user, .. }
+            | Op::AddUsage { session, user, .. }
+            | Op::Delete { session, user }
+            | Op::Start { session, user, .. }
+            | Op::Deltas { session, user, .. }
+            | Op::Finish { session, user, .. } => Some((session, user)),
+            Op::List { .. } | Op::Restart => None,
+        }
+    }
 }
 
 fn user() -> impl Strategy<Value = usize> {
@@ -378,6 +557,53 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (user(), proptest::option::weighted(0.8, 0usize..6))
             .prop_map(|(user, limit)| Op::List { user, limit }),
         1 => Just(Op::Restart),
+        2 => (session(), user(), start(), proptest::bool::weighted(0.3)).prop_map(
+            |(session, user, start, interrupt)| Op::Start { session, user, start, interrupt }
+        ),
+        4 => (session(), user(), draft_ref(), vec(delta(), 1..=2), 0u8..6).prop_map(
+            // Mostly one delta per command.
+            |(session, user, draft, mut deltas, one)| {
+                if one > 0 {
+                    deltas.truncate(1);
+                }
+                Op::Deltas { session, user, draft, deltas }
+            }
+        ),
+        2 => (
+            session(),
+            user(),
+            draft_ref(),
+            prop_oneof![
+                4 => Just(MessageStatus::Completed),
+                2 => Just(MessageStatus::Incomplete),
+                2 => Just(MessageStatus::Aborted),
+                1 => Just(MessageStatus::InProgress),
+            ],
+            proptest::option::weighted(0.2, (0u8..16, 0u8..6)),
+            proptest::option::weighted(0.5, (0u32..3, 0u32..100)),
+        )
+            .prop_map(|(session, user, draft, status, tool_calls, usage)| Op::Finish {
+                session,
+                user,
+                draft,
+                status,
+                tool_calls,
+                usage,
+            }),
+    ]
+}
+
+fn start() -> impl Strategy<Value = StartSpec> {
+    prop_oneof![
+        6 => (
+            prop_oneof![4 => Just(IdSpec::Generated), 1 => (0..ID_POOL).prop_map(IdSpec::Pool)],
+            proptest::option::weighted(
+                0.7,
+                prop_oneof![8 => text_within(6), 1 => text_over(CONTENT)]
+            ),
+        )
+            .prop_map(|(id, text)| StartSpec::New(id, text)),
+        1 => (0usize..2).prop_map(StartSpec::Again),
     ]
 }
 
@@ -396,7 +622,8 @@ pub fn case() -> impl Strategy<Value = Case> {
         ],
         // Usually session 0 is created first, by its owner; the rest is random.
         proptest::option::weighted(0.75, Just(())),
-        vec(op(), 1..40),
+        // A quarter of the commands are about drafts: as many of the others as before.
+        vec(op(), 1..53),
     )
         .prop_map(|(tuning, create_first, mut ops)| {
             if create_first.is_some() {

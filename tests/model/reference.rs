@@ -2,11 +2,20 @@
 //! ids and versions, written from the documented semantics (not from the engine's code). For
 //! each command it predicts the value the engine must answer, or the error kinds any of which
 //! is a correct refusal.
+//!
+//! Drafts (streamed assistant replies) follow the documented rules: a draft takes its sequence
+//! when it starts, grows by deltas idempotent by their byte offset, and ends once; one streams
+//! at a time per session, unless a start interrupts it. Two deviations of the engine from those
+//! rules are known (see [`Known`]); the model predicts them unless `SOLOIST_MODEL_STRICT` is set,
+//! so that the rest stays checked while they stand.
 
 use std::collections::{HashMap, HashSet};
 
 use soloist::uuid::Uuid;
-use soloist::{Error, Limits, Message, NewMessage, RawJson, Role, SessionId, SessionInfo, Usage};
+use soloist::{
+    Content, Error, Limits, Message, MessageStatus, NewMessage, OnBusy, PendingToolCall, RawJson,
+    Role, SessionId, SessionInfo, Usage,
+};
 
 use crate::USERS;
 
@@ -26,6 +35,12 @@ pub enum Kind {
     MessageIdReused,
     UnknownToolCall,
     ToolCallAnswered,
+    MessageNotFound,
+    MessageFinished(MessageStatus),
+    OffsetGap(u64),
+    OffsetConflict(u64),
+    FinishConflict(MessageStatus),
+    TurnInProgress(Uuid),
     /// Anything else (storage, shutdown, actor failure...): never expected here.
     Other,
 }
@@ -40,6 +55,12 @@ pub fn kind(error: &Error) -> Kind {
         Error::MessageIdReused { .. } => Kind::MessageIdReused,
         Error::UnknownToolCall { .. } => Kind::UnknownToolCall,
         Error::ToolCallAnswered { .. } => Kind::ToolCallAnswered,
+        Error::MessageNotFound => Kind::MessageNotFound,
+        Error::MessageFinished { status } => Kind::MessageFinished(*status),
+        Error::OffsetGap { length } => Kind::OffsetGap(*length),
+        Error::OffsetConflict { length } => Kind::OffsetConflict(*length),
+        Error::FinishConflict { status } => Kind::FinishConflict(*status),
+        Error::TurnInProgress { id } => Kind::TurnInProgress(*id),
         _ => Kind::Other,
     }
 }
@@ -48,10 +69,46 @@ pub fn kind(error: &Error) -> Kind {
 /// (a command with several faults may be refused for any of them).
 pub type Expected<T> = Result<T, Vec<Kind>>;
 
+/// Known deviations of the engine from the documented rules, which the model predicts as the
+/// engine behaves (unless `SOLOIST_MODEL_STRICT` is set), so that everything else stays checked.
+#[derive(Clone, Copy, Debug)]
+pub struct Known {
+    /// The engine looks a message up by id (for a delta, a finish, or a start's resend) and
+    /// finds the draft in progress (one streams at a time) only among the session's
+    /// `cached_messages` newest messages: a draft older than that is "not found" for its
+    /// deltas and finish, and no longer stops (nor is interrupted by) a new draft's start.
+    pub drafts_only_in_cache: bool,
+    /// A delta refused after earlier deltas of the same command reports the draft's length
+    /// with those earlier deltas, although none was applied.
+    pub refused_delta_length_with_earlier_deltas: bool,
+    /// A batch that changes a stored draft (an interrupt finishing it) and appends messages
+    /// leaves the draft's cached copy as it was: the session must be reloaded to see it right.
+    pub interrupt_leaves_cache_stale: bool,
+    /// A write of a user who does not own the session loads it as a stranger sees it (no
+    /// messages, no tool calls); the owner's command that reaches the actor before it stops
+    /// is answered from that copy (deltas and finishes "not found", tool calls not pending,
+    /// no draft streaming).
+    pub foreign_load_served_to_owner: bool,
+}
+
+impl Known {
+    /// What the engine does now, or (with `SOLOIST_MODEL_STRICT` set) the documented rules.
+    pub fn from_env() -> Self {
+        let strict = std::env::var_os("SOLOIST_MODEL_STRICT").is_some();
+        Self {
+            drafts_only_in_cache: !strict,
+            refused_delta_length_with_earlier_deltas: !strict,
+            interrupt_leaves_cache_stale: !strict,
+            foreign_load_served_to_owner: !strict,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct ModelMessage {
     /// The client id; a generated one is learned from the first read that returns it.
     id: Option<Uuid>,
+    /// As sent, then as it grew (content) and ended (status, tool calls).
     message: NewMessage,
     /// Learned from the first read; must never change afterwards.
     created_at: Option<Timestamp>,
@@ -66,8 +123,9 @@ pub struct ModelSession {
     messages: Vec<ModelMessage>,
     /// Client message id → sequence.
     ids: HashMap<Uuid, i64>,
-    /// Every tool call id an assistant message made → whether a tool message answered it.
-    calls: HashMap<String, bool>,
+    /// Every tool call id an assistant message made → the message's sequence, and whether a
+    /// tool message answered it.
+    calls: HashMap<String, (i64, bool)>,
     /// Bumped by every committed write.
     version: i64,
     deleted: bool,
@@ -81,6 +139,9 @@ pub struct Model {
     pub sessions: HashMap<SessionId, ModelSession>,
     hide_foreign: bool,
     pub limits: Limits,
+    /// `cached_messages`: how many of a session's newest messages the engine holds.
+    cached: usize,
+    known: Known,
 }
 
 /// The ids of the tool calls an assistant message makes (entries with an `"id"`).
@@ -94,6 +155,27 @@ fn call_ids(message: &NewMessage) -> Vec<String> {
             .filter_map(|call| call.get("id").and_then(|id| id.as_str()).map(str::to_owned))
             .collect(),
         _ => Vec::new(),
+    }
+}
+
+/// Records the tool calls `message` (at `seq`) makes, or the one it answers.
+fn record_calls(calls: &mut HashMap<String, (i64, bool)>, seq: i64, message: &NewMessage) {
+    match message.role {
+        Role::Assistant => {
+            for id in call_ids(message) {
+                calls.entry(id).or_insert((seq, false));
+            }
+        }
+        Role::Tool => {
+            if let Some(call) = message
+                .tool_call_id
+                .as_ref()
+                .and_then(|id| calls.get_mut(id))
+            {
+                call.1 = true;
+            }
+        }
+        _ => {}
     }
 }
 
@@ -120,13 +202,99 @@ fn json_faults(value: &Option<RawJson>, want_object: bool, limit: usize) -> Vec<
     }
 }
 
+/// Whether `sent` is the message `stored` sent again (its id matched already): every field the
+/// client chose is the same; a draft's start matches its draft while the text sent is a prefix
+/// of the draft's (it may have grown, or ended, since).
+fn is_resend(stored: &NewMessage, sent: &NewMessage) -> bool {
+    if sent.status == Some(MessageStatus::InProgress) {
+        return stored.role == sent.role
+            && stored.name == sent.name
+            && stored.metadata == sent.metadata
+            && match (stored.text(), sent.text()) {
+                (Some(stored), Some(sent)) => stored.starts_with(sent),
+                (_, None) => true,
+                (None, Some(_)) => false,
+            };
+    }
+    let status = |message: &NewMessage| message.status.unwrap_or_default();
+    status(stored) == status(sent)
+        && NewMessage {
+            status: None,
+            ..stored.clone()
+        } == NewMessage {
+            status: None,
+            ..sent.clone()
+        }
+}
+
+fn is_draft(message: &NewMessage) -> bool {
+    message.status == Some(MessageStatus::InProgress)
+}
+
+impl ModelSession {
+    /// The sequence of the oldest message the engine holds in memory.
+    fn window_start(&self, cached: usize) -> usize {
+        self.messages.len().saturating_sub(cached)
+    }
+
+    /// The sequence of message `id`, as the engine finds it by id.
+    fn find(&self, id: &Uuid, cached: usize, known: Known) -> Option<usize> {
+        let seq = *self.ids.get(id)? as usize;
+        let visible = !known.drafts_only_in_cache || seq >= self.window_start(cached);
+        visible.then_some(seq)
+    }
+
+    /// The draft in progress that stops (or is interrupted by) a new one, as the engine finds
+    /// it.
+    fn streaming(&self, cached: usize, known: Known) -> Option<usize> {
+        let from = if known.drafts_only_in_cache {
+            self.window_start(cached)
+        } else {
+            0
+        };
+        (from..self.messages.len()).find(|&seq| is_draft(&self.messages[seq].message))
+    }
+
+    /// Ends the draft at `seq` as `status`.
+    fn end_draft(&mut self, seq: usize, status: MessageStatus) {
+        self.messages[seq].message.status = Some(status);
+        self.version += 1;
+    }
+}
+
 impl Model {
-    pub fn new(hide_foreign: bool, limits: Limits) -> Self {
+    pub fn new(hide_foreign: bool, limits: Limits, cached: usize, known: Known) -> Self {
         Self {
             sessions: HashMap::new(),
             hide_foreign,
             limits,
+            cached,
+            known,
         }
+    }
+
+    /// The user who owns session `id`, if it was created.
+    pub fn owner(&self, id: SessionId) -> Option<usize> {
+        self.sessions.get(&id).map(|session| session.owner)
+    }
+
+    /// The known deviations the model predicts.
+    pub fn known(&self) -> Known {
+        self.known
+    }
+
+    /// The content so far of message `id` of `session`, if the session has it (for choosing
+    /// deltas; not a prediction).
+    pub fn text_of(&self, session: SessionId, id: &Uuid) -> Option<String> {
+        let session = self.sessions.get(&session)?;
+        let seq = *session.ids.get(id)? as usize;
+        Some(
+            session.messages[seq]
+                .message
+                .text()
+                .unwrap_or_default()
+                .to_owned(),
+        )
     }
 
     /// Faults of a message, from the documented rules.
@@ -163,7 +331,24 @@ impl Model {
         {
             faults.push(Kind::InvalidInput);
         }
-        if message.content.is_none()
+        match message.status {
+            None | Some(MessageStatus::Completed) => {}
+            // A draft's start: an assistant's, its text (or none yet) and nothing else; what
+            // only the end knows comes with the finish.
+            Some(MessageStatus::InProgress) => {
+                if message.role != Role::Assistant
+                    || message.tool_calls.is_some()
+                    || message.function_call.is_some()
+                    || message.refusal.is_some()
+                {
+                    faults.push(Kind::InvalidInput);
+                }
+            }
+            // Appended ended: only a draft ends, by its finish.
+            Some(_) => faults.push(Kind::InvalidInput),
+        }
+        if !is_draft(message)
+            && message.content.is_none()
             && message.tool_calls.is_none()
             && message.function_call.is_none()
             && message.refusal.is_none()
@@ -247,6 +432,7 @@ impl Model {
         id: SessionId,
         user: usize,
         messages: &[NewMessage],
+        on_busy: OnBusy,
     ) -> Expected<Vec<i64>> {
         let mut faults = Vec::new();
         if messages.is_empty() {
@@ -269,27 +455,45 @@ impl Model {
         if !faults.is_empty() {
             return Err(faults);
         }
+        let (cached, known) = (self.cached, self.known);
         let session = self.access(id, user)?;
         // An id stored with other content refuses the whole append; the same message again
         // is a resend.
-        let resend = |message: &NewMessage| {
+        let stored = |message: &NewMessage| {
             message
                 .id
                 .and_then(|id| session.ids.get(&id))
-                .is_some_and(|&seq| session.messages[seq as usize].message == *message)
+                .map(|&seq| seq as usize)
         };
-        let reused = messages.iter().any(|message| {
-            message.id.is_some_and(|id| session.ids.contains_key(&id)) && !resend(message)
-        });
-        let mut faults = Vec::new();
-        if reused {
-            faults.push(Kind::MessageIdReused);
-        }
-        // Tool results answer calls the session made and nobody answered; call ids are new.
-        // (An engine that no longer caches a reused id's message takes it for a new one, so
-        // the first pairing fault of the others is as right a refusal as the reuse.)
-        let mut calls = session.calls.clone();
-        for message in messages.iter().filter(|message| !resend(message)) {
+        let resend = |message: &NewMessage| {
+            stored(message).is_some_and(|seq| is_resend(&session.messages[seq].message, message))
+        };
+        let reused = messages
+            .iter()
+            .any(|message| stored(message).is_some() && !resend(message));
+        // What the engine stages as new: all but the resends it finds by their id. (One it
+        // does not find is refused by the database once staged, and staged again as a resend.)
+        let found = |message: &NewMessage| {
+            message
+                .id
+                .and_then(|id| session.find(&id, cached, known))
+                .is_some()
+        };
+        let staged_new: Vec<&NewMessage> = messages
+            .iter()
+            .filter(|message| !(resend(message) && found(message)))
+            .collect();
+        // Tool results answer calls the session made and nobody answered; call ids are new;
+        // one append starts at most one draft, and one streams at a time. (An engine that no
+        // longer caches a reused id's message takes it for a new one, so these faults of the
+        // others are as right a refusal as the reuse.)
+        let mut calls: HashMap<String, bool> = session
+            .calls
+            .iter()
+            .map(|(id, &(_, answered))| (id.clone(), answered))
+            .collect();
+        let mut staging_fault = None;
+        for message in &staged_new {
             let fault = match message.role {
                 Role::Assistant => call_ids(message)
                     .into_iter()
@@ -304,26 +508,55 @@ impl Model {
                 },
                 _ => None,
             };
-            if let Some(fault) = fault {
-                faults.push(fault);
+            if fault.is_some() {
+                staging_fault = fault;
                 break;
             }
         }
-        if !faults.is_empty() {
+        let new_drafts = staged_new
+            .iter()
+            .filter(|message| is_draft(message))
+            .count();
+        let streaming = session.streaming(cached, known);
+        if staging_fault.is_none() && new_drafts > 1 {
+            staging_fault = Some(Kind::InvalidInput);
+        }
+        if let (None, 1, Some(seq), OnBusy::Refuse) =
+            (staging_fault, new_drafts, streaming, on_busy)
+        {
+            let draft = session.messages[seq].id.unwrap_or_default();
+            staging_fault = Some(Kind::TurnInProgress(draft));
+        }
+        if reused {
+            let mut faults = vec![Kind::MessageIdReused];
+            faults.extend(staging_fault);
             return Err(faults);
         }
-        session.calls = calls;
+        if let Some(fault) = staging_fault {
+            return Err(vec![fault]);
+        }
+        let new: Vec<bool> = messages.iter().map(|message| !resend(message)).collect();
+        let stored_at: Vec<Option<usize>> = messages.iter().map(stored).collect();
+        let starts = messages
+            .iter()
+            .zip(&new)
+            .any(|(message, &new)| new && is_draft(message));
+        if let (true, Some(seq)) = (starts, streaming) {
+            // Interrupted: finished incomplete first, in the same commit.
+            session.end_draft(seq, MessageStatus::Incomplete);
+        }
         let mut sequences = Vec::new();
         let mut added = false;
-        for message in messages {
-            if let Some(&seq) = message.id.and_then(|id| session.ids.get(&id)) {
-                sequences.push(seq);
+        for ((message, new), stored_at) in messages.iter().zip(new).zip(stored_at) {
+            if !new {
+                sequences.extend(stored_at.map(|seq| seq as i64));
                 continue;
             }
             let seq = session.messages.len() as i64;
             if let Some(id) = message.id {
                 session.ids.insert(id, seq);
             }
+            record_calls(&mut session.calls, seq, message);
             session.messages.push(ModelMessage {
                 id: message.id,
                 message: message.clone(),
@@ -336,6 +569,160 @@ impl Model {
             session.version += 1;
         }
         Ok(sequences)
+    }
+
+    /// Appends `deltas` (offset, text) to draft `message` in order, all or nothing; returns
+    /// the draft's length.
+    pub fn deltas(
+        &mut self,
+        id: SessionId,
+        user: usize,
+        message: &Uuid,
+        deltas: &[(u64, String)],
+    ) -> Expected<u64> {
+        let bytes: usize = deltas.iter().map(|(_, text)| text.len()).sum();
+        let max = self.limits.max_content_bytes;
+        if deltas.is_empty() {
+            return Err(vec![Kind::InvalidInput]);
+        }
+        if bytes > max {
+            return Err(vec![Kind::TooLarge]);
+        }
+        let (cached, known) = (self.cached, self.known);
+        let session = self.access(id, user)?;
+        let seq = session
+            .find(message, cached, known)
+            .ok_or_else(|| vec![Kind::MessageNotFound])?;
+        let draft = &mut session.messages[seq].message;
+        if !is_draft(draft) {
+            return Err(vec![Kind::MessageFinished(
+                draft.status.unwrap_or_default(),
+            )]);
+        }
+        let before = draft.text().unwrap_or_default().to_owned();
+        let mut content = before.clone();
+        for (offset, text) in deltas {
+            let length = if known.refused_delta_length_with_earlier_deltas {
+                content.len()
+            } else {
+                before.len()
+            } as u64;
+            let Some(start) = usize::try_from(*offset)
+                .ok()
+                .filter(|&start| start <= content.len())
+            else {
+                return Err(vec![Kind::OffsetGap(length)]);
+            };
+            // Text inside the draft must be the text there; a character cut in two never is.
+            let overlap = (content.len() - start).min(text.len());
+            if !content.is_char_boundary(start)
+                || content.as_bytes()[start..start + overlap] != text.as_bytes()[..overlap]
+            {
+                return Err(vec![Kind::OffsetConflict(length)]);
+            }
+            content.push_str(&text[overlap..]);
+            if content.len() > max {
+                return Err(vec![Kind::TooLarge]);
+            }
+        }
+        let length = content.len() as u64;
+        if content.len() > before.len() {
+            draft.content = Some(Content::Text(content));
+            session.version += 1;
+        }
+        Ok(length)
+    }
+
+    /// Ends draft `message` as `status` (with `tool_calls`, adding `usage`); returns its
+    /// sequence. A message that ended already answers as it is when ended the same way.
+    pub fn finish(
+        &mut self,
+        id: SessionId,
+        user: usize,
+        message: &Uuid,
+        status: MessageStatus,
+        tool_calls: Option<RawJson>,
+        usage: Option<Usage>,
+    ) -> Expected<usize> {
+        let mut faults = json_faults(&tool_calls, false, self.limits.max_json_bytes);
+        if status == MessageStatus::InProgress {
+            faults.push(Kind::InvalidInput);
+        }
+        if !faults.is_empty() {
+            return Err(faults);
+        }
+        let (cached, known) = (self.cached, self.known);
+        let session = self.access(id, user)?;
+        let seq = session
+            .find(message, cached, known)
+            .ok_or_else(|| vec![Kind::MessageNotFound])?;
+        let stored = &session.messages[seq].message;
+        if !is_draft(stored) {
+            let ended = stored.status.unwrap_or_default();
+            let same = ended == status && (tool_calls.is_none() || stored.tool_calls == tool_calls);
+            return if same {
+                Ok(seq)
+            } else {
+                Err(vec![Kind::FinishConflict(ended)])
+            };
+        }
+        if let Some(tool_calls) = &tool_calls {
+            let mut ids = HashSet::new();
+            let ended = NewMessage {
+                role: Role::Assistant,
+                tool_calls: Some(tool_calls.clone()),
+                ..NewMessage::default()
+            };
+            if call_ids(&ended)
+                .into_iter()
+                .any(|id| session.calls.contains_key(&id) || !ids.insert(id))
+            {
+                return Err(vec![Kind::InvalidInput]);
+            }
+            record_calls(&mut session.calls, seq as i64, &ended);
+            session.messages[seq].message.tool_calls = Some(tool_calls.clone());
+        }
+        if let Some(usage) = usage {
+            session.usage.prompt_tokens += usage.prompt_tokens;
+            session.usage.completion_tokens += usage.completion_tokens;
+        }
+        session.end_draft(seq, status);
+        Ok(seq)
+    }
+
+    /// Compares a finish's answer with the model's message at `seq`.
+    pub fn check_finished(
+        &mut self,
+        id: SessionId,
+        seq: usize,
+        actual: &Message,
+    ) -> Result<(), String> {
+        if actual.seq != seq as i64 {
+            return Err(format!("finished message at {}, model {seq}", actual.seq));
+        }
+        self.check_messages(
+            id,
+            std::slice::from_ref(&std::sync::Arc::new(actual.clone())),
+            seq..seq + 1,
+        )
+    }
+
+    /// The tool calls of the session that no tool message answered, as reads report them.
+    pub fn pending_calls(&self, id: SessionId) -> Vec<PendingToolCall> {
+        let Some(session) = self.sessions.get(&id) else {
+            return Vec::new();
+        };
+        let mut pending: Vec<PendingToolCall> = session
+            .calls
+            .iter()
+            .filter(|(_, (_, answered))| !answered)
+            .map(|(id, &(seq, _))| PendingToolCall {
+                id: id.clone(),
+                seq,
+            })
+            .collect();
+        pending.sort_by(|a, b| (a.seq, &a.id).cmp(&(b.seq, &b.id)));
+        pending
     }
 
     /// Returns the indexes of the page's messages and its `next_after_seq`.
@@ -497,6 +884,7 @@ impl Model {
             let wanted = &model.message;
             let fields = (
                 actual.role,
+                actual.status,
                 &actual.content,
                 &actual.name,
                 &actual.tool_calls,
@@ -506,6 +894,7 @@ impl Model {
             );
             let model_fields = (
                 wanted.role,
+                wanted.status.unwrap_or_default(),
                 &wanted.content,
                 &wanted.name,
                 &wanted.tool_calls,
