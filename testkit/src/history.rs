@@ -11,6 +11,13 @@
 //! retries) promises nothing was written; any other error (storage, a failed actor, the
 //! engine's `Error::Timeout`, a caller that gave up waiting) leaves the outcome unknown, and the
 //! checker accepts either outcome.
+//!
+//! Drafts (streamed replies) are followed too, through [`Client::start_message`],
+//! [`Client::append_delta`], [`Client::finish_message`] and the reads: every acknowledged
+//! delta's text is in the draft's final content at its offset (a durable delta is never lost),
+//! every byte of that content was sent by some delta that may have applied, two reads of a
+//! draft one after the other never see its content go back (shorter, or not an extension), and
+//! a finished draft never changes once its finish was acknowledged.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -20,14 +27,18 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use soloist::uuid::Uuid;
 use soloist::{
-    AppendMessages, Appended, Content, Engine, Error, GetSession, Message, MessageStream,
-    NewMessage, SessionHandle, SessionId, SessionPage,
+    AppendMessages, Appended, Content, Engine, Error, GetSession, Message, MessageStatus,
+    MessageStream, NewMessage, SessionHandle, SessionId, SessionPage, Usage,
 };
+use sqlx::{Connection, PgConnection, SqliteConnection};
 
 use crate::{TestDb, stored_rows};
 
 /// Rows `(seq, message_id)` of each session, as finally stored.
 pub type FinalRows = HashMap<SessionId, Vec<(i64, Uuid)>>;
+
+/// Each draft's final status and text (its content so far, for one still in progress).
+pub type FinalDrafts = HashMap<(SessionId, Uuid), (MessageStatus, String)>;
 
 /// How many examples of each violation a report keeps.
 const EXAMPLES: usize = 5;
@@ -47,6 +58,43 @@ struct Log {
     clients: Vec<String>,
     appends: Vec<AppendRecord>,
     reads: Vec<ReadRecord>,
+    /// The drafts clients started.
+    drafts: HashSet<(SessionId, Uuid)>,
+    /// Text sent to drafts: each start's text (at offset 0) and each delta.
+    deltas: Vec<DeltaRecord>,
+    finishes: Vec<FinishRecord>,
+    draft_reads: Vec<DraftRead>,
+}
+
+/// Text sent to a draft at a byte offset: a delta, or a start's text.
+struct DeltaRecord {
+    session: SessionId,
+    message: Uuid,
+    offset: usize,
+    text: String,
+    end: Option<u64>,
+    /// The draft's length as answered, once acknowledged.
+    acknowledged: Option<u64>,
+    may_have_applied: bool,
+}
+
+/// An acknowledged finish: the draft as it was answered.
+struct FinishRecord {
+    session: SessionId,
+    message: Uuid,
+    end: u64,
+    status: MessageStatus,
+    text: String,
+}
+
+/// A draft as one read saw it.
+struct DraftRead {
+    session: SessionId,
+    message: Uuid,
+    start: u64,
+    end: u64,
+    status: MessageStatus,
+    text: String,
 }
 
 /// One invocation of an append; a client's retry with the same ids is another invocation.
@@ -103,6 +151,15 @@ fn not_applied(error: &Error) -> bool {
             | Error::Conflict(_)
             | Error::Overloaded(_)
             | Error::ShuttingDown
+            | Error::MessageIdReused { .. }
+            | Error::MessageNotFound
+            | Error::MessageFinished { .. }
+            | Error::OffsetGap { .. }
+            | Error::OffsetConflict { .. }
+            | Error::FinishConflict { .. }
+            | Error::TurnInProgress { .. }
+            | Error::UnknownToolCall { .. }
+            | Error::ToolCallAnswered { .. }
     )
 }
 
@@ -213,13 +270,26 @@ impl History {
         messages: &[Arc<Message>],
         info: Option<(i64, i64)>,
     ) {
-        let messages = messages
+        let digests = messages
             .iter()
             .map(|m| (m.seq, m.id, digest(m.content.as_ref())))
             .collect();
         let mut log = self.log();
         log.clock += 1;
         let end = log.clock;
+        for message in messages {
+            if log.drafts.contains(&(session, message.id)) {
+                log.draft_reads.push(DraftRead {
+                    session,
+                    message: message.id,
+                    start,
+                    end,
+                    status: message.status,
+                    text: message.text().unwrap_or_default().to_owned(),
+                });
+            }
+        }
+        let messages = digests;
         log.reads.push(ReadRecord {
             session,
             client,
@@ -229,6 +299,88 @@ impl History {
             message_count: info.map(|(count, _)| count),
             version: info.map(|(_, version)| version),
         });
+    }
+
+    /// Records text sent to draft `message` at byte `offset` (a delta, or with offset 0 a
+    /// start's text); returns the record's index.
+    pub fn invoke_delta(
+        &self,
+        session: SessionId,
+        message: Uuid,
+        offset: u64,
+        text: &str,
+    ) -> usize {
+        let mut log = self.log();
+        log.clock += 1;
+        log.drafts.insert((session, message));
+        log.deltas.push(DeltaRecord {
+            session,
+            message,
+            offset: usize::try_from(offset).unwrap_or(usize::MAX),
+            text: text.to_owned(),
+            end: None,
+            acknowledged: None,
+            may_have_applied: true,
+        });
+        log.deltas.len() - 1
+    }
+
+    /// Records how the delta `index` ended: the draft's length, or an error.
+    pub fn complete_delta(&self, index: usize, result: Result<u64, &Error>) {
+        let mut log = self.log();
+        log.clock += 1;
+        let end = log.clock;
+        let record = &mut log.deltas[index];
+        record.end = Some(end);
+        match result {
+            Ok(length) => record.acknowledged = Some(length),
+            Err(error) => record.may_have_applied = !not_applied(error),
+        }
+    }
+
+    /// Records an acknowledged finish of draft `message`, as answered.
+    pub fn complete_finish(&self, session: SessionId, message: &Message) {
+        let mut log = self.log();
+        log.clock += 1;
+        let end = log.clock;
+        log.drafts.insert((session, message.id));
+        log.finishes.push(FinishRecord {
+            session,
+            message: message.id,
+            end,
+            status: message.status,
+            text: message.text().unwrap_or_default().to_owned(),
+        });
+    }
+
+    /// The drafts the history followed, by session.
+    fn drafts(&self) -> Vec<(SessionId, Uuid)> {
+        let mut drafts: Vec<_> = self.log().drafts.iter().copied().collect();
+        drafts.sort();
+        drafts
+    }
+
+    /// The final status and text of every draft the history followed: from the database when
+    /// another connection can open it (the message row, and the chunks of one in progress),
+    /// else through `engine` as `user` (skipping sessions it can no longer read).
+    pub async fn final_drafts(
+        &self,
+        db: &TestDb,
+        engine: &Engine,
+        user: &str,
+    ) -> crate::Result<FinalDrafts> {
+        let mut drafts = FinalDrafts::new();
+        for (session, id) in self.drafts() {
+            let found = if db.shareable() {
+                stored_draft(&db.url, session, id).await?
+            } else {
+                read_draft_through(engine, user, session, id).await
+            };
+            if let Some(found) = found {
+                drafts.insert((session, id), found);
+            }
+        }
+        Ok(drafts)
     }
 
     /// Every session the history touched.
@@ -267,7 +419,12 @@ impl History {
             Ok(rows) => rows,
             Err(error) => panic!("history {name}: cannot read the stored rows: {error}"),
         };
-        let report = self.check(&rows);
+        let drafts = match self.final_drafts(db, engine, user).await {
+            Ok(drafts) => drafts,
+            Err(error) => panic!("history {name}: cannot read the stored drafts: {error}"),
+        };
+        let mut report = self.check(&rows);
+        self.check_drafts(&drafts, &mut report);
         report.print(&format!("{name} ({:?})", db.backend));
         report.assert_clean();
         report
@@ -386,9 +543,11 @@ impl History {
         for read in &log.reads {
             for &(_, id, content) in &read.messages {
                 seen.insert((read.session, id));
-                if sent
-                    .get(&(read.session, id))
-                    .is_some_and(|(contents, _)| !contents.contains(&content))
+                // A draft's content grows by deltas: its own checks follow it.
+                if !log.drafts.contains(&(read.session, id))
+                    && sent
+                        .get(&(read.session, id))
+                        .is_some_and(|(contents, _)| !contents.contains(&content))
                 {
                     wrong_content.insert((read.session, id));
                 }
@@ -475,6 +634,233 @@ impl History {
         }
         report
     }
+
+    /// Counts the violations of the drafts' history against their final status and text
+    /// (`final_drafts`; drafts missing from it are checked on the history alone) into `report`.
+    pub fn check_drafts(&self, final_drafts: &FinalDrafts, report: &mut Report) {
+        let log = self.log();
+        report.deltas = log.deltas.len();
+        report.acknowledged_deltas = log
+            .deltas
+            .iter()
+            .filter(|delta| delta.acknowledged.is_some())
+            .count();
+        report.finishes = log.finishes.len();
+        report.draft_reads = log.draft_reads.len();
+        let holds = |text: &str, offset: usize, part: &str| {
+            offset
+                .checked_add(part.len())
+                .and_then(|end| text.as_bytes().get(offset..end))
+                == Some(part.as_bytes())
+        };
+        // 1. A durable delta is never lost: in the final content and in every later read.
+        for delta in &log.deltas {
+            let (Some(length), Some(end)) = (delta.acknowledged, delta.end) else {
+                continue;
+            };
+            let reach = (delta.offset + delta.text.len()) as u64;
+            if length < reach {
+                report.lost_deltas.add(|| {
+                    format!(
+                        "{}/{}: {:?} at {} acknowledged with length {length}",
+                        delta.session, delta.message, delta.text, delta.offset
+                    )
+                });
+            }
+            if let Some((_, text)) = final_drafts.get(&(delta.session, delta.message))
+                && !holds(text, delta.offset, &delta.text)
+            {
+                report.lost_deltas.add(|| {
+                    format!(
+                        "{}/{}: acknowledged {:?} at {}, final content {text:?}",
+                        delta.session, delta.message, delta.text, delta.offset
+                    )
+                });
+            }
+            let stale = log.draft_reads.iter().find(|read| {
+                (read.session, read.message) == (delta.session, delta.message)
+                    && read.start > end
+                    && !holds(&read.text, delta.offset, &delta.text)
+            });
+            if let Some(read) = stale {
+                report.lost_deltas.add(|| {
+                    format!(
+                        "{}/{}: acknowledged {:?} at {}, a later read saw {:?}",
+                        delta.session, delta.message, delta.text, delta.offset, read.text
+                    )
+                });
+            }
+        }
+        // 2. Every byte of a draft's final content was sent there by a delta that may have
+        //    applied.
+        for (&(session, message), (_, text)) in sorted(final_drafts) {
+            let mut covered = vec![false; text.len()];
+            let sent = log.deltas.iter().filter(|delta| {
+                (delta.session, delta.message) == (session, message)
+                    && delta.may_have_applied
+                    && holds(text, delta.offset, &delta.text)
+            });
+            for delta in sent {
+                covered[delta.offset..delta.offset + delta.text.len()].fill(true);
+            }
+            if let Some(at) = covered.iter().position(|covered| !covered) {
+                report.draft_never_sent.add(|| {
+                    format!("{session}/{message}: byte {at} of {text:?} was never sent there")
+                });
+            }
+        }
+        // 3. Reads of a draft never go back: a read that started after another ended sees
+        //    the same content or an extension of it, and the same end once it ended; so does
+        //    the final content.
+        let went_back = |earlier: (MessageStatus, &str), later: (MessageStatus, &str)| {
+            !later.1.starts_with(earlier.1)
+                || (earlier.0 != MessageStatus::InProgress && earlier != later)
+        };
+        for read in &log.draft_reads {
+            let key = (read.session, read.message);
+            let earlier = (read.status, read.text.as_str());
+            let later = log.draft_reads.iter().find(|later| {
+                (later.session, later.message) == key
+                    && later.start > read.end
+                    && went_back(earlier, (later.status, later.text.as_str()))
+            });
+            if let Some(later) = later {
+                report.draft_went_back.add(|| {
+                    format!(
+                        "{}/{}: read {:?} {:?}, then {:?} {:?}",
+                        key.0, key.1, read.status, read.text, later.status, later.text
+                    )
+                });
+            }
+            if let Some((status, text)) = final_drafts.get(&key)
+                && went_back(earlier, (*status, text.as_str()))
+            {
+                report.draft_went_back.add(|| {
+                    format!(
+                        "{}/{}: read {:?} {:?}, finally {status:?} {text:?}",
+                        key.0, key.1, read.status, read.text
+                    )
+                });
+            }
+        }
+        // 4. A finished draft never changes once its finish was acknowledged.
+        for finish in &log.finishes {
+            let key = (finish.session, finish.message);
+            let answered = (finish.status, finish.text.as_str());
+            let changed = log.draft_reads.iter().find(|read| {
+                (read.session, read.message) == key
+                    && read.start > finish.end
+                    && (read.status, read.text.as_str()) != answered
+            });
+            if let Some(read) = changed {
+                report.finished_changed.add(|| {
+                    format!(
+                        "{}/{}: finished {answered:?}, a later read saw {:?} {:?}",
+                        key.0, key.1, read.status, read.text
+                    )
+                });
+            }
+            if let Some((status, text)) = final_drafts.get(&key)
+                && (*status, text.as_str()) != answered
+            {
+                report.finished_changed.add(|| {
+                    format!(
+                        "{}/{}: finished {answered:?}, finally {status:?} {text:?}",
+                        key.0, key.1
+                    )
+                });
+            }
+        }
+    }
+}
+
+/// Draft `id` of `session` straight from the database at `url`: its status and text (the
+/// message row's content, and the chunks of one in progress); `None` if it is not stored.
+async fn stored_draft(
+    url: &str,
+    session: SessionId,
+    id: Uuid,
+) -> crate::Result<Option<(MessageStatus, String)>> {
+    type Row = (i64, String, Option<Vec<u8>>);
+    type Chunk = (i64, Vec<u8>);
+    let message = "SELECT seq, status, content FROM messages WHERE session_id = {1} \
+                   AND message_id = {2}";
+    let chunks = "SELECT byte_offset, content FROM message_chunks WHERE session_id = {1} \
+                  AND seq = {2} ORDER BY byte_offset";
+    let (row, chunks): (Option<Row>, Vec<Chunk>) = if url.starts_with("postgres") {
+        let sql = |text: &str| text.replace("{1}", "$1").replace("{2}", "$2");
+        let mut connection = PgConnection::connect(url).await?;
+        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(sql(message)))
+            .bind(session)
+            .bind(id)
+            .fetch_optional(&mut connection)
+            .await?;
+        let mut found = Vec::new();
+        if let Some((seq, ..)) = &row {
+            found = sqlx::query_as(sqlx::AssertSqlSafe(sql(chunks)))
+                .bind(session)
+                .bind(*seq)
+                .fetch_all(&mut connection)
+                .await?;
+        }
+        let _ = connection.close().await;
+        (row, found)
+    } else {
+        let sql = |text: &str| text.replace("{1}", "?").replace("{2}", "?");
+        let mut connection = SqliteConnection::connect(url).await?;
+        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(sql(message)))
+            .bind(session)
+            .bind(id)
+            .fetch_optional(&mut connection)
+            .await?;
+        let mut found = Vec::new();
+        if let Some((seq, ..)) = &row {
+            found = sqlx::query_as(sqlx::AssertSqlSafe(sql(chunks)))
+                .bind(session)
+                .bind(*seq)
+                .fetch_all(&mut connection)
+                .await?;
+        }
+        let _ = connection.close().await;
+        (row, found)
+    };
+    let Some((_, status, content)) = row else {
+        return Ok(None);
+    };
+    // A status or text the engine could not have written reads as what it is: a violation.
+    let status = status.parse().unwrap_or(MessageStatus::Completed);
+    let mut text = String::from_utf8_lossy(&content.unwrap_or_default()).into_owned();
+    if status == MessageStatus::InProgress {
+        for (offset, chunk) in chunks {
+            if usize::try_from(offset).ok() != Some(text.len()) {
+                // A gap or an overlap between chunks: the text after it is not the draft's.
+                text.push('\u{fffd}');
+            }
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+    Ok(Some((status, text)))
+}
+
+/// Draft `id` of `session` read through `engine` as `user`; `None` if it cannot be read.
+async fn read_draft_through(
+    engine: &Engine,
+    user: &str,
+    session: SessionId,
+    id: Uuid,
+) -> Option<(MessageStatus, String)> {
+    let handle = engine.session(user, session);
+    let mut after = None;
+    loop {
+        let page = handle.get(after, Some(1000)).await.ok()?;
+        if let Some(message) = page.messages.iter().find(|message| message.id == id) {
+            return Some((
+                message.status,
+                message.text().unwrap_or_default().to_owned(),
+            ));
+        }
+        after = Some(page.next_after_seq?);
+    }
 }
 
 impl Log {
@@ -550,6 +936,66 @@ impl Client {
             .as_ref()
             .map(|appended| appended.sequences.as_slice());
         self.history.complete_append(index, Outcome::of(sequences));
+        result
+    }
+
+    /// [`SessionHandle::start_message`], recorded: as an append, and its text as the draft's
+    /// first delta.
+    pub async fn start_message(
+        &self,
+        session: &SessionHandle,
+        mut message: NewMessage,
+    ) -> soloist::Result<(Uuid, i64)> {
+        let id = *message.id.get_or_insert_with(Uuid::now_v7);
+        message.status = Some(MessageStatus::InProgress);
+        let text = message.text().unwrap_or_default().to_owned();
+        let delta = self.history.invoke_delta(session.id(), id, 0, &text);
+        let mut messages = vec![message];
+        let index = self
+            .history
+            .invoke_append(self.id, session.id(), &mut messages);
+        let message = messages.pop().unwrap_or_default();
+        let result = session.start_message(message).await;
+        let seq = result.as_ref().map(|&(_, seq)| [seq]);
+        let sequences = seq
+            .as_ref()
+            .map(|seq| seq.as_slice())
+            .map_err(|error| *error);
+        self.history.complete_append(index, Outcome::of(sequences));
+        let length = result.as_ref().map(|_| text.len() as u64);
+        self.history.complete_delta(delta, length);
+        result
+    }
+
+    /// [`SessionHandle::append_delta`], recorded.
+    pub async fn append_delta(
+        &self,
+        session: &SessionHandle,
+        message_id: Uuid,
+        offset: u64,
+        text: &str,
+    ) -> soloist::Result<u64> {
+        let index = self
+            .history
+            .invoke_delta(session.id(), message_id, offset, text);
+        let result = session.append_delta(message_id, offset, text).await;
+        self.history
+            .complete_delta(index, result.as_ref().map(|&length| length));
+        result
+    }
+
+    /// [`SessionHandle::finish_message`], recorded.
+    pub async fn finish_message(
+        &self,
+        session: &SessionHandle,
+        message_id: Uuid,
+        status: MessageStatus,
+        usage: Option<Usage>,
+    ) -> soloist::Result<Message> {
+        let result = session.finish_message(message_id, status, usage).await;
+        if let Ok(message) = &result {
+            self.history.complete_finish(session.id(), message);
+        }
         result
     }
 
@@ -649,10 +1095,27 @@ pub struct Report {
     pub stale_own_write: Violations,
     /// Ids read or stored that no client sent (or read with content no client sent).
     pub never_sent: Violations,
+    /// Text sent to drafts: starts' texts and deltas (retries count once each).
+    pub deltas: usize,
+    /// Of those, acknowledged.
+    pub acknowledged_deltas: usize,
+    /// Acknowledged finishes.
+    pub finishes: usize,
+    /// Drafts seen by reads.
+    pub draft_reads: usize,
+    /// Acknowledged deltas missing from the draft's final content, or from a later read.
+    pub lost_deltas: Violations,
+    /// Bytes of a draft's final content that no delta that may have applied sent there.
+    pub draft_never_sent: Violations,
+    /// Reads of a draft that saw its content go back after an earlier read (or the final
+    /// content going back after a read).
+    pub draft_went_back: Violations,
+    /// Finished drafts read or stored otherwise than their acknowledged finish.
+    pub finished_changed: Violations,
 }
 
 impl Report {
-    fn kinds(&self) -> [(&'static str, &Violations); 7] {
+    fn kinds(&self) -> [(&'static str, &Violations); 11] {
         [
             ("lost", &self.lost),
             ("duplicate", &self.duplicates),
@@ -661,6 +1124,10 @@ impl Report {
             ("non-monotonic", &self.non_monotonic),
             ("stale-own-write", &self.stale_own_write),
             ("never-sent", &self.never_sent),
+            ("lost-delta", &self.lost_deltas),
+            ("draft-never-sent", &self.draft_never_sent),
+            ("draft-went-back", &self.draft_went_back),
+            ("finished-changed", &self.finished_changed),
         ]
     }
 
@@ -673,12 +1140,16 @@ impl Report {
     pub fn summary(&self, name: &str) -> String {
         let mut line = format!(
             "history {name}: {} appends ({} acked, {} not applied, {} unknown), {} reads, \
-             {}/{} sessions with final rows:",
+             {} deltas ({} acked), {} finishes, {} draft reads, {}/{} sessions with final rows:",
             self.appends,
             self.acknowledged,
             self.not_applied,
             self.unknown,
             self.reads,
+            self.deltas,
+            self.acknowledged_deltas,
+            self.finishes,
+            self.draft_reads,
             self.sessions_with_final_rows,
             self.sessions
         );
