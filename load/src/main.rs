@@ -173,6 +173,9 @@ struct Cli {
     /// --workload stream: bytes per delta (at least 16).
     #[arg(long, default_value_t = 16)]
     delta_bytes: usize,
+    /// --workload stream: the ways to run, comma-separated (default: both).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    stream_way: Vec<stream::StreamWay>,
     /// --workload stream: SSE viewers per session.
     #[arg(long, default_value_t = 1)]
     viewers: usize,
@@ -412,16 +415,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let options = stream::options(cli.server_bin.as_deref(), &cli.out)?;
         let sessions = cli.sessions.unwrap_or(200).max(1);
+        let plan = stream::StreamPlan {
+            sessions,
+            rate: cli.delta_rate,
+            deltas_per_reply: cli.deltas_per_reply.max(1),
+            delta_bytes: cli.delta_bytes,
+            viewers: cli.viewers,
+            ways: if cli.stream_way.is_empty() {
+                vec![stream::StreamWay::Soloist, stream::StreamWay::Rewrite]
+            } else {
+                cli.stream_way.clone()
+            },
+        };
         for db in cli.dbs(DbArg::Both) {
-            while let Some(spec) = stream::plan_next(
-                db,
-                &report.stream,
-                sessions,
-                cli.delta_rate,
-                cli.deltas_per_reply.max(1),
-                cli.delta_bytes,
-                cli.viewers,
-            ) {
+            while let Some(spec) = plan.next(db, &report.stream) {
                 report
                     .stream
                     .push(stream::run(&spec, &settings, &options).await);

@@ -68,7 +68,7 @@ const VIEWER_GRACE: Duration = Duration::from_secs(1);
 const CHECK_PAGE: usize = 1000;
 
 /// How a stream run writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum StreamWay {
     /// Drafts and deltas through a `soloist-server`.
@@ -1084,63 +1084,87 @@ fn finish(
     })
 }
 
-/// The runs of `--workload stream` on `db`, in order: the usual way as fast as it goes (its
-/// sustainable rate), the usual way and soloist at `rate` per session, then soloist offered 20
-/// times the usual way's sustainable rate. The last run's rate depends on the first's result,
-/// so the runs are made one by one: [`plan_next`] gives the next one.
-pub fn plan_next(
-    db: DbKind,
-    done: &[StreamResult],
-    sessions: usize,
-    rate: f64,
-    deltas_per_reply: usize,
-    delta_bytes: usize,
-    viewers: usize,
-) -> Option<StreamSpec> {
-    let base = StreamSpec {
-        db,
-        way: StreamWay::Rewrite,
-        sessions,
-        rate: None,
-        deltas_per_reply,
-        delta_bytes: delta_bytes.max(STAMP_DIGITS + 1),
-        viewers: 0,
-        purpose: String::new(),
-    };
-    let ours: Vec<&StreamResult> = done.iter().filter(|run| run.spec.db == db).collect();
-    match ours.len() {
-        0 => Some(StreamSpec {
-            purpose: "the usual way's sustainable rate: each token due once the previous one \
-                      is written"
-                .into(),
-            ..base
-        }),
-        1 => Some(StreamSpec {
-            rate: Some(rate),
-            purpose: format!("the usual way at {rate:.0} deltas/s per session"),
-            ..base
-        }),
-        2 => Some(StreamSpec {
-            way: StreamWay::Soloist,
-            rate: Some(rate),
+/// What `--workload stream` was asked to run.
+#[derive(Clone, Debug)]
+pub struct StreamPlan {
+    /// Sessions, each with one producer.
+    pub sessions: usize,
+    /// Deltas due per second per session in the paced runs.
+    pub rate: f64,
+    /// Deltas per reply.
+    pub deltas_per_reply: usize,
+    /// Bytes per delta.
+    pub delta_bytes: usize,
+    /// SSE viewers per session.
+    pub viewers: usize,
+    /// The ways to run.
+    pub ways: Vec<StreamWay>,
+}
+
+impl StreamPlan {
+    /// The next run on `db`, after the runs `done`. In order: the usual way as fast as it goes
+    /// (its sustainable rate), the usual way and soloist at `rate` per session, then soloist
+    /// offered 20 times the usual way's sustainable rate (which the first run measures, so
+    /// the runs are planned one by one); only the `ways` chosen.
+    pub fn next(&self, db: DbKind, done: &[StreamResult]) -> Option<StreamSpec> {
+        let StreamPlan {
+            sessions,
+            rate,
+            deltas_per_reply,
+            delta_bytes,
             viewers,
-            purpose: format!("soloist at {rate:.0} deltas/s per session"),
-            ..base
-        }),
-        3 => {
-            let sustainable = ours[0].deltas_per_s;
-            (ours[0].failed.is_none() && sustainable > 0.0).then(|| StreamSpec {
+            ref ways,
+        } = *self;
+        let base = StreamSpec {
+            db,
+            way: StreamWay::Rewrite,
+            sessions,
+            rate: None,
+            deltas_per_reply,
+            delta_bytes: delta_bytes.max(STAMP_DIGITS + 1),
+            viewers: 0,
+            purpose: String::new(),
+        };
+        let ours: Vec<&StreamResult> = done.iter().filter(|run| run.spec.db == db).collect();
+        let sustainable = ours
+            .iter()
+            .find(|run| run.spec.way == StreamWay::Rewrite && run.spec.rate.is_none())
+            .filter(|run| run.failed.is_none() && run.deltas_per_s > 0.0)
+            .map(|run| run.deltas_per_s);
+        let plan = [
+            (ways.contains(&StreamWay::Rewrite)).then(|| StreamSpec {
+                purpose: "the usual way's sustainable rate: each token due once the previous one \
+                      is written"
+                    .into(),
+                ..base.clone()
+            }),
+            (ways.contains(&StreamWay::Rewrite)).then(|| StreamSpec {
+                rate: Some(rate),
+                purpose: format!("the usual way at {rate:.0} deltas/s per session"),
+                ..base.clone()
+            }),
+            (ways.contains(&StreamWay::Soloist)).then(|| StreamSpec {
                 way: StreamWay::Soloist,
-                rate: Some(20.0 * sustainable / sessions.max(1) as f64),
+                rate: Some(rate),
                 viewers,
-                purpose: format!(
-                    "soloist offered 20x the usual way's sustainable rate ({} deltas/s)",
-                    crate::report::thousands(20.0 * sustainable)
-                ),
-                ..base
-            })
-        }
-        _ => None,
+                purpose: format!("soloist at {rate:.0} deltas/s per session"),
+                ..base.clone()
+            }),
+            sustainable
+                .filter(|_| ways.contains(&StreamWay::Soloist))
+                .map(|sustainable| StreamSpec {
+                    way: StreamWay::Soloist,
+                    rate: Some(20.0 * sustainable / sessions.max(1) as f64),
+                    viewers,
+                    purpose: format!(
+                        "soloist offered 20x the usual way's sustainable rate ({} deltas/s)",
+                        crate::report::thousands(20.0 * sustainable)
+                    ),
+                    ..base.clone()
+                }),
+        ];
+        // The plan's runs in order, less those chosen away; the next is the first not yet done.
+        plan.into_iter().flatten().nth(ours.len())
     }
 }
 

@@ -213,6 +213,9 @@ impl SessionActor {
         let Some(state) = self.state.as_mut() else {
             return;
         };
+        // Drafts that grew or ended take their places in the tail while the message count
+        // still matches it (the new messages are pushed below).
+        state.replace_messages(updated.iter().cloned());
         state.info = info.map(|mut info| {
             // As staged; the database's word on the version wins all the same.
             info.version = version;
@@ -242,7 +245,6 @@ impl SessionActor {
                 }
             }
         }
-        state.replace_messages(updated);
         state.push_messages(messages, self.shared.config.cached_messages);
         if deleted {
             self.shared.drafts.forget(self.id, None);

@@ -136,6 +136,15 @@ impl Write {
         messages.iter().filter_map(|message| message.id)
     }
 
+    /// The message a delta or a finish names.
+    pub fn named_message(&self) -> Option<Uuid> {
+        match self {
+            Write::Deltas(pending) => Some(pending.command.message_id),
+            Write::Finish(pending) => Some(pending.command.message_id),
+            _ => None,
+        }
+    }
+
     /// Answers the command with `error`, whatever staging decided.
     pub fn fail(self, stats: &EngineStats, error: Error) {
         each_write!(self, pending => pending.respond.send(stats, Err(error)))

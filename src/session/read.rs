@@ -53,6 +53,17 @@ impl SessionActor {
         // hidden, what it finds is what a missing session gives them (a write of theirs, such
         // as a create under a taken id, needs the row to be refused rightly).
         let hide = self.shared.config.hide_foreign_sessions && batch.writes.is_empty();
+        // Loaded for other users (no messages): not a state to serve the owner from.
+        let owner_of_partial = self.state.as_ref().is_some_and(|state| {
+            state.partial
+                && state
+                    .info
+                    .as_ref()
+                    .is_some_and(|info| batch.users().any(|user| user == info.user_id))
+        });
+        if owner_of_partial {
+            self.state = None;
+        }
         let Some(state) = &self.state else {
             let users: Vec<&str> = batch.users().collect();
             return self.load(&users, hide).await;

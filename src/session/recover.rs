@@ -13,7 +13,7 @@ use super::stage::{StageRules, Staged, stage};
 use crate::backoff::Backoff;
 use crate::error::{Error, Result, StorageError};
 use crate::idempotency::KeyRecord;
-use crate::model::{Message, now_micros};
+use crate::model::{Message, MessageStatus, NewMessage, Role, now_micros};
 use crate::store::{FlushOutcome, SessionWrite};
 
 /// Why an attempt to write a staged batch did not commit.
@@ -72,7 +72,10 @@ impl SessionActor {
     /// staging is answered with. The state is then dropped, to be reloaded by the next batch,
     /// and the callers retry with the same ids.
     pub(super) async fn write(&mut self, writes: &mut [Write]) -> Result<()> {
-        let mut known = HashMap::new();
+        let mut known = self.uncached_messages(writes).await.map_err(|error| {
+            self.state = None;
+            Error::Storage(error)
+        })?;
         let mut attempt = 0;
         loop {
             let retry = match self.write_once(writes, &known).await {
@@ -264,12 +267,71 @@ impl SessionActor {
 
     /// After a conflict: reload the session and look up which of the batch's message ids are
     /// already stored, as stored.
+    /// The messages, as stored, that the batch's commands name by id where the tail does not
+    /// hold them and staging would otherwise answer before the database has a say:
+    /// - deltas and finishes (a finish sent again long after, a delta to a message finished
+    ///   long ago, get the answer they would get from the tail);
+    /// - appended messages that staging would refuse as new (a draft while another is in
+    ///   progress, a tool result whose call is answered or unknown) but that may be resends of
+    ///   messages stored long ago, which answer their sequences.
+    ///
+    /// No read unless a command names such a message: new messages are otherwise told from
+    /// resends by the database's unique constraints, and drafts in progress are always cached.
+    async fn uncached_messages(
+        &self,
+        writes: &[Write],
+    ) -> Result<HashMap<Uuid, Arc<Message>>, StorageError> {
+        let Some(state) = self.state.as_ref().filter(|state| !state.partial) else {
+            return Ok(HashMap::new());
+        };
+        let streaming = state
+            .tail
+            .iter()
+            .any(|message| message.status == MessageStatus::InProgress);
+        let refused_if_new = |message: &&NewMessage| match message.role {
+            Role::Tool => message
+                .tool_call_id
+                .as_deref()
+                .and_then(|id| state.calls.get(id))
+                .is_none_or(|call| call.answered),
+            _ => streaming && message.status == Some(MessageStatus::InProgress),
+        };
+        let ids: Vec<Uuid> = writes
+            .iter()
+            .flat_map(|write| {
+                let appended = match write {
+                    Write::Append(pending) => pending.command.messages.as_slice(),
+                    _ => &[],
+                };
+                let appended = appended
+                    .iter()
+                    .filter(refused_if_new)
+                    .filter_map(|message| message.id);
+                write.named_message().into_iter().chain(appended)
+            })
+            .filter(|id| state.cached(id).is_none())
+            .collect();
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let stored = self.shared.store.stored_messages(self.id, &ids).await?;
+        Ok(stored
+            .into_iter()
+            .map(|message| (message.id, Arc::new(message)))
+            .collect())
+    }
+
     async fn reload_for_conflict(
         &mut self,
         writes: &[Write],
     ) -> Result<HashMap<Uuid, Arc<Message>>, StorageError> {
         self.load(&[], false).await?;
-        let ids: Vec<Uuid> = writes.iter().flat_map(Write::message_ids).collect();
+        let named = writes.iter().filter_map(Write::named_message);
+        let ids: Vec<Uuid> = writes
+            .iter()
+            .flat_map(Write::message_ids)
+            .chain(named)
+            .collect();
         let stored = self.shared.store.stored_messages(self.id, &ids).await?;
         Ok(stored
             .into_iter()

@@ -294,8 +294,9 @@ impl Batch<'_> {
         let draft = self.draft(user_id, id)?;
         let before = draft.text().unwrap_or_default();
         let mut content = before.to_owned();
+        // A refusal tells the draft's length as it stands: nothing of the command applies.
+        let length = before.len() as u64;
         for (offset, text) in deltas {
-            let length = content.len() as u64;
             let Some(start) = usize::try_from(offset)
                 .ok()
                 .filter(|&start| start <= content.len())

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::idempotency::KeyRecord;
-use crate::model::{Message, PendingToolCall, Role, SessionInfo, tool_call_ids};
+use crate::model::{Message, MessageStatus, PendingToolCall, Role, SessionInfo, tool_call_ids};
 use crate::store::LoadedSession;
 
 /// Idempotency records kept per live session at most; past it the cache starts over (records
@@ -34,6 +34,9 @@ pub(crate) struct SessionState {
     keys: HashMap<String, Option<KeyRecord>>,
     /// Every tool call the session's assistant messages made, by id.
     pub calls: HashMap<String, Call>,
+    /// Loaded for other users than the owner: the row only, no messages and no tool calls.
+    /// Its owner's commands load the session again.
+    pub partial: bool,
 }
 
 /// A tool call of the session: the assistant message that made it, and whether a `tool`
@@ -102,6 +105,7 @@ impl SessionState {
             owned: false,
             keys: HashMap::new(),
             calls,
+            partial: loaded.partial,
         }
     }
 
@@ -142,13 +146,23 @@ impl SessionState {
             .get(usize::try_from(seq - self.tail_start()).ok()?)
     }
 
-    /// Appends committed messages to the cached tail, keeping the newest `keep`.
+    /// Appends committed messages to the cached tail, keeping the newest `keep`, and any
+    /// draft still in progress with the messages after it: a draft's deltas and finish are
+    /// staged against its cached state, so it stays cached until it ends (one draft at a
+    /// time, so at most the messages appended while it streams come in addition).
     pub fn push_messages(&mut self, messages: impl IntoIterator<Item = Arc<Message>>, keep: usize) {
         for message in messages {
             self.ids.insert(message.id, message.seq);
             self.tail.push_back(message);
         }
         while self.tail.len() > keep {
+            if self
+                .tail
+                .front()
+                .is_some_and(|oldest| oldest.status == MessageStatus::InProgress)
+            {
+                break;
+            }
             if let Some(old) = self.tail.pop_front() {
                 self.ids.remove(&old.id);
             }

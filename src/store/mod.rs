@@ -51,6 +51,9 @@ pub(crate) struct LoadedSession {
     /// The messages before the tail that make or answer tool calls (their sequence, role,
     /// tool calls and tool call id only), ascending.
     pub older_tool_messages: Vec<ToolMessage>,
+    /// Loaded for readers who do not own the session: `tail` and `older_tool_messages` are
+    /// empty whatever is stored.
+    pub partial: bool,
 }
 
 /// What a stored message says of tool calls.
@@ -164,14 +167,10 @@ impl SessionWrite {
     }
 
     /// Whether the write has parts only the general flush writes (creates, deletes, keys,
-    /// drafts' chunks and finishes).
+    /// drafts' finishes).
     #[cfg(feature = "postgres")]
     pub fn needs_general_flush(&self) -> bool {
-        self.create.is_some()
-            || self.delete
-            || !self.keys.is_empty()
-            || !self.chunks.is_empty()
-            || !self.finishes.is_empty()
+        self.create.is_some() || self.delete || !self.keys.is_empty() || !self.finishes.is_empty()
     }
 
     /// Whether the write changes nothing (and need not be flushed).

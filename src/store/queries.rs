@@ -22,6 +22,9 @@ pub(crate) struct Queries {
     pub tail: SqlStr,
     /// The messages before a sequence that make or answer tool calls. Binds: id, sequence.
     pub older_tool_messages: SqlStr,
+    /// The sequence of a session's oldest draft in progress before a sequence (no row if
+    /// none). Binds: id, before this sequence.
+    pub oldest_draft: SqlStr,
     /// A page of a session's messages. Binds: id, after this sequence, up to this one.
     pub read_messages: SqlStr,
     /// A page of a user's sessions, newest first. Binds: user, cursor time, cursor id, limit.
@@ -93,6 +96,11 @@ impl Queries {
                 "SELECT seq, role, tool_calls, tool_call_id FROM messages \
                  WHERE session_id = ? AND seq < ? \
                  AND (tool_calls IS NOT NULL OR tool_call_id IS NOT NULL) ORDER BY seq",
+            ),
+            oldest_draft: d.render(
+                "SELECT seq FROM messages \
+                 WHERE session_id = ? AND seq < ? AND status = 'in_progress' \
+                 ORDER BY seq LIMIT 1",
             ),
             // Contiguous sequences: a page is exactly a key range too.
             read_messages: d.render(&format!(

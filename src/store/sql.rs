@@ -137,8 +137,17 @@ where
         }
         let (info, deleted, epoch) = SessionRecord::from_row(&row)?.into_info()?;
         let foreign = !readers.is_empty() && !readers.contains(&info.user_id.as_str());
-        let first = (info.message_count - tail as i64).max(0);
-        let records: Vec<MessageRecord> = if deleted || tail == 0 || foreign {
+        let mut first = (info.message_count - tail as i64).max(0);
+        if !deleted && !foreign && first > 0 {
+            // A draft still in progress is kept with the tail, however old.
+            let args = Params::<DB>::new().add(id).add(first).finish()?;
+            let oldest_draft: Option<i64> =
+                sqlx::query_scalar_with(self.queries.oldest_draft.clone(), args)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            first = oldest_draft.map_or(first, |draft| draft.min(first));
+        }
+        let records: Vec<MessageRecord> = if deleted || foreign || first >= info.message_count {
             Vec::new()
         } else {
             let args = Params::<DB>::new().add(id).add(first).finish()?;
@@ -150,7 +159,6 @@ where
         let older: Vec<ToolMessageRecord> = if deleted || foreign || first == 0 {
             Vec::new()
         } else {
-            let first = if tail == 0 { info.message_count } else { first };
             let args = Params::<DB>::new().add(id).add(first).finish()?;
             sqlx::query_as_with(self.queries.older_tool_messages.clone(), args)
                 .fetch_all(&mut *tx)
@@ -169,6 +177,7 @@ where
             epoch,
             tail,
             older_tool_messages,
+            partial: foreign,
         }))
     }
 

@@ -492,24 +492,6 @@ pub enum Op {
     },
 }
 
-impl Op {
-    /// The session and the user of a command on one session.
-    pub fn target(&self) -> Option<(usize, usize)> {
-        match *self {
-            Op::Create { session, user, .. }
-            | Op::Append { session, user, .. }
-            | Op::Get { session, user, .. }
-            | Op::Update { session, user, .. }
-            | Op::AddUsage { session, user, .. }
-            | Op::Delete { session, user }
-            | Op::Start { session, user, .. }
-            | Op::Deltas { session, user, .. }
-            | Op::Finish { session, user, .. } => Some((session, user)),
-            Op::List { .. } | Op::Restart => None,
-        }
-    }
-}
-
 fn user() -> impl Strategy<Value = usize> {
     prop_oneof![5 => Just(0usize), 1 => Just(1usize)]
 }

@@ -13,9 +13,6 @@
 //! timeout is an hour), so a restart or a reload leaves a draft streaming: it only ends
 //! incomplete when nothing grew it for the timeout, which no case waits for.
 //!
-//! `SOLOIST_MODEL_STRICT=1` holds the engine to the documented rules where it is known to
-//! deviate from them (see `reference::Known`); by default the model predicts the deviations.
-//!
 //! `generators.rs` holds the proptest strategies, `reference.rs` the model; this file holds the
 //! settings every case shares, runs a case against both and compares them reply by reply.
 
@@ -33,13 +30,13 @@ use soloist::{
     EngineConfig, FinishMessage, GetSession, Limits, ListSessions, NewMessage, OnBusy, RawJson,
     SessionCursor, SessionId, SessionPage, UpdateSession, Usage,
 };
-use soloist_testkit::{Backend, TestDb, passivated};
+use soloist_testkit::{Backend, TestDb};
 
 use generators::{
     At, Case, DeltaSpec, DraftRef, Op, StartSpec, Text, build_message, build_start, case,
     finish_tool_calls,
 };
-use reference::{Expected, Known, Model, kind};
+use reference::{Expected, Model, kind};
 
 /// `USERS[0]` owns what it creates; `USERS[1]` is mostly an intruder (but owns what it creates
 /// first).
@@ -162,22 +159,6 @@ fn resolve(spec: &DeltaSpec, content: &str) -> (u64, String) {
 
 impl Run<'_> {
     async fn step(&mut self, op: &Op) -> Result<(), String> {
-        self.step_once(op).await?;
-        if self.model.known().foreign_load_served_to_owner
-            && let Some((session, user)) = op.target()
-            && self
-                .model
-                .owner(self.ids[session])
-                .is_some_and(|owner| owner != user)
-        {
-            // A stranger's command may have loaded the session as a stranger sees it (no
-            // messages, no tool calls); let that actor go before the owner's next command.
-            passivated(&self.engine, self.ids[session]).await;
-        }
-        Ok(())
-    }
-
-    async fn step_once(&mut self, op: &Op) -> Result<(), String> {
         match op {
             Op::Create {
                 session,
@@ -354,11 +335,6 @@ impl Run<'_> {
                         "sequences {:?}, model {expected:?}",
                         appended.sequences
                     ));
-                }
-                if *interrupt && actual.is_ok() && self.model.known().interrupt_leaves_cache_stale {
-                    // The engine's cached copy of an interrupted draft may still show it in
-                    // progress: reload the session from the database, which has it right.
-                    passivated(&self.engine, id).await;
                 }
             }
             Op::Deltas {
@@ -589,10 +565,6 @@ impl Run<'_> {
                         None => break,
                     }
                 }
-                if self.model.known().foreign_load_served_to_owner {
-                    // One user's reads are not answered from the copy loaded for the other.
-                    passivated(&self.engine, id).await;
-                }
             }
         }
         for user in 0..USERS.len() {
@@ -609,12 +581,7 @@ async fn run_case(db: &TestDb, case: &Case) -> Result<(), String> {
         .map_err(|error| format!("start: {error:?}"))?;
     let mut run = Run {
         db,
-        model: Model::new(
-            config.hide_foreign_sessions,
-            config.limits.clone(),
-            config.cached_messages,
-            Known::from_env(),
-        ),
+        model: Model::new(config.hide_foreign_sessions, config.limits.clone()),
         config,
         engine,
         ids: (0..SESSIONS).map(|_| SessionId::new()).collect(),

@@ -5,9 +5,7 @@
 //!
 //! Drafts (streamed assistant replies) follow the documented rules: a draft takes its sequence
 //! when it starts, grows by deltas idempotent by their byte offset, and ends once; one streams
-//! at a time per session, unless a start interrupts it. Two deviations of the engine from those
-//! rules are known (see [`Known`]); the model predicts them unless `SOLOIST_MODEL_STRICT` is set,
-//! so that the rest stays checked while they stand.
+//! at a time per session, unless a start interrupts it.
 
 use std::collections::{HashMap, HashSet};
 
@@ -69,41 +67,6 @@ pub fn kind(error: &Error) -> Kind {
 /// (a command with several faults may be refused for any of them).
 pub type Expected<T> = Result<T, Vec<Kind>>;
 
-/// Known deviations of the engine from the documented rules, which the model predicts as the
-/// engine behaves (unless `SOLOIST_MODEL_STRICT` is set), so that everything else stays checked.
-#[derive(Clone, Copy, Debug)]
-pub struct Known {
-    /// The engine looks a message up by id (for a delta, a finish, or a start's resend) and
-    /// finds the draft in progress (one streams at a time) only among the session's
-    /// `cached_messages` newest messages: a draft older than that is "not found" for its
-    /// deltas and finish, and no longer stops (nor is interrupted by) a new draft's start.
-    pub drafts_only_in_cache: bool,
-    /// A delta refused after earlier deltas of the same command reports the draft's length
-    /// with those earlier deltas, although none was applied.
-    pub refused_delta_length_with_earlier_deltas: bool,
-    /// A batch that changes a stored draft (an interrupt finishing it) and appends messages
-    /// leaves the draft's cached copy as it was: the session must be reloaded to see it right.
-    pub interrupt_leaves_cache_stale: bool,
-    /// A write of a user who does not own the session loads it as a stranger sees it (no
-    /// messages, no tool calls); the owner's command that reaches the actor before it stops
-    /// is answered from that copy (deltas and finishes "not found", tool calls not pending,
-    /// no draft streaming).
-    pub foreign_load_served_to_owner: bool,
-}
-
-impl Known {
-    /// What the engine does now, or (with `SOLOIST_MODEL_STRICT` set) the documented rules.
-    pub fn from_env() -> Self {
-        let strict = std::env::var_os("SOLOIST_MODEL_STRICT").is_some();
-        Self {
-            drafts_only_in_cache: !strict,
-            refused_delta_length_with_earlier_deltas: !strict,
-            interrupt_leaves_cache_stale: !strict,
-            foreign_load_served_to_owner: !strict,
-        }
-    }
-}
-
 #[derive(Debug)]
 struct ModelMessage {
     /// The client id; a generated one is learned from the first read that returns it.
@@ -139,9 +102,6 @@ pub struct Model {
     pub sessions: HashMap<SessionId, ModelSession>,
     hide_foreign: bool,
     pub limits: Limits,
-    /// `cached_messages`: how many of a session's newest messages the engine holds.
-    cached: usize,
-    known: Known,
 }
 
 /// The ids of the tool calls an assistant message makes (entries with an `"id"`).
@@ -232,27 +192,15 @@ fn is_draft(message: &NewMessage) -> bool {
 }
 
 impl ModelSession {
-    /// The sequence of the oldest message the engine holds in memory.
-    fn window_start(&self, cached: usize) -> usize {
-        self.messages.len().saturating_sub(cached)
-    }
-
     /// The sequence of message `id`, as the engine finds it by id.
-    fn find(&self, id: &Uuid, cached: usize, known: Known) -> Option<usize> {
-        let seq = *self.ids.get(id)? as usize;
-        let visible = !known.drafts_only_in_cache || seq >= self.window_start(cached);
-        visible.then_some(seq)
+    fn find(&self, id: &Uuid) -> Option<usize> {
+        self.ids.get(id).map(|&seq| seq as usize)
     }
 
     /// The draft in progress that stops (or is interrupted by) a new one, as the engine finds
     /// it.
-    fn streaming(&self, cached: usize, known: Known) -> Option<usize> {
-        let from = if known.drafts_only_in_cache {
-            self.window_start(cached)
-        } else {
-            0
-        };
-        (from..self.messages.len()).find(|&seq| is_draft(&self.messages[seq].message))
+    fn streaming(&self) -> Option<usize> {
+        (0..self.messages.len()).find(|&seq| is_draft(&self.messages[seq].message))
     }
 
     /// Ends the draft at `seq` as `status`.
@@ -263,24 +211,12 @@ impl ModelSession {
 }
 
 impl Model {
-    pub fn new(hide_foreign: bool, limits: Limits, cached: usize, known: Known) -> Self {
+    pub fn new(hide_foreign: bool, limits: Limits) -> Self {
         Self {
             sessions: HashMap::new(),
             hide_foreign,
             limits,
-            cached,
-            known,
         }
-    }
-
-    /// The user who owns session `id`, if it was created.
-    pub fn owner(&self, id: SessionId) -> Option<usize> {
-        self.sessions.get(&id).map(|session| session.owner)
-    }
-
-    /// The known deviations the model predicts.
-    pub fn known(&self) -> Known {
-        self.known
     }
 
     /// The content so far of message `id` of `session`, if the session has it (for choosing
@@ -455,7 +391,6 @@ impl Model {
         if !faults.is_empty() {
             return Err(faults);
         }
-        let (cached, known) = (self.cached, self.known);
         let session = self.access(id, user)?;
         // An id stored with other content refuses the whole append; the same message again
         // is a resend.
@@ -473,12 +408,7 @@ impl Model {
             .any(|message| stored(message).is_some() && !resend(message));
         // What the engine stages as new: all but the resends it finds by their id. (One it
         // does not find is refused by the database once staged, and staged again as a resend.)
-        let found = |message: &NewMessage| {
-            message
-                .id
-                .and_then(|id| session.find(&id, cached, known))
-                .is_some()
-        };
+        let found = |message: &NewMessage| message.id.and_then(|id| session.find(&id)).is_some();
         let staged_new: Vec<&NewMessage> = messages
             .iter()
             .filter(|message| !(resend(message) && found(message)))
@@ -517,7 +447,7 @@ impl Model {
             .iter()
             .filter(|message| is_draft(message))
             .count();
-        let streaming = session.streaming(cached, known);
+        let streaming = session.streaming();
         if staging_fault.is_none() && new_drafts > 1 {
             staging_fault = Some(Kind::InvalidInput);
         }
@@ -588,10 +518,9 @@ impl Model {
         if bytes > max {
             return Err(vec![Kind::TooLarge]);
         }
-        let (cached, known) = (self.cached, self.known);
         let session = self.access(id, user)?;
         let seq = session
-            .find(message, cached, known)
+            .find(message)
             .ok_or_else(|| vec![Kind::MessageNotFound])?;
         let draft = &mut session.messages[seq].message;
         if !is_draft(draft) {
@@ -602,11 +531,7 @@ impl Model {
         let before = draft.text().unwrap_or_default().to_owned();
         let mut content = before.clone();
         for (offset, text) in deltas {
-            let length = if known.refused_delta_length_with_earlier_deltas {
-                content.len()
-            } else {
-                before.len()
-            } as u64;
+            let length = before.len() as u64;
             let Some(start) = usize::try_from(*offset)
                 .ok()
                 .filter(|&start| start <= content.len())
@@ -651,10 +576,9 @@ impl Model {
         if !faults.is_empty() {
             return Err(faults);
         }
-        let (cached, known) = (self.cached, self.known);
         let session = self.access(id, user)?;
         let seq = session
-            .find(message, cached, known)
+            .find(message)
             .ok_or_else(|| vec![Kind::MessageNotFound])?;
         let stored = &session.messages[seq].message;
         if !is_draft(stored) {

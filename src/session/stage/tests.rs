@@ -41,6 +41,7 @@ fn state(count: i64) -> SessionState {
         epoch: 2,
         tail: Vec::new(),
         older_tool_messages: Vec::new(),
+        partial: false,
     }))
 }
 

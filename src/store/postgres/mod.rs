@@ -19,7 +19,7 @@ use super::backend::{Backend, Params};
 use super::dialect::{Batch, Dialect};
 use super::flush::{StoredHead, outcome};
 use super::queries::{heads, session_update};
-use super::rows::{MessageRow, SessionChange, SqlType, Value, WriteRow, names};
+use super::rows::{ChunkInsert, MessageRow, SessionChange, SqlType, Value, WriteRow, names};
 use super::sql::Sql;
 use super::{FlushOutcome, Ownership, SessionWrite};
 use crate::config::EngineConfig;
@@ -151,18 +151,24 @@ fn one_statement_flush() -> SqlStr {
         "WITH {changes}, \
          locked AS MATERIALIZED ({heads}), \
          {rows}, \
+         {chunks}, \
          ok AS (SELECT w.* FROM w JOIN locked l \
                 ON l.id = w.id AND l.version = w.expected AND l.epoch = w.epoch \
                    AND NOT l.deleted), \
          inserted AS (INSERT INTO messages ({columns}) \
                       SELECT m.* FROM m WHERE m.session_id IN (SELECT id FROM ok)), \
+         chunked AS (INSERT INTO message_chunks ({chunk_columns}) \
+                     SELECT c.* FROM c WHERE c.session_id IN (SELECT id FROM ok) \
+                     ON CONFLICT DO NOTHING), \
          updated AS (UPDATE sessions SET {update} FROM ok AS u WHERE sessions.id = u.id \
                      RETURNING sessions.id) \
          SELECT l.*, l.id IN (SELECT id FROM updated) AS written FROM locked l",
         changes = d.table("w", SessionChange::COLUMNS, 1),
         heads = heads(d, 1),
         rows = d.table("m", messages, 1),
+        chunks = d.table("c", ChunkInsert::COLUMNS, 1),
         columns = names(messages),
+        chunk_columns = names(ChunkInsert::COLUMNS),
         update = session_update(d),
     ))
 }
@@ -266,6 +272,7 @@ impl PostgresStore {
         let changes: Vec<SessionChange> = writes.iter().map(SessionChange).collect();
         let ids: Vec<Uuid> = writes.iter().map(|write| write.session_id.into()).collect();
         let rows: Vec<MessageRow> = writes.iter().flat_map(MessageRow::of).collect();
+        let chunks: Vec<ChunkInsert> = writes.iter().flat_map(ChunkInsert::of).collect();
         let Ownership {
             owner,
             lease_micros,
@@ -275,6 +282,7 @@ impl PostgresStore {
             .add(owner)
             .list(&ids)
             .rows(&rows)
+            .rows(&chunks)
             .add(owner)
             .add(lease_micros)
             .finish()?;
