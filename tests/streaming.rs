@@ -385,11 +385,140 @@ async fn subscribers_follow_drafts_and_resume_mid_draft(db: TestDb) {
     );
 }
 
+/// A draft stays the session's, whatever `cached_messages` is: messages appended while it
+/// streams do not push it out of reach of its deltas, its finish or the one-turn rule, a
+/// reload finds it however old it is, and a finish sent again after the cache moved on
+/// answers the same.
+async fn a_draft_older_than_the_cache_streams_and_finishes(db: TestDb) {
+    let small = soloist::EngineConfig {
+        cached_messages: 2,
+        ..db.config()
+    };
+    let engine = db.engine_with(small).await.expect("engine");
+    let session = created_session(&engine).await;
+    let (draft, seq) = session
+        .start_message(NewMessage::assistant("Once"))
+        .await
+        .expect("start");
+    let meanwhile: Vec<NewMessage> = (0..5).map(|i| NewMessage::user(format!("m{i}"))).collect();
+    session.append(meanwhile).await.expect("meanwhile");
+    assert_eq!(plain(session.append_delta(draft, 4, " upon").await), Ok(9));
+    assert!(
+        matches!(
+            session.start_message(NewMessage::assistant("second")).await,
+            Err(Error::TurnInProgress { id }) if id == draft
+        ),
+        "the old draft still holds the turn"
+    );
+    passivated(&engine, session.id()).await;
+    assert_eq!(
+        plain(session.append_delta(draft, 9, " a time").await),
+        Ok(16),
+        "reloaded: the draft came back with the tail though older than it"
+    );
+    let finished = session
+        .finish_message(draft, MessageStatus::Completed, None)
+        .await
+        .expect("finish");
+    assert_eq!(finished.text(), Some("Once upon a time"));
+    let more: Vec<NewMessage> = (0..5).map(|i| NewMessage::user(format!("n{i}"))).collect();
+    session.append(more).await.expect("more");
+    let again = session
+        .finish_message(draft, MessageStatus::Completed, None)
+        .await
+        .expect("the same finish, long after");
+    assert_eq!((again.seq, again.text()), (seq, Some("Once upon a time")));
+    assert!(matches!(
+        session.append_delta(draft, 16, "!").await,
+        Err(Error::MessageFinished {
+            status: MessageStatus::Completed
+        })
+    ));
+    engine.shutdown().await;
+}
+
+/// An interrupting start shows the interrupted draft ended at once, from memory; a refused
+/// delta tells the draft's length as it stands, not with the command's earlier deltas.
+async fn an_interrupt_shows_at_once_and_refusals_tell_the_stored_length(db: TestDb) {
+    let engine = db.engine().await.expect("engine");
+    let session = created_session(&engine).await;
+    let (first, seq) = session
+        .start_message(NewMessage::assistant("ab"))
+        .await
+        .expect("start");
+    let refused = engine
+        .append_deltas(AppendDeltas {
+            user_id: "alice".into(),
+            session_id: session.id(),
+            message_id: first,
+            deltas: vec![
+                Delta {
+                    offset: 2,
+                    content: "cd".into(),
+                },
+                Delta {
+                    offset: 9,
+                    content: "x".into(),
+                },
+            ],
+        })
+        .await;
+    assert!(
+        matches!(refused, Err(Error::OffsetGap { length: 2 })),
+        "{refused:?}"
+    );
+    let mut interrupting = NewMessage::assistant("new turn");
+    interrupting.status = Some(MessageStatus::InProgress);
+    engine
+        .append(AppendMessages {
+            user_id: "alice".into(),
+            session_id: session.id(),
+            messages: vec![interrupting, NewMessage::user("and a question")],
+            if_version: None,
+            on_busy: OnBusy::Interrupt,
+        })
+        .await
+        .expect("interrupt");
+    assert_eq!(
+        read(&session, seq).await,
+        (MessageStatus::Incomplete, Some("ab".into()))
+    );
+    engine.shutdown().await;
+}
+
+/// Another user's command loads the session as that user may see it (no messages); its owner's
+/// commands right after are not answered from that copy.
+async fn a_strangers_load_is_not_served_to_the_owner(db: TestDb) {
+    let engine = db.engine().await.expect("engine");
+    let session = created_session(&engine).await;
+    let (draft, _) = session
+        .start_message(NewMessage::assistant("x"))
+        .await
+        .expect("start");
+    let stranger = engine.session("mallory", session.id());
+    let mut length = 1;
+    for round in 0..20 {
+        passivated(&engine, session.id()).await;
+        let text = format!("{round:02}");
+        let (theirs, ours) = tokio::join!(
+            stranger.append_delta(draft, length, "zz"),
+            session.append_delta(draft, length, &text)
+        );
+        assert!(theirs.is_err(), "a stranger's delta is refused");
+        length += 2;
+        assert_eq!(plain(ours), Ok(length), "round {round}");
+    }
+    engine.shutdown().await;
+}
+
 on_every_backend!(
     subscribers_follow_drafts_and_resume_mid_draft,
     a_draft_streams_resends_nothing_twice_and_finishes_once,
     one_reply_streams_at_a_time,
-    deltas_share_flushes
+    deltas_share_flushes,
+    a_draft_older_than_the_cache_streams_and_finishes,
+    an_interrupt_shows_at_once_and_refusals_tell_the_stored_length,
+    a_strangers_load_is_not_served_to_the_owner
 );
 
 /// Waits until the message at `seq` is no longer in progress (at most 5 s).

@@ -422,7 +422,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             delta_bytes: cli.delta_bytes,
             viewers: cli.viewers,
             ways: if cli.stream_way.is_empty() {
-                vec![stream::StreamWay::Soloist, stream::StreamWay::Rewrite]
+                vec![
+                    stream::StreamWay::Soloist,
+                    stream::StreamWay::Library,
+                    stream::StreamWay::Rewrite,
+                ]
             } else {
                 cli.stream_way.clone()
             },

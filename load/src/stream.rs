@@ -43,7 +43,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use soloist::uuid::Uuid;
-use soloist::{MessageStatus, NewMessage};
+use soloist::{
+    AppendDeltas, Delta, Engine, MessageStatus, NewMessage, Position, StreamEvent, Usage,
+};
 use tokio::task::JoinHandle;
 use tokio::time::Instant as TokioInstant;
 
@@ -54,6 +56,7 @@ use crate::machine::CpuSample;
 use crate::run::{self, Latency, Progress};
 use crate::servers::{self, Servers};
 use crate::settings::Settings;
+use crate::strategy::OpError;
 use crate::workload::{USER_ID, now_micros};
 
 /// Tokens one delta request of soloist's producer carries at most.
@@ -71,8 +74,10 @@ const CHECK_PAGE: usize = 1000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum StreamWay {
-    /// Drafts and deltas through a `soloist-server`.
+    /// Drafts and deltas through a `soloist-server`, viewers over SSE.
     Soloist,
+    /// Drafts and deltas through the engine linked in, viewers on its subscriptions.
+    Library,
     /// The whole message rewritten per delta, one commit each.
     Rewrite,
 }
@@ -81,7 +86,8 @@ impl StreamWay {
     /// The name used in tables.
     pub fn label(self) -> &'static str {
         match self {
-            StreamWay::Soloist => "soloist (server, HTTP)",
+            StreamWay::Soloist => "soloist server (HTTP, SSE)",
+            StreamWay::Library => "soloist library (in process)",
             StreamWay::Rewrite => "usual way: rewrite per delta",
         }
     }
@@ -119,7 +125,8 @@ impl StreamSpec {
             "stream {} {} {}x{}",
             self.db.name(),
             match self.way {
-                StreamWay::Soloist => "soloist",
+                StreamWay::Soloist => "server",
+                StreamWay::Library => "library",
                 StreamWay::Rewrite => "rewrite",
             },
             self.sessions,
@@ -256,6 +263,7 @@ pub async fn run(spec: &StreamSpec, settings: &Settings, options: &StreamOptions
     };
     let measured = match spec.way {
         StreamWay::Soloist => measure_soloist(spec, settings, options, &database).await,
+        StreamWay::Library => measure_library(spec, settings, &database).await,
         StreamWay::Rewrite => measure_rewrite(spec, settings, &database).await,
     };
     database.dispose().await;
@@ -421,7 +429,6 @@ async fn measure_soloist(
     database.checkpoint().await?;
     let pids = servers.pids();
     let before = servers.counters(&client, &["flushes_total"]).await?;
-    let written_before = bytes_written(database, &pids).await;
 
     // Viewers connect first, so that they see every reply from its draft on.
     let viewer_client = reqwest::Client::builder()
@@ -429,13 +436,12 @@ async fn measure_soloist(
         .tcp_nodelay(true)
         .build()?;
     let epoch = Instant::now();
-    let duration = settings.duration;
-    let stop_viewers = TokioInstant::now() + duration + VIEWER_GRACE + Duration::from_secs(2);
+    let stop_viewers = viewers_stop(settings);
     let mut viewers: Vec<JoinHandle<Result<Viewed, LoadError>>> = Vec::new();
     for &session in &sessions {
         for _ in 0..spec.viewers {
             let url = format!("{}/events", cluster.session_url(session));
-            viewers.push(tokio::spawn(view(
+            viewers.push(tokio::spawn(view_sse(
                 viewer_client.clone(),
                 url,
                 epoch,
@@ -444,43 +450,19 @@ async fn measure_soloist(
             )));
         }
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
-    let progress = Arc::new(Progress::default());
-    let cpu_before = CpuSample::take_with(&pids);
-    let started = Instant::now();
-    let deadline = started + duration;
-    let mut producers = Vec::new();
-    for &session in &sessions {
-        producers.push(tokio::spawn(produce_soloist(
-            cluster.clone(),
-            session,
-            spec.clone(),
-            epoch,
-            deadline,
-            progress.clone(),
-        )));
-    }
-    let bar = run::progress_bar(spec.label(), duration);
-    let ticker = tokio::spawn(run::tick(bar.clone(), progress.clone(), started, duration));
-    let mut produced = Produced::default();
-    for producer in producers {
-        produced.merge(producer.await?);
-    }
-    let elapsed = started.elapsed();
-    let other_cpu_share = cpu_before
-        .zip(CpuSample::take_with(&pids))
-        .map(|(before, after)| before.other_share(&after));
-    ticker.abort();
-    bar.finish_and_clear();
-    let written_after = bytes_written(database, &pids).await;
+    let driven = drive(
+        Writer::Http(cluster.clone()),
+        &sessions,
+        viewers,
+        epoch,
+        spec,
+        settings,
+        database,
+        &pids,
+    )
+    .await?;
     let after = servers.counters(&client, &["flushes_total"]).await?;
-
-    let mut viewed = Viewed::default();
-    for viewer in viewers {
-        viewed.merge(viewer.await??);
-    }
-    let (checked, failures) = check_soloist(&cluster, &sessions, &produced.sent).await?;
+    let check = check_soloist(&Writer::Http(cluster), &sessions, &driven.produced.sent).await?;
     for warning in servers.stop().await {
         eprintln!("warning: {warning}");
     }
@@ -491,21 +473,309 @@ async fn measure_soloist(
             .sum::<f64>()
     };
     let commits = (flushes(&after) - flushes(&before)).max(0.0) as u64;
-    finish(
+    driven.finish(spec, commits, check)
+}
+
+/// soloist linked in: the engine in this process, its viewers on the engine's subscriptions
+/// (what a server's SSE endpoint serves from).
+async fn measure_library(
+    spec: &StreamSpec,
+    settings: &Settings,
+    database: &Database,
+) -> Result<StreamResult, LoadError> {
+    let engine =
+        Engine::start(settings.engine_config(&database.url, database.kind == DbKind::Postgres))
+            .await?;
+    let mut sessions = Vec::with_capacity(spec.sessions);
+    for index in 0..spec.sessions.max(1) {
+        let id = Uuid::now_v7();
+        engine
+            .session(USER_ID, id.into())
+            .create(Some(format!("load session {index}")), None)
+            .await?;
+        sessions.push(id);
+    }
+    database.checkpoint().await?;
+    let flushes_before = engine.stats().flushes;
+    let epoch = Instant::now();
+    let stop_viewers = viewers_stop(settings);
+    let mut viewers: Vec<JoinHandle<Result<Viewed, LoadError>>> = Vec::new();
+    for &session in &sessions {
+        for _ in 0..spec.viewers {
+            viewers.push(tokio::spawn(view_engine(
+                engine.clone(),
+                session,
+                epoch,
+                spec.delta_bytes,
+                stop_viewers,
+            )));
+        }
+    }
+    let driven = drive(
+        Writer::Engine(engine.clone()),
+        &sessions,
+        viewers,
+        epoch,
         spec,
+        settings,
+        database,
+        &[std::process::id()],
+    )
+    .await;
+    let commits = engine.stats().flushes.saturating_sub(flushes_before);
+    let checked = match &driven {
+        Ok(driven) => {
+            check_soloist(
+                &Writer::Engine(engine.clone()),
+                &sessions,
+                &driven.produced.sent,
+            )
+            .await
+        }
+        Err(_) => Ok((0, 0)),
+    };
+    engine.shutdown().await;
+    driven?.finish(spec, commits, checked?)
+}
+
+/// When viewers stop reading: after the producers, with some grace.
+fn viewers_stop(settings: &Settings) -> TokioInstant {
+    TokioInstant::now() + settings.duration + VIEWER_GRACE + Duration::from_secs(2)
+}
+
+/// What a soloist run measured, before the counters only its caller can read.
+struct Driven {
+    elapsed: Duration,
+    produced: Produced,
+    viewed: Viewed,
+    written: Option<(u64, u64)>,
+    other_cpu_share: Option<f64>,
+}
+
+impl Driven {
+    fn finish(
+        self,
+        spec: &StreamSpec,
+        commits: u64,
+        check: (u64, u64),
+    ) -> Result<StreamResult, LoadError> {
+        finish(
+            spec,
+            self.elapsed,
+            self.produced,
+            commits,
+            self.written,
+            self.viewed,
+            Some(check),
+            self.other_cpu_share,
+        )
+    }
+}
+
+/// Lets the viewers connect, then runs one producer per session through `writer` until the
+/// run's end, and collects what producers and viewers measured. `pids`: the processes that
+/// write the database (for SQLite's byte count and the CPU accounting).
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    writer: Writer,
+    sessions: &[Uuid],
+    viewers: Vec<JoinHandle<Result<Viewed, LoadError>>>,
+    epoch: Instant,
+    spec: &StreamSpec,
+    settings: &Settings,
+    database: &Database,
+    pids: &[u32],
+) -> Result<Driven, LoadError> {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let written_before = bytes_written(database, pids).await;
+    let duration = settings.duration;
+    let progress = Arc::new(Progress::default());
+    let cpu_before = CpuSample::take_with(pids);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let producers: Vec<_> = sessions
+        .iter()
+        .map(|&session| {
+            tokio::spawn(produce_soloist(
+                writer.clone(),
+                session,
+                spec.clone(),
+                epoch,
+                deadline,
+                progress.clone(),
+            ))
+        })
+        .collect();
+    let bar = run::progress_bar(spec.label(), duration);
+    let ticker = tokio::spawn(run::tick(bar.clone(), progress.clone(), started, duration));
+    let mut produced = Produced::default();
+    for producer in producers {
+        produced.merge(producer.await?);
+    }
+    let elapsed = started.elapsed();
+    let other_cpu_share = cpu_before
+        .zip(CpuSample::take_with(pids))
+        .map(|(before, after)| before.other_share(&after));
+    ticker.abort();
+    bar.finish_and_clear();
+    let written_after = bytes_written(database, pids).await;
+    let mut viewed = Viewed::default();
+    for viewer in viewers {
+        viewed.merge(viewer.await??);
+    }
+    Ok(Driven {
         elapsed,
         produced,
-        commits,
-        written_before.zip(written_after),
         viewed,
-        Some((checked, failures)),
+        written: written_before.zip(written_after),
         other_cpu_share,
-    )
+    })
+}
+
+/// How a soloist producer reaches the engine: a server over HTTP, or the engine linked in.
+#[derive(Clone)]
+enum Writer {
+    /// `soloist-server`, through the benchmark's HTTP client.
+    Http(Arc<Cluster>),
+    /// The engine in this process, as a chat server linking the library calls it.
+    Engine(Engine),
+}
+
+/// A failed request, by kind.
+type Failed = String;
+
+impl Writer {
+    /// Starts draft `message_id`; requests sent again after a retryable failure are counted in
+    /// `retries`.
+    async fn start(
+        &self,
+        session: Uuid,
+        message_id: Uuid,
+        retries: &mut u64,
+    ) -> Result<(), Failed> {
+        let mut draft = NewMessage::assistant("").with_id(message_id);
+        draft.status = Some(MessageStatus::InProgress);
+        match self {
+            Writer::Http(cluster) => {
+                let body = serde_json::to_vec(&DraftBody { messages: [&draft] })
+                    .map_err(|_| "encoding".to_owned())?;
+                send(cluster, session, "messages", body, retries)
+                    .await
+                    .map(|_| ())
+            }
+            Writer::Engine(engine) => engine
+                .session(USER_ID, session.into())
+                .start_message(draft)
+                .await
+                .map(|_| ())
+                .map_err(|error| OpError::engine(&error).kind),
+        }
+    }
+
+    /// Appends `texts` to draft `message_id` from byte `offset` on; answers the length.
+    async fn deltas(
+        &self,
+        session: Uuid,
+        message_id: Uuid,
+        offset: u64,
+        texts: &[String],
+        retries: &mut u64,
+    ) -> Result<u64, Failed> {
+        let mut at = offset;
+        let mut deltas = Vec::with_capacity(texts.len());
+        for text in texts {
+            deltas.push((at, text.as_str()));
+            at += text.len() as u64;
+        }
+        match self {
+            Writer::Http(cluster) => {
+                let items = deltas
+                    .into_iter()
+                    .map(|(offset, content)| DeltaItem { offset, content })
+                    .collect();
+                let body = serde_json::to_vec(&DeltasBody { deltas: items })
+                    .map_err(|_| "encoding".to_owned())?;
+                let path = format!("messages/{message_id}/deltas");
+                let answer = send(cluster, session, &path, body, retries).await?;
+                serde_json::from_slice::<DeltasAnswer>(&answer)
+                    .map(|answer| answer.length)
+                    .map_err(|_| "unreadable_answer".to_owned())
+            }
+            Writer::Engine(engine) => engine
+                .append_deltas(AppendDeltas {
+                    user_id: USER_ID.to_owned(),
+                    session_id: session.into(),
+                    message_id,
+                    deltas: deltas
+                        .into_iter()
+                        .map(|(offset, content)| Delta {
+                            offset,
+                            content: content.to_owned(),
+                        })
+                        .collect(),
+                })
+                .await
+                .map(|appended| appended.length)
+                .map_err(|error| OpError::engine(&error).kind),
+        }
+    }
+
+    /// Finishes draft `message_id` as `status`, `deltas` tokens long.
+    async fn finish(
+        &self,
+        session: Uuid,
+        message_id: Uuid,
+        status: MessageStatus,
+        deltas: usize,
+        retries: &mut u64,
+    ) -> Result<(), Failed> {
+        let usage = UsageBody {
+            prompt_tokens: 100,
+            completion_tokens: u32::try_from(deltas).unwrap_or(u32::MAX),
+        };
+        match self {
+            Writer::Http(cluster) => {
+                let body = serde_json::to_vec(&FinishBody { status, usage })
+                    .map_err(|_| "encoding".to_owned())?;
+                let path = format!("messages/{message_id}/finish");
+                send(cluster, session, &path, body, retries)
+                    .await
+                    .map(|_| ())
+            }
+            Writer::Engine(engine) => engine
+                .session(USER_ID, session.into())
+                .finish_message(
+                    message_id,
+                    status,
+                    Some(Usage {
+                        prompt_tokens: i64::from(usage.prompt_tokens),
+                        completion_tokens: i64::from(usage.completion_tokens),
+                    }),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|error| OpError::engine(&error).kind),
+        }
+    }
+}
+
+/// One POST through the cluster client, retried as it retries.
+async fn send(
+    cluster: &Cluster,
+    session: Uuid,
+    path: &str,
+    body: Vec<u8>,
+    retries: &mut u64,
+) -> Result<Vec<u8>, Failed> {
+    let mut attempts = Attempts::default();
+    let answer = cluster.send(session, path, body, &mut attempts).await;
+    *retries += attempts.retried.len() as u64;
+    answer.map_err(|failure| failure.kind)
 }
 
 /// One session's producer: replies back to back until the deadline.
 async fn produce_soloist(
-    cluster: Arc<Cluster>,
+    writer: Writer,
     session: Uuid,
     spec: StreamSpec,
     epoch: Instant,
@@ -515,17 +785,11 @@ async fn produce_soloist(
     let mut produced = Produced::default();
     while Instant::now() < deadline {
         let message_id = Uuid::now_v7();
-        let mut draft = NewMessage::assistant("").with_id(message_id);
-        draft.status = Some(MessageStatus::InProgress);
-        let Ok(body) = serde_json::to_vec(&DraftBody { messages: [&draft] }) else {
-            produced.error("encoding".into());
-            return produced;
-        };
-        let mut attempts = Attempts::default();
-        let started = cluster.send(session, "messages", body, &mut attempts).await;
-        produced.retries += attempts.retried.len() as u64;
-        if let Err(failure) = started {
-            produced.error(failure.kind);
+        if let Err(kind) = writer
+            .start(session, message_id, &mut produced.retries)
+            .await
+        {
+            produced.error(kind);
             progress.errors.fetch_add(1, Relaxed);
             continue;
         }
@@ -535,7 +799,6 @@ async fn produce_soloist(
             interval: interval(&spec),
             bytes: spec.delta_bytes,
         };
-        let path = format!("messages/{message_id}/deltas");
         let mut content = String::new();
         let mut acked = 0usize;
         let mut next = 0usize;
@@ -557,45 +820,34 @@ async fn produce_soloist(
                 }
             }
             let texts: Vec<String> = dues.iter().map(|&due| schedule.token(due)).collect();
-            let mut offset = content.len() as u64;
-            let mut items = Vec::with_capacity(texts.len());
-            for text in &texts {
-                items.push(DeltaItem {
-                    offset,
-                    content: text,
-                });
-                offset += text.len() as u64;
-            }
-            let Ok(body) = serde_json::to_vec(&DeltasBody { deltas: items }) else {
-                produced.error("encoding".into());
-                broken = true;
-                break;
-            };
+            let offset = content.len() as u64;
+            let answer = writer
+                .deltas(session, message_id, offset, &texts, &mut produced.retries)
+                .await;
+            produced.calls += 1;
+            let answered = Instant::now();
+            // Sent, whatever the answer: an unanswered request may have been applied.
             for text in &texts {
                 content.push_str(text);
             }
-            let mut attempts = Attempts::default();
-            let answer = cluster.send(session, &path, body, &mut attempts).await;
-            produced.retries += attempts.retried.len() as u64;
-            produced.calls += 1;
-            let answered = Instant::now();
-            match answer.map(|answer| serde_json::from_slice::<DeltasAnswer>(&answer)) {
-                Ok(Ok(answer)) if answer.length == content.len() as u64 => {
+            let sent = content.len() - acked;
+            match answer {
+                Ok(length) if length == content.len() as u64 => {
+                    acked = content.len();
                     for &due in &dues {
                         produced.ack.push(elapsed_us(due, answered));
                     }
                     produced.deltas += dues.len() as u64;
-                    produced.content_bytes += (content.len() - acked) as u64;
+                    produced.content_bytes += sent as u64;
                     progress.acked.fetch_add(dues.len() as u64, Relaxed);
-                    acked = content.len();
                     next += dues.len();
                 }
                 Ok(_) => {
                     produced.error("unexpected_length".into());
                     broken = true;
                 }
-                Err(failure) => {
-                    produced.error(failure.kind);
+                Err(kind) => {
+                    produced.error(kind);
                     broken = true;
                 }
             }
@@ -605,30 +857,20 @@ async fn produce_soloist(
             }
         }
         let complete = !broken && next == spec.deltas_per_reply;
-        let finish = FinishBody {
-            status: if complete {
-                MessageStatus::Completed
-            } else {
-                MessageStatus::Incomplete
-            },
-            usage: UsageBody {
-                prompt_tokens: 100,
-                completion_tokens: u32::try_from(next).unwrap_or(u32::MAX),
-            },
+        let status = if complete {
+            MessageStatus::Completed
+        } else {
+            MessageStatus::Incomplete
         };
         produced.sent.push((message_id, content, acked));
-        let Ok(body) = serde_json::to_vec(&finish) else {
-            produced.error("encoding".into());
-            continue;
-        };
-        let mut attempts = Attempts::default();
-        let path = format!("messages/{message_id}/finish");
-        match cluster.send(session, &path, body, &mut attempts).await {
-            Ok(_) if complete => produced.replies += 1,
-            Ok(_) => {}
-            Err(failure) => produced.error(failure.kind),
+        match writer
+            .finish(session, message_id, status, next, &mut produced.retries)
+            .await
+        {
+            Ok(()) if complete => produced.replies += 1,
+            Ok(()) => {}
+            Err(kind) => produced.error(kind),
         }
-        produced.retries += attempts.retried.len() as u64;
     }
     produced
 }
@@ -640,6 +882,8 @@ struct Viewed {
     lag: Vec<u32>,
     gaps: u64,
     repeats: u64,
+    /// Per message streaming: the bytes of its content the viewer has (not merged).
+    have: BTreeMap<i64, u64>,
 }
 
 impl Viewed {
@@ -647,6 +891,31 @@ impl Viewed {
         self.lag.extend(other.lag);
         self.gaps += other.gaps;
         self.repeats += other.repeats;
+    }
+
+    /// A draft appeared with `length` bytes of content.
+    fn created(&mut self, seq: i64, length: u64) {
+        self.have.insert(seq, length);
+    }
+
+    /// A draft grew by `content` at `offset`, which arrived at `arrived`.
+    fn delta(&mut self, seq: i64, offset: u64, content: &str, arrived: u32, bytes: usize) {
+        let had = self.have.entry(seq).or_insert(0);
+        if offset > *had {
+            self.gaps += 1;
+        } else if offset < *had {
+            self.repeats += 1;
+        }
+        *had = offset + content.len() as u64;
+        for due in stamps(content, offset, bytes) {
+            let due = u32::try_from(due).unwrap_or(u32::MAX);
+            self.lag.push(arrived.saturating_sub(due));
+        }
+    }
+
+    /// A message ended (or came whole).
+    fn ended(&mut self, seq: i64) {
+        self.have.remove(&seq);
     }
 }
 
@@ -665,7 +934,7 @@ struct MessageEvent {
 }
 
 /// Follows `url` (a session's SSE events) until `stop`, timing every token that arrives.
-async fn view(
+async fn view_sse(
     client: reqwest::Client,
     url: String,
     epoch: Instant,
@@ -679,8 +948,6 @@ async fn view(
         .send()
         .await?
         .error_for_status()?;
-    // Per message: the bytes of its content the viewer has.
-    let mut have: BTreeMap<i64, u64> = BTreeMap::new();
     let mut buffer: Vec<u8> = Vec::new();
     loop {
         let chunk = tokio::select! {
@@ -688,7 +955,7 @@ async fn view(
             () = tokio::time::sleep_until(stop) => break,
         };
         let Some(chunk) = chunk else { break };
-        let arrived = Instant::now();
+        let arrived = elapsed_us(epoch, Instant::now());
         buffer.extend_from_slice(&chunk);
         while let Some(end) = buffer.windows(2).position(|pair| pair == b"\n\n") {
             let block: Vec<u8> = buffer.drain(..end + 2).collect();
@@ -705,32 +972,57 @@ async fn view(
             match name {
                 "message.delta" => {
                     let delta: DeltaEvent = serde_json::from_str(&data)?;
-                    let had = have.entry(delta.seq).or_insert(0);
-                    if delta.offset > *had {
-                        viewed.gaps += 1;
-                    } else if delta.offset < *had {
-                        viewed.repeats += 1;
-                    }
-                    *had = delta.offset + delta.content.len() as u64;
-                    let now_us = elapsed_us(epoch, arrived);
-                    for due in stamps(&delta.content, delta.offset, bytes) {
-                        let due = u32::try_from(due).unwrap_or(u32::MAX);
-                        viewed.lag.push(now_us.saturating_sub(due));
-                    }
+                    viewed.delta(delta.seq, delta.offset, &delta.content, arrived, bytes);
                 }
-                "message.created" | "message.finished" | "message" => {
+                "message.created" => {
                     let message: MessageEvent = serde_json::from_str(&data)?;
                     let length = match &message.content {
                         Some(serde_json::Value::String(text)) => text.len() as u64,
                         _ => 0,
                     };
-                    if name == "message.created" {
-                        have.insert(message.seq, length);
-                    } else {
-                        have.remove(&message.seq);
-                    }
+                    viewed.created(message.seq, length);
+                }
+                "message.finished" | "message" => {
+                    let message: MessageEvent = serde_json::from_str(&data)?;
+                    viewed.ended(message.seq);
                 }
                 _ => {}
+            }
+        }
+    }
+    Ok(viewed)
+}
+
+/// Follows `session` through the engine's subscription until `stop`, timing every token.
+async fn view_engine(
+    engine: Engine,
+    session: Uuid,
+    epoch: Instant,
+    bytes: usize,
+    stop: TokioInstant,
+) -> Result<Viewed, LoadError> {
+    let mut viewed = Viewed::default();
+    let mut stream = engine
+        .session(USER_ID, session.into())
+        .subscribe_from(Position::after(-1))
+        .await?;
+    loop {
+        let event = tokio::select! {
+            event = stream.next_event() => event?,
+            () = tokio::time::sleep_until(stop) => break,
+        };
+        let arrived = elapsed_us(epoch, Instant::now());
+        match event {
+            StreamEvent::Delta {
+                seq,
+                offset,
+                content,
+            } => viewed.delta(seq, offset, &content, arrived, bytes),
+            StreamEvent::Created(message) => {
+                viewed.created(message.seq, message.text().map_or(0, str::len) as u64);
+            }
+            StreamEvent::Finished(message) | StreamEvent::Message(message) => {
+                viewed.ended(message.seq);
             }
         }
     }
@@ -746,29 +1038,20 @@ struct Page {
 
 #[derive(Deserialize)]
 struct PageMessage {
-    seq: i64,
     id: Uuid,
     #[serde(default)]
     content: Option<serde_json::Value>,
 }
 
-/// Reads every session back and compares each message with what was sent and acknowledged:
-/// answers (messages checked, messages that lost an acknowledged byte or hold one never sent).
-async fn check_soloist(
-    cluster: &Cluster,
-    sessions: &[Uuid],
-    sent: &[(Uuid, String, usize)],
-) -> Result<(u64, u64), LoadError> {
-    let expected: BTreeMap<Uuid, (&str, usize)> = sent
-        .iter()
-        .map(|(id, content, acked)| (*id, (content.as_str(), *acked)))
-        .collect();
-    let mut checked = 0u64;
-    let mut failures = 0u64;
-    let mut found = 0usize;
-    for &session in sessions {
-        let mut after: Option<i64> = None;
-        loop {
+/// One page of `session`'s messages after `after` as (id, text content): over HTTP, or from
+/// the engine.
+async fn page_of(
+    writer: &Writer,
+    session: Uuid,
+    after: Option<i64>,
+) -> Result<(Vec<(Uuid, String)>, Option<i64>), LoadError> {
+    match writer {
+        Writer::Http(cluster) => {
             let mut url = format!("{}?limit={CHECK_PAGE}", cluster.session_url(session));
             if let Some(after) = after {
                 url.push_str(&format!("&after_seq={after}"));
@@ -782,30 +1065,71 @@ async fn check_soloist(
                 .error_for_status()?
                 .json()
                 .await?;
-            for message in &page.messages {
+            let messages = page
+                .messages
+                .into_iter()
+                .map(|message| {
+                    let text = match message.content {
+                        Some(serde_json::Value::String(text)) => text,
+                        _ => String::new(),
+                    };
+                    (message.id, text)
+                })
+                .collect();
+            Ok((messages, page.next_after_seq))
+        }
+        Writer::Engine(engine) => {
+            let page = engine
+                .session(USER_ID, session.into())
+                .get(after, Some(CHECK_PAGE))
+                .await?;
+            let messages = page
+                .messages
+                .iter()
+                .map(|message| (message.id, message.text().unwrap_or_default().to_owned()))
+                .collect();
+            Ok((messages, page.next_after_seq))
+        }
+    }
+}
+
+/// Reads every session back and compares each message with what was sent and acknowledged:
+/// answers (messages checked, messages that lost an acknowledged byte or hold one never sent,
+/// or were acknowledged and are missing).
+async fn check_soloist(
+    writer: &Writer,
+    sessions: &[Uuid],
+    sent: &[(Uuid, String, usize)],
+) -> Result<(u64, u64), LoadError> {
+    let expected: BTreeMap<Uuid, (&str, usize)> = sent
+        .iter()
+        .map(|(id, content, acked)| (*id, (content.as_str(), *acked)))
+        .collect();
+    let mut checked = 0u64;
+    let mut failures = 0u64;
+    let mut found = 0usize;
+    for &session in sessions {
+        let mut after: Option<i64> = None;
+        loop {
+            let (messages, next) = page_of(writer, session, after).await?;
+            for (id, stored) in &messages {
                 checked += 1;
-                let stored = match &message.content {
-                    Some(serde_json::Value::String(text)) => text.as_str(),
-                    _ => "",
-                };
-                match expected.get(&message.id) {
+                match expected.get(id) {
                     Some((content, acked)) => {
                         found += 1;
-                        if !content.starts_with(stored) || stored.len() < *acked {
+                        if !content.starts_with(stored.as_str()) || stored.len() < *acked {
                             failures += 1;
                         }
                     }
                     None => failures += 1,
                 }
             }
-            match (page.next_after_seq, page.messages.last()) {
-                (Some(next), _) => after = Some(next),
-                (None, Some(last)) if page.messages.len() >= CHECK_PAGE => after = Some(last.seq),
-                _ => break,
+            match next {
+                Some(next) => after = Some(next),
+                None => break,
             }
         }
     }
-    // A reply whose draft was acknowledged but is not stored.
     failures += expected.len().saturating_sub(found) as u64;
     Ok((checked, failures))
 }
@@ -1131,40 +1455,47 @@ impl StreamPlan {
             .find(|run| run.spec.way == StreamWay::Rewrite && run.spec.rate.is_none())
             .filter(|run| run.failed.is_none() && run.deltas_per_s > 0.0)
             .map(|run| run.deltas_per_s);
+        let rewrite = ways.contains(&StreamWay::Rewrite);
+        let soloist_ways = [StreamWay::Soloist, StreamWay::Library]
+            .into_iter()
+            .filter(|way| ways.contains(way));
+        let paced = soloist_ways.clone().map(|way| StreamSpec {
+            way,
+            rate: Some(rate),
+            viewers,
+            purpose: format!("at {rate:.0} deltas/s per session"),
+            ..base.clone()
+        });
+        let twenty_fold = soloist_ways.filter_map(|way| {
+            sustainable.map(|sustainable| StreamSpec {
+                way,
+                rate: Some(20.0 * sustainable / sessions.max(1) as f64),
+                viewers,
+                purpose: format!(
+                    "offered 20x the usual way's sustainable rate ({} deltas/s)",
+                    crate::report::thousands(20.0 * sustainable)
+                ),
+                ..base.clone()
+            })
+        });
         let plan = [
-            (ways.contains(&StreamWay::Rewrite)).then(|| StreamSpec {
-                purpose: "the usual way's sustainable rate: each token due once the previous one \
-                      is written"
+            rewrite.then(|| StreamSpec {
+                purpose: "its sustainable rate: each token due once the previous one is written"
                     .into(),
                 ..base.clone()
             }),
-            (ways.contains(&StreamWay::Rewrite)).then(|| StreamSpec {
+            rewrite.then(|| StreamSpec {
                 rate: Some(rate),
-                purpose: format!("the usual way at {rate:.0} deltas/s per session"),
+                purpose: format!("at {rate:.0} deltas/s per session"),
                 ..base.clone()
             }),
-            (ways.contains(&StreamWay::Soloist)).then(|| StreamSpec {
-                way: StreamWay::Soloist,
-                rate: Some(rate),
-                viewers,
-                purpose: format!("soloist at {rate:.0} deltas/s per session"),
-                ..base.clone()
-            }),
-            sustainable
-                .filter(|_| ways.contains(&StreamWay::Soloist))
-                .map(|sustainable| StreamSpec {
-                    way: StreamWay::Soloist,
-                    rate: Some(20.0 * sustainable / sessions.max(1) as f64),
-                    viewers,
-                    purpose: format!(
-                        "soloist offered 20x the usual way's sustainable rate ({} deltas/s)",
-                        crate::report::thousands(20.0 * sustainable)
-                    ),
-                    ..base.clone()
-                }),
-        ];
+        ]
+        .into_iter()
+        .flatten()
+        .chain(paced)
+        .chain(twenty_fold);
         // The plan's runs in order, less those chosen away; the next is the first not yet done.
-        plan.into_iter().flatten().nth(ours.len())
+        plan.into_iter().nth(ours.len())
     }
 }
 
@@ -1251,22 +1582,24 @@ pub fn markdown(runs: &[StreamResult]) -> String {
         let sustainable = ours
             .iter()
             .find(|run| run.spec.way == StreamWay::Rewrite && run.spec.rate.is_none());
-        let offered = ours
-            .iter()
-            .filter(|run| run.spec.way == StreamWay::Soloist && run.failed.is_none())
-            .max_by(|a, b| a.deltas_per_s.total_cmp(&b.deltas_per_s));
-        if let (Some(sustainable), Some(best)) = (sustainable, offered) {
-            let achieved = best.deltas_per_s / best.spec.offered_per_s().unwrap_or(f64::MAX);
+        for way in [StreamWay::Soloist, StreamWay::Library] {
+            let best = ours
+                .iter()
+                .filter(|run| run.spec.way == way && run.failed.is_none())
+                .max_by(|a, b| a.deltas_per_s.total_cmp(&b.deltas_per_s));
+            let (Some(sustainable), Some(best)) = (sustainable, best) else {
+                continue;
+            };
+            let offered = best.spec.offered_per_s().unwrap_or(f64::MAX);
             let _ = writeln!(
                 out,
-                "- {}: soloist sustained {} deltas/s ({:.0}% of the {} offered), {:.1}x the usual \
-                 way's {} deltas/s.",
+                "- {}, {}: {} deltas/s ({:.0}% of the {} offered), {:.1}x the usual way's \
+                 sustainable {} deltas/s.",
                 db.title(),
+                way.label(),
                 thousands(best.deltas_per_s),
-                achieved * 100.0,
-                best.spec
-                    .offered_per_s()
-                    .map_or_else(|| "-".to_owned(), thousands),
+                best.deltas_per_s / offered * 100.0,
+                thousands(offered),
                 best.deltas_per_s / sustainable.deltas_per_s.max(f64::EPSILON),
                 thousands(sustainable.deltas_per_s),
             );
@@ -1274,10 +1607,12 @@ pub fn markdown(runs: &[StreamResult]) -> String {
     }
     let _ = writeln!(
         out,
-        "\nsoloist runs one `soloist-server` over HTTP, its viewers follow over SSE; the usual \
-         way writes from this process with a pool of the server's size and has no viewers. Ack \
-         and lag run from each token's due time. Bytes written: PostgreSQL's WAL, SQLite's \
-         `write_bytes` of the writing process, scaled to one reply.\n"
+        "\nThe server way runs one `soloist-server` over HTTP, its viewers follow over SSE; the \
+         library way runs the engine in this process, its viewers on the engine's \
+         subscriptions; the usual way writes from this process with a pool of the engine's \
+         size and has no viewers. Ack and lag run from each token's due time. Bytes written: \
+         PostgreSQL's WAL, SQLite's `write_bytes` of the writing process, scaled to one \
+         reply.\n"
     );
     out
 }
