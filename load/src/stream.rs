@@ -430,31 +430,9 @@ async fn measure_soloist(
     let pids = servers.pids();
     let before = servers.counters(&client, &["flushes_total"]).await?;
 
-    // Viewers connect first, so that they see every reply from its draft on.
-    let viewer_client = reqwest::Client::builder()
-        .no_proxy()
-        .tcp_nodelay(true)
-        .build()?;
-    let epoch = Instant::now();
-    let stop_viewers = viewers_stop(settings);
-    let mut viewers: Vec<JoinHandle<Result<Viewed, LoadError>>> = Vec::new();
-    for &session in &sessions {
-        for _ in 0..spec.viewers {
-            let url = format!("{}/events", cluster.session_url(session));
-            viewers.push(tokio::spawn(view_sse(
-                viewer_client.clone(),
-                url,
-                epoch,
-                spec.delta_bytes,
-                stop_viewers,
-            )));
-        }
-    }
     let driven = drive(
         Writer::Http(cluster.clone()),
         &sessions,
-        viewers,
-        epoch,
         spec,
         settings,
         database,
@@ -497,25 +475,9 @@ async fn measure_library(
     }
     database.checkpoint().await?;
     let flushes_before = engine.stats().flushes;
-    let epoch = Instant::now();
-    let stop_viewers = viewers_stop(settings);
-    let mut viewers: Vec<JoinHandle<Result<Viewed, LoadError>>> = Vec::new();
-    for &session in &sessions {
-        for _ in 0..spec.viewers {
-            viewers.push(tokio::spawn(view_engine(
-                engine.clone(),
-                session,
-                epoch,
-                spec.delta_bytes,
-                stop_viewers,
-            )));
-        }
-    }
     let driven = drive(
         Writer::Engine(engine.clone()),
         &sessions,
-        viewers,
-        epoch,
         spec,
         settings,
         database,
@@ -536,11 +498,6 @@ async fn measure_library(
     };
     engine.shutdown().await;
     driven?.finish(spec, commits, checked?)
-}
-
-/// When viewers stop reading: after the producers, with some grace.
-fn viewers_stop(settings: &Settings) -> TokioInstant {
-    TokioInstant::now() + settings.duration + VIEWER_GRACE + Duration::from_secs(2)
 }
 
 /// What a soloist run measured, before the counters only its caller can read.
@@ -572,20 +529,40 @@ impl Driven {
     }
 }
 
-/// Lets the viewers connect, then runs one producer per session through `writer` until the
-/// run's end, and collects what producers and viewers measured. `pids`: the processes that
-/// write the database (for SQLite's byte count and the CPU accounting).
-#[allow(clippy::too_many_arguments)]
+/// Starts the viewers (over SSE, or on the engine's subscriptions) and lets them connect,
+/// then runs one producer per session through `writer` until the run's end, and collects what
+/// producers and viewers measured. `pids`: the processes that write the database (for
+/// SQLite's byte count and the CPU accounting).
 async fn drive(
     writer: Writer,
     sessions: &[Uuid],
-    viewers: Vec<JoinHandle<Result<Viewed, LoadError>>>,
-    epoch: Instant,
     spec: &StreamSpec,
     settings: &Settings,
     database: &Database,
     pids: &[u32],
 ) -> Result<Driven, LoadError> {
+    // Viewers connect first, so that they see every reply from its draft on.
+    let sse = reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .build()?;
+    let epoch = Instant::now();
+    let stop = TokioInstant::now() + settings.duration + VIEWER_GRACE + Duration::from_secs(2);
+    let bytes = spec.delta_bytes;
+    let mut viewers: Vec<JoinHandle<Result<Viewed, LoadError>>> = Vec::new();
+    for &session in sessions {
+        for _ in 0..spec.viewers {
+            viewers.push(match &writer {
+                Writer::Http(cluster) => {
+                    let url = format!("{}/events", cluster.session_url(session));
+                    tokio::spawn(view_sse(sse.clone(), url, epoch, bytes, stop))
+                }
+                Writer::Engine(engine) => {
+                    tokio::spawn(view_engine(engine.clone(), session, epoch, bytes, stop))
+                }
+            });
+        }
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let written_before = bytes_written(database, pids).await;
     let duration = settings.duration;

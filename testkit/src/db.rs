@@ -5,7 +5,6 @@ use std::path::Path;
 
 use soloist::uuid::Uuid;
 use soloist::{Engine, EngineConfig, SessionId};
-use sqlx::{Connection, PgConnection, SqliteConnection};
 
 use crate::dir::TempDir;
 use crate::postgres::{PgSchema, postgres_available, postgres_base_url};
@@ -135,77 +134,83 @@ impl TestDb {
     }
 }
 
+/// `text` with its `{1}`, `{2}`, ... placeholders in the driver's form: `$1` (PostgreSQL) or
+/// `?` (SQLite, binding in order).
+pub(crate) fn placeholders(text: &str, postgres: bool) -> String {
+    (1..=9).fold(text.to_owned(), |text, index| {
+        let number = format!("{{{index}}}");
+        let placeholder = if postgres {
+            format!("${index}")
+        } else {
+            "?".to_owned()
+        };
+        text.replace(&number, &placeholder)
+    })
+}
+
+/// Runs `$body` on a new connection `$connection` to the database at `$url` (PostgreSQL if the
+/// URL says so, else SQLite), `$sql` turning a statement's text with `{1}`, `{2}`, ...
+/// placeholders into the driver's; closes the connection and answers what the body did. Not
+/// through soloist: what is stored, as stored.
+macro_rules! with_connection {
+    ($url:expr, |$connection:ident, $sql:ident| $body:expr) => {
+        if $url.starts_with("postgres") {
+            let mut $connection = <sqlx::PgConnection as sqlx::Connection>::connect($url).await?;
+            let $sql = |text: &str| sqlx::AssertSqlSafe($crate::db::placeholders(text, true));
+            let result = $body;
+            let _ = sqlx::Connection::close($connection).await;
+            result
+        } else {
+            let mut $connection =
+                <sqlx::SqliteConnection as sqlx::Connection>::connect($url).await?;
+            let $sql = |text: &str| sqlx::AssertSqlSafe($crate::db::placeholders(text, false));
+            let result = $body;
+            let _ = sqlx::Connection::close($connection).await;
+            result
+        }
+    };
+}
+pub(crate) use with_connection;
+
 /// Rows `(seq, message_id)` of a session in sequence order, straight from the database at `url`
 /// (not through soloist).
 pub async fn stored_rows(url: &str, session: SessionId) -> Result<Vec<(i64, Uuid)>> {
-    if url.starts_with("postgres") {
-        let mut connection = PgConnection::connect(url).await?;
-        let rows = sqlx::query_as(
-            "SELECT seq, message_id FROM messages WHERE session_id = $1 ORDER BY seq",
-        )
+    with_connection!(url, |connection, sql| {
+        sqlx::query_as(sql(
+            "SELECT seq, message_id FROM messages WHERE session_id = {1} ORDER BY seq",
+        ))
         .bind(session)
         .fetch_all(&mut connection)
-        .await;
-        let _ = connection.close().await;
-        rows.map_err(Error::from)
-    } else {
-        let mut connection = SqliteConnection::connect(url).await?;
-        let rows = sqlx::query_as(
-            "SELECT seq, message_id FROM messages WHERE session_id = ? ORDER BY seq",
-        )
-        .bind(session)
-        .fetch_all(&mut connection)
-        .await;
-        let _ = connection.close().await;
-        rows.map_err(Error::from)
-    }
+        .await
+        .map_err(Error::from)
+    })
 }
 
 /// The process that owns a session by its stored row (the last to claim it), straight from the
 /// database at `url`; `None` if no process claimed it.
 pub async fn stored_owner(url: &str, session: SessionId) -> Result<Option<Uuid>> {
-    let row: Option<(Option<Uuid>,)> = if url.starts_with("postgres") {
-        let mut connection = PgConnection::connect(url).await?;
-        let row = sqlx::query_as("SELECT owner FROM sessions WHERE id = $1")
+    let row: Option<(Option<Uuid>,)> = with_connection!(url, |connection, sql| {
+        sqlx::query_as(sql("SELECT owner FROM sessions WHERE id = {1}"))
             .bind(session)
             .fetch_optional(&mut connection)
-            .await;
-        let _ = connection.close().await;
-        row?
-    } else {
-        let mut connection = SqliteConnection::connect(url).await?;
-        let row = sqlx::query_as("SELECT owner FROM sessions WHERE id = ?")
-            .bind(session)
-            .fetch_optional(&mut connection)
-            .await;
-        let _ = connection.close().await;
-        row?
-    };
+            .await?
+    });
     Ok(row.and_then(|(owner,)| owner))
 }
 
 /// The stored chunks of a session's drafts, `(seq, byte offset, bytes)` in order, straight
 /// from the database at `url`.
 pub async fn stored_chunks(url: &str, session: SessionId) -> Result<Vec<(i64, i64, i64)>> {
-    let sql = "SELECT seq, byte_offset, CAST(LENGTH(content) AS BIGINT) FROM message_chunks \
-               WHERE session_id = {} ORDER BY seq, byte_offset";
-    if url.starts_with("postgres") {
-        let mut connection = PgConnection::connect(url).await?;
-        let rows = sqlx::query_as(sqlx::AssertSqlSafe(sql.replace("{}", "$1")))
-            .bind(session)
-            .fetch_all(&mut connection)
-            .await;
-        let _ = connection.close().await;
-        rows.map_err(Error::from)
-    } else {
-        let mut connection = SqliteConnection::connect(url).await?;
-        let rows = sqlx::query_as(sqlx::AssertSqlSafe(sql.replace("{}", "?")))
-            .bind(session)
-            .fetch_all(&mut connection)
-            .await;
-        let _ = connection.close().await;
-        rows.map_err(Error::from)
-    }
+    with_connection!(url, |connection, sql| {
+        sqlx::query_as(sql(
+            "SELECT seq, byte_offset, CAST(LENGTH(content) AS BIGINT) FROM message_chunks \
+             WHERE session_id = {1} ORDER BY seq, byte_offset",
+        ))
+        .bind(session)
+        .fetch_all(&mut connection)
+        .await
+        .map_err(Error::from)
+    })
 }
 
 /// Asserts that sequences are exactly 0..n-1 and that no message id appears twice.

@@ -30,7 +30,6 @@ use soloist::{
     AppendMessages, Appended, Content, Engine, Error, GetSession, Message, MessageStatus,
     MessageStream, NewMessage, SessionHandle, SessionId, SessionPage, Usage,
 };
-use sqlx::{Connection, PgConnection, SqliteConnection};
 
 use crate::{TestDb, stored_rows};
 
@@ -787,43 +786,23 @@ async fn stored_draft(
                    AND message_id = {2}";
     let chunks = "SELECT byte_offset, content FROM message_chunks WHERE session_id = {1} \
                   AND seq = {2} ORDER BY byte_offset";
-    let (row, chunks): (Option<Row>, Vec<Chunk>) = if url.starts_with("postgres") {
-        let sql = |text: &str| text.replace("{1}", "$1").replace("{2}", "$2");
-        let mut connection = PgConnection::connect(url).await?;
-        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(sql(message)))
-            .bind(session)
-            .bind(id)
-            .fetch_optional(&mut connection)
-            .await?;
-        let mut found = Vec::new();
-        if let Some((seq, ..)) = &row {
-            found = sqlx::query_as(sqlx::AssertSqlSafe(sql(chunks)))
+    let (row, chunks): (Option<Row>, Vec<Chunk>) =
+        crate::db::with_connection!(url, |connection, sql| {
+            let row: Option<Row> = sqlx::query_as(sql(message))
                 .bind(session)
-                .bind(*seq)
-                .fetch_all(&mut connection)
+                .bind(id)
+                .fetch_optional(&mut connection)
                 .await?;
-        }
-        let _ = connection.close().await;
-        (row, found)
-    } else {
-        let sql = |text: &str| text.replace("{1}", "?").replace("{2}", "?");
-        let mut connection = SqliteConnection::connect(url).await?;
-        let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(sql(message)))
-            .bind(session)
-            .bind(id)
-            .fetch_optional(&mut connection)
-            .await?;
-        let mut found = Vec::new();
-        if let Some((seq, ..)) = &row {
-            found = sqlx::query_as(sqlx::AssertSqlSafe(sql(chunks)))
-                .bind(session)
-                .bind(*seq)
-                .fetch_all(&mut connection)
-                .await?;
-        }
-        let _ = connection.close().await;
-        (row, found)
-    };
+            let mut found = Vec::new();
+            if let Some((seq, ..)) = &row {
+                found = sqlx::query_as(sql(chunks))
+                    .bind(session)
+                    .bind(*seq)
+                    .fetch_all(&mut connection)
+                    .await?;
+            }
+            (row, found)
+        });
     let Some((_, status, content)) = row else {
         return Ok(None);
     };
