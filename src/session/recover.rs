@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::SessionActor;
 use super::protocol::Write;
+use super::state::SessionState;
 use super::stage::{StageRules, Staged, stage};
 use crate::backoff::Backoff;
 use crate::error::{Error, Result, StorageError};
@@ -284,33 +285,7 @@ impl SessionActor {
         let Some(state) = self.state.as_ref().filter(|state| !state.partial) else {
             return Ok(HashMap::new());
         };
-        let streaming = state
-            .tail
-            .iter()
-            .any(|message| message.status == MessageStatus::InProgress);
-        let refused_if_new = |message: &&NewMessage| match message.role {
-            Role::Tool => message
-                .tool_call_id
-                .as_deref()
-                .and_then(|id| state.calls.get(id))
-                .is_none_or(|call| call.answered),
-            _ => streaming && message.status == Some(MessageStatus::InProgress),
-        };
-        let ids: Vec<Uuid> = writes
-            .iter()
-            .flat_map(|write| {
-                let appended = match write {
-                    Write::Append(pending) => pending.command.messages.as_slice(),
-                    _ => &[],
-                };
-                let appended = appended
-                    .iter()
-                    .filter(refused_if_new)
-                    .filter_map(|message| message.id);
-                write.named_message().into_iter().chain(appended)
-            })
-            .filter(|id| state.cached(id).is_none())
-            .collect();
+        let ids = uncached_ids(state, writes);
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
@@ -338,4 +313,42 @@ impl SessionActor {
             .map(|message| (message.id, Arc::new(message)))
             .collect())
     }
+}
+
+/// The ids [`SessionActor::uncached_messages`] looks up: named by a delta or a finish, or
+/// appended in a message staging would refuse as new, and not in the tail.
+fn uncached_ids(state: &SessionState, writes: &[Write]) -> Vec<Uuid> {
+    // Whether a draft streams: a walk of the tail, so only for a batch that starts one.
+    let streaming = std::cell::OnceCell::new();
+    let refused_if_new = |message: &&NewMessage| match message.role {
+        Role::Tool => message
+            .tool_call_id
+            .as_deref()
+            .and_then(|id| state.calls.get(id))
+            .is_none_or(|call| call.answered),
+        _ => {
+            message.status == Some(MessageStatus::InProgress)
+                && *streaming.get_or_init(|| {
+                    state
+                        .tail
+                        .iter()
+                        .any(|message| message.status == MessageStatus::InProgress)
+                })
+        }
+    };
+    writes
+        .iter()
+        .flat_map(|write| {
+            let appended = match write {
+                Write::Append(pending) => pending.command.messages.as_slice(),
+                _ => &[],
+            };
+            let appended = appended
+                .iter()
+                .filter(refused_if_new)
+                .filter_map(|message| message.id);
+            write.named_message().into_iter().chain(appended)
+        })
+        .filter(|id| state.cached(id).is_none())
+        .collect()
 }
