@@ -38,6 +38,8 @@ pub(crate) struct PostgresStore {
     options: Arc<PgConnectOptions>,
     /// The statement of [`Self::flush_in_one_statement`].
     one_statement: SqlStr,
+    /// The same, also writing drafts' chunks (only batches that carry some bind them).
+    one_statement_chunks: SqlStr,
 }
 
 impl Backend for Postgres {
@@ -143,32 +145,45 @@ impl<'a> Column<'a> {
 }
 
 /// The statement of [`PostgresStore::flush_in_one_statement`]. Binds: the writes' changes,
-/// owner, their ids, their message rows, owner, lease.
-fn one_statement_flush() -> SqlStr {
+/// owner, their ids, their message rows, (with `chunks`) their drafts' chunk rows, owner,
+/// lease. Batches without chunks take the statement without them, which does not even run an
+/// empty insert.
+fn one_statement_flush(chunks: bool) -> SqlStr {
     let d = &Postgres::DIALECT;
     let messages = MessageRow::COLUMNS;
     d.render(&format!(
         "WITH {changes}, \
          locked AS MATERIALIZED ({heads}), \
          {rows}, \
-         {chunks}, \
+         {chunks}\
          ok AS (SELECT w.* FROM w JOIN locked l \
                 ON l.id = w.id AND l.version = w.expected AND l.epoch = w.epoch \
                    AND NOT l.deleted), \
          inserted AS (INSERT INTO messages ({columns}) \
                       SELECT m.* FROM m WHERE m.session_id IN (SELECT id FROM ok)), \
-         chunked AS (INSERT INTO message_chunks ({chunk_columns}) \
-                     SELECT c.* FROM c WHERE c.session_id IN (SELECT id FROM ok) \
-                     ON CONFLICT DO NOTHING), \
+         {chunked}\
          updated AS (UPDATE sessions SET {update} FROM ok AS u WHERE sessions.id = u.id \
                      RETURNING sessions.id) \
          SELECT l.*, l.id IN (SELECT id FROM updated) AS written FROM locked l",
         changes = d.table("w", SessionChange::COLUMNS, 1),
         heads = heads(d, 1),
         rows = d.table("m", messages, 1),
-        chunks = d.table("c", ChunkInsert::COLUMNS, 1),
+        chunks = if chunks {
+            format!("{}, ", d.table("c", ChunkInsert::COLUMNS, 1))
+        } else {
+            String::new()
+        },
+        chunked = if chunks {
+            format!(
+                "chunked AS (INSERT INTO message_chunks ({}) \
+                 SELECT c.* FROM c WHERE c.session_id IN (SELECT id FROM ok) \
+                 ON CONFLICT DO NOTHING), ",
+                names(ChunkInsert::COLUMNS)
+            )
+        } else {
+            String::new()
+        },
         columns = names(messages),
-        chunk_columns = names(ChunkInsert::COLUMNS),
         update = session_update(d),
     ))
 }
@@ -228,7 +243,8 @@ impl PostgresStore {
         Ok(Self {
             sql: Sql::new(pool, readers, ownership),
             options: Arc::new(options),
-            one_statement: one_statement_flush(),
+            one_statement: one_statement_flush(false),
+            one_statement_chunks: one_statement_flush(true),
         })
     }
 
@@ -281,12 +297,14 @@ impl PostgresStore {
             .rows(&changes)
             .add(owner)
             .list(&ids)
-            .rows(&rows)
-            .rows(&chunks)
-            .add(owner)
-            .add(lease_micros)
-            .finish()?;
-        let found: Vec<Found> = sqlx::query_as_with(self.one_statement.clone(), args)
+            .rows(&rows);
+        let (args, statement) = if chunks.is_empty() {
+            (args, &self.one_statement)
+        } else {
+            (args.rows(&chunks), &self.one_statement_chunks)
+        };
+        let args = args.add(owner).add(lease_micros).finish()?;
+        let found: Vec<Found> = sqlx::query_as_with(statement.clone(), args)
             .fetch_all(&self.sql.writer)
             .await?;
         // Which sessions were written is what the statement says; why the others were not, and
