@@ -62,7 +62,7 @@ pub enum Error {
     MessageNotFound,
     /// A delta named a message that is not a draft in progress: finished, or never one. HTTP
     /// 409.
-    #[error("the message is {status:?}, not a draft in progress")]
+    #[error("the message is {}, not a draft in progress", status.as_str())]
     MessageFinished {
         /// The message's status.
         status: crate::model::MessageStatus,
@@ -84,7 +84,7 @@ pub enum Error {
         length: u64,
     },
     /// The draft was finished already, in another way. HTTP 409.
-    #[error("the message was already finished as {status:?}")]
+    #[error("the message was already finished as {}", status.as_str())]
     FinishConflict {
         /// How it was finished.
         status: crate::model::MessageStatus,

@@ -9,8 +9,8 @@ use uuid::Uuid;
 
 use super::SessionActor;
 use super::protocol::Write;
-use super::state::SessionState;
 use super::stage::{StageRules, Staged, stage};
+use super::state::SessionState;
 use crate::backoff::Backoff;
 use crate::error::{Error, Result, StorageError};
 use crate::idempotency::KeyRecord;
