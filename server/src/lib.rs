@@ -46,6 +46,12 @@ use soloist::{
     UpdateSession, Usage,
 };
 use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 pub use body::{BodyBudget, BodyLimits, JsonBody};
 pub use error::ApiError;
@@ -96,7 +102,7 @@ pub fn app(state: AppState) -> Router {
         let limits = state.bodies.limits();
         limits.append_bytes.max(limits.session_bytes)
     };
-    Router::new()
+    let routes = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/sessions", post(create_session).get(list_sessions))
@@ -126,7 +132,85 @@ pub fn app(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(state)
+        .with_state(state);
+    with_edge(routes)
+}
+
+/// The layers every request passes, outermost first: its request id (the client's
+/// `x-request-id`, or a new one) set, a span per request carrying it (so every log line of the
+/// request names it), the id sent back, a panicking handler answered `500 internal` in JSON
+/// (and logged) instead of a dropped connection, and the answer compressed when the client
+/// accepts gzip and it is worth it (never the event streams).
+pub fn with_edge(router: Router) -> Router {
+    router
+        .layer(CompressionLayer::new())
+        .layer(CatchPanicLayer::custom(panicked))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::WARN)),
+        )
+        .layer(SetRequestIdLayer::x_request_id(RequestIds::default()))
+}
+
+/// Request ids for requests that come without one: this process's random prefix and a count,
+/// unique per process and cheap (a UUID per request would read the random source each time).
+#[derive(Clone, Debug)]
+struct RequestIds {
+    prefix: Arc<str>,
+    next: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        let prefix = Uuid::new_v4().simple().to_string();
+        Self {
+            prefix: prefix[..12].into(),
+            next: Arc::default(),
+        }
+    }
+}
+
+impl MakeRequestId for RequestIds {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        let count = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        axum::http::HeaderValue::from_str(&format!("{}-{count:x}", self.prefix))
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+/// The span of one request: method, path and request id.
+fn request_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|id| id.to_str().ok())
+        .unwrap_or_default();
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        request_id = %id
+    )
+}
+
+/// The answer to a request whose handler panicked: the JSON error, 500; the panic is logged
+/// and the process and the other requests go on.
+fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let detail = panic
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    tracing::error!(panic = %detail, "a request's handler panicked");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "the server failed on this request; it was not applied unless a retry says otherwise",
+    )
+    .into_response()
 }
 
 /// The caller's identity, from the `x-user-id` header set by the trusted proxy in front: 1 to
