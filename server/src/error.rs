@@ -13,6 +13,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Seconds for `Retry-After` on a 429 or 503 (1 unless said otherwise).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -22,7 +24,19 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error, telling the client to retry in `seconds`.
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// The `Retry-After` seconds set with [`Self::with_retry_after`].
+    pub fn retry_after(&self) -> Option<u64> {
+        self.retry_after
     }
 
     /// What a path that leads nowhere gets (and the peers' protocol, to anyone without the
@@ -65,9 +79,10 @@ impl IntoResponse for ApiError {
             self.status,
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
         ) {
-            response
-                .headers_mut()
-                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+            response.headers_mut().insert(
+                "retry-after",
+                axum::http::HeaderValue::from(self.retry_after.unwrap_or(1)),
+            );
         }
         response
     }

@@ -21,6 +21,7 @@ mod api;
 mod body;
 pub mod cluster;
 mod error;
+mod limit;
 mod malformed;
 mod metrics;
 mod serve;
@@ -55,6 +56,7 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 pub use body::{BodyBudget, BodyLimits, JsonBody};
 pub use error::ApiError;
+pub use limit::UserLimits;
 pub use serve::{ServeConfig, ServeReport, default_max_connections, open_file_limit, serve};
 
 use api::{
@@ -67,6 +69,8 @@ use api::{
 pub struct AppState {
     /// The engine all requests go through.
     pub engine: Engine,
+    /// Per-user rate limits, if set: checked when a handler learns the caller.
+    pub user_limits: Option<Arc<UserLimits>>,
     /// Cancelled at shutdown so that long-lived event streams end and the server can drain.
     pub shutdown: CancellationToken,
     /// Request body limits and the memory budget all bodies in flight share.
@@ -90,7 +94,14 @@ impl AppState {
             engine,
             shutdown,
             bodies: BodyBudget::new(limits),
+            user_limits: None,
         }
+    }
+
+    /// The same state, limiting each user's requests with `limits`.
+    pub fn with_user_limits(mut self, limits: Arc<UserLimits>) -> Self {
+        self.user_limits = Some(limits);
+        self
     }
 }
 
@@ -222,10 +233,21 @@ pub struct UserId(pub String);
 /// The longest user id (the engine's text limit).
 const MAX_USER_ID_BYTES: usize = 1024;
 
-impl<S: Send + Sync> FromRequestParts<S> for UserId {
+impl FromRequestParts<AppState> for UserId {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let user = Self::from_headers(parts)?;
+        if let Some(limits) = &state.user_limits {
+            limits.check(&user.0)?;
+        }
+        Ok(user)
+    }
+}
+
+impl UserId {
+    /// The caller from the request's `x-user-id`, checked.
+    fn from_headers(parts: &Parts) -> Result<Self, ApiError> {
         let mut values = parts.headers.get_all("x-user-id").iter();
         let (Some(value), None) = (values.next(), values.next()) else {
             if parts.headers.contains_key("x-user-id") {

@@ -1,12 +1,16 @@
 //! `soloist-server`: the chat server binary. See the crate docs of `soloist_server` for the API.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use soloist::{Engine, EngineConfig, Limits, SqliteSync};
 use soloist_server::cluster::{Inbound, Peers};
-use soloist_server::{AppState, BodyLimits, ServeConfig, app, default_max_connections, serve};
+use soloist_server::{
+    AppState, BodyLimits, ServeConfig, UserLimits, app, default_max_connections, serve,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
@@ -138,6 +142,31 @@ struct HttpArgs {
     /// that makes a foreign session indistinguishable from a missing one.
     #[arg(long, env = "SOLOIST_REVEAL_FOREIGN_SESSIONS")]
     reveal_foreign_sessions: bool,
+    /// Requests a second each user (`x-user-id`) may make, sustained; past it a request gets
+    /// 429 `rate_limited` with `Retry-After` before its body is read. 0: no limit.
+    #[arg(
+        long,
+        env = "SOLOIST_RATE_LIMIT_PER_SECOND",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    rate_limit_per_second: u32,
+    /// Requests a user may make at once, the rate's bucket. Default: one second's worth.
+    #[arg(long, env = "SOLOIST_RATE_LIMIT_BURST", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    rate_limit_burst: Option<u32>,
+}
+
+impl HttpArgs {
+    /// The per-user limits the flags ask for, if any.
+    fn user_limits(&self) -> Option<UserLimits> {
+        let rate = NonZeroU32::new(self.rate_limit_per_second)?;
+        let burst = self
+            .rate_limit_burst
+            .and_then(NonZeroU32::new)
+            .unwrap_or(rate);
+        Some(UserLimits::new(rate, burst))
+    }
 }
 
 /// Sessions in memory.
@@ -383,7 +412,21 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     body_limits.memory_bytes = http.body_memory_bytes.max(http.max_append_body_bytes);
     body_limits.grace = Duration::from_millis(http.body_timeout_ms);
     body_limits.min_bytes_per_second = http.min_body_rate.max(1);
-    let state = AppState::with_body_limits(engine.clone(), shutdown.clone(), body_limits);
+    let mut state = AppState::with_body_limits(engine.clone(), shutdown.clone(), body_limits);
+    if let Some(limits) = http.user_limits() {
+        let limits = Arc::new(limits);
+        state = state.with_user_limits(limits.clone());
+        // Memory follows the users active lately: full buckets are dropped every minute.
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(60)) => limits.forget_idle(),
+                    () = stop.cancelled() => break,
+                }
+            }
+        });
+    }
     let router = app(state.clone());
     let peers = Inbound::new(engine.clone(), state.bodies.limits());
     let serve_config = ServeConfig {

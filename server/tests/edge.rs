@@ -134,3 +134,50 @@ async fn a_panicking_handler_answers_500_and_the_server_goes_on() {
         .expect("fine");
     assert_eq!(fine.status(), StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_user_is_held_to_the_rate_limit_with_a_computed_retry_after() {
+    let server = Server::sqlite(&["--rate-limit-per-second", "1", "--rate-limit-burst", "3"]);
+    let client = client();
+    let read = |user: &'static str| {
+        client
+            .get(server.url("/v1/sessions"))
+            .header("x-user-id", user)
+            .send()
+    };
+    for _ in 0..3 {
+        assert_eq!(read("alice").await.expect("read").status(), StatusCode::OK);
+    }
+    let refused = read("alice").await.expect("read");
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = refused
+        .headers()
+        .get("retry-after")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse().ok())
+        .expect("Retry-After in seconds");
+    assert_eq!(retry_after, 1, "one request a second: the next in under 1 s");
+    let body: Value = refused.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    assert_eq!(
+        read("bob").await.expect("read").status(),
+        StatusCode::OK,
+        "another user has a bucket of their own"
+    );
+    assert_eq!(
+        client
+            .get(server.url("/healthz"))
+            .send()
+            .await
+            .expect("healthz")
+            .status(),
+        StatusCode::OK,
+        "health checks are not users"
+    );
+    tokio::time::sleep(Duration::from_secs(retry_after)).await;
+    assert_eq!(
+        read("alice").await.expect("read").status(),
+        StatusCode::OK,
+        "after Retry-After, the request goes through"
+    );
+}
