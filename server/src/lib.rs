@@ -43,8 +43,8 @@ use futures::Stream;
 use soloist::uuid::Uuid;
 use soloist::{
     AddUsage, AppendDeltas, AppendMessages, Appended, CreateSession, DeleteSession, DeltasAppended,
-    Engine, FinishMessage, GetSession, ListSessions, Message, Position, SessionId, StreamEvent,
-    UpdateSession, Usage,
+    Engine, FinishMessage, GetSession, ListSessions, Message, Position, SessionId, SessionPage,
+    StreamEvent, UpdateSession, Usage,
 };
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -134,6 +134,7 @@ pub fn app(state: AppState) -> Router {
             post(finish_message),
         )
         .route("/v1/sessions/{id}/events", get(events))
+        .route("/v1/sessions/{id}/export", get(export_session))
         .fallback(|| async { ApiError::unknown_route() })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -145,6 +146,90 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state);
     with_edge(routes)
+}
+
+/// Where an export stands between two chunks of its body.
+enum Export {
+    /// The first page is read: send the session's line, then its messages.
+    Session(SessionPage),
+    /// Send this page's messages.
+    Page(SessionPage),
+    /// Read the page after this sequence.
+    After(i64),
+    /// Sent everything (or an error line).
+    Done,
+}
+
+/// `GET /v1/sessions/{id}/export`: the session as NDJSON, in memory bounded by one page: a line
+/// with the session (as `GET` shows it, without messages), then a line per message in sequence
+/// order (drafts with their content so far), read `max_page_size` at a time. A failure midway
+/// ends the body with an `{"error": ...}` line, so a cut export never passes for a whole one.
+async fn export_session(
+    State(state): State<AppState>,
+    UserId(user_id): UserId,
+    SessionPath(session_id): SessionPath,
+) -> Result<Response, ApiError> {
+    let engine = state.engine;
+    let limit = Some(engine.config().limits.max_page_size);
+    let read = move |after_seq: Option<i64>| {
+        let (engine, user_id) = (engine.clone(), user_id.clone());
+        async move {
+            engine
+                .get_session(GetSession {
+                    user_id,
+                    session_id,
+                    after_seq,
+                    limit,
+                    fresh: false,
+                })
+                .await
+        }
+    };
+    // The first page before the answer: a missing or foreign session is a plain 404.
+    let first = read(None).await?;
+    let lines = |page: &SessionPage| {
+        let mut out = Vec::new();
+        for message in &page.messages {
+            json_line(&mut out, &**message);
+        }
+        let next = page.next_after_seq.map_or(Export::Done, Export::After);
+        (axum::body::Bytes::from(out), next)
+    };
+    let body = futures::stream::unfold(Export::Session(first), move |step| {
+        let read = read.clone();
+        async move {
+            let (chunk, next) = match step {
+                Export::Done => return None,
+                Export::Session(page) => {
+                    let mut out = Vec::new();
+                    json_line(&mut out, &SessionSummary::from(page.session.clone()));
+                    (axum::body::Bytes::from(out), Export::Page(page))
+                }
+                Export::Page(page) => lines(&page),
+                Export::After(after) => match read(Some(after)).await {
+                    Ok(page) => lines(&page),
+                    Err(error) => {
+                        let mut out = Vec::new();
+                        json_line(&mut out, &ApiError::from(error).body());
+                        (axum::body::Bytes::from(out), Export::Done)
+                    }
+                },
+            };
+            Some((Ok::<_, Infallible>(chunk), next))
+        }
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// Appends `value` as one JSON line to `out`.
+fn json_line(out: &mut Vec<u8>, value: &impl serde::Serialize) {
+    if serde_json::to_writer(&mut *out, value).is_ok() {
+        out.push(b'\n');
+    }
 }
 
 /// The layers every request passes, outermost first: its request id (the client's

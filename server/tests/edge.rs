@@ -156,7 +156,10 @@ async fn each_user_is_held_to_the_rate_limit_with_a_computed_retry_after() {
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse().ok())
         .expect("Retry-After in seconds");
-    assert_eq!(retry_after, 1, "one request a second: the next in under 1 s");
+    assert_eq!(
+        retry_after, 1,
+        "one request a second: the next in under 1 s"
+    );
     let body: Value = refused.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "rate_limited", "{body}");
     assert_eq!(
