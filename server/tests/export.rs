@@ -60,7 +60,10 @@ async fn an_export_is_the_session_then_every_message_in_order() {
     assert_eq!(lines.len(), 1 + 1001, "the session, then every message");
     assert_eq!(lines[0]["session_id"], session.as_str());
     assert_eq!(lines[0]["message_count"], 1001);
-    assert!(lines[0].get("messages").is_none(), "the session line has no messages");
+    assert!(
+        lines[0].get("messages").is_none(),
+        "the session line has no messages"
+    );
     for (seq, line) in lines[1..1001].iter().enumerate() {
         assert_eq!(line["seq"], seq, "in order, none missing or twice");
         assert_eq!(line["content"], format!("m{seq}"));
@@ -74,5 +77,9 @@ async fn an_export_is_the_session_then_every_message_in_order() {
         .send()
         .await
         .expect("export");
-    assert_eq!(foreign.status(), StatusCode::NOT_FOUND, "like a missing session");
+    assert_eq!(
+        foreign.status(),
+        StatusCode::NOT_FOUND,
+        "like a missing session"
+    );
 }
