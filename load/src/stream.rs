@@ -431,7 +431,7 @@ async fn measure_soloist(
     let before = servers.counters(&client, &["flushes_total"]).await?;
 
     let driven = drive(
-        Writer::Http(cluster.clone()),
+        Producer::Soloist(Writer::Http(cluster.clone())),
         &sessions,
         spec,
         settings,
@@ -451,7 +451,7 @@ async fn measure_soloist(
             .sum::<f64>()
     };
     let commits = (flushes(&after) - flushes(&before)).max(0.0) as u64;
-    driven.finish(spec, commits, check)
+    driven.finish(spec, commits, Some(check))
 }
 
 /// soloist linked in: the engine in this process, its viewers on the engine's subscriptions
@@ -476,7 +476,7 @@ async fn measure_library(
     database.checkpoint().await?;
     let flushes_before = engine.stats().flushes;
     let driven = drive(
-        Writer::Engine(engine.clone()),
+        Producer::Soloist(Writer::Engine(engine.clone())),
         &sessions,
         spec,
         settings,
@@ -497,7 +497,7 @@ async fn measure_library(
         Err(_) => Ok((0, 0)),
     };
     engine.shutdown().await;
-    driven?.finish(spec, commits, checked?)
+    driven?.finish(spec, commits, Some(checked?))
 }
 
 /// What a soloist run measured, before the counters only its caller can read.
@@ -514,7 +514,7 @@ impl Driven {
         self,
         spec: &StreamSpec,
         commits: u64,
-        check: (u64, u64),
+        check: Option<(u64, u64)>,
     ) -> Result<StreamResult, LoadError> {
         finish(
             spec,
@@ -523,18 +523,18 @@ impl Driven {
             commits,
             self.written,
             self.viewed,
-            Some(check),
+            check,
             self.other_cpu_share,
         )
     }
 }
 
-/// Starts the viewers (over SSE, or on the engine's subscriptions) and lets them connect,
-/// then runs one producer per session through `writer` until the run's end, and collects what
+/// Starts soloist's viewers (over SSE, or on the engine's subscriptions) and lets them
+/// connect, then runs one producer per session until the run's end, and collects what
 /// producers and viewers measured. `pids`: the processes that write the database (for
 /// SQLite's byte count and the CPU accounting).
 async fn drive(
-    writer: Writer,
+    producer: Producer,
     sessions: &[Uuid],
     spec: &StreamSpec,
     settings: &Settings,
@@ -550,20 +550,24 @@ async fn drive(
     let stop = TokioInstant::now() + settings.duration + VIEWER_GRACE + Duration::from_secs(2);
     let bytes = spec.delta_bytes;
     let mut viewers: Vec<JoinHandle<Result<Viewed, LoadError>>> = Vec::new();
-    for &session in sessions {
-        for _ in 0..spec.viewers {
-            viewers.push(match &writer {
-                Writer::Http(cluster) => {
-                    let url = format!("{}/events", cluster.session_url(session));
-                    tokio::spawn(view_sse(sse.clone(), url, epoch, bytes, stop))
-                }
-                Writer::Engine(engine) => {
-                    tokio::spawn(view_engine(engine.clone(), session, epoch, bytes, stop))
-                }
-            });
+    if let Producer::Soloist(writer) = &producer {
+        for &session in sessions {
+            for _ in 0..spec.viewers {
+                viewers.push(match writer {
+                    Writer::Http(cluster) => {
+                        let url = format!("{}/events", cluster.session_url(session));
+                        tokio::spawn(view_sse(sse.clone(), url, epoch, bytes, stop))
+                    }
+                    Writer::Engine(engine) => {
+                        tokio::spawn(view_engine(engine.clone(), session, epoch, bytes, stop))
+                    }
+                });
+            }
         }
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    if !viewers.is_empty() {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     let written_before = bytes_written(database, pids).await;
     let duration = settings.duration;
     let progress = Arc::new(Progress::default());
@@ -573,14 +577,25 @@ async fn drive(
     let producers: Vec<_> = sessions
         .iter()
         .map(|&session| {
-            tokio::spawn(produce_soloist(
-                writer.clone(),
-                session,
-                spec.clone(),
-                epoch,
-                deadline,
-                progress.clone(),
-            ))
+            let (spec, progress) = (spec.clone(), progress.clone());
+            match &producer {
+                Producer::Soloist(writer) => tokio::spawn(produce_soloist(
+                    writer.clone(),
+                    session,
+                    spec,
+                    epoch,
+                    deadline,
+                    progress,
+                )),
+                Producer::Rewrite(pool) => tokio::spawn(produce_rewrite(
+                    pool.clone(),
+                    session,
+                    spec,
+                    epoch,
+                    deadline,
+                    progress,
+                )),
+            }
         })
         .collect();
     let bar = run::progress_bar(spec.label(), duration);
@@ -607,6 +622,14 @@ async fn drive(
         written: written_before.zip(written_after),
         other_cpu_share,
     })
+}
+
+/// What writes a stream run's replies.
+enum Producer {
+    /// soloist, through a server or the engine linked in.
+    Soloist(Writer),
+    /// The usual way: the whole message rewritten per delta, through this pool.
+    Rewrite(Pool),
 }
 
 /// How a soloist producer reaches the engine: a server over HTTP, or the engine linked in.
@@ -1128,54 +1151,19 @@ async fn measure_rewrite(
     };
     let pool = database.pool(size).await?;
     database.checkpoint().await?;
-    let pids = [std::process::id()];
-    let written_before = bytes_written(database, &pids).await;
-    let progress = Arc::new(Progress::default());
-    let cpu_before = CpuSample::take();
-    let epoch = Instant::now();
-    let started = Instant::now();
-    let deadline = started + settings.duration;
-    let mut producers = Vec::new();
-    for &session in &sessions {
-        producers.push(tokio::spawn(produce_rewrite(
-            pool.clone(),
-            session,
-            spec.clone(),
-            epoch,
-            deadline,
-            progress.clone(),
-        )));
-    }
-    let bar = run::progress_bar(spec.label(), settings.duration);
-    let ticker = tokio::spawn(run::tick(
-        bar.clone(),
-        progress.clone(),
-        started,
-        settings.duration,
-    ));
-    let mut produced = Produced::default();
-    for producer in producers {
-        produced.merge(producer.await?);
-    }
-    let elapsed = started.elapsed();
-    let other_cpu_share = cpu_before
-        .zip(CpuSample::take())
-        .map(|(before, after)| before.other_share(&after));
-    ticker.abort();
-    bar.finish_and_clear();
-    let written_after = bytes_written(database, &pids).await;
-    pool.close().await;
-    let commits = produced.commits;
-    finish(
+    let driven = drive(
+        Producer::Rewrite(pool.clone()),
+        &sessions,
         spec,
-        elapsed,
-        produced,
-        commits,
-        written_before.zip(written_after),
-        Viewed::default(),
-        None,
-        other_cpu_share,
+        settings,
+        database,
+        &[std::process::id()],
     )
+    .await;
+    pool.close().await;
+    let driven = driven?;
+    let commits = driven.produced.commits;
+    driven.finish(spec, commits, None)
 }
 
 /// One session's producer the usual way: insert the message, then rewrite it whole for every
