@@ -426,14 +426,33 @@ impl Engine {
     /// Runs a command here, through its session's actor: validated here, whole, before it is
     /// sent.
     async fn run_here<C: SessionCommand>(&self, mut command: C) -> Result<C::Reply> {
-        // The key is fingerprinted as sent, before validation fills anything in.
-        let keyed = command.keyed()?;
-        command.validate(&self.config().limits)?;
-        let session_id = command.session_id();
-        self.ask(session_id, C::NAME, |respond| {
-            Box::new(command.into_request(keyed, respond))
+        self.measured(C::NAME, async {
+            // The key is fingerprinted as sent, before validation fills anything in.
+            let keyed = command.keyed()?;
+            command.validate(&self.config().limits)?;
+            let session_id = command.session_id();
+            self.ask(session_id, C::NAME, |respond| {
+                Box::new(command.into_request(keyed, respond))
+            })
+            .await
         })
         .await
+    }
+
+    /// Runs `command` (named `name`), counting its answer and timing it.
+    async fn measured<T>(
+        &self,
+        name: &'static str,
+        command: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let started = Instant::now();
+        let result = command.await;
+        let error = result.as_ref().err().map(Error::code);
+        self.inner
+            .shared
+            .stats
+            .record_command(name, started.elapsed(), error);
+        result
     }
 
     /// One subscription step, through the session's actor.
@@ -450,10 +469,10 @@ impl Engine {
             after_seq,
             draft,
         };
-        self.ask(session_id, "subscribe", |respond| {
+        let subscribed = self.ask(session_id, "subscribe", |respond| {
             Box::new(Request::Read(Read::Subscribe(subscribe, respond)))
-        })
-        .await
+        });
+        self.measured("subscribe", subscribed).await
     }
 
     /// Asks a session's actor to passivate (finish what is queued, then free its memory); the

@@ -32,7 +32,8 @@
 //! - [`model`]: the chat data model (messages, sessions, usage).
 //! - [`config`]: [`EngineConfig`] and input [`Limits`].
 //! - [`error`]: the one public [`Error`] type.
-//! - [`stats`]: counters for a server to export.
+//! - [`stats`]: what the engine counts and measures, emitted through the `metrics` facade and
+//!   read back as [`Stats`].
 //! - [`subscription`]: [`MessageStream`], following a session's messages as they commit.
 //! - `session`: the session actor, the only code that changes a session.
 //! - `writer`: the writer stage that combines many sessions' batches into one transaction.
@@ -74,6 +75,8 @@ pub use engine::Engine;
 pub use engine::{ChangeFeedPaused, WritesPaused};
 pub use error::{Error, Result, StorageError};
 pub use handle::SessionHandle;
+/// The metrics facade the engine emits through (the same version, for installing a recorder).
+pub use metrics;
 pub use model::{
     Content, Member, Message, MessageStatus, NewMessage, PendingToolCall, RawJson, Role, SessionId,
     SessionInfo, Usage,

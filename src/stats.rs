@@ -1,71 +1,302 @@
-//! Counters a server can export: the engine's own plus the actor runtime's.
+//! What the engine counts and measures.
+//!
+//! Every event is recorded once, here, two ways: in the engine's own counters (read back with
+//! [`Engine::stats`](crate::Engine::stats) as a [`Stats`], for tests and for programs that link
+//! the library without a metrics exporter), and through the [`metrics`] facade, which does
+//! nothing until the program installs a recorder (the server installs a Prometheus exporter).
+//! The engine never formats metrics itself. [`describe`] lists every metric it emits with its
+//! unit and help text; [`METRICS`] names them.
+//!
+//! Handles to the unlabelled metrics are taken when the engine is built, so a recorder must be
+//! installed before [`Engine::new`](crate::Engine::new) for them to reach it (as with any
+//! library that uses the facade).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
+use metrics::{Counter, Histogram, Unit, counter, histogram};
 use serde::Serialize;
 use soloist_actors::RegistryStats;
 
-/// Upper bounds of the histogram buckets of [`Stats::flush_sessions`] and
-/// [`Stats::batch_commands`]; the last bucket counts everything above the last bound.
-pub const BATCH_BUCKETS: [u64; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
-
-/// Upper bounds, in microseconds, of the buckets of [`Stats::forward_latency`]; the last
-/// bucket counts everything above the last bound.
-pub const LATENCY_BUCKETS_MICROS: [u64; 10] = [
-    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
+/// Buckets for the histograms of counts (commands per batch, sessions and rows per flush): the
+/// upper bounds a Prometheus exporter should use for [`COUNT_HISTOGRAMS`].
+pub const COUNT_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
 ];
 
-/// A fixed-bucket histogram that many tasks update without a lock: `N` counts, the last for
-/// values above every bound.
-#[derive(Debug)]
-pub(crate) struct Histogram<const N: usize> {
-    bounds: &'static [u64],
-    counts: [AtomicU64; N],
+/// Buckets, in seconds, for the latency histograms ([`LATENCY_HISTOGRAMS`]): from 50 µs (an
+/// SQLite commit) to 10 s (a command timeout).
+pub const LATENCY_BUCKETS_SECONDS: [f64; 16] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+];
+
+/// The engine's histograms of counts.
+pub const COUNT_HISTOGRAMS: [&str; 3] = [FLUSH_SESSIONS, FLUSH_ROWS, BATCH_COMMANDS];
+
+/// The engine's histograms of durations, in seconds.
+pub const LATENCY_HISTOGRAMS: [&str; 4] = [
+    COMMAND_SECONDS,
+    MAILBOX_WAIT_SECONDS,
+    FLUSH_SECONDS,
+    FORWARD_SECONDS,
+];
+
+/// `soloist_commands_total{command}`: commands answered, by command (`append`, `create`, ...).
+pub const COMMANDS: &str = "soloist_commands_total";
+/// `soloist_command_errors_total{command, code}`: commands answered with an error, by command
+/// and error code ([`Error::code`](crate::Error::code)).
+pub const COMMAND_ERRORS: &str = "soloist_command_errors_total";
+/// `soloist_command_seconds{command}`: from a command's arrival to its answer; for a write,
+/// the answer comes after its batch committed (for `append`, append to commit).
+pub const COMMAND_SECONDS: &str = "soloist_command_seconds";
+/// `soloist_mailbox_wait_seconds`: from a command's sending to its actor taking it in a batch
+/// (waiting for mailbox room, then in the mailbox).
+pub const MAILBOX_WAIT_SECONDS: &str = "soloist_mailbox_wait_seconds";
+/// `soloist_batch_commands`: commands per session batch.
+pub const BATCH_COMMANDS: &str = "soloist_batch_commands";
+/// `soloist_loads_total`: session loads from the database.
+pub const LOADS: &str = "soloist_loads_total";
+/// `soloist_flushes_total`: write transactions committed.
+pub const FLUSHES: &str = "soloist_flushes_total";
+/// `soloist_flushed_sessions_total`: session batches written by those transactions.
+pub const FLUSHED_SESSIONS: &str = "soloist_flushed_sessions_total";
+/// `soloist_rows_total`: message rows written.
+pub const ROWS: &str = "soloist_rows_total";
+/// `soloist_flush_seconds`: one write transaction, retries included, from its start to its
+/// commit (or failure).
+pub const FLUSH_SECONDS: &str = "soloist_flush_seconds";
+/// `soloist_flush_sessions`: session batches per committed write transaction.
+pub const FLUSH_SESSIONS: &str = "soloist_flush_sessions";
+/// `soloist_flush_rows`: message rows per committed write transaction.
+pub const FLUSH_ROWS: &str = "soloist_flush_rows";
+/// `soloist_conflicts_total`: session batches refused because another writer changed the session.
+pub const CONFLICTS: &str = "soloist_conflicts_total";
+/// `soloist_fenced_total`: session batches refused because another process took the session over.
+pub const FENCED: &str = "soloist_fenced_total";
+/// `soloist_takeovers_total`: writes that took a session over from another process's running lease.
+pub const TAKEOVERS: &str = "soloist_takeovers_total";
+/// `soloist_conflict_retries_total`: reloads and restages after a conflict.
+pub const CONFLICT_RETRIES: &str = "soloist_conflict_retries_total";
+/// `soloist_transient_retries_total`: flushes retried after a transient database refusal.
+pub const TRANSIENT_RETRIES: &str = "soloist_transient_retries_total";
+/// `soloist_storage_errors_total`: flushes that failed.
+pub const STORAGE_ERRORS: &str = "soloist_storage_errors_total";
+/// `soloist_settled_outcomes_total`: failed flushes settled by reading the database.
+pub const SETTLED_OUTCOMES: &str = "soloist_settled_outcomes_total";
+/// `soloist_forwarded_total`: commands sent to their session's owner in another process.
+pub const FORWARDED: &str = "soloist_forwarded_total";
+/// `soloist_forward_errors_total`: forwards whose owner could not be reached or stopped answering.
+pub const FORWARD_ERRORS: &str = "soloist_forward_errors_total";
+/// `soloist_forward_seconds`: from sending a command to its owner to its answer.
+pub const FORWARD_SECONDS: &str = "soloist_forward_seconds";
+/// `soloist_live_sessions`: session actors alive (set by [`Engine::publish_gauges`]).
+///
+/// [`Engine::publish_gauges`]: crate::Engine::publish_gauges
+pub const LIVE_SESSIONS: &str = "soloist_live_sessions";
+/// `soloist_mailbox_depth`: commands queued in session mailboxes (a gauge, as above).
+pub const MAILBOX_DEPTH: &str = "soloist_mailbox_depth";
+/// `soloist_members`: live members in this process's view of the cluster (0: not a member).
+pub const MEMBERS: &str = "soloist_members";
+/// `soloist_activations_total`: session actor activations (published with the gauges).
+pub const ACTIVATIONS: &str = "soloist_activations_total";
+/// `soloist_passivations_total`: session actors passivated (published with the gauges).
+pub const PASSIVATIONS: &str = "soloist_passivations_total";
+/// `soloist_evictions_total`: session actors passivated to respect the cap.
+pub const EVICTIONS: &str = "soloist_evictions_total";
+/// `soloist_restarts_total`: session actors restarted after a panic.
+pub const RESTARTS: &str = "soloist_restarts_total";
+
+/// Every metric the engine emits, with its unit and help text: `(name, kind, unit, help)`.
+pub const METRICS: [(&str, Kind, Unit, &str); 29] = [
+    (COMMANDS, Kind::Counter, Unit::Count, "Commands answered."),
+    (
+        COMMAND_ERRORS,
+        Kind::Counter,
+        Unit::Count,
+        "Commands answered with an error, by code.",
+    ),
+    (
+        COMMAND_SECONDS,
+        Kind::Histogram,
+        Unit::Seconds,
+        "From a command's arrival to its answer (a write's after its commit).",
+    ),
+    (
+        MAILBOX_WAIT_SECONDS,
+        Kind::Histogram,
+        Unit::Seconds,
+        "From sending a command to its actor taking it.",
+    ),
+    (
+        BATCH_COMMANDS,
+        Kind::Histogram,
+        Unit::Count,
+        "Commands per session batch.",
+    ),
+    (
+        LOADS,
+        Kind::Counter,
+        Unit::Count,
+        "Session loads from the database.",
+    ),
+    (
+        FLUSHES,
+        Kind::Counter,
+        Unit::Count,
+        "Write transactions committed.",
+    ),
+    (
+        FLUSHED_SESSIONS,
+        Kind::Counter,
+        Unit::Count,
+        "Session batches written.",
+    ),
+    (ROWS, Kind::Counter, Unit::Count, "Message rows written."),
+    (
+        FLUSH_SECONDS,
+        Kind::Histogram,
+        Unit::Seconds,
+        "One write transaction, retries included.",
+    ),
+    (
+        FLUSH_SESSIONS,
+        Kind::Histogram,
+        Unit::Count,
+        "Session batches per committed write transaction.",
+    ),
+    (
+        FLUSH_ROWS,
+        Kind::Histogram,
+        Unit::Count,
+        "Message rows per committed write transaction.",
+    ),
+    (
+        CONFLICTS,
+        Kind::Counter,
+        Unit::Count,
+        "Session batches refused because another writer changed the session.",
+    ),
+    (
+        FENCED,
+        Kind::Counter,
+        Unit::Count,
+        "Session batches refused because another process had taken the session over.",
+    ),
+    (
+        TAKEOVERS,
+        Kind::Counter,
+        Unit::Count,
+        "Writes that took a session over from another process's running lease.",
+    ),
+    (
+        CONFLICT_RETRIES,
+        Kind::Counter,
+        Unit::Count,
+        "Reloads and restages after a conflict.",
+    ),
+    (
+        TRANSIENT_RETRIES,
+        Kind::Counter,
+        Unit::Count,
+        "Flushes retried after a transient database refusal.",
+    ),
+    (
+        STORAGE_ERRORS,
+        Kind::Counter,
+        Unit::Count,
+        "Flushes that failed.",
+    ),
+    (
+        SETTLED_OUTCOMES,
+        Kind::Counter,
+        Unit::Count,
+        "Failed flushes settled by reading the database.",
+    ),
+    (
+        FORWARDED,
+        Kind::Counter,
+        Unit::Count,
+        "Commands sent to their session's owner in another process.",
+    ),
+    (
+        FORWARD_ERRORS,
+        Kind::Counter,
+        Unit::Count,
+        "Forwards whose owner could not be reached or stopped answering.",
+    ),
+    (
+        FORWARD_SECONDS,
+        Kind::Histogram,
+        Unit::Seconds,
+        "From sending a command to its owner to its answer.",
+    ),
+    (
+        LIVE_SESSIONS,
+        Kind::Gauge,
+        Unit::Count,
+        "Session actors alive now.",
+    ),
+    (
+        MAILBOX_DEPTH,
+        Kind::Gauge,
+        Unit::Count,
+        "Commands queued in session mailboxes.",
+    ),
+    (
+        MEMBERS,
+        Kind::Gauge,
+        Unit::Count,
+        "Live members in this process's view of the cluster (0: not a member).",
+    ),
+    (
+        ACTIVATIONS,
+        Kind::Counter,
+        Unit::Count,
+        "Session actor activations.",
+    ),
+    (
+        PASSIVATIONS,
+        Kind::Counter,
+        Unit::Count,
+        "Session actors passivated.",
+    ),
+    (
+        EVICTIONS,
+        Kind::Counter,
+        Unit::Count,
+        "Session actors passivated to respect the cap.",
+    ),
+    (
+        RESTARTS,
+        Kind::Counter,
+        Unit::Count,
+        "Session actors restarted after a panic.",
+    ),
+];
+
+/// The kind of a metric in [`METRICS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up.
+    Counter,
+    /// A value now.
+    Gauge,
+    /// A distribution of observations.
+    Histogram,
 }
 
-/// Commands per batch, sessions per flush.
-type BatchHistogram = Histogram<{ BATCH_BUCKETS.len() + 1 }>;
-
-/// Forward latencies.
-type LatencyHistogram = Histogram<{ LATENCY_BUCKETS_MICROS.len() + 1 }>;
-
-impl Default for BatchHistogram {
-    fn default() -> Self {
-        Histogram {
-            bounds: &BATCH_BUCKETS,
-            counts: Default::default(),
+/// Describes every metric in [`METRICS`] to the installed recorder (its help text and unit).
+pub fn describe() {
+    for (name, kind, unit, help) in METRICS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, unit, help),
+            Kind::Gauge => metrics::describe_gauge!(name, unit, help),
+            Kind::Histogram => metrics::describe_histogram!(name, unit, help),
         }
     }
 }
 
-impl Default for LatencyHistogram {
-    fn default() -> Self {
-        Histogram {
-            bounds: &LATENCY_BUCKETS_MICROS,
-            counts: Default::default(),
-        }
-    }
-}
-
-impl<const N: usize> Histogram<N> {
-    fn record(&self, value: u64) {
-        let bucket = self
-            .bounds
-            .iter()
-            .position(|&bound| value <= bound)
-            .unwrap_or(N - 1);
-        self.counts[bucket].fetch_add(1, Relaxed);
-    }
-
-    fn snapshot(&self) -> Vec<u64> {
-        self.counts
-            .iter()
-            .map(|count| count.load(Relaxed))
-            .collect()
-    }
-}
-
-/// The engine's live counters.
 /// What a flush's outcomes other than plain commits were, for [`EngineStats::record_flush`].
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Refused {
@@ -75,7 +306,8 @@ pub(crate) struct Refused {
     pub takeovers: u64,
 }
 
-#[derive(Debug, Default)]
+/// The engine's live counters, and the facade's handles to its unlabelled metrics.
+#[derive(Debug)]
 pub(crate) struct EngineStats {
     commands: AtomicU64,
     command_errors: AtomicU64,
@@ -91,67 +323,167 @@ pub(crate) struct EngineStats {
     settled_outcomes: AtomicU64,
     loads: AtomicU64,
     batched_commands: AtomicU64,
-    flush_sessions: BatchHistogram,
-    batch_commands: BatchHistogram,
     forwarded: AtomicU64,
     forward_errors: AtomicU64,
-    forward_micros: AtomicU64,
-    forward_latency: LatencyHistogram,
+    emit: Emit,
+}
+
+/// Handles to the facade's unlabelled metrics, taken once (a lookup per event otherwise).
+#[derive(Debug)]
+struct Emit {
+    loads: Counter,
+    flushes: Counter,
+    flushed_sessions: Counter,
+    rows: Counter,
+    conflicts: Counter,
+    fenced: Counter,
+    takeovers: Counter,
+    conflict_retries: Counter,
+    transient_retries: Counter,
+    storage_errors: Counter,
+    settled_outcomes: Counter,
+    forwarded: Counter,
+    forward_errors: Counter,
+    mailbox_wait: Histogram,
+    batch_commands: Histogram,
+    flush_seconds: Histogram,
+    flush_sessions: Histogram,
+    flush_rows: Histogram,
+    forward_seconds: Histogram,
+}
+
+impl Default for Emit {
+    fn default() -> Self {
+        Self {
+            loads: counter!(LOADS),
+            flushes: counter!(FLUSHES),
+            flushed_sessions: counter!(FLUSHED_SESSIONS),
+            rows: counter!(ROWS),
+            conflicts: counter!(CONFLICTS),
+            fenced: counter!(FENCED),
+            takeovers: counter!(TAKEOVERS),
+            conflict_retries: counter!(CONFLICT_RETRIES),
+            transient_retries: counter!(TRANSIENT_RETRIES),
+            storage_errors: counter!(STORAGE_ERRORS),
+            settled_outcomes: counter!(SETTLED_OUTCOMES),
+            forwarded: counter!(FORWARDED),
+            forward_errors: counter!(FORWARD_ERRORS),
+            mailbox_wait: histogram!(MAILBOX_WAIT_SECONDS),
+            batch_commands: histogram!(BATCH_COMMANDS),
+            flush_seconds: histogram!(FLUSH_SECONDS),
+            flush_sessions: histogram!(FLUSH_SESSIONS),
+            flush_rows: histogram!(FLUSH_ROWS),
+            forward_seconds: histogram!(FORWARD_SECONDS),
+        }
+    }
+}
+
+impl Default for EngineStats {
+    fn default() -> Self {
+        Self {
+            commands: AtomicU64::new(0),
+            command_errors: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            flushed_sessions: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
+            fenced: AtomicU64::new(0),
+            takeovers: AtomicU64::new(0),
+            conflict_retries: AtomicU64::new(0),
+            transient_retries: AtomicU64::new(0),
+            storage_errors: AtomicU64::new(0),
+            settled_outcomes: AtomicU64::new(0),
+            loads: AtomicU64::new(0),
+            batched_commands: AtomicU64::new(0),
+            forwarded: AtomicU64::new(0),
+            forward_errors: AtomicU64::new(0),
+            emit: Emit::default(),
+        }
+    }
+}
+
+/// Adds `by` to an engine counter and to its facade counter.
+fn add(count: &AtomicU64, counter: &Counter, by: u64) {
+    count.fetch_add(by, Relaxed);
+    counter.increment(by);
 }
 
 impl EngineStats {
-    pub fn record_command(&self, ok: bool) {
+    /// A command answered here (`command`: its name), `took` after it arrived, with `error`'s
+    /// code if it failed.
+    pub fn record_command(
+        &self,
+        command: &'static str,
+        took: Duration,
+        error: Option<&'static str>,
+    ) {
         self.commands.fetch_add(1, Relaxed);
-        if !ok {
+        counter!(COMMANDS, "command" => command).increment(1);
+        histogram!(COMMAND_SECONDS, "command" => command).record(took);
+        if let Some(code) = error {
             self.command_errors.fetch_add(1, Relaxed);
+            counter!(COMMAND_ERRORS, "command" => command, "code" => code).increment(1);
         }
     }
 
-    pub fn record_flush(&self, sessions: usize, rows: usize, refused: Refused) {
-        self.flushes.fetch_add(1, Relaxed);
-        self.flushed_sessions.fetch_add(sessions as u64, Relaxed);
-        self.rows.fetch_add(rows as u64, Relaxed);
-        self.conflicts.fetch_add(refused.conflicts, Relaxed);
-        self.fenced.fetch_add(refused.fenced, Relaxed);
-        self.takeovers.fetch_add(refused.takeovers, Relaxed);
-        self.flush_sessions.record(sessions as u64);
+    /// A committed write transaction: its session batches and rows, what it refused, and how
+    /// long it took.
+    pub fn record_flush(&self, sessions: usize, rows: usize, refused: Refused, took: Duration) {
+        let emit = &self.emit;
+        add(&self.flushes, &emit.flushes, 1);
+        add(
+            &self.flushed_sessions,
+            &emit.flushed_sessions,
+            sessions as u64,
+        );
+        add(&self.rows, &emit.rows, rows as u64);
+        add(&self.conflicts, &emit.conflicts, refused.conflicts);
+        add(&self.fenced, &emit.fenced, refused.fenced);
+        add(&self.takeovers, &emit.takeovers, refused.takeovers);
+        emit.flush_sessions.record(sessions as f64);
+        emit.flush_rows.record(rows as f64);
+        emit.flush_seconds.record(took);
     }
 
-    pub fn record_batch(&self, commands: usize) {
+    /// A write transaction that failed, after `took`.
+    pub fn record_storage_error(&self, took: Duration) {
+        add(&self.storage_errors, &self.emit.storage_errors, 1);
+        self.emit.flush_seconds.record(took);
+    }
+
+    /// A batch of `commands` taken by an actor, the oldest of them sent `waited` ago each.
+    pub fn record_batch(&self, commands: usize, waited: impl Iterator<Item = Duration>) {
         self.batched_commands.fetch_add(commands as u64, Relaxed);
-        self.batch_commands.record(commands as u64);
+        self.emit.batch_commands.record(commands as f64);
+        for waited in waited {
+            self.emit.mailbox_wait.record(waited);
+        }
     }
 
     pub fn record_conflict_retry(&self) {
-        self.conflict_retries.fetch_add(1, Relaxed);
+        add(&self.conflict_retries, &self.emit.conflict_retries, 1);
     }
 
     pub fn record_transient_retry(&self) {
-        self.transient_retries.fetch_add(1, Relaxed);
-    }
-
-    pub fn record_storage_error(&self) {
-        self.storage_errors.fetch_add(1, Relaxed);
+        add(&self.transient_retries, &self.emit.transient_retries, 1);
     }
 
     pub fn record_settled_outcome(&self) {
-        self.settled_outcomes.fetch_add(1, Relaxed);
+        add(&self.settled_outcomes, &self.emit.settled_outcomes, 1);
     }
 
     /// A command sent to its owner: how long until its answer (or the failure), and whether
     /// the owner answered.
-    pub fn record_forward(&self, took: std::time::Duration, answered: bool) {
-        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        self.forwarded.fetch_add(1, Relaxed);
+    pub fn record_forward(&self, took: Duration, answered: bool) {
+        add(&self.forwarded, &self.emit.forwarded, 1);
         if !answered {
-            self.forward_errors.fetch_add(1, Relaxed);
+            add(&self.forward_errors, &self.emit.forward_errors, 1);
         }
-        self.forward_micros.fetch_add(micros, Relaxed);
-        self.forward_latency.record(micros);
+        self.emit.forward_seconds.record(took);
     }
 
     pub fn record_load(&self) {
-        self.loads.fetch_add(1, Relaxed);
+        add(&self.loads, &self.emit.loads, 1);
     }
 
     pub fn snapshot(&self, runtime: RegistryStats, members: u64) -> Stats {
@@ -159,8 +491,6 @@ impl EngineStats {
             members,
             forwarded: self.forwarded.load(Relaxed),
             forward_errors: self.forward_errors.load(Relaxed),
-            forward_micros: self.forward_micros.load(Relaxed),
-            forward_latency: self.forward_latency.snapshot(),
             live_sessions: runtime.live_actors,
             mailbox_depth: runtime.mailbox_depth,
             activations: runtime.activations,
@@ -181,9 +511,23 @@ impl EngineStats {
             storage_errors: self.storage_errors.load(Relaxed),
             settled_outcomes: self.settled_outcomes.load(Relaxed),
             batched_commands: self.batched_commands.load(Relaxed),
-            flush_sessions: self.flush_sessions.snapshot(),
-            batch_commands: self.batch_commands.snapshot(),
         }
+    }
+}
+
+impl Stats {
+    /// Sets the facade's gauges and the counters the actor runtime keeps (live sessions,
+    /// mailbox depth, members, activations, passivations, evictions, restarts) to this
+    /// snapshot's values: the events behind them happen in the runtime, which knows nothing of
+    /// the facade, so they are published when read (a scrape calls this first).
+    pub fn publish(&self) {
+        metrics::gauge!(LIVE_SESSIONS).set(self.live_sessions as f64);
+        metrics::gauge!(MAILBOX_DEPTH).set(self.mailbox_depth as f64);
+        metrics::gauge!(MEMBERS).set(self.members as f64);
+        counter!(ACTIVATIONS).absolute(self.activations);
+        counter!(PASSIVATIONS).absolute(self.passivations);
+        counter!(EVICTIONS).absolute(self.evictions);
+        counter!(RESTARTS).absolute(self.restarts);
     }
 }
 
@@ -233,11 +577,6 @@ pub struct Stats {
     pub settled_outcomes: u64,
     /// Commands handled in session batches (the sum behind [`Stats::batch_commands`]).
     pub batched_commands: u64,
-    /// Histogram of sessions per write transaction, bucketed by [`BATCH_BUCKETS`]; its sum is
-    /// [`Stats::flushed_sessions`].
-    pub flush_sessions: Vec<u64>,
-    /// Histogram of commands per session batch, bucketed by [`BATCH_BUCKETS`].
-    pub batch_commands: Vec<u64>,
     /// Live members in this process's view (0 when it is not a member).
     pub members: u64,
     /// Commands sent to their session's owner in another process.
@@ -245,8 +584,4 @@ pub struct Stats {
     /// Of those, the ones whose owner could not be reached or stopped answering (each
     /// unreachable owner is tried once; the command was then placed again).
     pub forward_errors: u64,
-    /// The forwards' total time, in microseconds (with [`Stats::forwarded`], the mean).
-    pub forward_micros: u64,
-    /// Histogram of forward latencies, bucketed by [`LATENCY_BUCKETS_MICROS`].
-    pub forward_latency: Vec<u64>,
 }

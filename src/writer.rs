@@ -7,6 +7,7 @@
 //! task (it has one writer anyway); PostgreSQL gets several, each with its own connection.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -171,6 +172,7 @@ impl WriterTask {
         #[cfg(any(test, feature = "fault-injection"))]
         let _open = self.gate.read().await;
         let mut attempt = 0;
+        let started = Instant::now();
         let result = loop {
             let result = self.store.flush(&writes).instrument(span.clone()).await;
             match result {
@@ -200,7 +202,7 @@ impl WriterTask {
                     }
                 }
                 self.stats
-                    .record_flush(written_sessions, written_rows, refused);
+                    .record_flush(written_sessions, written_rows, refused, started.elapsed());
                 if let Some(changes) = &self.changes {
                     let mut committed =
                         writes
@@ -220,7 +222,7 @@ impl WriterTask {
             }
             Err(error) => {
                 warn!(parent: &span, %error, "flush failed");
-                self.stats.record_storage_error();
+                self.stats.record_storage_error(started.elapsed());
                 for reply in replies {
                     let _ = reply.send(Err(error.clone()));
                 }

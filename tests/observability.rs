@@ -56,11 +56,6 @@ async fn stats_show_cross_session_group_commit(db: TestDb) {
         flushes < flushed_sessions,
         "transactions combine sessions: {flushes} transactions for {flushed_sessions} session batches"
     );
-    assert!(
-        after.flush_sessions.iter().skip(1).sum::<u64>() > 0,
-        "some transaction carried more than one session: {:?}",
-        after.flush_sessions
-    );
     assert_eq!(after.storage_errors, 0);
     assert_eq!(after.conflicts, 0, "one engine never conflicts with itself");
     history

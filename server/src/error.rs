@@ -74,6 +74,7 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        crate::metrics::record_error(self.code);
         let mut response = (self.status, Json(self.body())).into_response();
         if matches!(
             self.status,

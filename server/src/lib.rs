@@ -10,7 +10,8 @@
 //! - [`app`]: the router, built from an [`Engine`]; tests drive it directly or over TCP.
 //! - `api`: request and response bodies of the JSON API.
 //! - `error`: [`ApiError`], the mapping from engine errors and bad requests to HTTP.
-//! - `metrics`: the Prometheus text rendering of [`soloist::Stats`].
+//! - [`metrics`]: the Prometheus exporter the engine's and the server's metrics go to, and
+//!   the server's own (requests by route and status, errors by code).
 //! - `malformed`: the JSON error for requests hyper answers itself (malformed or too large
 //!   heads).
 //! - [`serve()`]: the accept loop, with the connection cap, timeouts and bounded drain.
@@ -23,7 +24,7 @@ pub mod cluster;
 mod error;
 mod limit;
 mod malformed;
-mod metrics;
+pub mod metrics;
 mod serve;
 
 use std::convert::Infallible;
@@ -57,6 +58,8 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 pub use body::{BodyBudget, BodyLimits, JsonBody};
 pub use error::ApiError;
 pub use limit::UserLimits;
+pub use metrics::{install as install_metrics, spawn_upkeep as spawn_metrics_upkeep};
+pub use metrics_exporter_prometheus::PrometheusHandle;
 pub use serve::{ServeConfig, ServeReport, default_max_connections, open_file_limit, serve};
 
 use api::{
@@ -75,6 +78,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Request body limits and the memory budget all bodies in flight share.
     pub bodies: Arc<BodyBudget>,
+    /// The exporter `GET /metrics` renders ([`install_metrics`]); none, a 404.
+    pub metrics: Option<PrometheusHandle>,
 }
 
 impl AppState {
@@ -95,7 +100,14 @@ impl AppState {
             shutdown,
             bodies: BodyBudget::new(limits),
             user_limits: None,
+            metrics: None,
         }
+    }
+
+    /// The same state, rendering `handle` at `GET /metrics`.
+    pub fn with_metrics(mut self, handle: PrometheusHandle) -> Self {
+        self.metrics = Some(handle);
+        self
     }
 
     /// The same state, limiting each user's requests with `limits`.
@@ -115,7 +127,7 @@ pub fn app(state: AppState) -> Router {
     };
     let routes = Router::new()
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics::render))
         .route("/v1/sessions", post(create_session).get(list_sessions))
         .route(
             "/v1/sessions/{id}",
@@ -144,6 +156,7 @@ pub fn app(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(metrics::record_request))
         .with_state(state);
     with_edge(routes)
 }
@@ -515,14 +528,6 @@ async fn healthz(State(state): State<AppState>) -> Response {
         .map(|member| serde_json::json!({"id": member.id, "address": member.address}))
         .collect();
     Json(serde_json::json!({"status": "ok", "member": member, "members": members})).into_response()
-}
-
-async fn metrics(State(state): State<AppState>) -> Response {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        metrics::render(&state.engine.stats()),
-    )
-        .into_response()
 }
 
 /// A session answer with its version as the `ETag`, for `If-Match` on the next write.

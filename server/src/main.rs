@@ -399,6 +399,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(args.server.listen).await?;
     let address = listener.local_addr()?;
     let config = args.engine_config(address);
+    // Before the engine, which takes its metric handles when it starts.
+    let metrics = soloist_server::install_metrics()?;
     let engine = Engine::start(config).await?;
     Peers::install(&engine);
     let shutdown = CancellationToken::new();
@@ -412,7 +414,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     body_limits.memory_bytes = http.body_memory_bytes.max(http.max_append_body_bytes);
     body_limits.grace = Duration::from_millis(http.body_timeout_ms);
     body_limits.min_bytes_per_second = http.min_body_rate.max(1);
-    let mut state = AppState::with_body_limits(engine.clone(), shutdown.clone(), body_limits);
+    let mut state = AppState::with_body_limits(engine.clone(), shutdown.clone(), body_limits)
+        .with_metrics(metrics.clone());
+    soloist_server::spawn_metrics_upkeep(metrics, shutdown.clone());
     if let Some(limits) = http.user_limits() {
         let limits = Arc::new(limits);
         state = state.with_user_limits(limits.clone());

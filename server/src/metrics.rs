@@ -1,192 +1,106 @@
-//! The engine's counters in the Prometheus text exposition format.
+//! Metrics: the Prometheus exporter the engine's and the server's metrics go to, and the
+//! server's own (requests by route and status, errors by code).
+//!
+//! Nothing here formats a metric: the engine emits through the `metrics` facade
+//! ([`soloist::stats`]), and `metrics-exporter-prometheus` keeps and renders them.
 
-use std::fmt::Write;
+use std::time::{Duration, Instant};
 
-use soloist::Stats;
-use soloist::stats::{BATCH_BUCKETS, LATENCY_BUCKETS_MICROS};
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use soloist::stats::{
+    COUNT_BUCKETS, COUNT_HISTOGRAMS, LATENCY_BUCKETS_SECONDS, LATENCY_HISTOGRAMS,
+};
+use tokio_util::sync::CancellationToken;
 
-/// Renders `stats` as Prometheus text.
-pub fn render(stats: &Stats) -> String {
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-        let _ = writeln!(out, "# HELP soloist_{name} {help}");
-        let _ = writeln!(out, "# TYPE soloist_{name} {kind}");
-        let _ = writeln!(out, "soloist_{name} {value}");
-    };
-    metric(
-        "live_sessions",
-        "gauge",
-        "Session actors alive now.",
-        stats.live_sessions,
+use crate::AppState;
+
+/// `soloist_http_request_seconds{method, route, status}`: from a request's arrival to its
+/// answer's head (an event stream's or an export's body goes on after it).
+pub const HTTP_REQUEST_SECONDS: &str = "soloist_http_request_seconds";
+/// `soloist_http_errors_total{code}`: error answers, by their JSON `code`.
+pub const HTTP_ERRORS: &str = "soloist_http_errors_total";
+
+/// How often the exporter's histograms are compacted (the exporter's upkeep).
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Installs the Prometheus exporter as this process's metrics recorder, with the buckets of
+/// every histogram, and describes every metric. Call it before starting the engine: the engine
+/// takes its metric handles when it starts. Fails if a recorder is already installed.
+pub fn install() -> Result<PrometheusHandle, BuildError> {
+    let mut builder = PrometheusBuilder::new().set_buckets_for_metric(
+        Matcher::Full(HTTP_REQUEST_SECONDS.into()),
+        &LATENCY_BUCKETS_SECONDS,
+    )?;
+    for name in LATENCY_HISTOGRAMS {
+        builder =
+            builder.set_buckets_for_metric(Matcher::Full(name.into()), &LATENCY_BUCKETS_SECONDS)?;
+    }
+    for name in COUNT_HISTOGRAMS {
+        builder = builder.set_buckets_for_metric(Matcher::Full(name.into()), &COUNT_BUCKETS)?;
+    }
+    let handle = builder.install_recorder()?;
+    soloist::stats::describe();
+    describe_histogram!(
+        HTTP_REQUEST_SECONDS,
+        Unit::Seconds,
+        "From a request's arrival to its answer's head, by method, route and status."
     );
-    metric(
-        "mailbox_depth",
-        "gauge",
-        "Commands queued in session mailboxes.",
-        stats.mailbox_depth,
-    );
-    metric(
-        "activations_total",
-        "counter",
-        "Session actor activations.",
-        stats.activations,
-    );
-    metric(
-        "passivations_total",
-        "counter",
-        "Session actors passivated.",
-        stats.passivations,
-    );
-    metric(
-        "evictions_total",
-        "counter",
-        "Session actors passivated to respect the cap.",
-        stats.evictions,
-    );
-    metric(
-        "restarts_total",
-        "counter",
-        "Session actors restarted after a panic.",
-        stats.restarts,
-    );
-    metric(
-        "commands_total",
-        "counter",
-        "Commands answered.",
-        stats.commands,
-    );
-    metric(
-        "command_errors_total",
-        "counter",
-        "Commands answered with an error.",
-        stats.command_errors,
-    );
-    metric(
-        "loads_total",
-        "counter",
-        "Session loads from the database.",
-        stats.loads,
-    );
-    metric(
-        "flushes_total",
-        "counter",
-        "Write transactions committed.",
-        stats.flushes,
-    );
-    metric(
-        "flushed_sessions_total",
-        "counter",
-        "Session batches written.",
-        stats.flushed_sessions,
-    );
-    metric("rows_total", "counter", "Message rows written.", stats.rows);
-    metric(
-        "conflicts_total",
-        "counter",
-        "Session batches refused because another writer changed the session.",
-        stats.conflicts,
-    );
-    metric(
-        "fenced_total",
-        "counter",
-        "Session batches refused because another process had taken the session over.",
-        stats.fenced,
-    );
-    metric(
-        "takeovers_total",
-        "counter",
-        "Writes that took a session over from another process's running lease.",
-        stats.takeovers,
-    );
-    metric(
-        "conflict_retries_total",
-        "counter",
-        "Reloads and restages after a conflict.",
-        stats.conflict_retries,
-    );
-    metric(
-        "transient_retries_total",
-        "counter",
-        "Flushes retried after a transient database refusal.",
-        stats.transient_retries,
-    );
-    metric(
-        "storage_errors_total",
-        "counter",
-        "Flushes that failed.",
-        stats.storage_errors,
-    );
-    metric(
-        "settled_outcomes_total",
-        "counter",
-        "Failed flushes settled by reading the database.",
-        stats.settled_outcomes,
-    );
-    metric(
-        "members",
-        "gauge",
-        "Live members in this process's view of the cluster (0: not a member).",
-        stats.members,
-    );
-    metric(
-        "forwarded_total",
-        "counter",
-        "Commands sent to their session's owner in another process.",
-        stats.forwarded,
-    );
-    metric(
-        "forward_errors_total",
-        "counter",
-        "Forwards whose owner could not be reached or stopped answering.",
-        stats.forward_errors,
-    );
-    let counts = |bounds: &[u64]| bounds.iter().map(u64::to_string).collect::<Vec<_>>();
-    histogram(
-        &mut out,
-        "flush_sessions",
-        "Sessions per write transaction.",
-        &counts(&BATCH_BUCKETS),
-        &stats.flush_sessions,
-        &stats.flushed_sessions.to_string(),
-    );
-    histogram(
-        &mut out,
-        "batch_commands",
-        "Commands per session batch.",
-        &counts(&BATCH_BUCKETS),
-        &stats.batch_commands,
-        &stats.batched_commands.to_string(),
-    );
-    let seconds = |micros: u64| format!("{}", micros as f64 / 1e6);
-    histogram(
-        &mut out,
-        "forward_seconds",
-        "Time from sending a command to its owner to its answer.",
-        &LATENCY_BUCKETS_MICROS.map(seconds),
-        &stats.forward_latency,
-        &seconds(stats.forward_micros),
-    );
-    out
+    describe_counter!(HTTP_ERRORS, Unit::Count, "Error answers, by code.");
+    Ok(handle)
 }
 
-/// A histogram from per-bucket counts (the last bucket is everything above the last bound).
-fn histogram(
-    out: &mut String,
-    name: &str,
-    help: &str,
-    bounds: &[String],
-    counts: &[u64],
-    sum: &str,
-) {
-    let _ = writeln!(out, "# HELP soloist_{name} {help}");
-    let _ = writeln!(out, "# TYPE soloist_{name} histogram");
-    let mut cumulative = 0;
-    for (bound, count) in bounds.iter().zip(counts) {
-        cumulative += count;
-        let _ = writeln!(out, "soloist_{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-    }
-    cumulative += counts.get(bounds.len()).copied().unwrap_or(0);
-    let _ = writeln!(out, "soloist_{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-    let _ = writeln!(out, "soloist_{name}_sum {sum}");
-    let _ = writeln!(out, "soloist_{name}_count {cumulative}");
+/// Runs the exporter's upkeep until `stop`.
+pub fn spawn_upkeep(handle: PrometheusHandle, stop: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(UPKEEP_EVERY) => handle.run_upkeep(),
+                () = stop.cancelled() => break,
+            }
+        }
+    });
+}
+
+/// Times a request and counts it by method, route (the route's pattern, `unmatched` for none)
+/// and status.
+pub async fn record_request(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    histogram!(HTTP_REQUEST_SECONDS, "method" => method, "route" => route, "status" => status)
+        .record(started.elapsed());
+    response
+}
+
+/// Counts an error answer by its code.
+pub fn record_error(code: &'static str) {
+    counter!(HTTP_ERRORS, "code" => code).increment(1);
+}
+
+/// `GET /metrics`: every metric in the Prometheus text format (404 when this server was built
+/// without an exporter, as a program embedding the router may be).
+pub async fn render(State(state): State<AppState>) -> Response {
+    let Some(handle) = &state.metrics else {
+        return crate::ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "not_found",
+            "this server exports no metrics",
+        )
+        .into_response();
+    };
+    state.engine.stats().publish();
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
 }

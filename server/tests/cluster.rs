@@ -406,7 +406,10 @@ async fn three_servers_one_killed_mid_run_lose_and_duplicate_nothing() {
                     "settled_outcomes_total",
                 ]
                 .iter()
-                .any(|name| line.starts_with(&format!("{name} ")))
+                .any(|name| {
+                    line.strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with([' ', '{']))
+                })
             })
             .map(str::to_owned)
             .collect();

@@ -17,6 +17,7 @@ mod state;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Instant;
 
 use soloist_actors::Actor;
 use tokio::sync::broadcast;
@@ -153,16 +154,18 @@ impl SessionActor {
     /// Handles one batch: reads first, against the session as committed, then the writes in
     /// command order, staged together and written once.
     async fn process(&mut self, requests: Vec<Request>) {
-        let stats = self.shared.stats.clone();
-        stats.record_batch(requests.len());
+        let taken = Instant::now();
+        let waited = requests.iter().filter_map(|request| request.sent());
+        let waited = waited.map(|sent| taken.saturating_duration_since(sent));
+        self.shared.stats.record_batch(requests.len(), waited);
         let batch = Sorted::new(requests);
         if let Err(error) = self.prepare(&batch).await {
             let error = Error::Storage(error);
             for read in batch.reads {
-                read.fail(&stats, error.clone());
+                read.fail(error.clone());
             }
             for write in batch.writes {
-                write.fail(&stats, error.clone());
+                write.fail(error.clone());
             }
             return;
         }
@@ -178,7 +181,7 @@ impl SessionActor {
         }
         let written = self.write(&mut writes).await;
         for write in writes {
-            write.settle(&stats, &written);
+            write.settle(&written);
         }
     }
 

@@ -7,6 +7,7 @@
 //! before the batch's write (see `read`).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::{broadcast, oneshot};
 use uuid::Uuid;
@@ -18,7 +19,6 @@ use crate::command::{
 use crate::error::{Error, Result};
 use crate::idempotency::Keyed;
 use crate::model::Message;
-use crate::stats::EngineStats;
 
 /// One mailbox slot: a request boxed whole, so that a slot is one pointer. Every live session's
 /// mailbox keeps a block of 32 slots allocated for as long as it lives, idle or not; boxing the
@@ -98,6 +98,18 @@ pub(crate) struct Subscribed {
     pub live: broadcast::Receiver<Arc<Message>>,
 }
 
+impl Request {
+    /// When the command was sent (`None` for a refresh, which nobody waits for).
+    pub fn sent(&self) -> Option<Instant> {
+        match self {
+            Request::Write(write) => Some(each_write!(write, pending => pending.respond.sent())),
+            Request::Read(Read::Get(_, respond)) => Some(respond.sent()),
+            Request::Read(Read::Subscribe(_, respond)) => Some(respond.sent()),
+            Request::Refresh(_) => None,
+        }
+    }
+}
+
 impl Read {
     /// Who sent the command.
     pub fn user(&self) -> &str {
@@ -108,10 +120,10 @@ impl Read {
     }
 
     /// Answers the command with `error`.
-    pub fn fail(self, stats: &EngineStats, error: Error) {
+    pub fn fail(self, error: Error) {
         match self {
-            Read::Get(_, respond) => respond.send(stats, Err(error)),
-            Read::Subscribe(_, respond) => respond.send(stats, Err(error)),
+            Read::Get(_, respond) => respond.send(Err(error)),
+            Read::Subscribe(_, respond) => respond.send(Err(error)),
         }
     }
 }
@@ -146,32 +158,43 @@ impl Write {
     }
 
     /// Answers the command with `error`, whatever staging decided.
-    pub fn fail(self, stats: &EngineStats, error: Error) {
-        each_write!(self, pending => pending.respond.send(stats, Err(error)))
+    pub fn fail(self, error: Error) {
+        each_write!(self, pending => pending.respond.send(Err(error)))
     }
 
     /// Sends the command its answer: what staging decided, given how the batch's write ended
     /// (`Err`: it did not commit, or its outcome is unknown).
-    pub fn settle(self, stats: &EngineStats, written: &Result<()>) {
-        each_write!(self, pending => pending.settle(stats, written))
+    pub fn settle(self, written: &Result<()>) {
+        each_write!(self, pending => pending.settle(written))
     }
 }
 
 /// Where an actor sends a command's answer: exactly once, typed by the command.
 #[derive(Debug)]
-pub(crate) struct Responder<T>(oneshot::Sender<Result<T>>);
+pub(crate) struct Responder<T> {
+    sender: oneshot::Sender<Result<T>>,
+    /// When the command was sent (for the time it waited for its actor).
+    sent: Instant,
+}
 
 impl<T> Responder<T> {
-    /// Answers through `sender`.
+    /// Answers through `sender`; the command is being sent now.
     pub fn new(sender: oneshot::Sender<Result<T>>) -> Self {
-        Self(sender)
+        Self {
+            sender,
+            sent: Instant::now(),
+        }
     }
 
-    /// Sends the answer and counts it.
-    pub fn send(self, stats: &EngineStats, result: Result<T>) {
-        stats.record_command(result.is_ok());
+    /// When the command was sent.
+    pub fn sent(&self) -> Instant {
+        self.sent
+    }
+
+    /// Sends the answer (counted by the engine when the caller gets it).
+    pub fn send(self, result: Result<T>) {
         // The caller may have gone away; the command's effect stands regardless.
-        let _ = self.0.send(result);
+        let _ = self.sender.send(result);
     }
 }
 
@@ -218,7 +241,7 @@ impl<C: SessionCommand> Pending<C> {
         }
     }
 
-    fn settle(self, stats: &EngineStats, written: &Result<()>) {
+    fn settle(self, written: &Result<()>) {
         let answer = match (self.decision, written) {
             (Decision::Refused(error), _) => Err(error),
             (
@@ -234,7 +257,7 @@ impl<C: SessionCommand> Pending<C> {
             // only after a staging that decided every command of the batch.
             (Decision::Unstaged | Decision::Replay { .. }, Ok(())) => Err(Error::ActorFailed),
         };
-        self.respond.send(stats, answer);
+        self.respond.send(answer);
     }
 }
 

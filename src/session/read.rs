@@ -124,13 +124,12 @@ impl SessionActor {
 
     /// Answers a read from the session as committed before the batch's writes.
     pub(super) async fn answer(&mut self, read: Read) {
-        let stats = self.shared.stats.clone();
         match read {
-            Read::Get(get, respond) => respond.send(&stats, self.page(&get).await),
+            Read::Get(get, respond) => respond.send(self.page(&get).await),
             Read::Subscribe(subscribe, respond) => {
                 let subscribed =
                     self.subscribe(&subscribe.user_id, subscribe.after_seq, subscribe.draft);
-                respond.send(&stats, subscribed.await);
+                respond.send(subscribed.await);
             }
         }
     }
