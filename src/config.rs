@@ -134,6 +134,17 @@ pub struct EngineConfig {
     /// How long an idempotency key is remembered: a command with the same key within this
     /// time replays the first answer. Default 24 hours.
     pub idempotency_retention: Duration,
+    /// The time to live of a session created without one
+    /// ([`CreateSession::ttl_seconds`](crate::CreateSession::ttl_seconds)): it expires that
+    /// long after its last write. Default `None`: sessions never expire.
+    pub default_session_ttl: Option<Duration>,
+    /// How often the purge looks for expired sessions and erases them (in batches of
+    /// [`Self::purge_batch`], one session at a time through its actor, so that writers are not
+    /// stalled); `None` turns the purge off. Default 60 s.
+    pub purge_interval: Option<Duration>,
+    /// Expired sessions the purge reads per round; it goes on at once while rounds come back
+    /// full. Default 100.
+    pub purge_batch: usize,
     /// Input limits.
     pub limits: Limits,
 }
@@ -167,6 +178,9 @@ impl EngineConfig {
             cluster_secret: None,
             hide_foreign_sessions: true,
             idempotency_retention: Duration::from_secs(24 * 3600),
+            default_session_ttl: None,
+            purge_interval: Some(Duration::from_secs(60)),
+            purge_batch: 100,
             limits: Limits::default(),
         }
     }

@@ -36,7 +36,7 @@ pub struct Engine {
 
 pub(crate) struct Inner {
     registry: Registry<SessionActor>,
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     /// The writer tasks, waited for at shutdown.
     writers: TaskTracker,
     /// Tells the writer tasks to stop once their queue is empty.
@@ -202,6 +202,14 @@ impl Engine {
             inner.shared.config.draft_timeout,
             inner.stop_feed.clone(),
         ));
+        if let Some(interval) = inner.shared.config.purge_interval {
+            inner.writers.spawn(crate::retention::purge_expired(
+                Arc::downgrade(inner),
+                interval,
+                inner.shared.config.purge_batch,
+                inner.stop_feed.clone(),
+            ));
+        }
         Ok(engine)
     }
 

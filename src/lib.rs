@@ -58,6 +58,7 @@ mod handle;
 mod idempotency;
 mod members;
 pub mod model;
+mod retention;
 mod session;
 pub mod stats;
 mod store;

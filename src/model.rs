@@ -616,6 +616,29 @@ pub struct SessionInfo {
     pub created_at: DateTime<Utc>,
     /// Time of the last committed write.
     pub updated_at: DateTime<Utc>,
+    /// The session expires this many seconds after its last write (`None`: never); expired,
+    /// it is erased by the engine's purge (see [`EngineConfig::purge_interval`]).
+    ///
+    /// [`EngineConfig::purge_interval`]: crate::EngineConfig::purge_interval
+    #[serde(default)]
+    pub ttl_seconds: Option<i64>,
+    /// When it expires: [`Self::updated_at`] plus [`Self::ttl_seconds`].
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl SessionInfo {
+    /// Records a write committed at `now` (microseconds): the last write, and the expiry it
+    /// pushes back.
+    pub(crate) fn touched(&mut self, now: i64) {
+        self.updated_at = from_micros(now);
+        self.expires_at = expiry(now, self.ttl_seconds);
+    }
+}
+
+/// When a session written at `now` (microseconds) with this time to live expires.
+pub(crate) fn expiry(now: i64, ttl_seconds: Option<i64>) -> Option<DateTime<Utc>> {
+    ttl_seconds.map(|ttl| from_micros(now.saturating_add(ttl.saturating_mul(1_000_000))))
 }
 
 /// A process registered in the database: one of the processes that share it.

@@ -90,6 +90,8 @@ pub const FORWARDED: &str = "soloist_forwarded_total";
 pub const FORWARD_ERRORS: &str = "soloist_forward_errors_total";
 /// `soloist_forward_seconds`: from sending a command to its owner to its answer.
 pub const FORWARD_SECONDS: &str = "soloist_forward_seconds";
+/// `soloist_purged_sessions_total`: expired sessions the purge erased.
+pub const PURGED_SESSIONS: &str = "soloist_purged_sessions_total";
 /// `soloist_live_sessions`: session actors alive (set by [`Engine::publish_gauges`]).
 ///
 /// [`Engine::publish_gauges`]: crate::Engine::publish_gauges
@@ -108,7 +110,7 @@ pub const EVICTIONS: &str = "soloist_evictions_total";
 pub const RESTARTS: &str = "soloist_restarts_total";
 
 /// Every metric the engine emits, with its unit and help text: `(name, kind, unit, help)`.
-pub const METRICS: [(&str, Kind, Unit, &str); 29] = [
+pub const METRICS: [(&str, Kind, Unit, &str); 30] = [
     (COMMANDS, Kind::Counter, Unit::Count, "Commands answered."),
     (
         COMMAND_ERRORS,
@@ -232,6 +234,12 @@ pub const METRICS: [(&str, Kind, Unit, &str); 29] = [
         "From sending a command to its owner to its answer.",
     ),
     (
+        PURGED_SESSIONS,
+        Kind::Counter,
+        Unit::Count,
+        "Expired sessions the purge erased.",
+    ),
+    (
         LIVE_SESSIONS,
         Kind::Gauge,
         Unit::Count,
@@ -325,6 +333,7 @@ pub(crate) struct EngineStats {
     batched_commands: AtomicU64,
     forwarded: AtomicU64,
     forward_errors: AtomicU64,
+    purged_sessions: AtomicU64,
     emit: Emit,
 }
 
@@ -344,6 +353,7 @@ struct Emit {
     settled_outcomes: Counter,
     forwarded: Counter,
     forward_errors: Counter,
+    purged_sessions: Counter,
     mailbox_wait: Histogram,
     batch_commands: Histogram,
     flush_seconds: Histogram,
@@ -368,6 +378,7 @@ impl Default for Emit {
             settled_outcomes: counter!(SETTLED_OUTCOMES),
             forwarded: counter!(FORWARDED),
             forward_errors: counter!(FORWARD_ERRORS),
+            purged_sessions: counter!(PURGED_SESSIONS),
             mailbox_wait: histogram!(MAILBOX_WAIT_SECONDS),
             batch_commands: histogram!(BATCH_COMMANDS),
             flush_seconds: histogram!(FLUSH_SECONDS),
@@ -397,6 +408,7 @@ impl Default for EngineStats {
             batched_commands: AtomicU64::new(0),
             forwarded: AtomicU64::new(0),
             forward_errors: AtomicU64::new(0),
+            purged_sessions: AtomicU64::new(0),
             emit: Emit::default(),
         }
     }
@@ -482,6 +494,11 @@ impl EngineStats {
         self.emit.forward_seconds.record(took);
     }
 
+    /// An expired session erased by the purge.
+    pub fn record_purged(&self) {
+        add(&self.purged_sessions, &self.emit.purged_sessions, 1);
+    }
+
     pub fn record_load(&self) {
         add(&self.loads, &self.emit.loads, 1);
     }
@@ -491,6 +508,7 @@ impl EngineStats {
             members,
             forwarded: self.forwarded.load(Relaxed),
             forward_errors: self.forward_errors.load(Relaxed),
+            purged_sessions: self.purged_sessions.load(Relaxed),
             live_sessions: runtime.live_actors,
             mailbox_depth: runtime.mailbox_depth,
             activations: runtime.activations,
@@ -584,4 +602,6 @@ pub struct Stats {
     /// Of those, the ones whose owner could not be reached or stopped answering (each
     /// unreachable owner is tried once; the command was then placed again).
     pub forward_errors: u64,
+    /// Expired sessions the purge erased.
+    pub purged_sessions: u64,
 }

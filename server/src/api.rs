@@ -21,6 +21,9 @@ pub struct CreateBody {
     pub id: Option<serde::de::IgnoredAny>,
     pub title: Option<String>,
     pub metadata: Option<RawJson>,
+    /// Seconds the session lives after its last write (0: never expires); absent: the
+    /// server's `--session-ttl`.
+    pub ttl_seconds: Option<i64>,
 }
 
 /// A session without its messages, as every route shows it (create, update, list, and with its
@@ -36,6 +39,10 @@ pub struct SessionSummary {
     pub message_count: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Seconds the session lives after its last write; `null`: it never expires.
+    pub ttl_seconds: Option<i64>,
+    /// When it expires unless written again; `null`: never.
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl From<SessionInfo> for SessionSummary {
@@ -49,6 +56,8 @@ impl From<SessionInfo> for SessionSummary {
             message_count: info.message_count,
             created_at: info.created_at,
             updated_at: info.updated_at,
+            ttl_seconds: info.ttl_seconds,
+            expires_at: info.expires_at,
         }
     }
 }
@@ -151,6 +160,25 @@ pub fn parse_cursor(text: &str) -> Result<SessionCursor, ApiError> {
 pub struct UpdateBody {
     pub title: Option<String>,
     pub metadata: Option<RawJson>,
+    /// A new time to live, from this write (0: never expires).
+    pub ttl_seconds: Option<i64>,
+}
+
+/// `DELETE /v1/sessions/{id}` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteQuery {
+    /// Erase the title, metadata, usage and idempotency records too (the messages go with any
+    /// delete); allowed on a session already deleted.
+    #[serde(default)]
+    pub erase: bool,
+}
+
+/// `DELETE /v1/users/me/sessions`.
+#[derive(Debug, Serialize)]
+pub struct ErasedBody {
+    /// Sessions erased by this call (0 when there was nothing left to erase).
+    pub erased: u64,
 }
 
 /// `POST /v1/sessions/{id}/usage`: tokens to add.

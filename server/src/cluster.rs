@@ -107,9 +107,10 @@ enum ToOwner<C> {
     Ping,
 }
 
-/// A frame from the owner.
+/// A frame from the owner. Short-lived (one per forwarded command), so not boxed.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[allow(clippy::large_enum_variant)]
 enum FromOwner {
     Answer { id: u64, answer: Answer },
     Unrun { id: u64 },
@@ -311,7 +312,8 @@ pub struct Peers {
 /// The connection to one peer, if open; locked while it is being opened.
 type Slot = Arc<tokio::sync::Mutex<Option<Arc<Link>>>>;
 
-/// What became of a command sent on a connection.
+/// What became of a command sent on a connection (one per command, so not boxed).
+#[allow(clippy::large_enum_variant)]
 enum Outcome {
     Answered(Answer),
     /// It did not run: the peer was closing the connection, or it closed before the command

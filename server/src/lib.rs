@@ -63,8 +63,9 @@ pub use metrics_exporter_prometheus::PrometheusHandle;
 pub use serve::{ServeConfig, ServeReport, default_max_connections, open_file_limit, serve};
 
 use api::{
-    AppendBody, CreateBody, DeltasBody, EventsQuery, FinishBody, ListQuery, PageQuery,
-    SessionListBody, SessionPageBody, SessionSummary, UpdateBody, UsageDeltaBody,
+    AppendBody, CreateBody, DeleteQuery, DeltasBody, ErasedBody, EventsQuery, FinishBody,
+    ListQuery, PageQuery, SessionListBody, SessionPageBody, SessionSummary, UpdateBody,
+    UsageDeltaBody,
 };
 
 /// What every handler shares.
@@ -147,6 +148,10 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/v1/sessions/{id}/events", get(events))
         .route("/v1/sessions/{id}/export", get(export_session))
+        .route(
+            "/v1/users/me/sessions",
+            axum::routing::delete(erase_my_sessions),
+        )
         .fallback(|| async { ApiError::unknown_route() })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -566,6 +571,7 @@ async fn create_session(
             session_id: None,
             title: body.title,
             metadata: body.metadata,
+            ttl_seconds: body.ttl_seconds,
             idempotency_key,
         })
         .await?;
@@ -660,6 +666,7 @@ async fn update_session(
             session_id,
             title: body.title,
             metadata: body.metadata,
+            ttl_seconds: body.ttl_seconds,
             if_version,
             idempotency_key,
         })
@@ -731,12 +738,15 @@ async fn finish_message(
     Ok(Json(finished.message))
 }
 
+/// `DELETE`: the session and its messages; with `?erase=true` its title, metadata, usage and
+/// idempotency records too (the owner may erase a session already deleted: 204 again).
 async fn delete_session(
     State(state): State<AppState>,
     UserId(user_id): UserId,
     SessionPath(session_id): SessionPath,
     IfMatch(if_version): IfMatch,
     IdempotencyKey(idempotency_key): IdempotencyKey,
+    QueryParams(query): QueryParams<DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
     state
         .engine
@@ -745,9 +755,21 @@ async fn delete_session(
             session_id,
             if_version,
             idempotency_key,
+            erase: query.erase,
+            only_if_expired: false,
         })
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /v1/users/me/sessions`: erases every session of the caller (see
+/// [`Engine::erase_user_sessions`]); `200 {"erased": n}`, `n` 0 once nothing is left.
+async fn erase_my_sessions(
+    State(state): State<AppState>,
+    UserId(user_id): UserId,
+) -> Result<Json<ErasedBody>, ApiError> {
+    let erased = state.engine.erase_user_sessions(&user_id).await?;
+    Ok(Json(ErasedBody { erased }))
 }
 
 /// The data of a `message.delta` event.

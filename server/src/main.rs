@@ -205,6 +205,32 @@ struct SessionArgs {
         value_name = "SECONDS"
     )]
     idempotency_retention_secs: u64,
+    /// Seconds a session created without `ttl_seconds` lives after its last write before the
+    /// purge erases it; 0: such sessions never expire.
+    #[arg(
+        long,
+        env = "SOLOIST_SESSION_TTL",
+        default_value_t = 0,
+        value_name = "SECONDS"
+    )]
+    session_ttl: u64,
+    /// How often the purge erases expired sessions; 0 turns it off.
+    #[arg(
+        long,
+        env = "SOLOIST_PURGE_INTERVAL_MS",
+        default_value_t = defaults().purge_interval.map_or(0, ms),
+        value_name = "MS"
+    )]
+    purge_interval_ms: u64,
+    /// Expired sessions the purge reads at a time (it erases them one by one).
+    #[arg(
+        long,
+        env = "SOLOIST_PURGE_BATCH",
+        default_value_t = defaults().purge_batch as u64,
+        value_name = "N",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    purge_batch: u64,
 }
 
 /// The database and the writes.
@@ -347,6 +373,11 @@ impl Args {
             cached_messages: sessions.cached_messages,
             draft_timeout: Duration::from_millis(sessions.draft_timeout_ms),
             idempotency_retention: Duration::from_secs(sessions.idempotency_retention_secs),
+            default_session_ttl: (sessions.session_ttl > 0)
+                .then(|| Duration::from_secs(sessions.session_ttl)),
+            purge_interval: (sessions.purge_interval_ms > 0)
+                .then(|| Duration::from_millis(sessions.purge_interval_ms)),
+            purge_batch: usize::try_from(sessions.purge_batch).unwrap_or(usize::MAX),
             limits: Limits {
                 max_content_bytes: limits.max_content_bytes,
                 max_messages_per_append: limits.max_messages_per_append,

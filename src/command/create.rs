@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::validate::{check_title_and_metadata, check_user};
+use super::validate::{check_title_and_metadata, check_ttl, check_user};
 use super::{Command, SessionCommand, keyed_by};
 use crate::config::Limits;
 use crate::error::{Error, Result};
@@ -29,6 +29,10 @@ pub struct CreateSession {
     /// Optional JSON object; `{}` when absent.
     #[serde(default)]
     pub metadata: Option<RawJson>,
+    /// Seconds the session lives after its last write, then it is erased; `0`: never expires;
+    /// absent: [`EngineConfig::default_session_ttl`](crate::EngineConfig::default_session_ttl).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<i64>,
     /// Makes a retry exact (HTTP `Idempotency-Key`): a command with a key already used on this
     /// session within [`EngineConfig::idempotency_retention`](crate::EngineConfig::idempotency_retention)
     /// applies nothing and returns the first answer; the same key with a different command is
@@ -72,6 +76,7 @@ impl SessionCommand for CreateSession {
     fn validate(&mut self, limits: &Limits) -> Result<()> {
         check_user(&self.user_id, limits)?;
         check_title_and_metadata(&self.title, &self.metadata, limits)?;
+        check_ttl(self.ttl_seconds)?;
         self.metadata.get_or_insert_with(RawJson::empty_object);
         // Without an id, a keyed create derives one from the key, so that its retries reach
         // the same session (and the record of the first answer).
@@ -101,7 +106,12 @@ impl StageWrite for CreateSession {
         match batch.existing() {
             None => {
                 let metadata = self.metadata.clone().unwrap_or_else(RawJson::empty_object);
-                let session = batch.create(&self.user_id, self.title.clone(), metadata);
+                let session = batch.create(
+                    &self.user_id,
+                    self.title.clone(),
+                    metadata,
+                    self.ttl_seconds,
+                );
                 Ok(Created {
                     session,
                     created: true,

@@ -32,6 +32,7 @@ pub use list::{DEFAULT_SESSION_PAGE, ListSessions, SessionCursor, SessionList};
 pub use stream::{AppendDeltas, Delta, DeltasAppended, FinishMessage, MAX_DELTAS, MessageFinished};
 pub use update::UpdateSession;
 pub use usage::AddUsage;
+pub use validate::MAX_TTL_SECONDS;
 pub(crate) use validate::{check_user, validate_page};
 
 /// Every command the engine understands. As JSON, externally tagged:
@@ -287,6 +288,8 @@ mod tests {
             version: 3,
             created_at: chrono::DateTime::UNIX_EPOCH,
             updated_at: chrono::DateTime::UNIX_EPOCH,
+            ttl_seconds: None,
+            expires_at: None,
         };
         let reply = Reply::SessionUpdated(info.clone());
         let text = serde_json::to_string(&reply).expect("serialize");

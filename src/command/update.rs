@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::validate::{check_title_and_metadata, check_user};
+use super::validate::{check_title_and_metadata, check_ttl, check_user};
 use super::{Command, SessionCommand, addressed, keyed_by};
 use crate::config::Limits;
 use crate::error::Result;
@@ -24,6 +24,10 @@ pub struct UpdateSession {
     /// New metadata object (replaces the old one), when present.
     #[serde(default)]
     pub metadata: Option<RawJson>,
+    /// A new time to live in seconds (`0`: never expires), counted from this write, when
+    /// present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<i64>,
     /// Apply only if the session is still at this version (its ETag; HTTP `If-Match`):
     /// otherwise [`Error::PreconditionFailed`](crate::Error::PreconditionFailed) and nothing
     /// changes.
@@ -45,7 +49,8 @@ impl SessionCommand for UpdateSession {
 
     fn validate(&mut self, limits: &Limits) -> Result<()> {
         check_user(&self.user_id, limits)?;
-        check_title_and_metadata(&self.title, &self.metadata, limits)
+        check_title_and_metadata(&self.title, &self.metadata, limits)?;
+        check_ttl(self.ttl_seconds)
     }
 
     fn keyed(&self) -> Result<Option<Keyed>> {
@@ -70,7 +75,10 @@ impl StageWrite for UpdateSession {
         if let Some(metadata) = &self.metadata {
             batch.set_metadata(metadata);
         }
-        if self.title.is_some() || self.metadata.is_some() {
+        if let Some(ttl) = self.ttl_seconds {
+            batch.set_ttl(ttl);
+        }
+        if self.title.is_some() || self.metadata.is_some() || self.ttl_seconds.is_some() {
             batch.changed();
         }
         batch.session(&self.user_id).cloned()

@@ -86,6 +86,20 @@ pub(crate) fn check_title_and_metadata(
     }
 }
 
+/// The longest time to live a session may have: 100 years, in seconds.
+pub const MAX_TTL_SECONDS: i64 = 100 * 365 * 24 * 3600;
+
+/// A session's time to live in seconds: 0 (never expires) to [`MAX_TTL_SECONDS`].
+pub(crate) fn check_ttl(ttl_seconds: Option<i64>) -> Result<()> {
+    match ttl_seconds {
+        Some(ttl) if !(0..=MAX_TTL_SECONDS).contains(&ttl) => Err(Error::invalid(
+            "ttl_seconds",
+            format!("must be 0 (never expires) to {MAX_TTL_SECONDS} seconds"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The messages of one append.
 pub(crate) fn check_messages(messages: &[NewMessage], limits: &Limits) -> Result<()> {
     if messages.is_empty() {

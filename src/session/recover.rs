@@ -125,6 +125,9 @@ impl SessionActor {
             key_retention: i64::try_from(config.idempotency_retention.as_micros())
                 .unwrap_or(i64::MAX),
             max_content_bytes: config.limits.max_content_bytes,
+            default_ttl: config
+                .default_session_ttl
+                .map(|ttl| i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)),
         };
         let now = now_micros();
         let staged = stage(self.id, self.state.as_ref(), writes, known, rules, now);

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::idempotency::Keyed;
 use crate::model::{
     Content, Message, MessageStatus, NewMessage, RawJson, Role, SessionId, SessionInfo, Usage,
-    from_micros, tool_call_ids,
+    expiry, from_micros, tool_call_ids,
 };
 use crate::store::{ChunkRow, FinishRow, KeyRow, NewSessionRow, SessionWrite};
 
@@ -43,6 +43,8 @@ pub(crate) struct StageRules {
     pub key_retention: i64,
     /// Bytes a message's content may reach (a draft's, as its deltas arrive).
     pub max_content_bytes: usize,
+    /// The time to live, in seconds, of a session created without one (`None`: never expires).
+    pub default_ttl: Option<i64>,
 }
 
 /// What staging a batch gives: the write, and what to apply once it committed.
@@ -83,6 +85,7 @@ pub(crate) fn stage(
         known,
         hide_foreign: rules.hide_foreign,
         max_content_bytes: rules.max_content_bytes,
+        default_ttl: rules.default_ttl,
         now,
         base: write.expected_version,
         steps: 0,
@@ -165,6 +168,7 @@ pub(crate) struct Batch<'a> {
     known: &'a HashMap<Uuid, Arc<Message>>,
     hide_foreign: bool,
     max_content_bytes: usize,
+    default_ttl: Option<i64>,
     now: i64,
     /// The committed version the batch starts from.
     base: i64,
@@ -205,22 +209,45 @@ impl Batch<'_> {
         }
     }
 
-    /// Records that a command changed the session: the change gets its own version.
+    /// Records that a command changed the session: the change gets its own version (and the
+    /// session's expiry moves back).
     pub fn changed(&mut self) {
         self.steps += 1;
         if let Some(info) = self.info.as_mut() {
             info.version = self.base + self.steps;
-            info.updated_at = from_micros(self.now);
+            info.touched(self.now);
         }
     }
 
-    /// Creates the session row; returns the session as created.
+    /// Whether the session is a tombstone of `user_id`'s (deleted, so other commands find
+    /// nothing, but its owner may delete or erase it again).
+    pub fn owned_tombstone(&self, user_id: &str) -> bool {
+        self.deleted
+            && self
+                .info
+                .as_ref()
+                .is_some_and(|info| info.user_id == user_id)
+    }
+
+    /// Whether the session has expired by now (its last write longer ago than its time to
+    /// live).
+    pub fn expired(&self) -> bool {
+        self.info
+            .as_ref()
+            .and_then(|info| info.expires_at)
+            .is_some_and(|expires| expires <= from_micros(self.now))
+    }
+
+    /// Creates the session row, with `ttl` seconds to live (`None`: the engine's default, `0`:
+    /// never expires); returns the session as created.
     pub fn create(
         &mut self,
         user_id: &str,
         title: Option<String>,
         metadata: RawJson,
+        ttl: Option<i64>,
     ) -> SessionInfo {
+        let ttl = ttl.or(self.default_ttl).filter(|&ttl| ttl > 0);
         self.write.create = Some(NewSessionRow {
             user_id: user_id.to_owned(),
             title: title.clone(),
@@ -236,7 +263,12 @@ impl Batch<'_> {
             version: 0,
             created_at: from_micros(self.now),
             updated_at: from_micros(self.now),
+            ttl_seconds: ttl,
+            expires_at: expiry(self.now, ttl),
         });
+        if ttl.is_some() {
+            self.write.ttl = Some(ttl);
+        }
         // The create is the session's first change.
         created.version = self.base + self.steps + 1;
         let created = created.clone();
@@ -529,11 +561,34 @@ impl Batch<'_> {
         }
     }
 
+    /// Sets the time to live in seconds (`0`: never expires).
+    pub fn set_ttl(&mut self, ttl: i64) {
+        let ttl = Some(ttl).filter(|&ttl| ttl > 0);
+        self.write.ttl = Some(ttl);
+        if let Some(info) = self.info.as_mut() {
+            info.ttl_seconds = ttl;
+        }
+    }
+
     /// Deletes the session.
     pub fn delete(&mut self) {
         self.write.delete = true;
         self.deleted = true;
         self.steps += 1;
+    }
+
+    /// Deletes the session and erases what a delete keeps: title, metadata, usage and the
+    /// idempotency records (the row stays, holding its id, owner and times).
+    pub fn erase(&mut self) {
+        self.delete();
+        self.write.erase = true;
+        if let Some(info) = self.info.as_mut() {
+            info.title = None;
+            info.metadata = RawJson::empty_object();
+            info.usage = Usage::default();
+            info.ttl_seconds = None;
+            info.expires_at = None;
+        }
     }
 
     /// The decision for a command whose idempotency key was seen before (stored, or earlier

@@ -25,10 +25,13 @@ pub(crate) struct StoredHead {
 
 impl StoredHead {
     /// Whether `write` may be applied on this head: the session is still at the version and
-    /// the epoch the write was staged against, and not deleted. The single-statement flush on
-    /// PostgreSQL checks the same in SQL (its `ok` join).
+    /// the epoch the write was staged against, and not deleted (unless it erases a
+    /// tombstone; such a write never takes the single-statement flush). The
+    /// single-statement flush on PostgreSQL checks the same in SQL (its `ok` join).
     pub fn admits(&self, write: &SessionWrite) -> bool {
-        self.version == write.expected_version && self.epoch == write.epoch && !self.deleted
+        self.version == write.expected_version
+            && self.epoch == write.epoch
+            && (!self.deleted || write.erase)
     }
 }
 

@@ -100,6 +100,11 @@ pub(crate) struct SessionWrite {
     pub usage: Usage,
     /// Delete the session (keeping its row as a tombstone) and its messages.
     pub delete: bool,
+    /// With `delete`: erase its content too (title, metadata, usage, idempotency records).
+    /// Allowed on a session already deleted.
+    pub erase: bool,
+    /// A new time to live in seconds (`Some(None)`: none), if the batch sets one.
+    pub ttl: Option<Option<i64>>,
     /// Text appended to drafts, one chunk per draft.
     pub chunks: Vec<ChunkRow>,
     /// Drafts finished (their chunks compacted into the message row).
@@ -145,6 +150,8 @@ impl SessionWrite {
             metadata: None,
             usage: Usage::default(),
             delete: false,
+            erase: false,
+            ttl: None,
             chunks: Vec::new(),
             finishes: Vec::new(),
             keys: Vec::new(),
@@ -179,6 +186,7 @@ impl SessionWrite {
             && self.rows.is_empty()
             && self.title.is_none()
             && self.metadata.is_none()
+            && self.ttl.is_none()
             && self.usage == Usage::default()
             && !self.delete
             && self.keys.is_empty()
@@ -344,6 +352,16 @@ impl Store {
         /// Up to `limit` of the user's live sessions created before the cursor, newest first.
         fn list_sessions(&self, user_id: &str, before: Option<SessionCursor>, limit: usize)
             -> Result<Vec<SessionInfo>, StorageError>;
+
+        /// Up to `limit` sessions expired by `now` (microseconds), after the cursor
+        /// `(expires_at, id)`, soonest first: `(id, owner, expires_at)`.
+        fn expired_sessions(&self, now: i64, after: Option<(i64, SessionId)>, limit: usize)
+            -> Result<Vec<(SessionId, String, i64)>, StorageError>;
+
+        /// Up to `limit` of the user's sessions (deleted or not) whose content is not erased
+        /// yet, with ids after `after`, by id.
+        fn unerased_sessions(&self, user_id: &str, after: Option<SessionId>, limit: usize)
+            -> Result<Vec<SessionId>, StorageError>;
 
         /// Registers this process as a member under `id`, reachable at `address`, or renews its
         /// heartbeat (and address) if it is one.

@@ -29,6 +29,11 @@ pub(crate) struct Queries {
     pub read_messages: SqlStr,
     /// A page of a user's sessions, newest first. Binds: user, cursor time, cursor id, limit.
     pub list_sessions: SqlStr,
+    /// Sessions expired by a time, after a cursor, soonest first. Binds: now, cursor time,
+    /// cursor id, limit.
+    pub expired_sessions: SqlStr,
+    /// A user's sessions not erased yet, after a cursor, by id. Binds: user, cursor id, limit.
+    pub unerased_sessions: SqlStr,
     /// A session's stored version. Binds: id.
     pub version: SqlStr,
     /// A session's head, once no write holds its row. Binds: owner, id.
@@ -76,6 +81,8 @@ pub(crate) struct Queries {
     pub delete_finished_chunks: Batched,
     /// Deletes the chunks of deleted sessions. Binds: list.
     pub delete_chunks: Batched,
+    /// Deletes the idempotency records of erased sessions. Binds: list.
+    pub delete_session_keys: Batched,
 }
 
 impl Queries {
@@ -112,6 +119,15 @@ impl Queries {
                  WHERE user_id = ? AND deleted_at IS NULL AND (created_at, id) < (?, ?) \
                  ORDER BY created_at DESC, id DESC LIMIT ?"
             )),
+            expired_sessions: d.render(
+                "SELECT id, user_id, expires_at FROM sessions \
+                 WHERE expires_at <= ? AND (expires_at, id) > (?, ?) \
+                 ORDER BY expires_at, id LIMIT ?",
+            ),
+            unerased_sessions: d.render(
+                "SELECT id FROM sessions WHERE user_id = ? AND erased_at IS NULL AND id > ? \
+                 ORDER BY id LIMIT ?",
+            ),
             version: d.render("SELECT version FROM sessions WHERE id = ?"),
             settled_head: d.render(&format!(
                 "SELECT version, COALESCE(owner = ?, false), epoch FROM sessions WHERE id = ?{}",
@@ -224,6 +240,12 @@ impl Queries {
                     d.table("f", FinishUpdate::COLUMNS, count)
                 )
             }),
+            delete_session_keys: d.render_batched(|count| {
+                format!(
+                    "DELETE FROM idempotency_keys WHERE session_id {}",
+                    d.in_list(count)
+                )
+            }),
             delete_chunks: d.render_batched(|count| {
                 format!(
                     "DELETE FROM message_chunks WHERE session_id {}",
@@ -258,18 +280,28 @@ pub(crate) fn heads(d: &Dialect, count: usize) -> String {
 
 /// The assignments that apply a [`SessionChange`] named `u` to its session, making this
 /// process its owner (and bumping the epoch if the write claims it) and renewing the lease.
+/// An erase clears the content a delete keeps; `u.ttl` is -1 to keep the time to live, 0 for
+/// none, else seconds; every write pushes the expiry back (a NULL time to live makes it NULL).
 /// Binds: owner, now, lease.
 pub(crate) fn session_update(d: &Dialect) -> String {
+    let ttl = "(CASE WHEN u.ttl < 0 THEN sessions.ttl_seconds WHEN u.ttl = 0 THEN NULL \
+               ELSE u.ttl END)";
     format!(
         "owner = ?, lease_until = {now} + ?, epoch = sessions.epoch + u.claim, \
          version = sessions.version + u.steps, updated_at = u.at, \
-         title = COALESCE(u.title, sessions.title), \
-         metadata = COALESCE(u.metadata, sessions.metadata), \
-         prompt_tokens = sessions.prompt_tokens + u.prompt, \
-         completion_tokens = sessions.completion_tokens + u.completion, \
+         title = CASE WHEN u.erase THEN NULL ELSE COALESCE(u.title, sessions.title) END, \
+         metadata = CASE WHEN u.erase THEN '{{}}' ELSE COALESCE(u.metadata, sessions.metadata) END, \
+         prompt_tokens = CASE WHEN u.erase THEN 0 ELSE sessions.prompt_tokens + u.prompt END, \
+         completion_tokens = \
+             CASE WHEN u.erase THEN 0 ELSE sessions.completion_tokens + u.completion END, \
          message_count = sessions.message_count + u.added, \
-         deleted_at = CASE WHEN u.del THEN u.at ELSE sessions.deleted_at END",
-        now = d.now()
+         deleted_at = CASE WHEN u.del THEN COALESCE(sessions.deleted_at, u.at) \
+                      ELSE sessions.deleted_at END, \
+         erased_at = CASE WHEN u.erase THEN COALESCE(sessions.erased_at, u.at) \
+                     ELSE sessions.erased_at END, \
+         ttl_seconds = {ttl}, \
+         expires_at = CASE WHEN u.del THEN NULL ELSE u.at + {ttl} * 1000000 END",
+        now = d.now(),
     )
 }
 

@@ -426,6 +426,8 @@ impl WriteRow for SessionChange<'_> {
         ("completion", SqlType::Int),
         ("added", SqlType::Int),
         ("del", SqlType::Bool),
+        ("erase", SqlType::Bool),
+        ("ttl", SqlType::Int),
         ("claim", SqlType::Int),
         ("steps", SqlType::Int),
     ];
@@ -443,6 +445,12 @@ impl WriteRow for SessionChange<'_> {
             Value::Int(write.usage.completion_tokens),
             Value::Int(write.rows.len() as i64),
             Value::Bool(write.delete),
+            Value::Bool(write.erase),
+            // -1: unchanged, 0: no expiry, else seconds (see `session_update`).
+            Value::Int(match write.ttl {
+                None => -1,
+                Some(ttl) => ttl.unwrap_or(0),
+            }),
             // A number, so that both dialects add it to the epoch as it is.
             Value::Int(i64::from(write.claim)),
             Value::Int(write.steps),
@@ -528,7 +536,7 @@ impl KeyRecordRow {
 /// The columns [`SessionRecord`] reads.
 pub(crate) const SESSION_COLUMNS: &str = "id, user_id, title, metadata, prompt_tokens, \
      completion_tokens, message_count, version, created_at, updated_at, \
-     (deleted_at IS NOT NULL) AS deleted, epoch";
+     (deleted_at IS NOT NULL) AS deleted, epoch, ttl_seconds, expires_at";
 
 /// A session row as stored.
 #[derive(sqlx::FromRow)]
@@ -545,6 +553,8 @@ pub(crate) struct SessionRecord {
     updated_at: i64,
     deleted: bool,
     epoch: i64,
+    ttl_seconds: Option<i64>,
+    expires_at: Option<i64>,
 }
 
 impl SessionRecord {
@@ -566,6 +576,8 @@ impl SessionRecord {
                 version: self.version,
                 created_at: from_micros(self.created_at),
                 updated_at: from_micros(self.updated_at),
+                ttl_seconds: self.ttl_seconds,
+                expires_at: self.expires_at.map(from_micros),
             },
             self.deleted,
             self.epoch,

@@ -100,6 +100,7 @@ where
     for<'r> (Uuid, i64): FromRow<'r, DB::Row>,
     for<'r> (i64, bool, i64): FromRow<'r, DB::Row>,
     for<'r> (Uuid, String, i64, i64): FromRow<'r, DB::Row>,
+    for<'r> (Uuid, String, i64): FromRow<'r, DB::Row>,
     for<'r> (String,): FromRow<'r, DB::Row>,
     for<'r> SessionRecord: FromRow<'r, DB::Row>,
     for<'r> MessageRecord: FromRow<'r, DB::Row>,
@@ -360,6 +361,52 @@ where
             .into_iter()
             .map(|record| record.into_info().map(|(info, ..)| info))
             .collect()
+    }
+
+    /// See [`Store::expired_sessions`](super::Store::expired_sessions).
+    pub async fn expired_sessions(
+        &self,
+        now: i64,
+        after: Option<(i64, SessionId)>,
+        limit: usize,
+    ) -> Result<Vec<(SessionId, String, i64)>, StorageError> {
+        let (after_time, after_id) = match after {
+            Some((time, id)) => (time, id.into()),
+            None => (i64::MIN, Uuid::nil()),
+        };
+        let args = Params::<DB>::new()
+            .add(now)
+            .add(after_time)
+            .add(after_id)
+            .add(limit as i64)
+            .finish()?;
+        let rows: Vec<(Uuid, String, i64)> =
+            sqlx::query_as_with(self.queries.expired_sessions.clone(), args)
+                .fetch_all(&self.readers)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, user_id, expires_at)| (id.into(), user_id, expires_at))
+            .collect())
+    }
+
+    /// See [`Store::unerased_sessions`](super::Store::unerased_sessions).
+    pub async fn unerased_sessions(
+        &self,
+        user_id: &str,
+        after: Option<SessionId>,
+        limit: usize,
+    ) -> Result<Vec<SessionId>, StorageError> {
+        let after: Uuid = after.map_or(Uuid::nil(), Into::into);
+        let args = Params::<DB>::new()
+            .add(user_id)
+            .add(after)
+            .add(limit as i64)
+            .finish()?;
+        let ids: Vec<Uuid> = sqlx::query_scalar_with(self.queries.unerased_sessions.clone(), args)
+            .fetch_all(&self.readers)
+            .await?;
+        Ok(ids.into_iter().map(SessionId::from).collect())
     }
 
     /// See [`Store::join_member`](super::Store::join_member).
@@ -663,6 +710,18 @@ where
                 .await?;
             let args = Params::<DB>::new().list(chunk).finish()?;
             sqlx::query_with(self.queries.delete_chunks.get(chunk.len()), args)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let erased: Vec<Uuid> = active
+            .iter()
+            .map(|&index| &writes[index])
+            .filter(|write| write.erase)
+            .map(|write| write.session_id.into())
+            .collect();
+        for chunk in DB::DIALECT.list_chunks(&erased) {
+            let args = Params::<DB>::new().list(chunk).finish()?;
+            sqlx::query_with(self.queries.delete_session_keys.get(chunk.len()), args)
                 .execute(&mut *tx)
                 .await?;
         }

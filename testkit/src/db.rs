@@ -213,6 +213,69 @@ pub async fn stored_chunks(url: &str, session: SessionId) -> Result<Vec<(i64, i6
     })
 }
 
+/// A session's row as stored, for the retention tests: what a delete keeps and an erase
+/// clears.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredSession {
+    /// The title.
+    pub title: Option<String>,
+    /// The metadata, as stored (JSON text).
+    pub metadata: String,
+    /// Prompt and completion tokens.
+    pub tokens: (i64, i64),
+    /// Whether it is deleted (a tombstone).
+    pub deleted: bool,
+    /// Whether its content was erased.
+    pub erased: bool,
+    /// Its time to live in seconds.
+    pub ttl_seconds: Option<i64>,
+    /// When it expires (microseconds).
+    pub expires_at: Option<i64>,
+    /// Its idempotency records.
+    pub keys: i64,
+}
+
+/// A session's row (and how many idempotency records it has), straight from the database at
+/// `url`; `None` if there is no row.
+pub async fn stored_session(url: &str, session: SessionId) -> Result<Option<StoredSession>> {
+    type Row = (
+        Option<String>,
+        String,
+        i64,
+        i64,
+        bool,
+        bool,
+        Option<i64>,
+        Option<i64>,
+        i64,
+    );
+    let row: Option<Row> = with_connection!(url, |connection, sql| {
+        sqlx::query_as(sql(
+            "SELECT title, metadata, prompt_tokens, completion_tokens, \
+                    deleted_at IS NOT NULL, erased_at IS NOT NULL, ttl_seconds, expires_at, \
+                    (SELECT COUNT(*) FROM idempotency_keys k WHERE k.session_id = s.id) \
+             FROM sessions s WHERE id = {1}",
+        ))
+        .bind(session)
+        .fetch_optional(&mut connection)
+        .await?
+    });
+    Ok(row.map(
+        |(title, metadata, prompt, completion, deleted, erased, ttl_seconds, expires_at, keys)| {
+            StoredSession {
+                title,
+                metadata,
+                tokens: (prompt, completion),
+                deleted,
+                erased,
+                ttl_seconds,
+                expires_at,
+                keys,
+            }
+        },
+    ))
+}
+
 /// Asserts that sequences are exactly 0..n-1 and that no message id appears twice.
 #[track_caller]
 pub fn assert_contiguous(rows: &[(i64, Uuid)]) {

@@ -15,6 +15,7 @@ const RULES: StageRules = StageRules {
     hide_foreign: true,
     key_retention: i64::MAX,
     max_content_bytes: 64 * 1024,
+    default_ttl: None,
 };
 const NOW: i64 = 1_700_000_000_000_000;
 
@@ -34,6 +35,8 @@ fn state(count: i64) -> SessionState {
         version: 5,
         created_at: from_micros(0),
         updated_at: from_micros(0),
+        ttl_seconds: None,
+        expires_at: None,
     };
     SessionState::from_store(Some(LoadedSession {
         info,
@@ -192,6 +195,7 @@ fn a_create_makes_the_row_once_and_repeats_answer_with_it() {
                 session_id: Some(session_id()),
                 title: Some("t".into()),
                 metadata: Some(RawJson::empty_object()),
+                ttl_seconds: None,
                 idempotency_key: None,
             },
             None,
