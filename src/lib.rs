@@ -34,6 +34,8 @@
 //! - [`error`]: the one public [`Error`] type.
 //! - [`stats`]: counters for a server to export.
 //! - [`subscription`]: [`MessageStream`], following a session's messages as they commit.
+//! - `openapi` (feature `openapi`): OpenAPI schemas of the wire types whose JSON is written by
+//!   hand; the others derive `utoipa::ToSchema`.
 //! - `session`: the session actor, the only code that changes a session.
 //! - `writer`: the writer stage that combines many sessions' batches into one transaction.
 //! - `store`: the SQLite and PostgreSQL backends and their migrations.
@@ -57,6 +59,8 @@ mod handle;
 mod idempotency;
 mod members;
 pub mod model;
+#[cfg(feature = "openapi")]
+mod openapi;
 mod session;
 pub mod stats;
 mod store;
