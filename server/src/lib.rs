@@ -41,7 +41,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use soloist::uuid::Uuid;
 use soloist::{
     AddUsage, AppendDeltas, AppendMessages, Appended, CreateSession, DeleteSession, DeltasAppended,
@@ -250,7 +250,10 @@ async fn export_session(
             };
             Some((Ok::<_, Infallible>(chunk), next))
         }
-    });
+    })
+    // Ended stays ended: the compression layer's encoder polls the body again after its end,
+    // and `unfold` panics when polled past it (which cut a gzip export before its end).
+    .fuse();
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::from_stream(body),
