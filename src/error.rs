@@ -274,6 +274,34 @@ impl Error {
         }
     }
 
+    /// Every code [`Error::code`] returns, with the status [`Error::http_status`] gives it: what a
+    /// server documents as its error codes.
+    pub const CODES: [(&'static str, u16); 23] = [
+        ("not_found", 404),
+        ("forbidden", 403),
+        ("invalid_input", 400),
+        ("too_large", 413),
+        ("conflict", 409),
+        ("session_id_taken", 409),
+        ("message_id_reused", 409),
+        ("message_not_found", 404),
+        ("message_finished", 409),
+        ("offset_gap", 409),
+        ("offset_conflict", 409),
+        ("finish_conflict", 409),
+        ("turn_in_progress", 409),
+        ("unknown_tool_call", 409),
+        ("tool_call_answered", 409),
+        ("precondition_failed", 412),
+        ("idempotency_key_reused", 409),
+        ("overloaded", 429),
+        ("shutting_down", 503),
+        ("actor_failed", 503),
+        ("timeout", 503),
+        ("owner_unreachable", 503),
+        ("storage", 503),
+    ];
+
     /// Whether retrying the same command (with the same message ids) may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(
@@ -285,5 +313,105 @@ impl Error {
                 | Error::OwnerUnreachable(_)
                 | Error::Storage(_)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{Error, StorageError};
+    use crate::model::MessageStatus;
+
+    /// One error of each variant. The match has no wildcard, so a new variant does not compile
+    /// until it is added here (and so checked against [`Error::CODES`] below).
+    fn one_of_each() -> Vec<Error> {
+        let all = vec![
+            Error::NotFound,
+            Error::Forbidden,
+            Error::invalid("field", "reason"),
+            Error::TooLarge {
+                field: "field".into(),
+                size: 2,
+                limit: 1,
+            },
+            Error::Conflict("busy".into()),
+            Error::SessionIdTaken,
+            Error::MessageIdReused {
+                id: uuid::Uuid::nil(),
+            },
+            Error::MessageNotFound,
+            Error::MessageFinished {
+                status: MessageStatus::Completed,
+            },
+            Error::OffsetGap { length: 1 },
+            Error::OffsetConflict { length: 1 },
+            Error::FinishConflict {
+                status: MessageStatus::Aborted,
+            },
+            Error::TurnInProgress {
+                id: uuid::Uuid::nil(),
+            },
+            Error::UnknownToolCall { id: "c".into() },
+            Error::ToolCallAnswered { id: "c".into() },
+            Error::PreconditionFailed { current: 1 },
+            Error::IdempotencyKeyReused,
+            Error::Overloaded(Duration::from_millis(1)),
+            Error::ShuttingDown,
+            Error::ActorFailed,
+            Error::Timeout(Duration::from_millis(1)),
+            Error::OwnerUnreachable("gone".into()),
+            Error::Storage(StorageError::msg("down")),
+        ];
+        for error in &all {
+            match error {
+                Error::NotFound
+                | Error::Forbidden
+                | Error::InvalidInput { .. }
+                | Error::TooLarge { .. }
+                | Error::Conflict(_)
+                | Error::SessionIdTaken
+                | Error::MessageIdReused { .. }
+                | Error::MessageNotFound
+                | Error::MessageFinished { .. }
+                | Error::OffsetGap { .. }
+                | Error::OffsetConflict { .. }
+                | Error::FinishConflict { .. }
+                | Error::TurnInProgress { .. }
+                | Error::UnknownToolCall { .. }
+                | Error::ToolCallAnswered { .. }
+                | Error::PreconditionFailed { .. }
+                | Error::IdempotencyKeyReused
+                | Error::Overloaded(_)
+                | Error::ShuttingDown
+                | Error::ActorFailed
+                | Error::Timeout(_)
+                | Error::OwnerUnreachable(_)
+                | Error::Storage(_) => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn codes_lists_every_code_with_its_status_once() {
+        let errors = one_of_each();
+        let listed: Vec<(&str, u16)> = errors
+            .iter()
+            .map(|error| (error.code(), error.http_status()))
+            .collect();
+        assert_eq!(
+            listed,
+            Error::CODES.to_vec(),
+            "Error::CODES must list each variant's code and status, in declaration order"
+        );
+        let mut codes: Vec<&str> = listed.iter().map(|(code, _)| *code).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(
+            codes.len(),
+            Error::CODES.len(),
+            "each code names one variant"
+        );
     }
 }

@@ -35,6 +35,8 @@
 //! - [`stats`]: what the engine counts and measures, emitted through the `metrics` facade and
 //!   read back as [`Stats`].
 //! - [`subscription`]: [`MessageStream`], following a session's messages as they commit.
+//! - `openapi` (feature `openapi`): OpenAPI schemas of the wire types whose JSON is written by
+//!   hand; the others derive `utoipa::ToSchema`.
 //! - `session`: the session actor, the only code that changes a session.
 //! - `writer`: the writer stage that combines many sessions' batches into one transaction.
 //! - `store`: the SQLite and PostgreSQL backends and their migrations.
@@ -58,6 +60,8 @@ mod handle;
 mod idempotency;
 mod members;
 pub mod model;
+#[cfg(feature = "openapi")]
+mod openapi;
 mod retention;
 mod session;
 pub mod stats;

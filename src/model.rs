@@ -217,6 +217,7 @@ impl<'de> Deserialize<'de> for RawJson {
 /// The author of a chat message, as in the OpenAI chat format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Role {
     /// Instructions that frame the conversation.
     System,
@@ -277,11 +278,16 @@ impl FromStr for Role {
 /// one comparison and the one conversion between them. (`#[serde(flatten)]` would say the same
 /// without a macro, but a flattened struct is buffered by serde, which cannot hold the raw JSON
 /// fields, and it cannot deny unknown fields.) Every field but `role` is optional.
+///
+/// Each field names, after `as`, the schema its JSON has in the OpenAPI description (feature
+/// `openapi`): optional in both types, `null` accepted in a [`NewMessage`], never sent as `null`
+/// in a [`Message`] (an absent value is left out).
 macro_rules! message_types {
-    ($($(#[doc = $doc:literal])* $field:ident: $type:ty,)*) => {
+    ($($(#[doc = $doc:literal])* $field:ident: $type:ty as [$($schema:tt)+],)*) => {
         /// A message to append. `id` is the idempotency key: sending the same id again returns
         /// the sequence the message got the first time instead of storing it twice.
         #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
         #[serde(deny_unknown_fields)]
         pub struct NewMessage {
             /// Client-supplied message id (idempotency key); generated (UUIDv7) when absent.
@@ -292,6 +298,7 @@ macro_rules! message_types {
             $(
                 $(#[doc = $doc])*
                 #[serde(default, skip_serializing_if = "Option::is_none")]
+                #[cfg_attr(feature = "openapi", schema(value_type = Option<$($schema)+>))]
                 pub $field: Option<$type>,
             )*
             /// `in_progress` starts a draft: an assistant reply that takes its sequence now and
@@ -302,6 +309,7 @@ macro_rules! message_types {
 
         /// A stored message: what was appended, plus its place in the session.
         #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
         pub struct Message {
             /// Position in the session: 0, 1, 2, ... without gaps.
             pub seq: i64,
@@ -312,11 +320,13 @@ macro_rules! message_types {
             $(
                 $(#[doc = $doc])*
                 #[serde(default, skip_serializing_if = "Option::is_none")]
+                #[cfg_attr(feature = "openapi", schema(value_type = $($schema)+))]
                 pub $field: Option<$type>,
             )*
             /// Where the message stands: `completed`, or a draft `in_progress` (its content so
             /// far), or a draft that ended `incomplete` or `aborted`.
             #[serde(default)]
+            #[cfg_attr(feature = "openapi", schema(required = true))]
             pub status: MessageStatus,
             /// When the message was stored.
             pub created_at: DateTime<Utc>,
@@ -369,19 +379,19 @@ macro_rules! message_types {
 message_types! {
     /// The text, or typed parts. May be absent for an assistant message that only calls
     /// tools.
-    content: Content,
+    content: Content as [Content],
     /// Participant or function name.
-    name: String,
+    name: String as [String],
     /// Tool calls made by an assistant message (a JSON array).
-    tool_calls: RawJson,
+    tool_calls: RawJson as [Vec<Value>],
     /// The tool call a `tool` message answers.
-    tool_call_id: String,
+    tool_call_id: String as [String],
     /// A legacy function call made by an assistant message (a JSON object).
-    function_call: RawJson,
+    function_call: RawJson as [Object],
     /// The model's refusal text.
-    refusal: String,
+    refusal: String as [String],
     /// The client's own data about the message (a JSON object), stored and returned as sent.
-    metadata: RawJson,
+    metadata: RawJson as [Object],
 }
 
 /// Where a message stands. Every message is `completed` but a draft: an assistant reply
@@ -390,6 +400,7 @@ message_types! {
 /// (stopped on purpose).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum MessageStatus {
     /// Whole.
     #[default]
@@ -579,6 +590,7 @@ pub(crate) fn tool_call_ids(tool_calls: &RawJson) -> Vec<String> {
 /// A tool call an assistant message of the session made that no `tool` message has answered
 /// yet.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PendingToolCall {
     /// The call's id, which the answer names as its `tool_call_id`.
     pub id: String,
@@ -588,6 +600,7 @@ pub struct PendingToolCall {
 
 /// Token usage counters of a session; they only move by deltas.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Usage {
     /// Prompt (input) tokens.
     pub prompt_tokens: i64,

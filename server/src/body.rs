@@ -19,13 +19,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{FromRequest, Request};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, ErrorCode};
 
 /// Limits on what a request body may take.
 #[derive(Clone, Debug)]
@@ -110,16 +110,14 @@ impl<T: DeserializeOwned + BodyKind + Send> FromRequest<AppState> for JsonBody<T
 
 fn invalid_json(error: &serde_json::Error) -> ApiError {
     ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "invalid_input",
+        ErrorCode::InvalidInput,
         format!("invalid JSON body: {error}"),
     )
 }
 
 fn too_large(limit: usize) -> ApiError {
     ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "too_large",
+        ErrorCode::TooLarge,
         format!("the request body is larger than this route's limit of {limit} bytes"),
     )
 }
@@ -143,15 +141,13 @@ async fn read_body(
             });
         if !json {
             return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+                ErrorCode::UnsupportedMediaType,
                 "the body must be JSON (content-type: application/json)",
             ));
         }
     } else {
         return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             "missing content-type: application/json",
         ));
     }
@@ -162,13 +158,7 @@ async fn read_body(
                 .to_str()
                 .ok()
                 .and_then(|text| text.parse::<u64>().ok())
-                .ok_or_else(|| {
-                    ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_input",
-                        "invalid content-length",
-                    )
-                })?,
+                .ok_or_else(|| ApiError::new(ErrorCode::InvalidInput, "invalid content-length"))?,
         ),
     };
     if declared.is_some_and(|length| length > limit as u64) {
@@ -188,8 +178,7 @@ async fn read_body(
         // limit is the server being busy with other large bodies.
         _ => {
             return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "busy",
+                ErrorCode::Busy,
                 "too many large request bodies in flight; retry",
             ));
         }
@@ -211,8 +200,7 @@ async fn read_body(
         let frame = match tokio::time::timeout_at(deadline_for(expected), body.frame()).await {
             Err(_) => {
                 return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "body_timeout",
+                    ErrorCode::BodyTimeout,
                     format!(
                         "the request body arrived slower than {} bytes per second",
                         limits.min_bytes_per_second
@@ -222,8 +210,7 @@ async fn read_body(
             Ok(None) => break,
             Ok(Some(Err(error))) => {
                 return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_input",
+                    ErrorCode::InvalidInput,
                     format!("the request body could not be read: {error}"),
                 ));
             }

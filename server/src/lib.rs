@@ -14,6 +14,8 @@
 //!   the server's own (requests by route and status, errors by code).
 //! - `malformed`: the JSON error for requests hyper answers itself (malformed or too large
 //!   heads).
+//! - `openapi`: the OpenAPI 3.1 description ([`openapi()`]), served at `GET /openapi.json`;
+//!   each handler's `#[utoipa::path]` attribute both routes it and describes it.
 //! - [`serve()`]: the accept loop, with the connection cap, timeouts and bounded drain.
 //! - [`cluster`]: forwarding commands to the process that owns their session: the peers'
 //!   protocol on the ordinary listener, both its sides.
@@ -25,6 +27,7 @@ mod error;
 mod limit;
 mod malformed;
 pub mod metrics;
+mod openapi;
 mod serve;
 
 use std::convert::Infallible;
@@ -38,9 +41,8 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use soloist::uuid::Uuid;
 use soloist::{
     AddUsage, AppendDeltas, AppendMessages, Appended, CreateSession, DeleteSession, DeltasAppended,
@@ -56,10 +58,11 @@ use tower_http::request_id::{
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 pub use body::{BodyBudget, BodyLimits, JsonBody};
-pub use error::ApiError;
+pub use error::{ApiError, ErrorCode};
 pub use limit::UserLimits;
 pub use metrics::{install as install_metrics, spawn_upkeep as spawn_metrics_upkeep};
 pub use metrics_exporter_prometheus::PrometheusHandle;
+pub use openapi::openapi_json;
 pub use serve::{ServeConfig, ServeReport, default_max_connections, open_file_limit, serve};
 
 use api::{
@@ -67,6 +70,13 @@ use api::{
     ListQuery, PageQuery, SessionListBody, SessionPageBody, SessionSummary, UpdateBody,
     UsageDeltaBody,
 };
+use openapi::{
+    AppendErrors, CreateErrors, DeleteErrors, DeltaEvent, DeltasErrors, EraseAllErrors,
+    EventsErrors, FinishErrors, Health, HealthErrors, HealthMember, HealthStatus, LastEventId,
+    ListErrors, PlainErrors, ReadErrors, UpdateErrors, UsageErrors,
+};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -126,37 +136,12 @@ pub fn app(state: AppState) -> Router {
         let limits = state.bodies.limits();
         limits.append_bytes.max(limits.session_bytes)
     };
-    let routes = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics::render))
-        .route("/v1/sessions", post(create_session).get(list_sessions))
-        .route(
-            "/v1/sessions/{id}",
-            get(get_session)
-                .patch(update_session)
-                .delete(delete_session),
-        )
-        .route("/v1/sessions/{id}/messages", post(append_messages))
-        .route("/v1/sessions/{id}/usage", post(add_usage))
-        .route(
-            "/v1/sessions/{id}/messages/{message_id}/deltas",
-            post(append_deltas),
-        )
-        .route(
-            "/v1/sessions/{id}/messages/{message_id}/finish",
-            post(finish_message),
-        )
-        .route("/v1/sessions/{id}/events", get(events))
-        .route("/v1/sessions/{id}/export", get(export_session))
-        .route(
-            "/v1/users/me/sessions",
-            axum::routing::delete(erase_my_sessions),
-        )
+    let (routes, _) = routes().split_for_parts();
+    let routes = routes
         .fallback(|| async { ApiError::unknown_route() })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ErrorCode::MethodNotAllowed,
                 "this route does not take that method",
             )
         })
@@ -164,6 +149,32 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(metrics::record_request))
         .with_state(state);
     with_edge(routes)
+}
+
+/// Every route, each registered from its handler's `#[utoipa::path]` attribute, which also
+/// describes it: a route cannot be served without being in the description, nor described
+/// under another path or method than it is served at. Handlers of one path go in one
+/// `routes!`.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(<openapi::ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_document))
+        .routes(routes!(create_session, list_sessions))
+        .routes(routes!(get_session, update_session, delete_session))
+        .routes(routes!(append_messages))
+        .routes(routes!(add_usage))
+        .routes(routes!(append_deltas))
+        .routes(routes!(finish_message))
+        .routes(routes!(events))
+        .routes(routes!(export_session))
+        .routes(routes!(erase_my_sessions))
+}
+
+/// The API's OpenAPI 3.1 description, as [`app`] serves it at `GET /openapi.json`
+/// ([`openapi_json`] is the served text).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().into_openapi()
 }
 
 /// Where an export stands between two chunks of its body.
@@ -178,10 +189,29 @@ enum Export {
     Done,
 }
 
-/// `GET /v1/sessions/{id}/export`: the session as NDJSON, in memory bounded by one page: a line
-/// with the session (as `GET` shows it, without messages), then a line per message in sequence
-/// order (drafts with their content so far), read `max_page_size` at a time. A failure midway
-/// ends the body with an `{"error": ...}` line, so a cut export never passes for a whole one.
+/// Export a session as NDJSON.
+///
+/// A line with the session (`SessionSummary`, as `GET` shows it without messages), then a
+/// line per message (`Message`) in sequence order, drafts with their content so far. The
+/// server reads it a page at a time, so any size streams in bounded memory. A failure midway
+/// ends the body with an error line (`ErrorBody`), so a cut export never passes for a whole
+/// one.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}/export",
+    tag = "sessions",
+    params(UserId, SessionPath),
+    responses(
+        (
+            status = 200,
+            description = "One JSON value per line: the session (`SessionSummary`), then each \
+                message (`Message`) in order; an `ErrorBody` line ends a body cut short.",
+            content_type = "application/x-ndjson",
+            body = String,
+        ),
+        ReadErrors,
+    ),
+)]
 async fn export_session(
     State(state): State<AppState>,
     UserId(user_id): UserId,
@@ -235,7 +265,10 @@ async fn export_session(
             };
             Some((Ok::<_, Infallible>(chunk), next))
         }
-    });
+    })
+    // Ended stays ended: the compression layer's encoder polls the body again after its end,
+    // and `unfold` panics when polled past it (which cut a gzip export before its end).
+    .fuse();
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
         axum::body::Body::from_stream(body),
@@ -320,8 +353,7 @@ fn panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
         .unwrap_or_default();
     tracing::error!(panic = %detail, "a request's handler panicked");
     ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
+        ErrorCode::Internal,
         "the server failed on this request; it was not applied unless a retry says otherwise",
     )
     .into_response()
@@ -355,29 +387,25 @@ impl UserId {
         let (Some(value), None) = (values.next(), values.next()) else {
             if parts.headers.contains_key("x-user-id") {
                 return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_input",
+                    ErrorCode::InvalidInput,
                     "several x-user-id headers; send exactly one",
                 ));
             }
             return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
+                ErrorCode::Unauthenticated,
                 "missing x-user-id header",
             ));
         };
         let bytes = value.as_bytes();
         if bytes.is_empty() {
             return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
+                ErrorCode::Unauthenticated,
                 "empty x-user-id header",
             ));
         }
         if bytes.len() > MAX_USER_ID_BYTES || !bytes.iter().all(|byte| byte.is_ascii_graphic()) {
             return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_input",
+                ErrorCode::InvalidInput,
                 "x-user-id must be 1 to 1024 characters of visible ASCII (no spaces)",
             ));
         }
@@ -415,11 +443,7 @@ impl<S: Send + Sync> FromRequestParts<S> for MessagePath {
 }
 
 fn path_rejection(rejection: PathRejection) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "invalid_input",
-        rejection.body_text(),
-    )
+    ApiError::new(ErrorCode::InvalidInput, rejection.body_text())
 }
 
 /// The value of a header that may appear at most once; several are a 400.
@@ -428,8 +452,7 @@ fn single_header<'a>(parts: &'a Parts, name: &str) -> Result<Option<&'a str>, Ap
     let (first, second) = (values.next(), values.next());
     if second.is_some() {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_input",
+            ErrorCode::InvalidInput,
             format!("several {name} headers; send one"),
         ));
     }
@@ -437,8 +460,7 @@ fn single_header<'a>(parts: &'a Parts, name: &str) -> Result<Option<&'a str>, Ap
         .map(|value| {
             value.to_str().map_err(|_| {
                 ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_input",
+                    ErrorCode::InvalidInput,
                     format!("the {name} header must be visible ASCII"),
                 )
             })
@@ -483,8 +505,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
             .map(|version| IfMatch(Some(version)))
             .ok_or_else(|| {
                 ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_input",
+                    ErrorCode::InvalidInput,
                     "If-Match takes one ETag of this session, such as \"7\", or *",
                 )
             })
@@ -506,33 +527,89 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Que
 }
 
 fn query_rejection(rejection: QueryRejection) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "invalid_input",
-        rejection.body_text(),
-    )
+    ApiError::new(ErrorCode::InvalidInput, rejection.body_text())
 }
 
-/// `GET /healthz`: 200 `{"status": "ok", "member": {"id", "address"}, "members": [...]}` while
-/// serving (`member` is `null` when this process is not a member; `members` are the live
-/// members as this process last read them, itself included), 503 while draining.
+/// Health.
+///
+/// 200 while serving, with this process's place in the cluster (`member` is `null` when this
+/// process is not a member; `members` are the live members as this process last read them,
+/// itself included); 503 `shutting_down` while draining.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "Serving.", body = Health), HealthErrors),
+)]
 async fn healthz(State(state): State<AppState>) -> Response {
     if state.shutdown.is_cancelled() {
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "draining")
-            .into_response();
+        return ApiError::new(ErrorCode::ShuttingDown, "draining").into_response();
     }
     let engine = &state.engine;
     let member = engine
         .config()
         .advertise_url
         .as_ref()
-        .map(|address| serde_json::json!({"id": engine.instance_id(), "address": address}));
-    let members: Vec<_> = engine
+        .map(|address| HealthMember {
+            id: engine.instance_id(),
+            address: address.clone(),
+        });
+    let members = engine
         .member_view()
         .into_iter()
-        .map(|member| serde_json::json!({"id": member.id, "address": member.address}))
+        .map(|member| HealthMember {
+            id: member.id,
+            address: member.address,
+        })
         .collect();
-    Json(serde_json::json!({"status": "ok", "member": member, "members": members})).into_response()
+    Json(Health {
+        status: HealthStatus::Ok,
+        member,
+        members,
+    })
+    .into_response()
+}
+
+/// Metrics.
+///
+/// The engine's and the server's metrics in the Prometheus text format (404 when the server
+/// runs without an exporter).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (
+            status = 200,
+            description = "Prometheus text format 0.0.4.",
+            content_type = "text/plain; version=0.0.4",
+            body = String,
+        ),
+        PlainErrors,
+    ),
+)]
+async fn metrics(state: State<AppState>) -> Response {
+    metrics::render(state).await
+}
+
+/// This description.
+///
+/// The OpenAPI 3.1 description of this API (the same text as `docs/openapi.json`).
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The OpenAPI document.", body = Object),
+        PlainErrors,
+    ),
+)]
+async fn openapi_document() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        openapi_json(),
+    )
+        .into_response()
 }
 
 /// A session answer with its version as the `ETag`, for `If-Match` on the next write.
@@ -546,10 +623,38 @@ fn with_etag(status: StatusCode, version: i64, body: impl serde::Serialize) -> R
     response
 }
 
-/// `POST /v1/sessions`. The server chooses the session's id: a client that could choose one
-/// could try another user's id and learn from the answer that it exists. A create is made
-/// retryable with an `Idempotency-Key` instead: its id is then derived from the user and the
-/// key, so each user's keys name sessions of their own, and a retry reaches the same session.
+/// Create a session.
+///
+/// The server chooses the session's id (a body with `id` is `invalid_input`): a client that
+/// could choose one could try another user's id and learn from the answer that it exists. A
+/// create is made retryable with an `Idempotency-Key` instead: its id is then derived from the
+/// user and the key, so each user's keys name sessions of their own, and a retry reaches the
+/// same session and gets the first answer.
+#[utoipa::path(
+    post,
+    path = "/v1/sessions",
+    tag = "sessions",
+    params(UserId, IdempotencyKey),
+    request_body = CreateBody,
+    responses(
+        (
+            status = 201,
+            description = "Created (a retry with the same `Idempotency-Key` gets this answer \
+                again).",
+            body = SessionSummary,
+            headers(("ETag" = String, description = "The session's version, quoted (such as \
+                `\"7\"`): send it back as `If-Match` to make a write conditional on it.")),
+        ),
+        (
+            status = 200,
+            description = "The session existed already.",
+            body = SessionSummary,
+            headers(("ETag" = String, description = "The session's version, quoted (such as \
+                `\"7\"`): send it back as `If-Match` to make a write conditional on it.")),
+        ),
+        CreateErrors,
+    ),
+)]
 async fn create_session(
     State(state): State<AppState>,
     UserId(user_id): UserId,
@@ -558,8 +663,7 @@ async fn create_session(
 ) -> Result<Response, ApiError> {
     if body.id.is_some() {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_input",
+            ErrorCode::InvalidInput,
             "`id` is not accepted: the server chooses session ids; send an Idempotency-Key \
              header to make a create retryable",
         ));
@@ -588,6 +692,23 @@ async fn create_session(
     ))
 }
 
+/// Append messages.
+///
+/// Stored in the order sent at consecutive sequences, answered once durable. A message's `id`
+/// makes it idempotent: one stored before under the same id is not stored again, and its
+/// sequence is answered. A message with `status: in_progress` starts a draft (see `deltas` and
+/// `finish`).
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/messages",
+    tag = "messages",
+    params(UserId, SessionPath, IfMatch),
+    request_body = AppendBody,
+    responses(
+        (status = 200, description = "Stored.", body = Appended),
+        AppendErrors,
+    ),
+)]
 async fn append_messages(
     State(state): State<AppState>,
     UserId(user_id): UserId,
@@ -608,6 +729,25 @@ async fn append_messages(
     Ok(Json(appended))
 }
 
+/// Read a session.
+///
+/// The session and a page of its messages, in sequence order, after `after_seq`.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}",
+    tag = "sessions",
+    params(UserId, SessionPath, PageQuery),
+    responses(
+        (
+            status = 200,
+            description = "The session and a page of its messages.",
+            body = SessionPageBody,
+            headers(("ETag" = String, description = "The session's version, quoted (such as \
+                `\"7\"`): send it back as `If-Match` to make a write conditional on it.")),
+        ),
+        ReadErrors,
+    ),
+)]
 async fn get_session(
     State(state): State<AppState>,
     UserId(user_id): UserId,
@@ -632,6 +772,19 @@ async fn get_session(
     ))
 }
 
+/// List sessions.
+///
+/// The caller's sessions, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions",
+    tag = "sessions",
+    params(UserId, ListQuery),
+    responses(
+        (status = 200, description = "A page of sessions.", body = SessionListBody),
+        ListErrors,
+    ),
+)]
 async fn list_sessions(
     State(state): State<AppState>,
     UserId(user_id): UserId,
@@ -649,8 +802,27 @@ async fn list_sessions(
     Ok(Json(SessionListBody::from(list)))
 }
 
-/// `PATCH`: the title and/or the metadata are replaced by the ones sent (metadata is replaced
-/// whole, not merged); absent fields stay as they are.
+/// Update a session.
+///
+/// The title and/or the metadata are replaced by the ones sent (metadata is replaced whole,
+/// not merged); absent fields stay as they are.
+#[utoipa::path(
+    patch,
+    path = "/v1/sessions/{id}",
+    tag = "sessions",
+    params(UserId, SessionPath, IfMatch, IdempotencyKey),
+    request_body = UpdateBody,
+    responses(
+        (
+            status = 200,
+            description = "Updated.",
+            body = SessionSummary,
+            headers(("ETag" = String, description = "The session's version, quoted (such as \
+                `\"7\"`): send it back as `If-Match` to make a write conditional on it.")),
+        ),
+        UpdateErrors,
+    ),
+)]
 async fn update_session(
     State(state): State<AppState>,
     UserId(user_id): UserId,
@@ -679,6 +851,20 @@ async fn update_session(
     ))
 }
 
+/// Add token usage.
+///
+/// Adds the tokens sent to the session's totals and answers the new totals.
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/usage",
+    tag = "sessions",
+    params(UserId, SessionPath, IdempotencyKey),
+    request_body = UsageDeltaBody,
+    responses(
+        (status = 200, description = "The session's totals.", body = Usage),
+        UsageErrors,
+    ),
+)]
 async fn add_usage(
     State(state): State<AppState>,
     UserId(user_id): UserId,
@@ -699,6 +885,21 @@ async fn add_usage(
     Ok(Json(usage))
 }
 
+/// Grow a draft.
+///
+/// Appends text to a draft (a message appended `in_progress`) at byte offsets of its content,
+/// answered once durable. Text already there at its offset is a resend and changes nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/messages/{message_id}/deltas",
+    tag = "messages",
+    params(UserId, MessagePath),
+    request_body = DeltasBody,
+    responses(
+        (status = 200, description = "The draft's length now.", body = DeltasAppended),
+        DeltasErrors,
+    ),
+)]
 async fn append_deltas(
     State(state): State<AppState>,
     UserId(user_id): UserId,
@@ -717,6 +918,21 @@ async fn append_deltas(
     Ok(Json(appended))
 }
 
+/// Finish a draft.
+///
+/// Ends a draft `completed`, `incomplete` or `aborted`, with what only its end knows (tool
+/// calls, a refusal, usage); answers the message as finished.
+#[utoipa::path(
+    post,
+    path = "/v1/sessions/{id}/messages/{message_id}/finish",
+    tag = "messages",
+    params(UserId, MessagePath),
+    request_body = FinishBody,
+    responses(
+        (status = 200, description = "The finished message.", body = Message),
+        FinishErrors,
+    ),
+)]
 async fn finish_message(
     State(state): State<AppState>,
     UserId(user_id): UserId,
@@ -738,8 +954,19 @@ async fn finish_message(
     Ok(Json(finished.message))
 }
 
-/// `DELETE`: the session and its messages; with `?erase=true` its title, metadata, usage and
-/// idempotency records too (the owner may erase a session already deleted: 204 again).
+/// Delete a session.
+///
+/// The session and its messages are gone; its id is never reused. With `?erase=true` its
+/// title, metadata, usage and idempotency records are erased too (a plain delete keeps them
+/// with the session's tombstone); the owner may erase a session already deleted, and again
+/// (204 each time).
+#[utoipa::path(
+    delete,
+    path = "/v1/sessions/{id}",
+    tag = "sessions",
+    params(UserId, SessionPath, IfMatch, IdempotencyKey, DeleteQuery),
+    responses((status = 204, description = "Deleted."), DeleteErrors),
+)]
 async fn delete_session(
     State(state): State<AppState>,
     UserId(user_id): UserId,
@@ -762,8 +989,23 @@ async fn delete_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `DELETE /v1/users/me/sessions`: erases every session of the caller (see
-/// [`Engine::erase_user_sessions`]); `200 {"erased": n}`, `n` 0 once nothing is left.
+/// Erase all my sessions.
+///
+/// Erases every session of the caller, live or deleted: messages, title, metadata, usage and
+/// idempotency records (each session's row stays as a tombstone holding its id, owner and
+/// times, so that its id is never reused). Idempotent: once nothing is left it answers
+/// `{"erased": 0}`. Sessions created while it runs may be left; on an error some sessions may
+/// have been erased: call again.
+#[utoipa::path(
+    delete,
+    path = "/v1/users/me/sessions",
+    tag = "sessions",
+    params(UserId),
+    responses(
+        (status = 200, description = "How many sessions this call erased.", body = ErasedBody),
+        EraseAllErrors,
+    ),
+)]
 async fn erase_my_sessions(
     State(state): State<AppState>,
     UserId(user_id): UserId,
@@ -772,25 +1014,37 @@ async fn erase_my_sessions(
     Ok(Json(ErasedBody { erased }))
 }
 
-/// The data of a `message.delta` event.
-#[derive(serde::Serialize)]
-struct DeltaEvent<'a> {
-    seq: i64,
-    offset: u64,
-    content: &'a str,
-}
-
+/// Follow a session.
+///
 /// Server-Sent Events: the stored messages after `after_seq` (or after the `Last-Event-ID` a
 /// reconnecting client sends), then each new message as it commits, and the drafts among them
-/// as they grow and end:
-/// - `message`: a new message, whole (its JSON);
-/// - `message.created`: a new draft, with its content so far;
-/// - `message.delta`: `{"seq", "offset", "content"}`, text a draft grew by, once durable;
-/// - `message.finished`: a draft as it ended.
+/// as they grow and end. Events:
+/// - `message`: a new message, whole (`Message`);
+/// - `message.created`: a new draft, with its content so far (`Message`);
+/// - `message.delta`: text a draft grew by, once durable (`DeltaEvent`);
+/// - `message.finished`: a draft as it ended (`Message`);
+/// - `error`: the stream ends (the session was deleted, the server is stopping; `ErrorBody`).
 ///
-/// Each event's id is the stream's [`Position`] after it (`7`, `7:120`, `8/7:120`), so a
-/// client that reconnects with it resumes exactly: the messages after it, and the rest of an
-/// open draft from the byte it stopped at, with no gap and no repeat.
+/// Each event's `id` is the stream's position after it (`7`, `7:120`, `8/7:120`), so a client
+/// that reconnects with it as `Last-Event-ID` resumes exactly: the messages after it, and the
+/// rest of an open draft from the byte it stopped at, with no gap and no repeat. A comment
+/// line keeps the connection alive every 15 s.
+#[utoipa::path(
+    get,
+    path = "/v1/sessions/{id}/events",
+    tag = "events",
+    params(UserId, SessionPath, EventsQuery, LastEventId),
+    responses(
+        (
+            status = 200,
+            description = "An endless `text/event-stream`; see the operation's description \
+                for its events.",
+            content_type = "text/event-stream",
+            body = String,
+        ),
+        EventsErrors,
+    ),
+)]
 async fn events(
     State(state): State<AppState>,
     UserId(user_id): UserId,
@@ -804,8 +1058,7 @@ async fn events(
     {
         Some(id) => Some(id.trim().parse::<Position>().map_err(|_| {
             ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_input",
+                ErrorCode::InvalidInput,
                 "Last-Event-ID is not an event id of this stream",
             )
         })?),

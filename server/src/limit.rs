@@ -5,11 +5,10 @@
 
 use std::num::NonZeroU32;
 
-use axum::http::StatusCode;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use crate::ApiError;
+use crate::{ApiError, ErrorCode};
 
 /// The buckets of every user seen lately.
 #[derive(Debug)]
@@ -37,8 +36,7 @@ impl UserLimits {
                 // Whole seconds, rounded up: a client that waits that long gets through.
                 let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                 Err(ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
+                    ErrorCode::RateLimited,
                     format!("too many requests from this user; retry in {seconds} s"),
                 )
                 .with_retry_after(seconds.max(1)))

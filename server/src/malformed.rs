@@ -8,7 +8,7 @@
 
 use axum::http::StatusCode;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 
 /// The most a request head (request line and header fields) may take (hyper's
 /// `max_header_size`); a longer one is answered 431.
@@ -17,14 +17,11 @@ pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// hyper's limit on a request's header fields; more are answered 431 too.
 const MAX_HEADER_FIELDS: usize = 100;
 
-/// The statuses hyper answers a request head with, and their error codes.
-const AUTOMATIC: [(StatusCode, &str); 3] = [
-    (StatusCode::BAD_REQUEST, "invalid_request"),
-    (StatusCode::URI_TOO_LONG, "uri_too_long"),
-    (
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        "headers_too_large",
-    ),
+/// The error codes of the statuses hyper answers a request head with.
+const AUTOMATIC: [ErrorCode; 3] = [
+    ErrorCode::InvalidRequest,
+    ErrorCode::UriTooLong,
+    ErrorCode::HeadersTooLarge,
 ];
 
 /// The length of an IMF-fixdate (`Mon, 30 Nov 2026 13:06:53 GMT`), the value of hyper's `date`.
@@ -37,7 +34,7 @@ pub(crate) struct Automatic<'a> {
     pub(crate) start: usize,
     version: &'a [u8],
     status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     date: &'a [u8],
 }
 
@@ -58,7 +55,8 @@ pub(crate) fn automatic_answer(written: &[u8]) -> Option<Automatic<'_>> {
     let rest = rest.strip_suffix(b"content-length: 0\r\ndate: ")?;
     let rest = rest.strip_suffix(b"connection: close\r\n").unwrap_or(rest);
     let rest = rest.strip_suffix(b"\r\n")?;
-    AUTOMATIC.into_iter().find_map(|(status, code)| {
+    AUTOMATIC.into_iter().find_map(|code| {
+        let status = code.status();
         let reason = status.canonical_reason()?;
         let rest = rest
             .strip_suffix(reason.as_bytes())?
@@ -90,9 +88,7 @@ impl Automatic<'_> {
             ),
             _ => "malformed HTTP request".to_owned(),
         };
-        let body = ApiError::new(self.status, self.code, message)
-            .body()
-            .to_string();
+        let body = ApiError::new(self.code, message).body().to_string();
         let mut answer = Vec::with_capacity(160 + body.len());
         answer.extend_from_slice(self.version);
         answer.extend_from_slice(

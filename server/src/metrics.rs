@@ -90,12 +90,8 @@ pub fn record_error(code: &'static str) {
 /// without an exporter, as a program embedding the router may be).
 pub async fn render(State(state): State<AppState>) -> Response {
     let Some(handle) = &state.metrics else {
-        return crate::ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "not_found",
-            "this server exports no metrics",
-        )
-        .into_response();
+        return crate::ApiError::new(crate::ErrorCode::NotFound, "this server exports no metrics")
+            .into_response();
     };
     state.engine.stats().publish();
     (

@@ -55,6 +55,7 @@ use tower_service::Service;
 use tracing::{debug, info, warn};
 
 use crate::cluster::{Inbound, PREFACE};
+use crate::error::{ApiError, ErrorCode};
 use crate::malformed::{MAX_HEAD_BYTES, automatic_answer};
 
 /// Descriptors kept back from the connection cap for everything else the process opens: the
@@ -722,11 +723,16 @@ impl AsyncWrite for Lingering {
 
 /// Answers a connection that cannot be served with a 503 and closes it.
 async fn refuse(mut stream: TcpStream) {
-    const BODY: &str = r#"{"error":{"code":"too_many_connections","message":"the server has too many connections with requests in flight; retry later"}}"#;
+    let body = ApiError::new(
+        ErrorCode::TooManyConnections,
+        "the server has too many connections with requests in flight; retry later",
+    )
+    .body()
+    .to_string();
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{BODY}",
-        BODY.len()
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
     );
     let answer = async {
         stream.write_all(response.as_bytes()).await?;

@@ -83,3 +83,54 @@ async fn an_export_is_the_session_then_every_message_in_order() {
         "like a missing session"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_export_ends_whole() {
+    // The gzip encoder polls the body once more after its end; the export's stream must answer
+    // "ended" again, not panic (which cut the connection before the answer's end).
+    let server = Server::sqlite(&["--max-page-size", "10"]);
+    let client = client();
+    let session = create(&client, &server, "alice").await;
+    let messages: Vec<Value> = (0..25)
+        .map(|index| json!({"role": "user", "content": format!("m{index}")}))
+        .collect();
+    let (status, body) = post(
+        &client,
+        &server,
+        &format!("/v1/sessions/{session}/messages"),
+        "alice",
+        &json!({ "messages": messages }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let export = |gzip: bool| {
+        let mut request = client
+            .get(server.url(&format!("/v1/sessions/{session}/export")))
+            .header("x-user-id", "alice");
+        if gzip {
+            request = request.header("accept-encoding", "gzip");
+        }
+        request.send()
+    };
+    let plain = export(false)
+        .await
+        .expect("export")
+        .bytes()
+        .await
+        .expect("body");
+    let compressed = export(true).await.expect("export");
+    assert_eq!(compressed.status(), StatusCode::OK);
+    assert_eq!(
+        compressed
+            .headers()
+            .get("content-encoding")
+            .and_then(|value| value.to_str().ok()),
+        Some("gzip")
+    );
+    let bytes = compressed.bytes().await.expect("the whole compressed body");
+    let mut text = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut text)
+        .expect("a whole gzip stream");
+    assert_eq!(text, plain, "the same export, compressed");
+    assert_eq!(String::from_utf8_lossy(&text).lines().count(), 1 + 25);
+}

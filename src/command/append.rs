@@ -36,6 +36,7 @@ pub struct AppendMessages {
 /// What starting a draft does while another streams in the session.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum OnBusy {
     /// Refuse the append: [`Error::TurnInProgress`].
     #[default]
@@ -50,8 +51,9 @@ impl OnBusy {
     }
 }
 
-/// The answer to [`AppendMessages`]: each message's sequence, in the order sent.
+/// The answer to an append: each message's sequence, in the order sent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Appended {
     /// Sequence of each message.
     pub sequences: Vec<i64>,

@@ -19,6 +19,7 @@ pub const MAX_DELTAS: usize = 1024;
 
 /// Text for a draft, at a byte offset of its content.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Delta {
     /// Bytes of the draft's content before this text (UTF-8). It makes a delta idempotent:
     /// text already there at this offset is a resend and changes nothing.
@@ -40,8 +41,9 @@ pub struct AppendDeltas {
     pub deltas: Vec<Delta>,
 }
 
-/// The answer to [`AppendDeltas`]: the draft's content length in bytes, with the deltas.
+/// The answer to appending deltas: the draft's content length in bytes, with the deltas.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeltasAppended {
     /// Bytes of the draft's content now.
     pub length: u64,
