@@ -9,7 +9,8 @@
 //! the SDK's batch processor runs on a thread of its own and hands each export to the runtime.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderValue};
@@ -34,6 +35,9 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// How long one export may take, connecting included.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the shutdown waits for the last export.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The largest collector answer read; OTLP answers are a few bytes (or an error message).
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -113,12 +117,14 @@ impl Traces {
         Ok((layer, Traces { provider }))
     }
 
-    /// Exports the spans still queued (waiting up to the export timeout) and stops the
-    /// pipeline. Spans closed afterwards are dropped.
+    /// Exports the spans still queued (waiting at most 5 s) and stops the pipeline. Spans
+    /// closed afterwards are dropped.
     pub async fn shutdown(self) {
         // Blocking, and the export it waits for runs on the runtime: off its worker threads.
         let provider = self.provider;
-        match tokio::task::spawn_blocking(move || provider.shutdown()).await {
+        match tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT))
+            .await
+        {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::warn!(%error, "OTLP export: the last spans were not sent"),
             Err(error) => tracing::warn!(%error, "OTLP export: shutdown failed"),
@@ -176,18 +182,42 @@ pub(crate) async fn trace_response(mut response: Response) -> Response {
 }
 
 /// The exporter's HTTP client: hyper's pool (HTTP/1, plain TCP), each request run on the
-/// server's runtime, since the batch processor's thread has none.
+/// server's runtime, since the batch processor's thread has none. Failed exports are logged at
+/// `warn`, at most once a minute.
 #[derive(Debug)]
 struct Transport {
     client: Client<HttpConnector, Full<Bytes>>,
     runtime: tokio::runtime::Handle,
+    /// When a failure was last logged, and the failures since.
+    failures: Mutex<(Option<Instant>, u64)>,
 }
+
+/// How often a failing export is logged at most.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Transport {
     fn new(runtime: tokio::runtime::Handle) -> Self {
         Self {
             client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
             runtime,
+            failures: Mutex::new((None, 0)),
+        }
+    }
+
+    /// Counts a failed export, and logs it unless one was logged within the interval.
+    fn failed(&self, error: &dyn std::fmt::Display) {
+        let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let (last, count) = &mut *failures;
+        *count += 1;
+        if last.is_none_or(|last| last.elapsed() >= FAILURE_LOG_INTERVAL) {
+            // Outside any span (this thread has none), so it is logged, not exported.
+            tracing::warn!(
+                %error,
+                failures = *count,
+                "OTLP export failed; spans are lost until the collector answers"
+            );
+            *last = Some(Instant::now());
+            *count = 0;
         }
     }
 }
@@ -205,14 +235,40 @@ impl HttpClient for Transport {
             let body = Limited::new(body, MAX_ANSWER_BYTES).collect().await?;
             Ok(axum::http::Response::from_parts(parts, body.to_bytes()))
         };
-        self.runtime
+        let answer = self
+            .runtime
             .spawn(async move {
                 tokio::time::timeout(EXPORT_TIMEOUT, exchange)
                     .await
                     .map_err(HttpError::from)?
             })
-            .await?
+            .await
+            .map_err(HttpError::from)
+            .and_then(|answer| answer);
+        match &answer {
+            Ok(response) if !response.status().is_success() => {
+                self.failed(&format_args!(
+                    "the collector answered {}",
+                    response.status()
+                ));
+            }
+            Ok(_) => {}
+            Err(error) => self.failed(&with_causes(&**error)),
+        }
+        answer
     }
+}
+
+/// `error` and its causes, `: ` between them (hyper's errors say little without theirs).
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
 }
 
 #[cfg(test)]
