@@ -314,8 +314,8 @@ struct LimitArgs {
 #[command(next_help_heading = "Traces")]
 struct TraceArgs {
     /// Export the server's and the engine's spans over OTLP/HTTP (protobuf) to the collector at
-    /// this URL, e.g. `http://127.0.0.1:4318` (`/v1/traces` is added); a request's `traceparent`
-    /// header then becomes its span's parent. Default: no export.
+    /// this URL, e.g. `http://127.0.0.1:4318` (`/v1/traces` is added unless it ends with it); a
+    /// request's `traceparent` header then becomes its span's parent. Default: no export.
     #[arg(long, env = "SOLOIST_OTLP_ENDPOINT", value_name = "URL")]
     otlp_endpoint: Option<String>,
     /// The `service.name` of the exported spans.
@@ -647,6 +647,8 @@ mod tests {
             config.advertise_url.as_deref(),
             Some("http://127.0.0.1:8080")
         );
+        assert_eq!(args.traces.otlp_endpoint, None, "no span export by default");
+        assert_eq!(args.traces.otlp_service_name, "soloist-server");
     }
 
     #[test]
