@@ -19,6 +19,8 @@
 //! - [`serve()`]: the accept loop, with the connection cap, timeouts and bounded drain.
 //! - [`cluster`]: forwarding commands to the process that owns their session: the peers'
 //!   protocol on the ordinary listener, both its sides.
+//! - `otlp` (feature `otlp`): the spans exported over OTLP, the parent taken from
+//!   `traceparent`.
 
 mod api;
 mod body;
@@ -28,6 +30,8 @@ mod limit;
 mod malformed;
 pub mod metrics;
 mod openapi;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 mod serve;
 
 use std::convert::Infallible;
@@ -288,10 +292,20 @@ fn json_line(out: &mut Vec<u8>, value: &impl serde::Serialize) {
 /// request names it), the id sent back, a panicking handler answered `500 internal` in JSON
 /// (and logged) instead of a dropped connection, and the answer compressed when the client
 /// accepts gzip and it is worth it (never the event streams).
+///
+/// When spans are exported (`otlp::Traces::start` was called before), the request span's
+/// parent is the client's `traceparent`, and answers carry `traceresponse`.
 pub fn with_edge(router: Router) -> Router {
-    router
+    let router = router
         .layer(CompressionLayer::new())
-        .layer(CatchPanicLayer::custom(panicked))
+        .layer(CatchPanicLayer::custom(panicked));
+    #[cfg(feature = "otlp")]
+    let router = if otlp::enabled() {
+        router.layer(axum::middleware::map_response(otlp::trace_response))
+    } else {
+        router
+    };
+    router
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
             TraceLayer::new_for_http()
@@ -328,13 +342,26 @@ impl MakeRequestId for RequestIds {
     }
 }
 
-/// The span of one request: method, path and request id.
+/// The span of one request: method, path and request id; when spans are exported, a server
+/// span whose parent is the client's `traceparent`, if any.
 fn request_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
     let id = request
         .headers()
         .get("x-request-id")
         .and_then(|id| id.to_str().ok())
         .unwrap_or_default();
+    #[cfg(feature = "otlp")]
+    if otlp::enabled() {
+        let span = tracing::info_span!(
+            "request",
+            otel.kind = "server",
+            method = %request.method(),
+            path = %request.uri().path(),
+            request_id = %id
+        );
+        otlp::adopt_parent(&span, request.headers());
+        return span;
+    }
     tracing::info_span!(
         "request",
         method = %request.method(),

@@ -31,6 +31,8 @@ struct Args {
     cluster: ClusterArgs,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    traces: TraceArgs,
 }
 
 /// The engine's defaults, which the flags below show and keep.
@@ -333,6 +335,25 @@ struct LimitArgs {
     max_page_size: usize,
 }
 
+/// Span export (OpenTelemetry).
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Traces")]
+struct TraceArgs {
+    /// Export the server's and the engine's spans over OTLP/HTTP (protobuf) to the collector at
+    /// this URL, e.g. `http://127.0.0.1:4318` (`/v1/traces` is added unless it ends with it); a
+    /// request's `traceparent` header then becomes its span's parent. Default: no export.
+    #[arg(long, env = "SOLOIST_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// The `service.name` of the exported spans.
+    #[arg(
+        long,
+        env = "SOLOIST_OTLP_SERVICE_NAME",
+        default_value = "soloist-server",
+        value_name = "NAME"
+    )]
+    otlp_service_name: String,
+}
+
 impl Args {
     /// The engine's configuration from the flags; `address` is the one listened on.
     fn engine_config(&self, address: SocketAddr) -> EngineConfig {
@@ -409,19 +430,90 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve_until_stopped(args: Args) -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match run(args).await {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let traces = match &args.traces.otlp_endpoint {
+        None => {
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi)
+                .init();
+            None
+        }
+        Some(endpoint) => match export_traces(endpoint, &args.traces, filter, ansi) {
+            Ok(traces) => Some(traces),
+            Err(error) => {
+                eprintln!("soloist-server: {error}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+    };
+    let code = match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             error!(%error, "soloist-server failed");
             std::process::ExitCode::FAILURE
         }
+    };
+    // The spans of the shutdown itself included.
+    if let Some(traces) = traces {
+        traces.shutdown().await;
+    }
+    code
+}
+
+/// Installs the subscriber with two layers: the log lines as without export (filtered by
+/// `RUST_LOG`), and the spans (and the events within them) at `info` and above exported over
+/// OTLP, whatever `RUST_LOG` says.
+#[cfg(feature = "otlp")]
+fn export_traces(
+    endpoint: &str,
+    args: &TraceArgs,
+    filter: tracing_subscriber::EnvFilter,
+    ansi: bool,
+) -> Result<soloist_server::otlp::Traces, Box<dyn std::error::Error>> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    let (spans, traces) = soloist_server::otlp::Traces::start(
+        endpoint,
+        &args.otlp_service_name,
+        tokio::runtime::Handle::current(),
+    )?;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi)
+                .with_filter(filter),
+        )
+        .with(spans.with_filter(tracing_subscriber::filter::LevelFilter::INFO))
+        .try_init()?;
+    Ok(traces)
+}
+
+/// Without the `otlp` feature, `--otlp-endpoint` is refused.
+#[cfg(not(feature = "otlp"))]
+fn export_traces(
+    _: &str,
+    _: &TraceArgs,
+    _: tracing_subscriber::EnvFilter,
+    _: bool,
+) -> Result<NoTraces, Box<dyn std::error::Error>> {
+    Err("--otlp-endpoint: this build has no OTLP export (cargo feature `otlp`)".into())
+}
+
+/// The export pipeline of a build without the `otlp` feature: there is none.
+#[cfg(not(feature = "otlp"))]
+enum NoTraces {}
+
+#[cfg(not(feature = "otlp"))]
+impl NoTraces {
+    async fn shutdown(self) {
+        match self {}
     }
 }
 
@@ -590,6 +682,8 @@ mod tests {
             config.advertise_url.as_deref(),
             Some("http://127.0.0.1:8080")
         );
+        assert_eq!(args.traces.otlp_endpoint, None, "no span export by default");
+        assert_eq!(args.traces.otlp_service_name, "soloist-server");
     }
 
     #[test]
