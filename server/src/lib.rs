@@ -10,6 +10,7 @@
 //! - [`app`]: the router, built from an [`Engine`]; tests drive it directly or over TCP.
 //! - `api`: request and response bodies of the JSON API.
 //! - `error`: [`ApiError`], the mapping from engine errors and bad requests to HTTP.
+//! - `import`: `POST /v1/sessions/import`, an export's NDJSON back in.
 //! - [`metrics`]: the Prometheus exporter the engine's and the server's metrics go to, and
 //!   the server's own (requests by route and status, errors by code).
 //! - `malformed`: the JSON error for requests hyper answers itself (malformed or too large
@@ -22,6 +23,7 @@ mod api;
 mod body;
 pub mod cluster;
 mod error;
+mod import;
 mod limit;
 mod malformed;
 pub mod metrics;
@@ -129,6 +131,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics::render))
         .route("/v1/sessions", post(create_session).get(list_sessions))
+        .route("/v1/sessions/import", post(import::import_session))
         .route(
             "/v1/sessions/{id}",
             get(get_session)
