@@ -675,6 +675,22 @@ async fn an_import_is_bounded_and_checked_whole(db: TestDb) {
         plain(engine.import_session(negative).await),
         err(Error::invalid("usage", "token counts are never negative"))
     );
+    assert_eq!(
+        plain(
+            engine
+                .import_session(import_of(
+                    "alice",
+                    SessionId::from_uuid(Uuid::nil()),
+                    &info,
+                    plain_messages(1)
+                ))
+                .await
+        ),
+        err(Error::invalid(
+            "session_id",
+            "the nil UUID is not a session id"
+        ))
+    );
     let untitled = ImportSession {
         title: Some("\0".into()),
         ..import(plain_messages(1))

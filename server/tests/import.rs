@@ -322,7 +322,7 @@ async fn a_bad_line_is_refused_with_its_number_and_stores_nothing() {
 /// ```text
 /// cargo build --release -p soloist-server
 /// SOLOIST_SERVER_BIN=target/release/soloist-server \
-///     cargo test --release -p soloist-server --test import -- --ignored --nocapture
+///     cargo test -p soloist-server --test import -- --ignored --nocapture
 /// ```
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement; run by hand (see its doc)"]
@@ -390,16 +390,15 @@ async fn import_rate_and_memory() {
         took.as_secs_f64()
     );
     let started = Instant::now();
-    let (status, body, _) = import(
-        &client,
-        &server,
-        "alice",
-        export(&client, &server, &id.to_string(), "alice").await,
-    )
-    .await;
+    let exported = export(&client, &server, &id.to_string(), "alice").await;
+    let exporting = started.elapsed();
+    let started = Instant::now();
+    let (status, body, _) = import(&client, &server, "alice", exported).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     eprintln!(
-        "its export imported again (a repeat, every message compared): {:.2} s; server: {}",
+        "exported in {:.2} s, imported again (a repeat: every message read back and compared) \
+         in {:.2} s; server: {}",
+        exporting.as_secs_f64(),
         started.elapsed().as_secs_f64(),
         server.memory()
     );

@@ -20,10 +20,10 @@ use crate::session::stage::{Batch, StageWrite};
 ///
 /// - **Validation**: every message is checked as the append that could have stored it (the
 ///   same limits, roles, tool-call pairing, content rules; see [`ImportedMessage`]), plus: ids
-///   present and unique, `seq` (when given) equal to the message's position, at most
-///   [`Limits::max_import_messages`] messages. A draft `in_progress` is stored `incomplete`,
-///   with its content so far: nobody streams into an imported session (and it is what the
-///   draft timeout would make of it).
+///   present, unique and not nil (the session's too), `seq` (when given) equal to the
+///   message's position, at most [`Limits::max_import_messages`] messages. A draft
+///   `in_progress` is stored `incomplete`, with its content so far: nobody streams into an
+///   imported session (and it is what the draft timeout would make of it).
 /// - **Owner**: the caller, whoever owned the session where it was exported.
 /// - **Idempotent by ids**: importing into a session of the caller's that already holds every
 ///   message given, at the same sequence with the same content (as it stores them), changes
@@ -71,6 +71,12 @@ impl SessionCommand for ImportSession {
 
     fn validate(&mut self, limits: &Limits) -> Result<()> {
         check_user(&self.user_id, limits)?;
+        if self.session_id.as_uuid().is_nil() {
+            return Err(Error::invalid(
+                "session_id",
+                "the nil UUID is not a session id",
+            ));
+        }
         check_title_and_metadata(&self.title, &self.metadata, limits)?;
         self.metadata.get_or_insert_with(RawJson::empty_object);
         if self.usage.prompt_tokens < 0 || self.usage.completion_tokens < 0 {
