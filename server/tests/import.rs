@@ -314,6 +314,75 @@ async fn a_bad_line_is_refused_with_its_number_and_stores_nothing() {
     assert_eq!(contents, ["m0", "m1", "m2"]);
 }
 
+/// Two servers on one PostgreSQL database: imports sent to either reach their session's owner
+/// (large ones too, through the peers' protocol), and a repeat through the other answers 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_reaches_its_sessions_owner() {
+    let Some(db) = common::postgres_db().await else {
+        return;
+    };
+    let servers = [Server::start(&db.url, &[]), Server::start(&db.url, &[])];
+    let client = client();
+    for server in &servers {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, health) = send(client.get(server.url("/healthz"))).await;
+            if health["members"].as_array().map(Vec::len) == Some(2) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "members never both seen: {health}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Sixteen sessions: both servers own some of them, but for a chance of 2^-15.
+    for round in 0..16 {
+        let id = Uuid::now_v7();
+        let mut file = json!({"session_id": id, "title": "t", "message_count": 500}).to_string();
+        for seq in 0..500 {
+            let line = json!({"seq": seq, "id": Uuid::now_v7(), "role": "user", "content": format!("{seq:>1000}")});
+            file.push('\n');
+            file.push_str(&line.to_string());
+        }
+        let (via, other) = (&servers[round % 2], &servers[1 - round % 2]);
+        let (status, body, _) = import(&client, via, "alice", file.clone()).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let (status, body, _) = import(&client, other, "alice", file).await;
+        assert_eq!(status, StatusCode::OK, "a repeat through the other: {body}");
+        let (status, page) = get(
+            &client,
+            other,
+            &format!("/v1/sessions/{id}?fresh=true"),
+            "alice",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert_eq!(page["message_count"], 500);
+    }
+    let mut forwarded = 0.0;
+    for server in &servers {
+        let metrics = client
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        forwarded += metrics
+            .lines()
+            .filter(|line| line.starts_with("soloist_forwarded_total"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    assert!(
+        forwarded >= 1.0,
+        "no import went through the peers' protocol"
+    );
+}
+
 /// The import of one session of `SOLOIST_IMPORT_MESSAGES` messages (default 100,000) of ~45
 /// bytes of text, as an export writes them, on an SQLite file, or on PostgreSQL when
 /// `SOLOIST_IMPORT_POSTGRES` is set: the rate in messages per second and the server's memory
