@@ -33,6 +33,9 @@ pub struct Limits {
     /// or session carrying the field stays readable by JSON parsers with a recursion limit
     /// (serde_json's is 128).
     pub max_json_depth: usize,
+    /// Messages one import may carry; they are written in one transaction, so this bounds its
+    /// size (and how long it holds the writer). Default 100,000.
+    pub max_import_messages: usize,
 }
 
 impl Default for Limits {
@@ -44,6 +47,7 @@ impl Default for Limits {
             max_text_bytes: 1024,
             max_page_size: 1000,
             max_json_depth: 100,
+            max_import_messages: 100_000,
         }
     }
 }

@@ -14,8 +14,9 @@ use uuid::Uuid;
 use crate::cluster::{Directory, Forward, MAX_HOPS, Placement, Undelivered};
 use crate::command::{
     AddUsage, AppendDeltas, AppendMessages, Appended, Command, CreateSession, Created,
-    DeleteSession, DeltasAppended, FinishMessage, GetSession, ListSessions, MessageFinished, Reply,
-    SessionCommand, SessionList, SessionPage, UpdateSession, check_user,
+    DeleteSession, DeltasAppended, FinishMessage, GetSession, ImportSession, Imported,
+    ListSessions, MessageFinished, Reply, SessionCommand, SessionList, SessionPage, UpdateSession,
+    check_user,
 };
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
@@ -330,6 +331,12 @@ impl Engine {
 
     /// Ends a draft; answers with the message as finished.
     pub async fn finish_message(&self, command: FinishMessage) -> Result<MessageFinished> {
+        self.run(command).await
+    }
+
+    /// Creates a session with all its messages in one write (see [`ImportSession`]);
+    /// idempotent by its ids.
+    pub async fn import_session(&self, command: ImportSession) -> Result<Imported> {
         self.run(command).await
     }
 

@@ -45,7 +45,9 @@ pub enum Error {
     Conflict(String),
     /// A create named a session id that is taken: by another user's session, live or deleted
     /// (the answer is the same for both, so it tells nothing about that session), or by a
-    /// deleted session of the caller (ids are never reused). Retrying cannot succeed. HTTP 409.
+    /// deleted session of the caller (ids are never reused). Or an import named a session of
+    /// the caller's that does not hold the messages it brings. Retrying cannot succeed. HTTP
+    /// 409.
     #[error("the session id is taken")]
     SessionIdTaken,
     /// A message id that is already stored in the session (or sent earlier in the same

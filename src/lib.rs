@@ -71,8 +71,9 @@ mod writer;
 
 pub use command::{
     AddUsage, AppendDeltas, AppendMessages, Appended, Command, CreateSession, Created,
-    DeleteSession, Delta, DeltasAppended, FinishMessage, GetSession, ListSessions, MAX_DELTAS,
-    MessageFinished, OnBusy, Reply, SessionCursor, SessionList, SessionPage, UpdateSession,
+    DeleteSession, Delta, DeltasAppended, FinishMessage, GetSession, ImportSession, Imported,
+    ListSessions, MAX_DELTAS, MessageFinished, OnBusy, Reply, SessionCursor, SessionList,
+    SessionPage, UpdateSession,
 };
 pub use config::{EngineConfig, Limits, SqliteSync};
 pub use engine::Engine;
@@ -83,8 +84,8 @@ pub use handle::SessionHandle;
 /// The metrics facade the engine emits through (the same version, for installing a recorder).
 pub use metrics;
 pub use model::{
-    Content, Member, Message, MessageStatus, NewMessage, PendingToolCall, RawJson, Role, SessionId,
-    SessionInfo, Usage,
+    Content, ImportedMessage, Member, Message, MessageStatus, NewMessage, PendingToolCall, RawJson,
+    Role, SessionId, SessionInfo, Usage,
 };
 pub use stats::Stats;
 pub use subscription::{MessageStream, Position, StreamEvent};

@@ -273,9 +273,10 @@ impl FromStr for Role {
     }
 }
 
-/// Declares the fields a client chooses for a message once, for both [`NewMessage`] (what is
-/// sent) and [`Message`] (what is stored: the same, plus `seq`, `id` and `created_at`), with the
-/// one comparison and the one conversion between them. (`#[serde(flatten)]` would say the same
+/// Declares the fields a client chooses for a message once, for [`NewMessage`] (what is sent),
+/// [`Message`] (what is stored: the same, plus `seq`, `id` and `created_at`) and
+/// [`ImportedMessage`] (a stored message read back by an import), with the one comparison and
+/// the conversions between them. (`#[serde(flatten)]` would say the same
 /// without a macro, but a flattened struct is buffered by serde, which cannot hold the raw JSON
 /// fields, and it cannot deny unknown fields.) Every field but `role` is optional.
 ///
@@ -370,6 +371,73 @@ macro_rules! message_types {
                     $($field: message.$field.clone(),)*
                     status: message.status.unwrap_or_default(),
                     created_at,
+                }
+            }
+        }
+
+        /// A message of an import: a stored message as an export writes it (a [`Message`]'s
+        /// fields; `seq` and `created_at` may be left out), read back in. Unknown fields are
+        /// refused, as in an append. `id` is required: an import is idempotent by its ids.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct ImportedMessage {
+            /// The message's position in the file, 0, 1, 2...: checked when present.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub seq: Option<i64>,
+            /// The message id, kept.
+            pub id: Uuid,
+            /// Who wrote the message.
+            pub role: Role,
+            $(
+                $(#[doc = $doc])*
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                pub $field: Option<$type>,
+            )*
+            /// `completed` (the default), a draft `in_progress` (imported `incomplete`: nobody
+            /// streams into an imported session), or a draft that ended `incomplete` or
+            /// `aborted`.
+            #[serde(default)]
+            pub status: MessageStatus,
+            /// When the message was first stored, kept (to the microsecond); the import's time
+            /// when absent.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub created_at: Option<DateTime<Utc>>,
+        }
+
+        impl ImportedMessage {
+            /// The message as an append would send it (its id, fields and status).
+            pub(crate) fn to_new(&self) -> NewMessage {
+                NewMessage {
+                    id: Some(self.id),
+                    role: self.role,
+                    $($field: self.$field.clone(),)*
+                    status: Some(self.status),
+                }
+            }
+
+            /// The message as stored at `seq`, created at `created_at` unless it says when.
+            pub(crate) fn stored(&self, seq: i64, created_at: DateTime<Utc>) -> Message {
+                Message {
+                    seq,
+                    id: self.id,
+                    role: self.role,
+                    $($field: self.$field.clone(),)*
+                    status: self.status,
+                    created_at: self.created_at.unwrap_or(created_at),
+                }
+            }
+        }
+
+        /// A stored message as an import takes it back.
+        impl From<Message> for ImportedMessage {
+            fn from(message: Message) -> Self {
+                Self {
+                    seq: Some(message.seq),
+                    id: message.id,
+                    role: message.role,
+                    $($field: message.$field,)*
+                    status: message.status,
+                    created_at: Some(message.created_at),
                 }
             }
         }

@@ -14,6 +14,9 @@
 //!    serde_json's recursion limit (which only bounds parsing into typed values), so without
 //!    this a field nested 10,000 deep would be stored and then served in responses that
 //!    clients parsing with such a limit (serde_json's default is 128) cannot read.
+//!
+//! An import's NDJSON body takes steps 1 to 3 the same way ([`read_frames`]), parsed a line at
+//! a time as it arrives instead of whole at the end.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +39,8 @@ pub struct BodyLimits {
     pub session_bytes: usize,
     /// Largest body of the small commands (usage deltas).
     pub small_bytes: usize,
+    /// Largest body of `POST /v1/sessions/import` (a session's NDJSON export).
+    pub import_bytes: usize,
     /// Body bytes all requests in flight may hold at once.
     pub memory_bytes: usize,
     /// How long a body may take beyond what the minimum rate allows.
@@ -57,6 +62,7 @@ impl BodyLimits {
             // (`\u0000`); plus the id and the JSON around them.
             session_bytes: limits.max_json_bytes + 6 * limits.max_text_bytes + 1024,
             small_bytes: 1024,
+            import_bytes: 64 * 1024 * 1024,
             memory_bytes: 128 * 1024 * 1024,
             grace: Duration::from_secs(10),
             min_bytes_per_second: 64 * 1024,
@@ -122,35 +128,62 @@ fn too_large(limit: usize) -> ApiError {
     )
 }
 
-/// Reads a whole body under the limit, the budget and the minimum rate.
+/// The media type of a request (its `content-type` without parameters, lower case); `None`
+/// when it has none.
+pub(crate) fn media_type(request: &Request) -> Option<String> {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .map(|essence| essence.trim().to_ascii_lowercase())
+}
+
+/// Reads a whole JSON body under the limit, the budget and the minimum rate.
 async fn read_body(
     request: Request,
     limit: usize,
     budget: &BodyBudget,
 ) -> Result<Vec<u8>, ApiError> {
-    let headers = request.headers();
-    if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
-        let json = content_type
-            .to_str()
-            .ok()
-            .and_then(|value| value.split(';').next())
-            .map(str::trim)
-            .is_some_and(|essence| {
-                essence.eq_ignore_ascii_case("application/json")
-                    || essence.to_ascii_lowercase().ends_with("+json")
-            });
-        if !json {
+    match media_type(&request) {
+        Some(essence) if essence == "application/json" || essence.ends_with("+json") => {}
+        Some(_) => {
             return Err(ApiError::new(
                 ErrorCode::UnsupportedMediaType,
                 "the body must be JSON (content-type: application/json)",
             ));
         }
-    } else {
-        return Err(ApiError::new(
-            ErrorCode::UnsupportedMediaType,
-            "missing content-type: application/json",
-        ));
+        None => {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                "missing content-type: application/json",
+            ));
+        }
     }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.parse::<usize>().ok());
+    let mut bytes = Vec::with_capacity(declared.unwrap_or(limit).min(limit).min(64 * 1024));
+    let _reserved = read_frames(request, limit, budget, |data| {
+        bytes.extend_from_slice(data);
+        Ok(())
+    })
+    .await?;
+    Ok(bytes)
+}
+
+/// Reads a body under the limit, the budget and the minimum rate, handing each piece to
+/// `take` as it arrives (an error from `take` ends the read with it); returns the body's
+/// reservation in the budget, to hold while what was made of the body is in use.
+pub(crate) async fn read_frames(
+    request: Request,
+    limit: usize,
+    budget: &BodyBudget,
+    mut take: impl FnMut(&[u8]) -> Result<(), ApiError>,
+) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+    let headers = request.headers();
     let declared = match headers.get(header::CONTENT_LENGTH) {
         None => None,
         Some(value) => Some(
@@ -167,7 +200,7 @@ async fn read_body(
     // A body of unknown length reserves the route's limit.
     let reserve = declared.map_or(limit, |length| length as usize);
     let permits = u32::try_from(reserve.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-    let _reserved = match tokio::time::timeout(
+    let reserved = match tokio::time::timeout(
         budget.limits.memory_wait,
         budget.kibibytes.acquire_many(permits),
     )
@@ -194,9 +227,9 @@ async fn read_body(
     // The declared length sets the deadline for the whole body at once; without one, it moves
     // with what has arrived.
     let mut body = request.into_body();
-    let mut bytes = Vec::with_capacity(reserve.min(64 * 1024));
+    let mut read = 0usize;
     loop {
-        let expected = declared.unwrap_or(bytes.len() as u64);
+        let expected = declared.unwrap_or(read as u64);
         let frame = match tokio::time::timeout_at(deadline_for(expected), body.frame()).await {
             Err(_) => {
                 return Err(ApiError::new(
@@ -217,11 +250,12 @@ async fn read_body(
             Ok(Some(Ok(frame))) => frame,
         };
         if let Ok(data) = frame.into_data() {
-            if bytes.len() + data.len() > limit {
+            if read + data.len() > limit {
                 return Err(too_large(limit));
             }
-            bytes.extend_from_slice(&data);
+            read += data.len();
+            take(&data)?;
         }
     }
-    Ok(bytes)
+    Ok(reserved)
 }

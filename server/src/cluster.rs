@@ -168,7 +168,11 @@ impl Inbound {
         let secret = engine.cluster_secret()?.to_owned();
         // A peer re-encodes what its client sent (escapes may differ) and wraps it: room for
         // both.
-        let max_frame = 2 * limits.append_bytes.max(limits.session_bytes) + 64 * 1024;
+        let largest = limits
+            .append_bytes
+            .max(limits.session_bytes)
+            .max(limits.import_bytes);
+        let max_frame = 2 * largest + 64 * 1024;
         Some(Inbound {
             engine,
             secret,

@@ -165,6 +165,12 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// The same error with another message (e.g. naming where in the request it is).
+    pub fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
     /// An error with a stable code (which sets the status) and a message for humans.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {

@@ -10,6 +10,7 @@
 //! - [`app`]: the router, built from an [`Engine`]; tests drive it directly or over TCP.
 //! - `api`: request and response bodies of the JSON API.
 //! - `error`: [`ApiError`], the mapping from engine errors and bad requests to HTTP.
+//! - `import`: `POST /v1/sessions/import`, an export's NDJSON back in.
 //! - [`metrics`]: the Prometheus exporter the engine's and the server's metrics go to, and
 //!   the server's own (requests by route and status, errors by code).
 //! - `malformed`: the JSON error for requests hyper answers itself (malformed or too large
@@ -26,6 +27,7 @@ mod api;
 mod body;
 pub mod cluster;
 mod error;
+mod import;
 mod limit;
 mod malformed;
 pub mod metrics;
@@ -165,6 +167,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(metrics))
         .routes(routes!(openapi_document))
         .routes(routes!(create_session, list_sessions))
+        .routes(routes!(import::import_session))
         .routes(routes!(get_session, update_session, delete_session))
         .routes(routes!(append_messages))
         .routes(routes!(add_usage))

@@ -97,6 +97,16 @@ struct HttpArgs {
         value_name = "BYTES"
     )]
     max_append_body_bytes: usize,
+    /// Largest body of an import (`POST /v1/sessions/import`, a session's NDJSON export);
+    /// larger ones get 413 before they are read. The parsed messages take about as much again
+    /// while the import runs.
+    #[arg(
+        long,
+        env = "SOLOIST_MAX_IMPORT_BODY_BYTES",
+        default_value = "67108864",
+        value_name = "BYTES"
+    )]
+    max_import_body_bytes: usize,
     /// Request body bytes all requests in flight may hold at once; a request that finds no
     /// room within 5 s gets 503 `busy`.
     #[arg(
@@ -333,6 +343,9 @@ struct LimitArgs {
     /// Messages a read returns at most.
     #[arg(long, env = "SOLOIST_MAX_PAGE_SIZE", default_value_t = defaults().limits.max_page_size, value_name = "N")]
     max_page_size: usize,
+    /// Messages an import may carry (all written in one transaction).
+    #[arg(long, env = "SOLOIST_MAX_IMPORT_MESSAGES", default_value_t = defaults().limits.max_import_messages, value_name = "N")]
+    max_import_messages: usize,
 }
 
 /// Span export (OpenTelemetry).
@@ -406,6 +419,7 @@ impl Args {
                 max_text_bytes: limits.max_text_bytes,
                 max_page_size: limits.max_page_size,
                 max_json_depth: limits.max_json_depth,
+                max_import_messages: limits.max_import_messages,
             },
             ..EngineConfig::new(&self.server.database_url)
         }
@@ -534,7 +548,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let http = &args.http;
     let mut body_limits = BodyLimits::for_engine(&engine.config().limits);
     body_limits.append_bytes = http.max_append_body_bytes;
-    body_limits.memory_bytes = http.body_memory_bytes.max(http.max_append_body_bytes);
+    body_limits.import_bytes = http.max_import_body_bytes;
+    // Room for the largest body of each kind, whatever the budget says.
+    body_limits.memory_bytes = http
+        .body_memory_bytes
+        .max(http.max_append_body_bytes)
+        .max(http.max_import_body_bytes);
     body_limits.grace = Duration::from_millis(http.body_timeout_ms);
     body_limits.min_bytes_per_second = http.min_body_rate.max(1);
     let mut state = AppState::with_body_limits(engine.clone(), shutdown.clone(), body_limits)
@@ -702,6 +721,8 @@ mod tests {
             "50",
             "--max-json-depth",
             "20",
+            "--max-import-messages",
+            "500",
             "--sqlite-max-pages",
             "1000",
             "--ownership-lease-ms",
@@ -715,6 +736,7 @@ mod tests {
         assert!(!config.listen_for_changes);
         assert_eq!(config.limits.max_page_size, 50);
         assert_eq!(config.limits.max_json_depth, 20);
+        assert_eq!(config.limits.max_import_messages, 500);
         assert_eq!(config.sqlite_max_pages, Some(1000));
         assert_eq!(config.ownership_lease, Duration::from_secs(2));
         assert!(

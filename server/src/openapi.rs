@@ -380,4 +380,14 @@ route_errors! {
     EventsErrors: [ANY, USER, SESSION, COMMAND];
     /// `DELETE /v1/users/me/sessions`.
     EraseAllErrors: [ANY, USER, COMMAND];
+    /// `POST /v1/sessions/import`.
+    ImportErrors: [ANY, USER, BODY, COMMAND, WRITE, &[
+        NotFound,
+        Forbidden,
+        SessionIdTaken,
+        MessageIdReused,
+        UnknownToolCall,
+        ToolCallAnswered,
+        TurnInProgress,
+    ]];
 }

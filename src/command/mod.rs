@@ -18,6 +18,7 @@ mod append;
 mod create;
 mod delete;
 mod get;
+mod import;
 mod list;
 mod stream;
 mod update;
@@ -28,6 +29,7 @@ pub use append::{AppendMessages, Appended, OnBusy};
 pub use create::{CreateSession, Created};
 pub use delete::DeleteSession;
 pub use get::{DEFAULT_MESSAGE_PAGE, GetSession, SessionPage};
+pub use import::{ImportSession, Imported};
 pub use list::{DEFAULT_SESSION_PAGE, ListSessions, SessionCursor, SessionList};
 pub use stream::{AppendDeltas, Delta, DeltasAppended, FinishMessage, MAX_DELTAS, MessageFinished};
 pub use update::UpdateSession;
@@ -59,6 +61,8 @@ pub enum Command {
     AppendDeltas(AppendDeltas),
     /// End a draft.
     FinishMessage(FinishMessage),
+    /// Create a session with all its messages, as an export gives them.
+    ImportSession(ImportSession),
 }
 
 impl Command {
@@ -81,6 +85,7 @@ impl Command {
             Command::DeleteSession(c) => engine.run_routed(c, hops).await.map(Reply::from),
             Command::AppendDeltas(c) => engine.run_routed(c, hops).await.map(Reply::from),
             Command::FinishMessage(c) => engine.run_routed(c, hops).await.map(Reply::from),
+            Command::ImportSession(c) => engine.run_routed(c, hops).await.map(Reply::from),
         }
     }
 }
@@ -107,6 +112,8 @@ pub enum Reply {
     DeltasAppended(DeltasAppended),
     /// Answer to [`Command::FinishMessage`].
     MessageFinished(MessageFinished),
+    /// Answer to [`Command::ImportSession`].
+    SessionImported(Imported),
 }
 
 /// Each answer as its [`Reply`] variant and back (what an idempotency record stores and
@@ -141,6 +148,7 @@ replies! {
     Usage => UsageAdded,
     DeltasAppended => DeltasAppended,
     MessageFinished => MessageFinished,
+    Imported => SessionImported,
 }
 
 /// A delete answers with nothing.
@@ -182,6 +190,7 @@ commands! {
     DeleteSession,
     AppendDeltas,
     FinishMessage,
+    ImportSession,
 }
 
 /// A command addressed to one session's actor: how it is checked, where it goes, and how it

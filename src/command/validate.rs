@@ -124,6 +124,49 @@ pub(crate) fn check_messages(messages: &[NewMessage], limits: &Limits) -> Result
     Ok(())
 }
 
+/// One message of an import, at `index`, checked as the commands that could have stored it
+/// would check it: a completed message with a body, or a draft's start, exactly as an append;
+/// a draft that ended (a completed one with nothing to show, or one cut short or aborted) as
+/// the append of its start and then its finish (tool calls and a refusal come with the finish).
+pub(crate) fn check_imported(index: usize, message: &NewMessage, limits: &Limits) -> Result<()> {
+    let has_body = message.content.is_some()
+        || message.tool_calls.is_some()
+        || message.function_call.is_some()
+        || message.refusal.is_some();
+    let status = message.status.unwrap_or_default();
+    match status {
+        MessageStatus::InProgress => check_message(index, message, limits),
+        MessageStatus::Completed if has_body || message.role != Role::Assistant => {
+            check_message(index, message, limits)
+        }
+        _ if message.role != Role::Assistant => Err(Error::invalid(
+            format!("messages[{index}].status"),
+            format!(
+                "only a draft (an assistant message) ends {}",
+                status.as_str()
+            ),
+        )),
+        _ => {
+            let start = NewMessage {
+                tool_calls: None,
+                refusal: None,
+                status: Some(MessageStatus::InProgress),
+                ..message.clone()
+            };
+            check_message(index, &start, limits)?;
+            let field = |name: &str| format!("messages[{index}].{name}");
+            if let Some(value) = &message.tool_calls {
+                check_json(&field("tool_calls"), value, false, limits)?;
+            }
+            check_text(
+                &field("refusal"),
+                &message.refusal,
+                limits.max_content_bytes,
+            )
+        }
+    }
+}
+
 fn check_message(index: usize, message: &NewMessage, limits: &Limits) -> Result<()> {
     let field = |name: &str| format!("messages[{index}].{name}");
     // Content is stored as bytes, so any text round-trips, NUL included.

@@ -200,7 +200,7 @@ impl SessionActor {
             None => batch
                 .writes
                 .iter()
-                .any(|write| matches!(write, Write::Create(_))),
+                .any(|write| matches!(write, Write::Create(_) | Write::Import(_))),
         };
     }
 

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::command::{
     AddUsage, AppendDeltas, AppendMessages, CreateSession, DeleteSession, FinishMessage,
-    GetSession, Reply, SessionCommand, UpdateSession,
+    GetSession, ImportSession, Reply, SessionCommand, UpdateSession,
 };
 use crate::error::{Error, Result};
 use crate::idempotency::Keyed;
@@ -52,6 +52,7 @@ pub(crate) enum Write {
     Delete(Pending<DeleteSession>),
     Deltas(Pending<AppendDeltas>),
     Finish(Pending<FinishMessage>),
+    Import(Pending<ImportSession>),
 }
 
 /// Runs `$body` with `$pending` bound to the [`Pending`] of whichever write `$write` is.
@@ -65,6 +66,7 @@ macro_rules! each_write {
             Write::Delete($pending) => $body,
             Write::Deltas($pending) => $body,
             Write::Finish($pending) => $body,
+            Write::Import($pending) => $body,
         }
     };
 }
@@ -139,13 +141,22 @@ impl Write {
         each_write!(self, pending => pending.keyed.as_ref())
     }
 
-    /// The message ids the command names (an append's resends), looked up after a conflict.
+    /// The message ids the command names (an append's resends, an import's messages), looked
+    /// up after a conflict.
     pub fn message_ids(&self) -> impl Iterator<Item = Uuid> + '_ {
         let messages = match self {
             Write::Append(pending) => pending.command.messages.as_slice(),
             _ => &[],
         };
-        messages.iter().filter_map(|message| message.id)
+        let imported = match self {
+            Write::Import(pending) => pending.command.messages.as_slice(),
+            _ => &[],
+        };
+        let imported = imported.iter().map(|message| message.id);
+        messages
+            .iter()
+            .filter_map(|message| message.id)
+            .chain(imported)
     }
 
     /// The message a delta or a finish names.

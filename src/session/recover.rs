@@ -350,8 +350,30 @@ fn uncached_ids(state: &SessionState, writes: &[Write]) -> Vec<Uuid> {
                 .iter()
                 .filter(refused_if_new)
                 .filter_map(|message| message.id);
-            write.named_message().into_iter().chain(appended)
+            let imported = match write {
+                Write::Import(pending) if repeats_into(state, &pending.command) => {
+                    pending.command.messages.as_slice()
+                }
+                _ => &[],
+            };
+            let imported = imported.iter().map(|message| message.id);
+            write
+                .named_message()
+                .into_iter()
+                .chain(appended)
+                .chain(imported)
         })
         .filter(|id| state.cached(id).is_none())
         .collect()
+}
+
+/// Whether `import` may be a repeat into the session: the importer's, live, with at least as
+/// many messages. Only then are its messages compared with the stored ones (read by id);
+/// otherwise staging answers without them.
+fn repeats_into(state: &SessionState, import: &crate::command::ImportSession) -> bool {
+    state.info.as_ref().is_some_and(|info| {
+        !state.deleted
+            && info.user_id == import.user_id
+            && info.message_count >= import.messages.len() as i64
+    })
 }

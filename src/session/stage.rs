@@ -523,16 +523,28 @@ impl Batch<'_> {
     /// Stages a new message at the next sequence; returns the sequence. (A command checks
     /// access with [`Self::session`] first; without a session there is no sequence to take.)
     pub fn add_message(&mut self, id: Uuid, new: &NewMessage) -> Result<i64> {
+        let now = from_micros(self.now);
+        self.add_stored(|seq| Message::stored(seq, id, new, now))
+    }
+
+    /// Stages the message `make` gives for the next sequence, as it is (an import's keeps its
+    /// time of creation); returns the sequence.
+    pub fn add_stored(&mut self, make: impl FnOnce(i64) -> Message) -> Result<i64> {
         let Some(info) = self.info.as_mut() else {
             return Err(Error::NotFound);
         };
         let seq = info.message_count;
         info.message_count += 1;
-        let message = Arc::new(Message::stored(seq, id, new, from_micros(self.now)));
+        let message = Arc::new(make(seq));
         self.write.rows.push(message.clone());
-        self.pending.insert(id, message.clone());
+        self.pending.insert(message.id, message.clone());
         self.messages.push(message);
         Ok(seq)
+    }
+
+    /// The time the batch is staged at (its commit time, as stored).
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        from_micros(self.now)
     }
 
     /// Sets the title.

@@ -118,7 +118,8 @@ pub(crate) struct SessionWrite {
     /// How far the write moves the session's version: one per command of the batch that
     /// changes the session (at least one), so that every change has a version of its own.
     pub steps: i64,
-    /// Commit time (microseconds) for `updated_at` and the new rows' `created_at`.
+    /// Commit time (microseconds) for `updated_at` (the new rows carry their `created_at`:
+    /// this time, staged, or an import's).
     pub now: i64,
 }
 

@@ -84,7 +84,8 @@ pub(crate) struct MessageRow<'a> {
     pub session_id: Uuid,
     /// The message, as the session actor staged (and cached) it.
     pub message: &'a Message,
-    /// The commit time of the write, stored as `created_at`.
+    /// The message's `created_at` (microseconds): the commit time of the write that staged
+    /// it, or the time an import gives.
     pub created_at: i64,
 }
 
@@ -94,7 +95,7 @@ impl<'a> MessageRow<'a> {
         write.rows.iter().map(|message| MessageRow {
             session_id: write.session_id.into(),
             message,
-            created_at: write.now,
+            created_at: message.created_at.timestamp_micros(),
         })
     }
 }

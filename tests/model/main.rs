@@ -64,6 +64,7 @@ fn limits() -> Limits {
         max_page_size: 4,
         // Deeper than anything generated: nesting is checked by the unit tests of `RawJson`.
         max_json_depth: 100,
+        max_import_messages: 8,
     }
 }
 
