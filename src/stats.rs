@@ -14,6 +14,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use dashmap::DashMap;
 use metrics::{Counter, Histogram, Unit, counter, histogram};
 use serde::Serialize;
 use soloist_actors::RegistryStats;
@@ -335,6 +336,9 @@ pub(crate) struct EngineStats {
     forward_errors: AtomicU64,
     purged_sessions: AtomicU64,
     emit: Emit,
+    /// The facade's handles per command (`soloist_commands_total{command}`,
+    /// `soloist_command_seconds{command}`), taken on a command's first answer.
+    by_command: DashMap<&'static str, (Counter, Histogram)>,
 }
 
 /// Handles to the facade's unlabelled metrics, taken once (a lookup per event otherwise).
@@ -410,6 +414,7 @@ impl Default for EngineStats {
             forward_errors: AtomicU64::new(0),
             purged_sessions: AtomicU64::new(0),
             emit: Emit::default(),
+            by_command: DashMap::new(),
         }
     }
 }
@@ -430,8 +435,17 @@ impl EngineStats {
         error: Option<&'static str>,
     ) {
         self.commands.fetch_add(1, Relaxed);
-        counter!(COMMANDS, "command" => command).increment(1);
-        histogram!(COMMAND_SECONDS, "command" => command).record(took);
+        let handles = self.by_command.get(command).map(|handles| handles.clone());
+        let (count, seconds) = handles.unwrap_or_else(|| {
+            let handles = (
+                counter!(COMMANDS, "command" => command),
+                histogram!(COMMAND_SECONDS, "command" => command),
+            );
+            self.by_command.insert(command, handles.clone());
+            handles
+        });
+        count.increment(1);
+        seconds.record(took);
         if let Some(code) = error {
             self.command_errors.fetch_add(1, Relaxed);
             counter!(COMMAND_ERRORS, "command" => command, "code" => code).increment(1);

@@ -152,7 +152,7 @@ pub fn app(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(axum::middleware::from_fn(metrics::record_request))
+        .layer(metrics::RecordRequests)
         .with_state(state);
     with_edge(routes)
 }
