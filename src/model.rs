@@ -709,6 +709,12 @@ pub struct SessionInfo {
 }
 
 impl SessionInfo {
+    /// Whether the session has expired (its time to live ran out since its last write): it is
+    /// then gone, as a deleted one is, until the purge erases it.
+    pub fn expired(&self) -> bool {
+        self.expires_at.is_some_and(|expires| expires <= Utc::now())
+    }
+
     /// Records a write committed at `now` (microseconds): the last write, and the expiry it
     /// pushes back.
     pub(crate) fn touched(&mut self, now: i64) {

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use soloist::{
-    CreateSession, DeleteSession, Engine, EngineConfig, Error, NewMessage, RawJson, SessionId,
-    UpdateSession,
+    CreateSession, DeleteSession, Engine, EngineConfig, Error, ListSessions, NewMessage, RawJson,
+    SessionId, UpdateSession,
 };
 use soloist_testkit::{
     StoredSession, TestDb, on_every_backend, passivated, stored_rows, stored_session,
@@ -196,6 +196,18 @@ async fn a_user_s_sessions_are_erased_at_once(db: TestDb) {
     engine.shutdown().await;
 }
 
+/// Whether alice's listing shows `session`.
+async fn listed(engine: &Engine, session: SessionId) -> bool {
+    let list = engine
+        .list_sessions(ListSessions {
+            user_id: "alice".into(),
+            ..ListSessions::default()
+        })
+        .await
+        .expect("list");
+    list.sessions.iter().any(|listed| listed.id == session)
+}
+
 /// The session as the engine shows it (after a reload, so as stored): `(ttl, expiry in µs)`.
 async fn expiry(engine: &Engine, session: SessionId) -> (Option<i64>, Option<i64>) {
     passivated(engine, session).await;
@@ -284,6 +296,24 @@ async fn the_expiry_follows_the_last_write(db: TestDb) {
             "{refused:?}"
         );
     }
+    // Expired, a session is gone before any purge: not found, not listed, not written; its
+    // owner may still erase it.
+    let brief = create(&engine, "alice", Some(1)).await;
+    assert!(listed(&engine, brief).await);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let read = engine.session("alice", brief).get(None, None).await;
+    assert!(matches!(read, Err(Error::NotFound)), "{read:?}");
+    let late = vec![NewMessage::user("late")];
+    let write = engine.session("alice", brief).append(late).await;
+    assert!(matches!(write, Err(Error::NotFound)), "{write:?}");
+    assert!(
+        !listed(&engine, brief).await,
+        "an expired session is not listed"
+    );
+    let erased = engine.delete_session(erase("alice", brief)).await;
+    erased.expect("the owner erases an expired session");
+    stored(&db, brief, assert_erased).await;
+
     // The purge's conditional erase refuses a session that has not expired.
     let refused = engine
         .delete_session(DeleteSession {
@@ -331,23 +361,23 @@ async fn the_purge_erases_what_expired(db: TestDb) {
     }
     // Each expired session is erased within a few purge rounds of its expiry.
     let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.stats().purged_sessions < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "not purged: {:?}",
+            engine.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for &session in &expiring {
-        while engine
-            .session("alice", session)
-            .get(None, None)
-            .await
-            .is_ok()
-        {
-            assert!(Instant::now() < deadline, "{session} was not purged");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let read = engine.session("alice", session).get(None, None).await;
+        assert!(matches!(read, Err(Error::NotFound)), "{read:?}");
         stored(&db, session, assert_erased).await;
         if db.shareable() {
             let rows = stored_rows(&db.url, session).await.expect("rows");
             assert!(rows.is_empty(), "{rows:?}");
         }
     }
-    assert_eq!(engine.stats().purged_sessions, 5);
     let kept = engine.session("alice", kept_alive).get(None, None).await;
     assert_eq!(
         kept.expect("written meanwhile: kept").messages.len(),

@@ -62,15 +62,16 @@ impl SessionCommand for DeleteSession {
 
 impl StageWrite for DeleteSession {
     fn stage(&self, batch: &mut Batch<'_>) -> Result<()> {
-        // A deleted session is not found, except by its owner's erase: erasing is idempotent,
-        // and erases what an earlier delete kept.
-        if self.erase && batch.owned_tombstone(&self.user_id) {
+        // A deleted or expired session is not found, except by its owner's erase: erasing is
+        // idempotent, and erases what an earlier delete kept (the purge's erase lands here).
+        if self.erase && batch.owned_and_gone(&self.user_id) {
             batch.erase();
             return Ok(());
         }
         let current = batch.session(&self.user_id)?.version;
         batch.precondition(self.if_version)?;
-        if self.only_if_expired && !batch.expired() {
+        if self.only_if_expired {
+            // Not expired (or it would be gone): written since the purge found it.
             return Err(crate::Error::PreconditionFailed { current });
         }
         if self.erase {

@@ -219,22 +219,17 @@ impl Batch<'_> {
         }
     }
 
-    /// Whether the session is a tombstone of `user_id`'s (deleted, so other commands find
-    /// nothing, but its owner may delete or erase it again).
-    pub fn owned_tombstone(&self, user_id: &str) -> bool {
-        self.deleted
-            && self
-                .info
-                .as_ref()
-                .is_some_and(|info| info.user_id == user_id)
-    }
-
-    /// Whether the session has expired by now (its last write longer ago than its time to
-    /// live).
-    pub fn expired(&self) -> bool {
+    /// Whether the session is `user_id`'s and gone (deleted or expired), so that other
+    /// commands find nothing, but its owner may erase it.
+    pub fn owned_and_gone(&self, user_id: &str) -> bool {
         self.info
             .as_ref()
-            .and_then(|info| info.expires_at)
+            .is_some_and(|info| info.user_id == user_id && (self.deleted || self.expired_at(info)))
+    }
+
+    /// Whether `info` has expired by now (its last write longer ago than its time to live).
+    fn expired_at(&self, info: &SessionInfo) -> bool {
+        info.expires_at
             .is_some_and(|expires| expires <= from_micros(self.now))
     }
 

@@ -219,9 +219,12 @@ pub(crate) fn access<'a>(
     user_id: &str,
     hide_foreign: bool,
 ) -> crate::Result<&'a SessionInfo> {
+    // An expired session is gone for everyone from its expiry on, whether or not the purge
+    // has erased it yet.
+    let gone = deleted || info.is_some_and(SessionInfo::expired);
     match info {
-        Some(info) if !deleted && info.user_id == user_id => Ok(info),
-        Some(_) if !deleted && !hide_foreign => Err(crate::Error::Forbidden),
+        Some(info) if !gone && info.user_id == user_id => Ok(info),
+        Some(_) if !gone && !hide_foreign => Err(crate::Error::Forbidden),
         _ => Err(crate::Error::NotFound),
     }
 }

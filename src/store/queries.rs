@@ -27,7 +27,8 @@ pub(crate) struct Queries {
     pub oldest_draft: SqlStr,
     /// A page of a session's messages. Binds: id, after this sequence, up to this one.
     pub read_messages: SqlStr,
-    /// A page of a user's sessions, newest first. Binds: user, cursor time, cursor id, limit.
+    /// A page of a user's sessions (not deleted, not expired), newest first. Binds: user, now,
+    /// cursor time, cursor id, limit.
     pub list_sessions: SqlStr,
     /// Sessions expired by a time, after a cursor, soonest first. Binds: now, cursor time,
     /// cursor id, limit.
@@ -116,7 +117,8 @@ impl Queries {
             )),
             list_sessions: d.render(&format!(
                 "SELECT {SESSION_COLUMNS} FROM sessions \
-                 WHERE user_id = ? AND deleted_at IS NULL AND (created_at, id) < (?, ?) \
+                 WHERE user_id = ? AND deleted_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > ?) AND (created_at, id) < (?, ?) \
                  ORDER BY created_at DESC, id DESC LIMIT ?"
             )),
             expired_sessions: d.render(

@@ -349,6 +349,7 @@ where
         };
         let args = Params::<DB>::new()
             .add(user_id)
+            .add(now_micros())
             .add(before_time)
             .add(before_id)
             .add(limit as i64)
