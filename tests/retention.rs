@@ -9,7 +9,8 @@ use soloist::{
     SessionId, UpdateSession,
 };
 use soloist_testkit::{
-    StoredSession, TestDb, on_every_backend, passivated, stored_rows, stored_session,
+    StoredSession, TestDb, on_every_backend, on_shared_backends, passivated, stored_rows,
+    stored_session,
 };
 
 /// Creates a session of `user` with a title, metadata and `ttl_seconds`.
@@ -394,3 +395,67 @@ on_every_backend!(
     the_expiry_follows_the_last_write,
     the_purge_erases_what_expired,
 );
+
+/// Two engines on one database (two processes): what one erases, the other, whose actor holds
+/// the session in memory, stops serving and cannot write over; erasing from both is fine.
+async fn an_erase_in_one_process_reaches_the_other(db: TestDb) {
+    let first = db.engine().await.expect("first engine");
+    let second = db.engine().await.expect("second engine");
+    let session = create(&first, "alice", None).await;
+    fill(&first, "alice", session).await;
+    // Live in the first process, with its messages cached.
+    let page = first
+        .session("alice", session)
+        .get(None, None)
+        .await
+        .expect("get");
+    assert_eq!(page.messages.len(), 2);
+
+    second
+        .delete_session(erase("alice", session))
+        .await
+        .expect("erase in the second");
+    stored(&db, session, assert_erased).await;
+    // The first process's copy is stale: a fresh read and a write both find it gone (the write
+    // is fenced by the version and reloads), and a plain read follows once the change is seen.
+    let fresh = first
+        .get_session(soloist::GetSession {
+            user_id: "alice".into(),
+            session_id: session,
+            fresh: true,
+            ..soloist::GetSession::default()
+        })
+        .await;
+    assert!(matches!(fresh, Err(Error::NotFound)), "{fresh:?}");
+    let write = first
+        .session("alice", session)
+        .append(vec![NewMessage::user("over it")])
+        .await;
+    assert!(matches!(write, Err(Error::NotFound)), "{write:?}");
+    let read = first.session("alice", session).get(None, None).await;
+    assert!(matches!(read, Err(Error::NotFound)), "{read:?}");
+    stored(&db, session, assert_erased).await;
+    if db.shareable() {
+        let rows = stored_rows(&db.url, session).await.expect("rows");
+        assert!(rows.is_empty(), "{rows:?}");
+    }
+    // Erasing again, from either process, is done.
+    first
+        .delete_session(erase("alice", session))
+        .await
+        .expect("again in the first");
+    second
+        .delete_session(erase("alice", session))
+        .await
+        .expect("again in the second");
+    assert_eq!(first.erase_user_sessions("alice").await.expect("all"), 0);
+    first.shutdown().await;
+    second.shutdown().await;
+}
+
+/// What needs a second engine on the same database: not `sqlite::memory:`.
+mod shared {
+    use super::*;
+
+    on_shared_backends!(an_erase_in_one_process_reaches_the_other);
+}
