@@ -87,6 +87,7 @@ pub use model::{
     Content, ImportedMessage, Member, Message, MessageStatus, NewMessage, PendingToolCall, RawJson,
     Role, SessionId, SessionInfo, Usage,
 };
+pub use retention::ErasedSessions;
 pub use stats::Stats;
 pub use subscription::{MessageStream, Position, StreamEvent};
 pub use uuid;

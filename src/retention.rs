@@ -23,6 +23,15 @@ use crate::model::{SessionId, now_micros};
 /// Sessions read per page by [`Engine::erase_user_sessions`].
 const ERASE_PAGE: usize = 100;
 
+/// What [`Engine::erase_user_sessions`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ErasedSessions {
+    /// Sessions erased by this call.
+    pub erased: u64,
+    /// Whether sessions are left to erase (call again).
+    pub more: bool,
+}
+
 /// Erases expired sessions every `interval`, `batch` at a time, until `stop`. In a cluster each
 /// process erases the sessions placed on it (the others' are theirs to erase).
 pub(crate) async fn purge_expired(
@@ -106,20 +115,26 @@ impl Engine {
         }
     }
 
-    /// Erases every session of `user_id`, live or deleted: its messages, title, metadata,
-    /// usage and idempotency records (each session's row stays as a tombstone with its id,
-    /// owner and times, so that the id is never reused). Idempotent: a second call erases
-    /// nothing more and answers 0. Sessions the user creates while this runs may be left.
-    /// Answers how many sessions were erased; on an error, some may have been (call again).
-    pub async fn erase_user_sessions(&self, user_id: &str) -> Result<u64> {
+    /// Erases the sessions of `user_id`, live or deleted, at most `max` of them: their
+    /// messages, title, metadata, usage and idempotency records (each session's row stays as a
+    /// tombstone with its id, owner and times, so that the id is never reused). Answers how
+    /// many it erased and whether some are left (call again: a bounded call keeps one caller
+    /// from holding a request for as long as their history takes to erase). Idempotent: once
+    /// nothing is left it answers 0. Sessions the user creates meanwhile may be left; on an
+    /// error, some may have been erased (call again).
+    pub async fn erase_user_sessions(&self, user_id: &str, max: usize) -> Result<ErasedSessions> {
         crate::command::check_user(user_id, &self.config().limits)?;
         let store = &self.inner.shared.store;
         let mut after = None;
         let mut erased = 0;
         loop {
-            let page = store.unerased_sessions(user_id, after, ERASE_PAGE).await?;
-            let full = page.len() == ERASE_PAGE;
-            for session_id in page {
+            let room = max.saturating_sub(erased as usize);
+            // One more than there is room for: whether some are left.
+            let page = store
+                .unerased_sessions(user_id, after, room.min(ERASE_PAGE) + 1)
+                .await?;
+            let full = page.len() > room.min(ERASE_PAGE);
+            for session_id in page.into_iter().take(room.min(ERASE_PAGE)) {
                 after = Some(session_id);
                 let erase = DeleteSession {
                     user_id: user_id.to_owned(),
@@ -130,8 +145,8 @@ impl Engine {
                 self.delete_session(erase).await?;
                 erased += 1;
             }
-            if !full {
-                return Ok(erased);
+            if !full || erased as usize >= max {
+                return Ok(ErasedSessions { erased, more: full });
             }
         }
     }

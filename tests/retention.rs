@@ -179,13 +179,19 @@ async fn a_user_s_sessions_are_erased_at_once(db: TestDb) {
     let bobs = create(&engine, "bob", None).await;
     fill(&engine, "bob", bobs).await;
 
-    assert_eq!(engine.erase_user_sessions("alice").await.expect("erase"), 5);
+    // Bounded calls: 2, then the 3 left, then nothing.
+    let erased = |max| engine.erase_user_sessions("alice", max);
+    let first = erased(2).await.expect("erase");
+    assert_eq!((first.erased, first.more), (2, true));
+    let rest = erased(usize::MAX).await.expect("erase");
+    assert_eq!((rest.erased, rest.more), (3, false));
     for &session in &alices {
         stored(&db, session, assert_erased).await;
         let read = engine.session("alice", session).get(None, None).await;
         assert!(matches!(read, Err(Error::NotFound)), "{read:?}");
     }
-    assert_eq!(engine.erase_user_sessions("alice").await.expect("again"), 0);
+    let again = erased(usize::MAX).await.expect("again");
+    assert_eq!((again.erased, again.more), (0, false));
     stored(&db, bobs, |bob| assert!(!bob.deleted && bob.keys == 1)).await;
     let bob = engine
         .session("bob", bobs)
@@ -448,7 +454,8 @@ async fn an_erase_in_one_process_reaches_the_other(db: TestDb) {
         .delete_session(erase("alice", session))
         .await
         .expect("again in the second");
-    assert_eq!(first.erase_user_sessions("alice").await.expect("all"), 0);
+    let all = first.erase_user_sessions("alice", 10).await.expect("all");
+    assert_eq!((all.erased, all.more), (0, false));
     first.shutdown().await;
     second.shutdown().await;
 }

@@ -215,6 +215,8 @@ pub struct DeleteQuery {
 pub struct ErasedBody {
     /// Sessions erased by this call (0 when there was nothing left to erase).
     pub erased: u64,
+    /// Whether sessions are left to erase: a call erases at most 1,000; call again.
+    pub more: bool,
 }
 
 /// `POST /v1/sessions/{id}/usage`: tokens to add.

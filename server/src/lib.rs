@@ -1019,13 +1019,18 @@ async fn delete_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Sessions one `DELETE /v1/users/me/sessions` erases at most (each is a write): the request's
+/// time stays bounded however long the caller's history.
+const ERASE_PER_REQUEST: usize = 1000;
+
 /// Erase all my sessions.
 ///
-/// Erases every session of the caller, live or deleted: messages, title, metadata, usage and
-/// idempotency records (each session's row stays as a tombstone holding its id, owner and
-/// times, so that its id is never reused). Idempotent: once nothing is left it answers
-/// `{"erased": 0}`. Sessions created while it runs may be left; on an error some sessions may
-/// have been erased: call again.
+/// Erases the sessions of the caller, live or deleted, up to 1,000 per call (`more`: call
+/// again): messages, title, metadata, usage and idempotency records (each session's row stays
+/// as a tombstone holding its id, owner and times, so that its id is never reused).
+/// Idempotent: once nothing is left it answers `{"erased": 0, "more": false}`. Sessions
+/// created while it runs may be left; on an error some sessions may have been erased: call
+/// again.
 #[utoipa::path(
     delete,
     path = "/v1/users/me/sessions",
@@ -1040,8 +1045,14 @@ async fn erase_my_sessions(
     State(state): State<AppState>,
     UserId(user_id): UserId,
 ) -> Result<Json<ErasedBody>, ApiError> {
-    let erased = state.engine.erase_user_sessions(&user_id).await?;
-    Ok(Json(ErasedBody { erased }))
+    let done = state
+        .engine
+        .erase_user_sessions(&user_id, ERASE_PER_REQUEST)
+        .await?;
+    Ok(Json(ErasedBody {
+        erased: done.erased,
+        more: done.more,
+    }))
 }
 
 /// Follow a session.

@@ -130,10 +130,13 @@ async fn sessions_expire_are_purged_and_are_erased_on_request() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
         body,
-        json!({"erased": 2}),
+        json!({"erased": 2, "more": false}),
         "the two left; the erased and purged ones are done"
     );
-    assert_eq!(send(erase_all("alice")).await.1, json!({"erased": 0}));
+    assert_eq!(
+        send(erase_all("alice")).await.1,
+        json!({"erased": 0, "more": false})
+    );
     for id in [&kept, &another] {
         assert_error(
             get(&client, &server, &format!("/v1/sessions/{id}"), "alice").await,
