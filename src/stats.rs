@@ -435,17 +435,22 @@ impl EngineStats {
         error: Option<&'static str>,
     ) {
         self.commands.fetch_add(1, Relaxed);
-        let handles = self.by_command.get(command).map(|handles| handles.clone());
-        let (count, seconds) = handles.unwrap_or_else(|| {
-            let handles = (
-                counter!(COMMANDS, "command" => command),
-                histogram!(COMMAND_SECONDS, "command" => command),
-            );
-            self.by_command.insert(command, handles.clone());
-            handles
-        });
-        count.increment(1);
-        seconds.record(took);
+        // A read of the map for every command after its first (a write lock only then).
+        let record = |(count, seconds): &(Counter, Histogram)| {
+            count.increment(1);
+            seconds.record(took);
+        };
+        match self.by_command.get(command) {
+            Some(handles) => record(&handles),
+            None => {
+                let handles = (
+                    counter!(COMMANDS, "command" => command),
+                    histogram!(COMMAND_SECONDS, "command" => command),
+                );
+                record(&handles);
+                self.by_command.insert(command, handles);
+            }
+        }
         if let Some(code) = error {
             self.command_errors.fetch_add(1, Relaxed);
             counter!(COMMAND_ERRORS, "command" => command, "code" => code).increment(1);
