@@ -29,6 +29,11 @@ pub struct Limits {
     pub max_text_bytes: usize,
     /// Messages a read returns at most. Default 1000.
     pub max_page_size: usize,
+    /// Payload bytes (content, texts, JSON) of the messages a read returns at most: a page
+    /// ends before the message that would take it past this (it holds one message at least),
+    /// with its cursor, so what one read holds in memory is bounded by bytes as well as by
+    /// count. Default 4 MiB.
+    pub max_page_bytes: usize,
     /// Nesting of arrays and objects in a JSON field at most. Default 100, so that a message
     /// or session carrying the field stays readable by JSON parsers with a recursion limit
     /// (serde_json's is 128).
@@ -46,6 +51,7 @@ impl Default for Limits {
             max_json_bytes: 64 * 1024,
             max_text_bytes: 1024,
             max_page_size: 1000,
+            max_page_bytes: 4 * 1024 * 1024,
             max_json_depth: 100,
             max_import_messages: 100_000,
         }

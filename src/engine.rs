@@ -22,6 +22,7 @@ use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::faults::FeedPause;
 use crate::handle::SessionHandle;
+use crate::idempotency::CreateIds;
 use crate::model::{Member, SessionId, SessionInfo, Usage};
 use crate::session::protocol::{Mail, Read, Request, Responder, Subscribe, Subscribed};
 use crate::session::{SessionActor, Shared};
@@ -56,6 +57,9 @@ pub(crate) struct Inner {
     directory: Option<Arc<Directory>>,
     /// The secret peers authenticate forwarded commands with, when this process is a member.
     cluster_secret: Option<String>,
+    /// Derives the ids of keyed creates, with the secret every process sharing the database
+    /// reads from it.
+    create_ids: CreateIds,
     /// How commands reach their session's owner, once the embedding server provides it.
     forwarder: OnceLock<Arc<dyn Forward>>,
     /// Whether a change listener runs.
@@ -134,6 +138,14 @@ impl Engine {
             #[cfg(any(test, feature = "fault-injection"))]
             faults: Default::default(),
         });
+        // Set by the first process on the database, read by every other: they all derive the
+        // same ids.
+        let create_id_secret = crate::cluster::new_secret();
+        let create_id_secret = shared
+            .store
+            .cluster_setting("create_id_secret", &create_id_secret)
+            .await?;
+        let create_ids = CreateIds::new(&create_id_secret);
         let registry = Registry::new(shared.clone(), runtime);
         let mut directory = None;
         let mut cluster_secret = None;
@@ -189,6 +201,7 @@ impl Engine {
                 instance,
                 directory,
                 cluster_secret,
+                create_ids,
                 forwarder: OnceLock::new(),
                 #[cfg(any(test, feature = "fault-injection"))]
                 feed_pause,
@@ -352,7 +365,7 @@ impl Engine {
         mut command: C,
         hops: u8,
     ) -> Result<C::Reply> {
-        let session_id = command.place();
+        let session_id = command.place(&self.inner.create_ids);
         let route = match (&self.inner.directory, self.inner.forwarder.get()) {
             (Some(directory), Some(forwarder)) if command.at_owner() => {
                 Some((directory, forwarder, directory.place(session_id)))
@@ -444,6 +457,7 @@ impl Engine {
         self.measured(C::NAME, async {
             // The key is fingerprinted as sent, before validation fills anything in.
             let keyed = command.keyed()?;
+            command.settle_id(&self.inner.create_ids)?;
             command.validate(&self.config().limits)?;
             let session_id = command.session_id();
             self.ask(session_id, C::NAME, |respond| {
@@ -476,7 +490,7 @@ impl Engine {
         user_id: &str,
         session_id: SessionId,
         after_seq: i64,
-        draft: Option<i64>,
+        draft: Option<(i64, u64)>,
     ) -> Result<Subscribed> {
         check_user(user_id, &self.config().limits)?;
         let subscribe = Subscribe {

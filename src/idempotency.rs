@@ -79,18 +79,76 @@ fn fingerprint(command: &Command) -> Vec<u8> {
     Sha256::digest(&bytes).to_vec()
 }
 
-/// The id of a session created with an idempotency key and no id: derived from the user and
-/// the key, so that every retry of the create reaches the same session (and its record).
-pub(crate) fn derived_session_id(user_id: &str, key: &str) -> SessionId {
-    let mut hash = Sha256::new();
-    hash.update(b"soloist create\0");
-    hash.update(user_id.as_bytes());
-    hash.update(b"\0");
-    hash.update(key.as_bytes());
-    let digest = hash.finalize();
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    SessionId::from_uuid(Uuid::new_v8(bytes))
+/// Derives the session ids of creates that carry an idempotency key and no id, so that every
+/// retry of the create reaches the same session (and its record), through any process.
+///
+/// Derived with a secret kept in the database (every process sharing it derives the same
+/// ids), so that no client can compute another user's id in advance and take it first. An id
+/// carries its own check: 64 bits derived from the user and the key, then a tag derived from
+/// the user and those bits (a UUIDv8 keeps 58 of them), so the engine can tell whether it
+/// could have issued an id to a user without knowing the key (an import may only create a
+/// keyed id of its own user's).
+#[derive(Clone)]
+pub(crate) struct CreateIds {
+    secret: std::sync::Arc<[u8]>,
+}
+
+impl std::fmt::Debug for CreateIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CreateIds(<secret>)")
+    }
+}
+
+impl CreateIds {
+    /// Ids derived with `secret`.
+    pub fn new(secret: &str) -> Self {
+        Self {
+            secret: secret.as_bytes().into(),
+        }
+    }
+
+    /// The id of `user_id`'s create with idempotency key `key`.
+    pub fn derive(&self, user_id: &str, key: &str) -> SessionId {
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&self.mac(b"create", user_id, key.as_bytes())[..8]);
+        // The version's bits, as the UUID will carry them, so the tag can be checked.
+        head[6] = (head[6] & 0x0f) | 0x80;
+        self.with_tag(user_id, head)
+    }
+
+    /// Whether `id` is one [`Self::derive`] gives `user_id` for some key.
+    pub fn issued_to(&self, user_id: &str, id: SessionId) -> bool {
+        let uuid = id.as_uuid();
+        if uuid.get_version_num() != 8 {
+            return false;
+        }
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&uuid.as_bytes()[..8]);
+        self.with_tag(user_id, head) == id
+    }
+
+    fn with_tag(&self, user_id: &str, head: [u8; 8]) -> SessionId {
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&head);
+        bytes[8..].copy_from_slice(&self.mac(b"tag", user_id, &head)[..8]);
+        SessionId::from_uuid(Uuid::new_v8(bytes))
+    }
+
+    /// HMAC-SHA-256 of `purpose`, the user (its length first, so no two users' inputs run
+    /// into each other) and `data`.
+    fn mac(&self, purpose: &[u8], user_id: &str, data: &[u8]) -> [u8; 32] {
+        use hmac::{KeyInit, Mac};
+        // HMAC takes a key of any length.
+        let Ok(mut mac) = hmac::Hmac::<Sha256>::new_from_slice(&self.secret) else {
+            return [0; 32];
+        };
+        mac.update(purpose);
+        mac.update(&[0]);
+        mac.update(&(user_id.len() as u64).to_be_bytes());
+        mac.update(user_id.as_bytes());
+        mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
 }
 
 /// Deletes expired records of every session, a bounded batch at a time: sessions that store
@@ -133,14 +191,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn derived_ids_depend_on_user_and_key() {
-        let a = derived_session_id("alice", "k1");
-        assert_eq!(a, derived_session_id("alice", "k1"));
-        assert_ne!(a, derived_session_id("alice", "k2"));
-        assert_ne!(a, derived_session_id("bob", "k1"));
-        // The separator keeps ("a", "bc") and ("ab", "c") apart.
-        assert_ne!(derived_session_id("a", "bc"), derived_session_id("ab", "c"));
+    fn derived_ids_depend_on_the_secret_user_and_key() {
+        let ids = CreateIds::new("secret one");
+        let a = ids.derive("alice", "k1");
+        assert_eq!(a, ids.derive("alice", "k1"));
+        assert_ne!(a, ids.derive("alice", "k2"));
+        assert_ne!(a, ids.derive("bob", "k1"));
+        // The length prefix keeps ("a", "bc") and ("ab", "c") apart.
+        assert_ne!(ids.derive("a", "bc"), ids.derive("ab", "c"));
+        assert_ne!(a, CreateIds::new("secret two").derive("alice", "k1"));
         assert_eq!(a.as_uuid().get_version_num(), 8);
+    }
+
+    #[test]
+    fn an_id_tells_whom_it_was_issued_to() {
+        let ids = CreateIds::new("hunter2");
+        let a = ids.derive("alice", "new-chat-1");
+        assert!(ids.issued_to("alice", a));
+        assert!(!ids.issued_to("bob", a));
+        assert!(!CreateIds::new("other").issued_to("alice", a));
+        assert!(!ids.issued_to("alice", SessionId::new()));
+        // Any other bit changed: not issued.
+        let mut bytes = *a.as_uuid().as_bytes();
+        bytes[15] ^= 1;
+        assert!(!ids.issued_to("alice", SessionId::from_uuid(Uuid::from_bytes(bytes))));
+        assert!(!format!("{ids:?}").contains("hunter2"));
     }
 
     #[test]

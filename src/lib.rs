@@ -54,6 +54,7 @@ pub mod config;
 mod drafts;
 pub mod engine;
 pub mod error;
+mod fanout;
 mod faults;
 mod feed;
 mod handle;
@@ -72,8 +73,8 @@ mod writer;
 pub use command::{
     AddUsage, AppendDeltas, AppendMessages, Appended, Command, CreateSession, Created,
     DeleteSession, Delta, DeltasAppended, FinishMessage, GetSession, ImportSession, Imported,
-    ListSessions, MAX_DELTAS, MessageFinished, OnBusy, Reply, SessionCursor, SessionList,
-    SessionPage, UpdateSession,
+    ListSessions, MAX_DELTAS, MAX_USAGE_DELTA, MAX_USAGE_TOTAL, MessageFinished, OnBusy, Reply,
+    SessionCursor, SessionList, SessionPage, UpdateSession,
 };
 pub use config::{EngineConfig, Limits, SqliteSync};
 pub use engine::Engine;

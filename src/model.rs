@@ -637,6 +637,21 @@ impl NewMessage {
     }
 }
 
+impl Message {
+    /// Bytes of payload (content, texts, JSON) the message carries.
+    pub(crate) fn payload_bytes(&self) -> usize {
+        let text = |text: &Option<String>| text.as_ref().map_or(0, String::len);
+        let json = |json: &Option<RawJson>| json.as_ref().map_or(0, |json| json.get().len());
+        self.content.as_ref().map_or(0, Content::len)
+            + json(&self.metadata)
+            + text(&self.name)
+            + json(&self.tool_calls)
+            + text(&self.tool_call_id)
+            + json(&self.function_call)
+            + text(&self.refusal)
+    }
+}
+
 /// The ids of the tool calls in an assistant message's `tool_calls` (an array of objects
 /// with an `"id"`; entries without one cannot be answered, and are left out).
 pub(crate) fn tool_call_ids(tool_calls: &RawJson) -> Vec<String> {

@@ -1,26 +1,32 @@
 //! Following a session: its stored messages after a point, then each new one as it commits,
 //! gap-free and in order, and the drafts among them as they grow and finish.
 //!
-//! The session actor hands out the backlog and a broadcast receiver in one step, so no commit
-//! falls between them. The broadcast carries each message as committed: new ones, and drafts
-//! each time a commit grew or finished them (the whole message as it stands; the stream sends
-//! on what its subscriber has not seen of it). Anything that could still open a gap — a
-//! subscriber too slow for the broadcast buffer, the actor passivating (which closes the
-//! broadcast), a write whose outcome was unknown and so was never published — is repaired the
-//! same way: the stream notices that the next message is not `last + 1` (or that the channel
+//! The session actor hands out the backlog and a listener in one step, so no commit falls
+//! between them. The actor publishes each commit: new messages whole, the text drafts grew by,
+//! and drafts as they ended (the stream sends on what its subscriber has not seen of them).
+//! What the actor holds for listeners that have not taken it is bounded in bytes (a
+//! subscriber that stops reading cannot pin more). Anything that could still open a gap — a
+//! subscriber that fell behind that bound, the actor passivating (which closes the channel), a
+//! write whose outcome was unknown and so was never published — is repaired the same way: the
+//! stream notices that the next event does not follow what it gave (or that the channel
 //! ended) and re-subscribes from its [`Position`], reading what it missed from the session,
-//! the open draft included.
+//! the open draft included. Re-subscribing again and again without giving anything backs off,
+//! and ends the stream with an error past a bound, so no stream can spin.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use tokio::sync::broadcast;
-
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::fanout::{Listener, Missed};
 use crate::model::{Message, MessageStatus, SessionId};
+use crate::session::protocol::Published;
+
+/// Re-subscriptions in a row that gave nothing, at most: past it the stream ends with an
+/// error rather than read the session again (each is a command to its actor).
+const MAX_FRUITLESS_RESUBSCRIBES: u32 = 8;
 
 /// How far a subscriber has followed a session: the last message it was given, and, if a
 /// draft it was given is still streaming, how many bytes of the draft's content it has. As
@@ -115,11 +121,13 @@ pub struct MessageStream {
     /// What the subscriber will have been given once `ready` is.
     queued: Position,
     /// Fetched but not yet looked at, in commit order.
-    buffer: VecDeque<Arc<Message>>,
+    buffer: VecDeque<Published>,
     /// Events decided but not yet given, each with the position after it.
     ready: VecDeque<(StreamEvent, Position)>,
-    /// Live messages, once the backlog has been caught up.
-    live: Option<broadcast::Receiver<Arc<Message>>>,
+    /// What commits, once the backlog has been caught up.
+    live: Option<Listener<Published>>,
+    /// Re-subscriptions since an event was last given.
+    fruitless: u32,
 }
 
 impl std::fmt::Debug for MessageStream {
@@ -147,6 +155,7 @@ impl MessageStream {
             buffer: VecDeque::new(),
             ready: VecDeque::new(),
             live: None,
+            fruitless: 0,
         };
         // Subscribing now reports a missing or foreign session at once.
         stream.resubscribe().await?;
@@ -190,10 +199,17 @@ impl MessageStream {
         loop {
             if let Some((event, position)) = self.ready.pop_front() {
                 self.position = position;
+                self.fruitless = 0;
                 return Ok(event);
             }
-            if let Some(message) = self.buffer.pop_front() {
-                if !self.look_at(message) {
+            if let Some(published) = self.buffer.pop_front() {
+                let follows = match published {
+                    Published::Message(message) => self.look_at(message),
+                    Published::Delta { seq, offset, text } => {
+                        self.look_at_delta(seq, offset, &text)
+                    }
+                };
+                if !follows {
                     // A gap: something was committed but not published to us.
                     self.buffer.clear();
                     self.live = None;
@@ -203,11 +219,10 @@ impl MessageStream {
             match &mut self.live {
                 None => self.resubscribe().await?,
                 Some(live) => match live.recv().await {
-                    Ok(message) => self.buffer.push_back(message),
-                    // Lagged past the buffer, or the actor passivated / the session was
-                    // deleted: start again from what was given.
-                    Err(broadcast::error::RecvError::Lagged(_))
-                    | Err(broadcast::error::RecvError::Closed) => self.live = None,
+                    Ok(published) => self.buffer.push_back(published),
+                    // Fell behind past what the session holds for us, or the actor
+                    // passivated / the session was deleted: start again from what was given.
+                    Err(Missed::Lagged | Missed::Closed) => self.live = None,
                 },
             }
         }
@@ -216,10 +231,13 @@ impl MessageStream {
     /// Decides what `message` (as committed) gives the subscriber; `false` on a gap.
     fn look_at(&mut self, message: Arc<Message>) -> bool {
         let last = self.queued.last;
-        if message.seq > last + 1 {
+        let Some(next) = last.checked_add(1) else {
+            return false;
+        };
+        if message.seq > next {
             return false;
         }
-        if message.seq == last + 1 {
+        if message.seq == next {
             self.queued.last = message.seq;
             if message.status == MessageStatus::InProgress {
                 let length = message.text().map_or(0, str::len) as u64;
@@ -254,19 +272,70 @@ impl MessageStream {
         true
     }
 
+    /// Decides what `text`, which draft `seq` grew by at byte `offset`, gives the subscriber;
+    /// `false` on a gap.
+    fn look_at_delta(&mut self, seq: i64, offset: u64, text: &str) -> bool {
+        if seq > self.queued.last {
+            // The draft's start was not given: missed.
+            return false;
+        }
+        let Some((draft, seen)) = self.queued.draft.filter(|&(draft, _)| draft == seq) else {
+            // A draft the subscriber was given as ended already.
+            return true;
+        };
+        let end = offset.saturating_add(text.len() as u64);
+        if offset > seen {
+            // Text before this was not given: missed.
+            return false;
+        }
+        if end <= seen {
+            return true;
+        }
+        let Some(unseen) = usize::try_from(seen - offset)
+            .ok()
+            .and_then(|start| text.get(start..))
+        else {
+            return false;
+        };
+        self.queued.draft = Some((draft, end));
+        self.give(StreamEvent::Delta {
+            seq,
+            offset: seen,
+            content: unseen.to_owned(),
+        });
+        true
+    }
+
     /// Queues `event`, with the position once it is given.
     fn give(&mut self, event: StreamEvent) {
         self.ready.push_back((event, self.queued));
     }
 
     async fn resubscribe(&mut self) -> Result<()> {
+        if self.fruitless > 0 {
+            // Nothing given since the last time: something keeps the stream from following.
+            // Back off (1, 2, 4, ... ms), and give up past a bound rather than spin.
+            if self.fruitless > MAX_FRUITLESS_RESUBSCRIBES {
+                return Err(Error::Conflict(
+                    "the stream could not follow the session; resume from its last event id".into(),
+                ));
+            }
+            let pause = std::time::Duration::from_millis(1 << (self.fruitless - 1));
+            tokio::time::sleep(pause).await;
+        }
+        self.fruitless += 1;
         // With the open draft as it stands now, if any: it may have grown or ended meanwhile.
-        let draft = self.queued.draft.map(|(seq, _)| seq);
         let subscribed = self
             .engine
-            .subscribe_raw(&self.user_id, self.session_id, self.queued.last, draft)
+            .subscribe_raw(
+                &self.user_id,
+                self.session_id,
+                self.queued.last,
+                self.queued.draft,
+            )
             .await?;
-        self.buffer.extend(subscribed.backlog);
+        self.buffer
+            .extend(subscribed.backlog.into_iter().map(Published::Message));
         // Behind by more than a page: deliver it, then page again before listening.
         self.live = subscribed.caught_up.then_some(subscribed.live);
         Ok(())

@@ -171,61 +171,95 @@ impl WriterTask {
         let span = info_span!("flush", sessions = writes.len(), rows);
         #[cfg(any(test, feature = "fault-injection"))]
         let _open = self.gate.read().await;
-        let mut attempt = 0;
         let started = Instant::now();
-        let result = loop {
-            let result = self.store.flush(&writes).instrument(span.clone()).await;
+        let mut results = Vec::with_capacity(writes.len());
+        self.flush_isolating(&writes, &span, &mut results).await;
+        let failed = results.iter().filter(|result| result.is_err()).count();
+        if failed > 0 {
+            self.stats.record_storage_error(started.elapsed());
+        }
+        let (mut written_sessions, mut written_rows) = (0, 0);
+        let mut refused = Refused::default();
+        for (write, result) in writes.iter().zip(&results) {
+            match result {
+                Ok(FlushOutcome::Committed { took_over, .. }) => {
+                    written_sessions += 1;
+                    refused.takeovers += u64::from(*took_over);
+                    written_rows += write.rows.len();
+                }
+                Ok(FlushOutcome::Conflict) => refused.conflicts += 1,
+                Ok(FlushOutcome::Fenced) => refused.fenced += 1,
+                Err(_) => {}
+            }
+        }
+        if failed < results.len() {
+            self.stats
+                .record_flush(written_sessions, written_rows, refused, started.elapsed());
+        }
+        if let Some(changes) = &self.changes {
+            let mut committed =
+                writes
+                    .iter()
+                    .zip(&results)
+                    .filter_map(|(write, result)| match result {
+                        Ok(FlushOutcome::Committed { version, .. }) => {
+                            Some((write.session_id, *version))
+                        }
+                        _ => None,
+                    });
+            changes.committed(&mut committed);
+        }
+        for (reply, result) in replies.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Flushes `writes` in one transaction (retrying transient failures), pushing each
+    /// write's result to `results` in order. When the database refuses a statement (an error
+    /// with its code that is not transient: a value it cannot store, say), nothing of the
+    /// transaction committed, and the writes are flushed again in halves until the refused
+    /// one is alone: only its command fails, never the other sessions it was batched with.
+    fn flush_isolating<'a>(
+        &'a self,
+        writes: &'a [SessionWrite],
+        span: &'a tracing::Span,
+        results: &'a mut Vec<Result<FlushOutcome, StorageError>>,
+    ) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            match self.flush_retrying(writes, span).await {
+                Ok(outcomes) => results.extend(outcomes.into_iter().map(Ok)),
+                Err(error) if writes.len() > 1 && error.code().is_some() => {
+                    debug!(parent: span, %error, sessions = writes.len(),
+                        "a statement was refused; flushing the writes apart to find its session");
+                    let (first, second) = writes.split_at(writes.len() / 2);
+                    self.flush_isolating(first, span, results).await;
+                    self.flush_isolating(second, span, results).await;
+                }
+                Err(error) => {
+                    warn!(parent: span, %error, sessions = writes.len(), "flush failed");
+                    results.extend(writes.iter().map(|_| Err(error.clone())));
+                }
+            }
+        })
+    }
+
+    /// Flushes `writes` in one transaction, again after a transient failure, a few times.
+    async fn flush_retrying(
+        &self,
+        writes: &[SessionWrite],
+        span: &tracing::Span,
+    ) -> Result<Vec<FlushOutcome>, StorageError> {
+        let mut attempt = 0;
+        loop {
+            let result = self.store.flush(writes).instrument(span.clone()).await;
             match result {
                 Err(error) if self.store.is_transient(&error) && attempt < TRANSIENT_RETRIES => {
                     attempt += 1;
                     self.stats.record_transient_retry();
-                    debug!(parent: &span, %error, attempt, "transient flush failure; retrying");
+                    debug!(parent: span, %error, attempt, "transient flush failure; retrying");
                     Backoff::WRITE.sleep(attempt).await;
                 }
-                other => break other,
-            }
-        };
-        match result {
-            Ok(outcomes) => {
-                // Count what was written: a conflicting session's batch left the transaction.
-                let (mut written_sessions, mut written_rows) = (0, 0);
-                let mut refused = Refused::default();
-                for (write, outcome) in writes.iter().zip(&outcomes) {
-                    match outcome {
-                        FlushOutcome::Committed { took_over, .. } => {
-                            written_sessions += 1;
-                            refused.takeovers += u64::from(*took_over);
-                            written_rows += write.rows.len();
-                        }
-                        FlushOutcome::Conflict => refused.conflicts += 1,
-                        FlushOutcome::Fenced => refused.fenced += 1,
-                    }
-                }
-                self.stats
-                    .record_flush(written_sessions, written_rows, refused, started.elapsed());
-                if let Some(changes) = &self.changes {
-                    let mut committed =
-                        writes
-                            .iter()
-                            .zip(&outcomes)
-                            .filter_map(|(write, outcome)| match outcome {
-                                FlushOutcome::Committed { version, .. } => {
-                                    Some((write.session_id, *version))
-                                }
-                                _ => None,
-                            });
-                    changes.committed(&mut committed);
-                }
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
-                }
-            }
-            Err(error) => {
-                warn!(parent: &span, %error, "flush failed");
-                self.stats.record_storage_error(started.elapsed());
-                for reply in replies {
-                    let _ = reply.send(Err(error.clone()));
-                }
+                other => return other,
             }
         }
     }

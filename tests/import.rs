@@ -673,7 +673,10 @@ async fn an_import_is_bounded_and_checked_whole(db: TestDb) {
     };
     assert_eq!(
         plain(engine.import_session(negative).await),
-        err(Error::invalid("usage", "token counts are never negative"))
+        err(Error::invalid(
+            "usage.prompt_tokens",
+            format!("must be 0 to {}", soloist::MAX_USAGE_TOTAL)
+        ))
     );
     assert_eq!(
         plain(
@@ -823,24 +826,9 @@ async fn two_processes_import_the_same_file(db: TestDb) {
 
 /// Runs each statement on a connection of its own to the database at `url`.
 async fn run_sql(url: &str, statements: &[&str]) {
-    use sqlx::Connection;
-    if url.starts_with("postgres") {
-        let mut connection = sqlx::PgConnection::connect(url).await.expect("connect");
-        for statement in statements {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_string()))
-                .execute(&mut connection)
-                .await
-                .expect(statement);
-        }
-    } else {
-        let mut connection = sqlx::SqliteConnection::connect(url).await.expect("connect");
-        for statement in statements {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_string()))
-                .execute(&mut connection)
-                .await
-                .expect(statement);
-        }
-    }
+    soloist_testkit::run_sql(url, statements)
+        .await
+        .expect("statements run");
 }
 
 on_every_backend!(

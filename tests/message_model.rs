@@ -229,7 +229,8 @@ async fn tool_results_pair_with_tool_calls(db: TestDb) {
     );
     let reused = session
         .append(vec![message(
-            r#"{"role": "assistant", "tool_calls": [{"id": "call_b", "type": "function"}]}"#,
+            r#"{"role": "assistant", "tool_calls": [{"id": "call_b", "type": "function",
+                "function": {"name": "g", "arguments": "{}"}}]}"#,
         )])
         .await;
     assert!(
@@ -240,7 +241,10 @@ async fn tool_results_pair_with_tool_calls(db: TestDb) {
     // refused, and refuses the whole append.
     let both = session
         .append(vec![
-            message(r#"{"role": "assistant", "tool_calls": [{"id": "call_c"}]}"#),
+            message(
+                r#"{"role": "assistant", "tool_calls": [{"id": "call_c", "type": "function",
+                    "function": {"name": "h", "arguments": "{}"}}]}"#,
+            ),
             tool_result("call_c"),
             tool_result("call_c"),
         ])
@@ -286,7 +290,10 @@ async fn tool_results_pair_with_tool_calls(db: TestDb) {
         message_id: draft,
         status: soloist::MessageStatus::Completed,
         tool_calls: Some(
-            RawJson::parse(r#"[{"id": "call_d", "type": "function"}]"#).expect("json"),
+            RawJson::parse(
+                r#"[{"id": "call_d", "type": "function", "function": {"name": "d", "arguments": "{}"}}]"#,
+            )
+            .expect("json"),
         ),
         refusal: None,
         usage: None,
@@ -300,8 +307,94 @@ async fn tool_results_pair_with_tool_calls(db: TestDb) {
         .expect("answered");
 }
 
+/// `tool_calls` in the chat format's shape, wherever they enter (an append, a draft's
+/// finish): anything else is refused, naming the field, and stores nothing.
+async fn tool_calls_have_the_chat_format_s_shape(db: TestDb) {
+    let engine = db.engine().await.expect("engine");
+    let session = created_session(&engine).await;
+    let refused = [
+        (r#"[1, 2]"#, "tool_calls"),
+        (r#"[[]]"#, "tool_calls"),
+        (r#"[]"#, "tool_calls"),
+        (r#"{"id": "c1"}"#, "tool_calls"),
+        (r#"[{"foo": 1}]"#, "tool_calls[0].id"),
+        (r#"[{"id": "", "type": "function"}]"#, "tool_calls[0].id"),
+        (r#"[{"id": 7, "type": "function"}]"#, "tool_calls"),
+        (r#"[{"id": "c1"}]"#, "tool_calls[0].type"),
+        (
+            r#"[{"id": "c1", "type": "function"}]"#,
+            "tool_calls[0].function",
+        ),
+        (
+            r#"[{"id": "c1", "type": "function", "function": {"arguments": "{}"}}]"#,
+            "tool_calls[0].function",
+        ),
+        (
+            r#"[{"id": "c1", "type": "custom", "custom": {}}, {"id": "c1", "type": "custom"}]"#,
+            "tool_calls[1].id",
+        ),
+    ];
+    for (tool_calls, field) in refused {
+        let appended = session
+            .append(vec![message(&format!(
+                r#"{{"role": "assistant", "tool_calls": {tool_calls}}}"#
+            ))])
+            .await;
+        let expected = format!("messages[0].{field}");
+        assert!(
+            matches!(&appended, Err(Error::InvalidInput { field, .. }) if *field == expected),
+            "{tool_calls}: {appended:?}"
+        );
+        let (draft, _) = session
+            .start_message(NewMessage::assistant("thinking"))
+            .await
+            .expect("start");
+        let finished = engine
+            .finish_message(soloist::FinishMessage {
+                user_id: "alice".into(),
+                session_id: session.id(),
+                message_id: draft,
+                status: soloist::MessageStatus::Completed,
+                tool_calls: Some(RawJson::parse(tool_calls).expect("JSON")),
+                refusal: None,
+                usage: None,
+            })
+            .await;
+        assert!(
+            matches!(&finished, Err(Error::InvalidInput { field: refused, .. }) if refused == field),
+            "finish with {tool_calls}: {finished:?}"
+        );
+        session
+            .finish_message(draft, soloist::MessageStatus::Incomplete, None)
+            .await
+            .expect("finished otherwise");
+    }
+    // A call of another type than function passes with its own fields.
+    let other = r#"[{"id": "c9", "type": "custom", "custom": {"name": "grep", "input": "x"}}]"#;
+    session
+        .append(vec![message(&format!(
+            r#"{{"role": "assistant", "tool_calls": {other}}}"#
+        ))])
+        .await
+        .expect("a custom tool call");
+    // Only a draft finishes: a user's message is not one.
+    let seq = session
+        .append(vec![NewMessage::user("hello")])
+        .await
+        .expect("user")[0];
+    let page = session.get(Some(seq - 1), Some(1)).await.expect("read");
+    let finished = session
+        .finish_message(page.messages[0].id, soloist::MessageStatus::Completed, None)
+        .await;
+    assert!(
+        matches!(finished, Err(Error::MessageFinished { .. })),
+        "{finished:?}"
+    );
+}
+
 on_every_backend!(
     parts_and_metadata_round_trip_exactly,
     malformed_parts_and_metadata_are_refused_whole,
-    tool_results_pair_with_tool_calls
+    tool_results_pair_with_tool_calls,
+    tool_calls_have_the_chat_format_s_shape,
 );

@@ -83,6 +83,8 @@ fn assert_erased(row: &StoredSession) {
             ttl_seconds: row.ttl_seconds,
             expires_at: None,
             keys: 0,
+            messages: 0,
+            chunks: 0,
         }
     );
 }
@@ -395,7 +397,49 @@ async fn the_purge_erases_what_expired(db: TestDb) {
     engine.shutdown().await;
 }
 
+/// An erase queued behind a delta of a streaming draft, in the same batch: every row of the
+/// session but its tombstone is gone after the erase answered, the delta's chunk too (it used
+/// to be written after the erase's deletes, in the same transaction, and outlived them).
+async fn an_erase_behind_a_delta_leaves_no_draft_text(db: TestDb) {
+    let engine = db.engine().await.expect("engine");
+    let session = create(&engine, "alice", None).await;
+    let handle = engine.session("alice", session);
+    let (draft, _) = handle
+        .start_message(NewMessage::assistant("Hel"))
+        .await
+        .expect("start");
+    assert_eq!(handle.append_delta(draft, 3, "lo").await.ok(), Some(5));
+    // Writes held back: the next delta is staged and waits for its write, and the delta and
+    // the erase sent meanwhile queue behind it, to be staged together as one batch.
+    let paused = engine.pause_writes().await;
+    let first = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.append_delta(draft, 5, ", ").await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.append_delta(draft, 7, "world").await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let erased = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.delete_session(erase("alice", session)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(paused);
+    assert_eq!(first.await.expect("first delta").ok(), Some(7));
+    assert_eq!(second.await.expect("second delta").ok(), Some(12));
+    erased.await.expect("erase").expect("erased");
+    stored(&db, session, assert_erased).await;
+    passivated(&engine, session).await;
+    assert!(matches!(handle.get(None, None).await, Err(Error::NotFound)));
+    stored(&db, session, assert_erased).await;
+    engine.shutdown().await;
+}
+
 on_every_backend!(
+    an_erase_behind_a_delta_leaves_no_draft_text,
     an_erase_removes_what_a_delete_keeps,
     a_user_s_sessions_are_erased_at_once,
     the_expiry_follows_the_last_write,

@@ -43,12 +43,13 @@ pub struct BodyLimits {
     pub import_bytes: usize,
     /// Body bytes all requests in flight may hold at once.
     pub memory_bytes: usize,
+    /// Bytes of large answers (see [`crate::LARGE_ANSWER_BYTES`]) all requests in flight may
+    /// hold at once, until they are sent.
+    pub answer_memory_bytes: usize,
     /// How long a body may take beyond what the minimum rate allows.
     pub grace: Duration,
     /// Bytes per second a body must arrive at, at least, after the grace.
     pub min_bytes_per_second: u64,
-    /// How long a request waits for room in the memory budget before a 503.
-    pub memory_wait: Duration,
 }
 
 impl BodyLimits {
@@ -64,9 +65,9 @@ impl BodyLimits {
             small_bytes: 1024,
             import_bytes: 64 * 1024 * 1024,
             memory_bytes: 128 * 1024 * 1024,
+            answer_memory_bytes: 128 * 1024 * 1024,
             grace: Duration::from_secs(10),
             min_bytes_per_second: 64 * 1024,
-            memory_wait: Duration::from_secs(5),
         }
     }
 }
@@ -197,40 +198,25 @@ pub(crate) async fn read_frames(
     if declared.is_some_and(|length| length > limit as u64) {
         return Err(too_large(limit));
     }
-    // A body of unknown length reserves the route's limit.
-    let reserve = declared.map_or(limit, |length| length as usize);
-    let permits = u32::try_from(reserve.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-    let reserved = match tokio::time::timeout(
-        budget.limits.memory_wait,
-        budget.kibibytes.acquire_many(permits),
-    )
-    .await
-    {
-        Ok(Ok(permit)) => permit,
-        // Closed never happens (the semaphore lives as long as the server); a wait past the
-        // limit is the server being busy with other large bodies.
-        _ => {
-            return Err(ApiError::new(
-                ErrorCode::Busy,
-                "too many large request bodies in flight; retry",
-            ));
-        }
+    // The budget is taken as bytes arrive, never for what a request declares: a request that
+    // sends nothing holds nothing (and times out after the grace), and one budget share
+    // cannot be claimed by a length alone.
+    let Ok(mut held) = budget.kibibytes.try_acquire_many(0) else {
+        // Closed never happens: the semaphore lives as long as the server.
+        return Err(busy());
     };
-
     let limits = &budget.limits;
     let started = Instant::now();
-    let deadline_for = |bytes: u64| {
+    // The deadline moves with what has arrived: the grace, then the minimum rate.
+    let deadline_for = |bytes: usize| {
         started
             + limits.grace
             + Duration::from_secs_f64(bytes as f64 / limits.min_bytes_per_second as f64)
     };
-    // The declared length sets the deadline for the whole body at once; without one, it moves
-    // with what has arrived.
     let mut body = request.into_body();
     let mut read = 0usize;
     loop {
-        let expected = declared.unwrap_or(read as u64);
-        let frame = match tokio::time::timeout_at(deadline_for(expected), body.frame()).await {
+        let frame = match tokio::time::timeout_at(deadline_for(read), body.frame()).await {
             Err(_) => {
                 return Err(ApiError::new(
                     ErrorCode::BodyTimeout,
@@ -254,8 +240,26 @@ pub(crate) async fn read_frames(
                 return Err(too_large(limit));
             }
             read += data.len();
+            // No waiting for room: bodies that hold budget while they wait for more could
+            // wait for each other, and what is held is bytes that did arrive.
+            let needed = read.div_ceil(1024).saturating_sub(held.num_permits());
+            if needed > 0 {
+                let more = u32::try_from(needed)
+                    .ok()
+                    .and_then(|needed| budget.kibibytes.try_acquire_many(needed).ok())
+                    .ok_or_else(busy)?;
+                held.merge(more);
+            }
             take(&data)?;
         }
     }
-    Ok(reserved)
+    Ok(held)
+}
+
+/// The answer when the bodies in flight hold the whole budget.
+fn busy() -> ApiError {
+    ApiError::new(
+        ErrorCode::Busy,
+        "too many large request bodies in flight; retry",
+    )
 }

@@ -180,31 +180,29 @@ impl Inbound {
         })
     }
 
-    /// Serves a connection that opens with [`PREFACE`] (unread) until the peer closes it,
-    /// falls silent for [`PEER_SILENCE`], or, once `drain` is cancelled, has been told
-    /// `closing` and its commands have run. The preface and the secret must arrive within
-    /// `handshake`.
-    pub async fn serve(&self, stream: TcpStream, handshake: Duration, drain: CancellationToken) {
-        let _ = stream.set_nodelay(true);
-        let (mut read, mut write) = stream.into_split();
-        let secret = tokio::time::timeout(handshake, async {
-            let mut preface = [0u8; PREFACE.len()];
-            read.read_exact(&mut preface).await.ok()?;
-            let mut frames = FramedRead::new(&mut read, codec(MAX_SECRET_BYTES));
-            frames.next().await?.ok()
-        })
-        .await
-        .ok()
-        .flatten();
+    /// Takes a connection whose [`PREFACE`] was read through the secret's exchange: `true`,
+    /// with [`WELCOME`] sent, if the peer sent the cluster secret; otherwise it is answered as
+    /// a missing page and closed. Bounded by the caller.
+    pub async fn welcome(&self, stream: &mut TcpStream) -> bool {
+        let secret = {
+            let mut frames = FramedRead::new(&mut *stream, codec(MAX_SECRET_BYTES));
+            frames.next().await.and_then(Result::ok)
+        };
         let welcome = secret.is_some_and(|sent| bool::from(self.secret.as_bytes().ct_eq(&sent)));
         if !welcome {
-            let _ = write.write_all(&not_found()).await;
-            let _ = write.shutdown().await;
-            return;
+            let _ = stream.write_all(&not_found()).await;
+            let _ = stream.shutdown().await;
+            return false;
         }
-        if write.write_all(WELCOME).await.is_err() {
-            return;
-        }
+        stream.write_all(WELCOME).await.is_ok()
+    }
+
+    /// Serves a welcomed peer's connection until the peer closes it, falls silent for
+    /// [`PEER_SILENCE`], or, once `drain` is cancelled, has been told `closing` and its
+    /// commands have run.
+    pub async fn serve(&self, stream: TcpStream, drain: CancellationToken) {
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
         let frames = FramedRead::new(read, codec(self.max_frame));
         let sink = FramedWrite::new(write, codec(self.max_frame));
         if let Err(error) = self.run_commands(frames, sink, drain).await {

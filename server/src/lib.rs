@@ -23,6 +23,7 @@
 //! - `otlp` (feature `otlp`): the spans exported over OTLP, the parent taken from
 //!   `traceparent`.
 
+mod answers;
 mod api;
 mod body;
 pub mod cluster;
@@ -63,6 +64,7 @@ use tower_http::request_id::{
 };
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
+pub use answers::{HoldAnswers, LARGE_ANSWER_BYTES};
 pub use body::{BodyBudget, BodyLimits, JsonBody};
 pub use error::{ApiError, ErrorCode};
 pub use limit::UserLimits;
@@ -95,6 +97,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Request body limits and the memory budget all bodies in flight share.
     pub bodies: Arc<BodyBudget>,
+    /// The memory budget all large answers in flight share.
+    pub answers: HoldAnswers,
     /// The exporter `GET /metrics` renders ([`install_metrics`]); none, a 404.
     pub metrics: Option<PrometheusHandle>,
 }
@@ -115,6 +119,7 @@ impl AppState {
         Self {
             engine,
             shutdown,
+            answers: HoldAnswers::new(limits.answer_memory_bytes),
             bodies: BodyBudget::new(limits),
             user_limits: None,
             metrics: None,
@@ -152,6 +157,7 @@ pub fn app(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(state.answers.clone())
         .layer(metrics::RecordRequests)
         .with_state(state);
     with_edge(routes)

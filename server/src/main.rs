@@ -107,8 +107,8 @@ struct HttpArgs {
         value_name = "BYTES"
     )]
     max_import_body_bytes: usize,
-    /// Request body bytes all requests in flight may hold at once; a request that finds no
-    /// room within 5 s gets 503 `busy`.
+    /// Request body bytes all requests in flight may hold at once, counted as they arrive; a
+    /// request whose next bytes find no room gets 503 `busy` at once.
     #[arg(
         long,
         env = "SOLOIST_BODY_MEMORY_BYTES",
@@ -116,6 +116,16 @@ struct HttpArgs {
         value_name = "BYTES"
     )]
     body_memory_bytes: usize,
+    /// Bytes of large answers (64 KiB or more: pages of long messages, lists of sessions with
+    /// large metadata) all requests in flight may hold until they are sent; an answer that
+    /// finds no room gets 503 `busy` at once. At least eight of the largest pages.
+    #[arg(
+        long,
+        env = "SOLOIST_ANSWER_MEMORY_BYTES",
+        default_value = "134217728",
+        value_name = "BYTES"
+    )]
+    answer_memory_bytes: usize,
     /// Grace period of a request body: it must arrive within this long plus its size at the
     /// minimum rate, or the request gets 408.
     #[arg(
@@ -343,6 +353,10 @@ struct LimitArgs {
     /// Messages a read returns at most.
     #[arg(long, env = "SOLOIST_MAX_PAGE_SIZE", default_value_t = defaults().limits.max_page_size, value_name = "N")]
     max_page_size: usize,
+    /// Payload bytes of the messages a read returns at most (a page ends early, with its
+    /// cursor).
+    #[arg(long, env = "SOLOIST_MAX_PAGE_BYTES", default_value_t = defaults().limits.max_page_bytes, value_name = "BYTES")]
+    max_page_bytes: usize,
     /// Messages an import may carry (all written in one transaction).
     #[arg(long, env = "SOLOIST_MAX_IMPORT_MESSAGES", default_value_t = defaults().limits.max_import_messages, value_name = "N")]
     max_import_messages: usize,
@@ -418,6 +432,7 @@ impl Args {
                 max_json_bytes: limits.max_json_bytes,
                 max_text_bytes: limits.max_text_bytes,
                 max_page_size: limits.max_page_size,
+                max_page_bytes: limits.max_page_bytes,
                 max_json_depth: limits.max_json_depth,
                 max_import_messages: limits.max_import_messages,
             },
@@ -554,6 +569,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .body_memory_bytes
         .max(http.max_append_body_bytes)
         .max(http.max_import_body_bytes);
+    // Room for the largest pages as JSON (escaped text can take several bytes a byte),
+    // whatever the budget says.
+    body_limits.answer_memory_bytes = http
+        .answer_memory_bytes
+        .max(engine.config().limits.max_page_bytes.saturating_mul(8));
     body_limits.grace = Duration::from_millis(http.body_timeout_ms);
     body_limits.min_bytes_per_second = http.min_body_rate.max(1);
     let mut state = AppState::with_body_limits(engine.clone(), shutdown.clone(), body_limits)

@@ -2,10 +2,10 @@
 //! taking the server down.
 //!
 //! - A connection that opens with the peers' preface ([`crate::cluster::PREFACE`]) is
-//!   another server process forwarding commands: it is served the peers' protocol only, under
-//!   the same cap and drain, and never counts as idle (its commands' answers are in flight
-//!   whenever it is used). Every other connection is HTTP/1 and never reaches the peers'
-//!   protocol.
+//!   another server process forwarding commands: once the preface has arrived it leaves the
+//!   clients' cap for a small pool of handshakes of its own, short and evictable, and, once it
+//!   sent the cluster secret, is served the peers' protocol only, under the same drain (see
+//!   `handshake`). Every other connection is HTTP/1 and never reaches the peers' protocol.
 //! - A new connection must send its first request's headers within the header-read timeout,
 //!   and so must a kept-alive connection once the next request's first bytes arrived; a
 //!   kept-alive connection waiting for its next request closes after the keep-alive timeout,
@@ -54,9 +54,12 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 use tracing::{debug, info, warn};
 
-use crate::cluster::{Inbound, PREFACE};
+mod handshake;
+
+use crate::cluster::Inbound;
 use crate::error::{ApiError, ErrorCode};
 use crate::malformed::{MAX_HEAD_BYTES, automatic_answer};
+use handshake::{Handshakes, Sniffed, sniff};
 
 /// Descriptors kept back from the connection cap for everything else the process opens: the
 /// listener, database connections (an SQLite connection holds several files), logs.
@@ -187,6 +190,7 @@ pub async fn serve(
         keep_alive: config.keep_alive_timeout,
     };
     let registry = Arc::new(Registry::new());
+    let handshakes = Arc::new(Handshakes::new());
     let drain = CancellationToken::new();
     let mut connections = JoinSet::new();
     let mut refusals = JoinSet::new();
@@ -270,7 +274,7 @@ pub async fn serve(
         connections.spawn(connection(
             stream,
             http.clone(),
-            (router.clone(), peers.clone()),
+            (router.clone(), peers.clone(), handshakes.clone()),
             tracked,
             guard,
             drain.clone(),
@@ -364,32 +368,39 @@ async fn idle_watch(tracked: &Tracked, timeouts: Timeouts) {
 /// Serves one connection until it ends, is evicted, times out waiting for a request, or is
 /// cut at shutdown.
 async fn connection(
-    stream: TcpStream,
+    mut stream: TcpStream,
     http: http1::Builder,
-    (router, peers): (Router, Option<Inbound>),
+    (router, peers, handshakes): (Router, Option<Inbound>, Arc<Handshakes>),
     tracked: Arc<Tracked>,
-    _registered: Registered,
+    registered: Registered,
     drain: CancellationToken,
     timeouts: Timeouts,
 ) {
     let evict = tracked.evict.clone();
     let watched = Arc::clone(&tracked);
+    let mut replay = Vec::new();
     if let Some(peers) = peers {
-        let peer = tokio::select! {
+        let sniffed = tokio::select! {
             biased;
             () = evict.cancelled() => return,
             () = idle_watch(&watched, timeouts) => return,
             () = drain.cancelled() => return,
-            peer = opens_with(&stream, PREFACE) => peer,
+            sniffed = sniff(&mut stream) => sniffed,
         };
-        if peer {
-            // Never idle, so never evicted: the peer pings it every second.
-            let _in_flight = InFlight::start(tracked);
-            return peers.serve(stream, timeouts.header, drain).await;
+        match sniffed {
+            Ok(Sniffed::Peer) => {
+                // Out of the clients' cap: a handshake is held to its own.
+                let id = registered.id;
+                drop(registered);
+                return handshakes.serve(id, stream, peers, drain).await;
+            }
+            Ok(Sniffed::Other(read)) => replay = read,
+            Err(_) => return,
         }
     }
     let io = TokioIo::new(Lingering {
         stream,
+        replay,
         tracked: Arc::clone(&tracked),
         shut: false,
         linger: None,
@@ -464,28 +475,6 @@ async fn drive<C, E>(
     }
 }
 
-/// Whether the connection's first bytes are `preface`; decided on the first byte that differs.
-/// Reads nothing: the bytes stay for the connection's server. Bounded by the caller (the
-/// header-read timeout).
-async fn opens_with(stream: &TcpStream, preface: &[u8]) -> bool {
-    let mut first = vec![0u8; preface.len()];
-    loop {
-        let read = match stream.peek(&mut first).await {
-            Ok(0) | Err(_) => return false,
-            Ok(read) => read,
-        };
-        if first[..read] != preface[..read] {
-            return false;
-        }
-        if read == preface.len() {
-            return true;
-        }
-        // Part of the preface so far: `peek` would return at once with the same bytes, so
-        // wait a little for the rest.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// A request body that marks its connection when it is dropped before its end (its handler
 /// refused it part-read), so that the connection lingers when it closes.
 struct Watched {
@@ -537,6 +526,9 @@ impl Drop for Watched {
 /// error (see [`crate::malformed`]); that answer is always the last thing hyper writes.
 struct Lingering {
     stream: TcpStream,
+    /// Bytes read before HTTP took the connection (while telling it from a peer's), given
+    /// to HTTP first.
+    replay: Vec<u8>,
     tracked: Arc<Tracked>,
     /// Whether the write side has been shut.
     shut: bool,
@@ -616,7 +608,14 @@ impl AsyncRead for Lingering {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let read = if this.replay.is_empty() {
+            Pin::new(&mut this.stream).poll_read(cx, buf)
+        } else {
+            let given = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay[..given]);
+            this.replay.drain(..given);
+            Poll::Ready(Ok(()))
+        };
         let tracked = &this.tracked;
         // The first bytes of a request head, read between requests, start its header timeout.
         if buf.filled().len() > before
@@ -925,6 +924,7 @@ mod tests {
         let _in_flight = in_flight.then(|| InFlight::start(Arc::clone(&tracked)));
         let mut socket = Lingering {
             stream,
+            replay: Vec::new(),
             tracked,
             shut: false,
             linger: None,

@@ -564,7 +564,7 @@ async fn json_fields_are_stored_exactly_as_sent() {
         .expect("session_id")
         .to_owned();
 
-    let tool_calls = r#"[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}},{"n":12345678901234567890}]"#;
+    let tool_calls = r#"[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}},{"id":"c2","type":"custom","n":12345678901234567890}]"#;
     let (status, text) = post_raw(
         &client,
         &server,

@@ -141,9 +141,19 @@ async fn every_route_is_described_and_every_described_route_is_served() {
     // Routes are only ever added from their description (`routes!` of utoipa-axum, which reads
     // the handler's `#[utoipa::path]`): a plain axum `.route(...)` would serve a path the
     // description cannot know of, so none may be in the server's code.
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
-    for entry in std::fs::read_dir(&source).expect("server/src") {
-        let path = entry.expect("entry").path();
+    let mut folders = vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src")];
+    let mut files = Vec::new();
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).expect("a folder of server/src") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                folders.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    for path in files {
         let text = std::fs::read_to_string(&path).expect("source");
         for call in [".route(", ".route_service(", ".nest(", ".nest_service("] {
             assert!(

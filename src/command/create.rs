@@ -6,7 +6,7 @@ use super::validate::{check_title_and_metadata, check_ttl, check_user};
 use super::{Command, SessionCommand, keyed_by};
 use crate::config::Limits;
 use crate::error::{Error, Result};
-use crate::idempotency::{Keyed, derived_session_id};
+use crate::idempotency::{CreateIds, Keyed};
 use crate::model::{RawJson, SessionId, SessionInfo};
 use crate::session::protocol::{Pending, Request, Responder, Write};
 use crate::session::stage::{Batch, StageWrite};
@@ -65,12 +65,21 @@ impl SessionCommand for CreateSession {
 
     /// A create that names no id and carries no key gets a new one (no fingerprint covers
     /// it); a keyed one keeps it open, its id being derived from the key wherever it runs.
-    fn place(&mut self) -> SessionId {
+    fn place(&mut self, ids: &CreateIds) -> SessionId {
         match (self.session_id, &self.idempotency_key) {
             (Some(id), _) => id,
-            (None, Some(key)) => derived_session_id(&self.user_id, key),
+            (None, Some(key)) => ids.derive(&self.user_id, key),
             (None, None) => *self.session_id.insert(SessionId::new()),
         }
+    }
+
+    /// Without an id, a keyed create derives one from the key, so that its retries reach the
+    /// same session (and the record of the first answer).
+    fn settle_id(&mut self, ids: &CreateIds) -> Result<()> {
+        if let (None, Some(key)) = (self.session_id, &self.idempotency_key) {
+            self.session_id = Some(ids.derive(&self.user_id, key));
+        }
+        Ok(())
     }
 
     fn validate(&mut self, limits: &Limits) -> Result<()> {
@@ -78,14 +87,8 @@ impl SessionCommand for CreateSession {
         check_title_and_metadata(&self.title, &self.metadata, limits)?;
         check_ttl(self.ttl_seconds)?;
         self.metadata.get_or_insert_with(RawJson::empty_object);
-        // Without an id, a keyed create derives one from the key, so that its retries reach
-        // the same session (and the record of the first answer).
-        let id = match (self.session_id, &self.idempotency_key) {
-            (Some(id), _) => id,
-            (None, Some(key)) => derived_session_id(&self.user_id, key),
-            (None, None) => SessionId::new(),
-        };
-        self.session_id = Some(id);
+        // A keyed create has its id by now (`settle_id`).
+        self.session_id.get_or_insert_with(SessionId::new);
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use super::validate::{check_imported, check_title_and_metadata, check_user};
 use super::{SessionCommand, addressed};
 use crate::config::Limits;
 use crate::error::{Error, Result};
-use crate::idempotency::Keyed;
+use crate::idempotency::{CreateIds, Keyed};
 use crate::model::{ImportedMessage, MessageStatus, RawJson, SessionId, SessionInfo, Usage};
 use crate::session::protocol::{Pending, Request, Responder, Write};
 use crate::session::stage::{Batch, StageWrite};
@@ -69,6 +69,21 @@ impl SessionCommand for ImportSession {
 
     addressed!();
 
+    /// An id in the form keyed creates get (UUIDv8) is taken only if this server issued it to
+    /// the importer: otherwise an import could take, before its owner, the id someone else's
+    /// keyed create will get.
+    fn settle_id(&mut self, ids: &CreateIds) -> Result<()> {
+        let keyed_form = self.session_id.as_uuid().get_version_num() == 8;
+        if keyed_form && !ids.issued_to(&self.user_id, self.session_id) {
+            return Err(Error::invalid(
+                "session_id",
+                "a UUIDv8 is the id of a keyed create, and this server did not issue this one \
+                 to you; import under another id",
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&mut self, limits: &Limits) -> Result<()> {
         check_user(&self.user_id, limits)?;
         if self.session_id.as_uuid().is_nil() {
@@ -79,9 +94,7 @@ impl SessionCommand for ImportSession {
         }
         check_title_and_metadata(&self.title, &self.metadata, limits)?;
         self.metadata.get_or_insert_with(RawJson::empty_object);
-        if self.usage.prompt_tokens < 0 || self.usage.completion_tokens < 0 {
-            return Err(Error::invalid("usage", "token counts are never negative"));
-        }
+        super::validate::check_usage("usage", &self.usage, super::MAX_USAGE_TOTAL)?;
         if self.messages.len() > limits.max_import_messages {
             return Err(Error::TooLarge {
                 field: "messages".into(),
@@ -146,7 +159,7 @@ impl StageWrite for ImportSession {
                 message.tool_call_id.as_deref(),
             );
         }
-        batch.add_usage(self.usage);
+        batch.add_usage(self.usage)?;
         Ok(Imported {
             session: batch.session(&self.user_id)?.clone(),
             created: true,

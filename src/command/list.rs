@@ -52,8 +52,18 @@ impl ListSessions {
         let mut sessions = store
             .list_sessions(&self.user_id, self.before, limit + 1)
             .await?;
-        let more = sessions.len() > limit;
-        sessions.truncate(limit);
+        // As many as the page's bytes allow (one at least): metadata may be large.
+        let mut bytes = 0usize;
+        let fit = sessions
+            .iter()
+            .position(|session| {
+                bytes +=
+                    session.metadata.get().len() + session.title.as_ref().map_or(0, String::len);
+                bytes > limits.max_page_bytes
+            })
+            .map_or(sessions.len(), |index| index.max(1));
+        let more = sessions.len() > limit.min(fit);
+        sessions.truncate(limit.min(fit));
         let next_before = if more {
             sessions.last().map(|last| SessionCursor {
                 created_at_micros: last.created_at.timestamp_micros(),

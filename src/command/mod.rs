@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Limits;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::idempotency::{Keyed, check_key};
+use crate::idempotency::{CreateIds, Keyed, check_key};
 use crate::model::{SessionId, SessionInfo, Usage};
 use crate::session::protocol::{Request, Responder};
 
@@ -34,7 +34,7 @@ pub use list::{DEFAULT_SESSION_PAGE, ListSessions, SessionCursor, SessionList};
 pub use stream::{AppendDeltas, Delta, DeltasAppended, FinishMessage, MAX_DELTAS, MessageFinished};
 pub use update::UpdateSession;
 pub use usage::AddUsage;
-pub use validate::MAX_TTL_SECONDS;
+pub use validate::{MAX_TTL_SECONDS, MAX_USAGE_DELTA, MAX_USAGE_TOTAL};
 pub(crate) use validate::{check_user, validate_page};
 
 /// Every command the engine understands. As JSON, externally tagged:
@@ -209,10 +209,18 @@ pub(crate) trait SessionCommand: Send + Sized + Into<Command> + 'static {
     fn session_id(&self) -> SessionId;
 
     /// The session the command goes to, fixed for routing before it is validated (a create
-    /// that leaves its id open gets one here, unless its key derives one). Unlike
+    /// that leaves its id open gets one here, unless its key derives one with `ids`). Unlike
     /// [`Self::validate`], leaves every field the key's fingerprint covers as sent.
-    fn place(&mut self) -> SessionId {
+    fn place(&mut self, ids: &CreateIds) -> SessionId {
+        let _ = ids;
         self.session_id()
+    }
+
+    /// Fills in, or checks, the session id where it depends on the ids this server issues
+    /// (see [`CreateIds`]): once the key's fingerprint is taken, before [`Self::validate`].
+    fn settle_id(&mut self, ids: &CreateIds) -> Result<()> {
+        let _ = ids;
+        Ok(())
     }
 
     /// Whether the command must run at the session's owner process (every write; a read that

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::validate::{check_json, check_user};
+use super::validate::check_user;
 use super::{SessionCommand, addressed};
 use crate::config::Limits;
 use crate::error::{Error, Result};
@@ -139,7 +139,7 @@ impl SessionCommand for FinishMessage {
             ));
         }
         if let Some(tool_calls) = &self.tool_calls {
-            check_json("tool_calls", tool_calls, false, limits)?;
+            super::validate::check_tool_calls("tool_calls", tool_calls, limits)?;
         }
         if let Some(refusal) = &self.refusal {
             if refusal.len() > limits.max_content_bytes {
@@ -153,10 +153,8 @@ impl SessionCommand for FinishMessage {
                 return Err(Error::invalid("refusal", "must not contain NUL characters"));
             }
         }
-        if let Some(usage) = self.usage {
-            if usage.prompt_tokens < 0 || usage.completion_tokens < 0 {
-                return Err(Error::invalid("usage", "token counts only grow"));
-            }
+        if let Some(usage) = &self.usage {
+            super::validate::check_usage("usage", usage, super::MAX_USAGE_DELTA)?;
         }
         Ok(())
     }

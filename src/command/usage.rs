@@ -53,7 +53,7 @@ impl StageWrite for AddUsage {
             prompt_tokens: i64::from(self.prompt_tokens),
             completion_tokens: i64::from(self.completion_tokens),
         };
-        batch.add_usage(delta);
+        batch.add_usage(delta)?;
         if delta != Usage::default() {
             batch.changed();
         }

@@ -73,6 +73,66 @@ pub(crate) fn check_json(
     Ok(())
 }
 
+/// An assistant message's `tool_calls`, in the chat format's shape: a JSON array (within the
+/// JSON limits) of at least one call, each an object with a non-empty string `id` (what the
+/// `tool` message that answers it names, unique in the array, at most a text's bytes) and a
+/// string `type`; a call of type `function` carries a `function` object with a string
+/// `name`. Other fields pass as they are.
+pub(crate) fn check_tool_calls(field: &str, value: &RawJson, limits: &Limits) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Call<'a> {
+        #[serde(borrow)]
+        id: Option<std::borrow::Cow<'a, str>>,
+        #[serde(rename = "type", borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow)]
+        function: Option<&'a serde_json::value::RawValue>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Function<'a> {
+        #[serde(borrow)]
+        name: Option<std::borrow::Cow<'a, str>>,
+    }
+    check_json(field, value, false, limits)?;
+    let calls: Vec<Call<'_>> = serde_json::from_str(value.get()).map_err(|_| {
+        Error::invalid(
+            field,
+            "each tool call must be an object with a string \"id\" and \"type\"",
+        )
+    })?;
+    if calls.is_empty() {
+        return Err(Error::invalid(field, "must hold at least one tool call"));
+    }
+    let mut ids = std::collections::HashSet::with_capacity(calls.len());
+    for (index, call) in calls.iter().enumerate() {
+        let at = |name: &str| format!("{field}[{index}].{name}");
+        let id = call.id.as_deref().unwrap_or_default();
+        if id.is_empty() {
+            return Err(Error::invalid(at("id"), "a tool call needs a non-empty id"));
+        }
+        check_len(at("id"), id.len(), limits.max_text_bytes)?;
+        if !ids.insert(id) {
+            return Err(Error::invalid(at("id"), "the same id appears twice"));
+        }
+        let Some(kind) = call.kind.as_deref() else {
+            return Err(Error::invalid(at("type"), "a tool call needs a type"));
+        };
+        if kind == "function" {
+            let named = call
+                .function
+                .and_then(|function| serde_json::from_str::<Function<'_>>(function.get()).ok())
+                .is_some_and(|function| function.name.is_some());
+            if !named {
+                return Err(Error::invalid(
+                    at("function"),
+                    "a function call carries a function object with a string name",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A session's title and metadata, as create and update take them.
 pub(crate) fn check_title_and_metadata(
     title: &Option<String>,
@@ -84,6 +144,31 @@ pub(crate) fn check_title_and_metadata(
         Some(metadata) => check_json("metadata", metadata, true, limits),
         None => Ok(()),
     }
+}
+
+/// Tokens one command may add to a session's counter (a finish's `usage`, or `add_usage`,
+/// whose deltas are `u32`): 4,294,967,295.
+pub const MAX_USAGE_DELTA: i64 = u32::MAX as i64;
+
+/// What a session's token counter may reach: 2^53 - 1, a number every JSON reader holds
+/// exactly. Sums are checked against it before they are staged, so a counter can neither
+/// overflow nor be stored as anything but an integer.
+pub const MAX_USAGE_TOTAL: i64 = (1 << 53) - 1;
+
+/// Token counts of `field`: each from 0 to `max`.
+pub(crate) fn check_usage(field: &str, usage: &crate::model::Usage, max: i64) -> Result<()> {
+    for (name, count) in [
+        ("prompt_tokens", usage.prompt_tokens),
+        ("completion_tokens", usage.completion_tokens),
+    ] {
+        if !(0..=max).contains(&count) {
+            return Err(Error::invalid(
+                format!("{field}.{name}"),
+                format!("must be 0 to {max}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The longest time to live a session may have: 100 years, in seconds.
@@ -156,7 +241,7 @@ pub(crate) fn check_imported(index: usize, message: &NewMessage, limits: &Limits
             check_message(index, &start, limits)?;
             let field = |name: &str| format!("messages[{index}].{name}");
             if let Some(value) = &message.tool_calls {
-                check_json(&field("tool_calls"), value, false, limits)?;
+                check_tool_calls(&field("tool_calls"), value, limits)?;
             }
             check_text(
                 &field("refusal"),
@@ -191,7 +276,7 @@ fn check_message(index: usize, message: &NewMessage, limits: &Limits) -> Result<
         limits.max_text_bytes,
     )?;
     if let Some(value) = &message.tool_calls {
-        check_json(&field("tool_calls"), value, false, limits)?;
+        check_tool_calls(&field("tool_calls"), value, limits)?;
     }
     if let Some(value) = &message.function_call {
         check_json(&field("function_call"), value, true, limits)?;

@@ -20,16 +20,16 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use soloist_actors::Actor;
-use tokio::sync::broadcast;
 use tracing::{Instrument, info_span};
 
 use crate::config::EngineConfig;
 use crate::error::Error;
+use crate::fanout::Fanout;
 use crate::model::{Message, MessageStatus, SessionId, SessionInfo};
 use crate::stats::EngineStats;
 use crate::store::Store;
 use crate::writer::Writer;
-use protocol::{Mail, Read, Request, Write};
+use protocol::{Mail, Published, Read, Request, Write};
 use state::SessionState;
 
 /// What every session actor shares: the actor runtime's context.
@@ -54,9 +54,9 @@ pub(crate) struct SessionActor {
     shared: Arc<Shared>,
     /// `None` until loaded, and again after a write whose outcome is unknown.
     state: Option<SessionState>,
-    /// Publishes committed messages to subscribers; created by the first subscription,
-    /// dropped on delete (which ends the subscriptions) and with the actor.
-    events: Option<broadcast::Sender<Arc<Message>>>,
+    /// Publishes what commits to subscribers; created by the first subscription, dropped on
+    /// delete (which ends the subscriptions) and with the actor.
+    events: Option<Fanout<Published>>,
     /// Whether a command of the session's owner (or a create) came through this activation.
     /// Until then the actor holds nothing anyone may read, and passivates after each batch.
     served_owner: bool,
@@ -85,7 +85,7 @@ impl Actor for SessionActor {
         if self
             .events
             .as_ref()
-            .is_some_and(|events| events.receiver_count() > 0)
+            .is_some_and(|events| events.listener_count() > 0)
         {
             return false;
         }
@@ -216,6 +216,23 @@ impl SessionActor {
         let Some(state) = self.state.as_mut() else {
             return;
         };
+        if let Some(events) = self.events.as_ref().filter(|e| e.listener_count() > 0) {
+            // Drafts that grew or ended first, as what changed since their cached state
+            // (replaced below): they are older than the new messages.
+            for message in &updated {
+                let before = state.cached(&message.id).map(|cached| &**cached);
+                for event in draft_news(before, message) {
+                    let weight = event.weight();
+                    events.send(event, weight);
+                }
+            }
+            for message in &messages {
+                let event = Published::Message(message.clone());
+                let weight = event.weight();
+                // Subscribers that lag behind catch up from the session.
+                events.send(event, weight);
+            }
+        }
         // Drafts that grew or ended take their places in the tail while the message count
         // still matches it (the new messages are pushed below).
         state.replace_messages(updated.iter().cloned());
@@ -224,15 +241,6 @@ impl SessionActor {
             info.version = version;
             info
         });
-        if let Some(events) = &self.events {
-            if events.receiver_count() > 0 {
-                // Drafts that grew or ended first: they are older than the new messages.
-                for message in updated.iter().chain(&messages) {
-                    // Subscribers that lag behind catch up from the database.
-                    let _ = events.send(message.clone());
-                }
-            }
-        }
         // The drafts' timeouts: drafts that started or grew restart theirs, drafts that ended
         // drop theirs. A batch without drafts (the common append) touches nothing.
         if let Some(info) = state.info.as_ref() {
@@ -257,6 +265,35 @@ impl SessionActor {
             state.clear_messages();
         }
     }
+}
+
+/// What subscribers are told of a draft committed as `after`, once `before` (its cached
+/// state, if at hand): the text it grew by, then the message whole if it ended. Without a
+/// cached state that it extends, the message whole.
+fn draft_news(before: Option<&Message>, after: &Arc<Message>) -> Vec<Published> {
+    let grown = before
+        .filter(|before| before.status == MessageStatus::InProgress)
+        .and_then(|before| {
+            let (before, after) = (before.text()?, after.text()?);
+            after
+                .strip_prefix(before)
+                .map(|grown| (before.len(), grown))
+        });
+    let Some((offset, grown)) = grown else {
+        return vec![Published::Message(after.clone())];
+    };
+    let mut news = Vec::with_capacity(2);
+    if !grown.is_empty() {
+        news.push(Published::Delta {
+            seq: after.seq,
+            offset: offset as u64,
+            text: grown.into(),
+        });
+    }
+    if after.status != MessageStatus::InProgress {
+        news.push(Published::Message(after.clone()));
+    }
+    news
 }
 
 /// What a change feed's listener needs of the live sessions.

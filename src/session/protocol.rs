@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::command::{
@@ -17,6 +17,7 @@ use crate::command::{
     GetSession, ImportSession, Reply, SessionCommand, UpdateSession,
 };
 use crate::error::{Error, Result};
+use crate::fanout::Listener;
 use crate::idempotency::Keyed;
 use crate::model::Message;
 
@@ -84,8 +85,9 @@ pub(crate) enum Read {
 pub(crate) struct Subscribe {
     pub user_id: String,
     pub after_seq: i64,
-    /// A draft at or before `after_seq` to give first, as it stands now.
-    pub draft: Option<i64>,
+    /// A draft at or before `after_seq` to give first, as it stands now, and how many bytes
+    /// of its content the subscriber has.
+    pub draft: Option<(i64, u64)>,
 }
 
 /// The answer to a [`Subscribe`]: taken in one step of the actor, so that no commit can fall
@@ -96,8 +98,38 @@ pub(crate) struct Subscribed {
     pub backlog: Vec<Arc<Message>>,
     /// Whether `backlog` reaches the newest message; if not, page again before listening.
     pub caught_up: bool,
-    /// Every message committed after the backlog.
-    pub live: broadcast::Receiver<Arc<Message>>,
+    /// Everything committed after the backlog.
+    pub live: Listener<Published>,
+}
+
+/// What a session publishes to its subscribers as each commit lands. A draft that grows is
+/// published as the text it grew by, not as a copy of itself: a subscriber that stops
+/// reading then holds on to what was sent, not to every state the draft went through.
+#[derive(Clone, Debug)]
+pub(crate) enum Published {
+    /// A new message, or a draft as it ended (or grew, when its earlier state is not at
+    /// hand), whole.
+    Message(Arc<Message>),
+    /// Text a draft grew by, at its byte offset.
+    Delta {
+        seq: i64,
+        offset: u64,
+        text: Arc<str>,
+    },
+}
+
+impl Published {
+    /// Bytes the event holds, roughly: what counts against a session's buffer for
+    /// subscribers that have not taken it.
+    pub fn weight(&self) -> usize {
+        // The Arc, the enum and the fields around the payload.
+        const OVERHEAD: usize = 128;
+        OVERHEAD
+            + match self {
+                Published::Message(message) => message.payload_bytes(),
+                Published::Delta { text, .. } => text.len(),
+            }
+    }
 }
 
 impl Request {

@@ -3,19 +3,46 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::sync::broadcast;
 use tracing::debug;
 
-use super::protocol::{Read, Subscribed};
+use super::protocol::{Published, Read, Subscribed};
 use super::state::SessionState;
 use super::{SessionActor, Sorted};
 use crate::command::{DEFAULT_MESSAGE_PAGE, GetSession, SessionPage, validate_page};
 use crate::error::{Error, Result, StorageError};
+use crate::fanout::Fanout;
 use crate::model::{Message, MessageStatus};
 
-/// Committed messages buffered per session for subscribers that fall behind; past it they
-/// catch up from the database.
+/// Events held per session for subscribers that have not taken them (at most this many, and
+/// at most [`SUBSCRIBER_BUFFER_BYTES`] of them); a subscriber that falls further behind
+/// catches up from the session, from its own position.
 const SUBSCRIBER_BUFFER: usize = 1024;
+
+/// Bytes of events held per session for subscribers that have not taken them: what
+/// subscribers that stop reading can pin, whatever the session's writers send.
+pub(crate) const SUBSCRIBER_BUFFER_BYTES: usize = 1 << 20;
+
+/// The payload bytes of a page so far, against its bound.
+struct PageBytes {
+    taken: usize,
+    max: usize,
+}
+
+impl PageBytes {
+    fn new(max: usize) -> Self {
+        Self { taken: 0, max }
+    }
+
+    /// Whether `message` goes in the page (the first always does), counting it if so.
+    fn fits(&mut self, message: &Message) -> bool {
+        let bytes = message.payload_bytes();
+        if self.taken > 0 && self.taken + bytes > self.max {
+            return false;
+        }
+        self.taken += bytes;
+        true
+    }
+}
 
 impl SessionActor {
     /// Loads the session; with `readers`, its messages only if one of them owns it, and with
@@ -112,10 +139,12 @@ impl SessionActor {
         let known = self.state.as_ref().map_or(0, SessionState::message_count);
         self.load(&[], false).await?;
         if let (Some(events), Some(state)) = (&self.events, &self.state) {
-            if events.receiver_count() > 0 {
+            if events.listener_count() > 0 {
                 for message in state.tail.iter().filter(|message| message.seq >= known) {
                     // A subscriber that finds a gap (messages older than the tail) reads them.
-                    let _ = events.send(message.clone());
+                    let event = Published::Message(message.clone());
+                    let weight = event.weight();
+                    events.send(event, weight);
                 }
             }
         }
@@ -138,7 +167,7 @@ impl SessionActor {
         &mut self,
         user_id: &str,
         after_seq: i64,
-        draft: Option<i64>,
+        draft: Option<(i64, u64)>,
     ) -> Result<Subscribed> {
         let limit = self.shared.config.limits.max_page_size;
         let read = |after_seq: i64, limit: usize| GetSession {
@@ -147,15 +176,38 @@ impl SessionActor {
             limit: Some(limit),
             ..GetSession::default()
         };
-        let mut backlog = Vec::new();
-        if let Some(draft) = draft.filter(|&draft| draft <= after_seq) {
-            backlog = self.page(&read(draft - 1, 1)).await?.messages;
-        }
+        // Read first: someone else's session is missing, whatever the position.
         let page = self.page(&read(after_seq, limit)).await?;
+        // A position the stream never gave: refused, rather than followed in silence (or
+        // mistaken for a gap at every message).
+        let newest = page.session.message_count - 1;
+        if after_seq > newest {
+            return Err(Error::invalid(
+                "position",
+                format!("past the session's newest message ({newest})"),
+            ));
+        }
+        let mut backlog = Vec::new();
+        if let Some((draft, offset)) = draft.filter(|&(draft, _)| draft <= after_seq) {
+            backlog = self.page(&read(draft - 1, 1)).await?.messages;
+            let content = backlog
+                .first()
+                .filter(|message| message.seq == draft)
+                .map(|message| message.text().unwrap_or_default());
+            let within = content.is_some_and(|content| {
+                usize::try_from(offset).is_ok_and(|offset| content.is_char_boundary(offset))
+            });
+            if !within {
+                return Err(Error::invalid(
+                    "position",
+                    format!("not a place in the content of message {draft}"),
+                ));
+            }
+        }
         backlog.extend(page.messages);
         let events = self
             .events
-            .get_or_insert_with(|| broadcast::channel(SUBSCRIBER_BUFFER).0);
+            .get_or_insert_with(|| Fanout::new(SUBSCRIBER_BUFFER_BYTES, SUBSCRIBER_BUFFER));
         Ok(Subscribed {
             caught_up: page.next_after_seq.is_none(),
             backlog,
@@ -172,20 +224,44 @@ impl SessionActor {
         // Saturating: `after_seq` comes from the caller and may be anything.
         let start = get.after_seq.unwrap_or(-1).max(-1).saturating_add(1);
         let count = info.message_count;
+        let max_bytes = self.shared.config.limits.max_page_bytes;
+        let mut page = PageBytes::new(max_bytes);
         let messages: Vec<Arc<Message>> = if limit == 0 || start >= count {
             Vec::new()
         } else if start >= state.tail_start() {
             let skip = (start - state.tail_start()) as usize;
-            state.tail.iter().skip(skip).take(limit).cloned().collect()
+            let cached = state.tail.iter().skip(skip).take(limit);
+            cached
+                .take_while(|message| page.fits(message))
+                .cloned()
+                .collect()
         } else {
             // Older than the cached tail: committed rows never change, so the database's copy
-            // is the same as ours would be.
-            let stored = self
-                .shared
-                .store
-                .read_messages(self.id, start - 1, limit)
-                .await?;
-            stored.into_iter().map(Arc::new).collect()
+            // is the same as ours would be. Read a few at a time, so that what is read past
+            // the byte bound is a few messages, not a page.
+            const READ_AT_ONCE: usize = 64;
+            let mut messages = Vec::new();
+            let mut after = start - 1;
+            'read: while messages.len() < limit {
+                let wanted = (limit - messages.len()).min(READ_AT_ONCE);
+                let stored = self
+                    .shared
+                    .store
+                    .read_messages(self.id, after, wanted)
+                    .await?;
+                let read = stored.len();
+                for message in stored {
+                    if !page.fits(&message) {
+                        break 'read;
+                    }
+                    after = message.seq;
+                    messages.push(Arc::new(message));
+                }
+                if read < wanted {
+                    break;
+                }
+            }
+            messages
         };
         let next_after_seq = messages
             .last()

@@ -167,6 +167,12 @@ impl SessionActor {
                 debug!(session_id = %self.id, "fenced: another process took the session over");
                 return Err(Retry::Conflict);
             }
+            // The database refused a statement of this write (the writer has flushed it alone,
+            // apart from the sessions it was batched with): nothing of it committed, and the
+            // same write would be refused again.
+            Err(error) if error.code().is_some() && !self.shared.store.is_transient(&error) => {
+                return Err(Retry::GiveUp(Error::Storage(error)));
+            }
             // The connection failed around the commit: ask the database what happened instead
             // of guessing.
             Err(error) => match self.settle_unknown_outcome(&written).await {

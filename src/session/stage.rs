@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::protocol::{Decision, Pending, Write, each_write};
 use super::state::{Call, SessionState, access, record_calls};
-use crate::command::{Reply, SessionCommand};
+use crate::command::{MAX_USAGE_TOTAL, Reply, SessionCommand};
 use crate::error::{Error, Result};
 use crate::idempotency::Keyed;
 use crate::model::{
@@ -383,6 +383,12 @@ impl Batch<'_> {
     /// same; another way is a conflict.
     pub fn finish(&mut self, user_id: &str, id: &Uuid, finished: &Finish) -> Result<Arc<Message>> {
         let message = self.message(user_id, id)?;
+        // Only an assistant message streams: anything else was never a draft to finish.
+        if message.role != Role::Assistant {
+            return Err(Error::MessageFinished {
+                status: message.status,
+            });
+        }
         if message.status != MessageStatus::InProgress {
             let same = message.status == finished.status
                 && (finished.tool_calls.is_none() || message.tool_calls == finished.tool_calls)
@@ -401,6 +407,12 @@ impl Batch<'_> {
                     Error::InvalidInput { reason, .. } => Error::invalid("tool_calls", reason),
                     other => other,
                 })?;
+        }
+        // The last check: from here on nothing is refused, so a refused finish stages nothing.
+        if let Some(usage) = finished.usage {
+            self.add_usage(usage)?;
+        }
+        if let Some(tool_calls) = &finished.tool_calls {
             self.record_tool_calls(message.seq, Role::Assistant, Some(tool_calls), None);
         }
         let mut done = Message::clone(&message);
@@ -420,9 +432,6 @@ impl Batch<'_> {
             });
         }
         self.keep_changed(done.clone());
-        if let Some(usage) = finished.usage {
-            self.add_usage(usage);
-        }
         self.changed();
         Ok(done)
     }
@@ -558,14 +567,36 @@ impl Batch<'_> {
         }
     }
 
-    /// Adds usage deltas (the database adds them to what it holds).
-    pub fn add_usage(&mut self, delta: Usage) {
+    /// Adds usage deltas (the database adds them to what it holds); refused, changing
+    /// nothing, if a counter would pass [`MAX_USAGE_TOTAL`].
+    pub fn add_usage(&mut self, delta: Usage) -> Result<()> {
+        if let Some(info) = self.info.as_ref() {
+            let room = |field: &str, total: i64, delta: i64| match total.checked_add(delta) {
+                Some(sum) if sum <= MAX_USAGE_TOTAL => Ok(()),
+                _ => Err(Error::invalid(
+                    format!("usage.{field}"),
+                    format!("would take the session's {field} past {MAX_USAGE_TOTAL}"),
+                )),
+            };
+            room(
+                "prompt_tokens",
+                info.usage.prompt_tokens,
+                delta.prompt_tokens,
+            )?;
+            room(
+                "completion_tokens",
+                info.usage.completion_tokens,
+                delta.completion_tokens,
+            )?;
+        }
+        // Within bounds: the batch's deltas are at most the totals' room, so no sum overflows.
         self.write.usage.prompt_tokens += delta.prompt_tokens;
         self.write.usage.completion_tokens += delta.completion_tokens;
         if let Some(info) = self.info.as_mut() {
             info.usage.prompt_tokens += delta.prompt_tokens;
             info.usage.completion_tokens += delta.completion_tokens;
         }
+        Ok(())
     }
 
     /// Sets the time to live in seconds (`0`: never expires).
@@ -579,6 +610,8 @@ impl Batch<'_> {
 
     /// Deletes the session.
     pub fn delete(&mut self) {
+        // Deltas staged before it in the batch would be deleted with the rest: not written.
+        self.write.chunks.clear();
         self.write.delete = true;
         self.deleted = true;
         self.steps += 1;

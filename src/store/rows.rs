@@ -535,8 +535,12 @@ impl KeyRecordRow {
 }
 
 /// The columns [`SessionRecord`] reads.
-pub(crate) const SESSION_COLUMNS: &str = "id, user_id, title, metadata, prompt_tokens, \
-     completion_tokens, message_count, version, created_at, updated_at, \
+/// The token counters are read through a cast: a counter that a release before the bounds
+/// on usage let SQLite turn into a REAL reads as the largest integer (and an erase resets it)
+/// instead of failing every read of the session and of its owner's list.
+pub(crate) const SESSION_COLUMNS: &str = "id, user_id, title, metadata, \
+     CAST(prompt_tokens AS BIGINT) AS prompt_tokens, \
+     CAST(completion_tokens AS BIGINT) AS completion_tokens, message_count, version, created_at, updated_at, \
      (deleted_at IS NOT NULL) AS deleted, epoch, ttl_seconds, expires_at";
 
 /// A session row as stored.
@@ -588,18 +592,8 @@ impl SessionRecord {
 
 /// Bytes of message payload (content, texts, JSON) `messages` carry.
 pub(crate) fn payload_bytes<'a>(messages: impl IntoIterator<Item = &'a Arc<Message>>) -> usize {
-    let text = |text: &Option<String>| text.as_ref().map_or(0, String::len);
-    let json = |json: &Option<RawJson>| json.as_ref().map_or(0, |json| json.get().len());
     messages
         .into_iter()
-        .map(|message| {
-            message.content.as_ref().map_or(0, Content::len)
-                + json(&message.metadata)
-                + text(&message.name)
-                + json(&message.tool_calls)
-                + text(&message.tool_call_id)
-                + json(&message.function_call)
-                + text(&message.refusal)
-        })
+        .map(|message| message.payload_bytes())
         .sum()
 }

@@ -538,6 +538,7 @@ where
             }
             self.update_sessions(tx, writes, &active, now).await?;
             self.write_drafts(tx, writes, &active).await?;
+            self.delete_sessions(tx, writes, &active).await?;
             transaction.commit().await?;
             return Ok(plan.commit_active());
         }
@@ -677,8 +678,7 @@ where
         Ok(())
     }
 
-    /// Applies the active writes to their sessions (taking them over and renewing the lease),
-    /// and deletes the messages of the sessions they delete.
+    /// Applies the active writes to their sessions (taking them over and renewing the lease).
     async fn update_sessions(
         &self,
         tx: &mut DB::Connection,
@@ -698,6 +698,19 @@ where
             params.add(owner).now(now).add(lease_micros)
         })
         .await?;
+        Ok(())
+    }
+
+    /// Deletes the messages and draft chunks of the sessions the active writes delete, and the
+    /// idempotency records of those they erase. The last statements of the transaction: a
+    /// delete staged behind a delta in the same batch would otherwise leave the delta's chunk,
+    /// written after it.
+    async fn delete_sessions(
+        &self,
+        tx: &mut DB::Connection,
+        writes: &[SessionWrite],
+        active: &[usize],
+    ) -> Result<(), StorageError> {
         let deleted: Vec<Uuid> = active
             .iter()
             .map(|&index| &writes[index])

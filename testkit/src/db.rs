@@ -172,6 +172,19 @@ macro_rules! with_connection {
 }
 pub(crate) use with_connection;
 
+/// Runs `statements` (each whole, as written: a trigger's body may hold `;`) on the database
+/// at `url`, on one connection, in order.
+pub async fn run_sql(url: &str, statements: &[&str]) -> Result<()> {
+    with_connection!(url, |connection, _sql| {
+        for statement in statements {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_string()))
+                .execute(&mut connection)
+                .await?;
+        }
+        Ok::<(), Error>(())
+    })
+}
+
 /// Rows `(seq, message_id)` of a session in sequence order, straight from the database at `url`
 /// (not through soloist).
 pub async fn stored_rows(url: &str, session: SessionId) -> Result<Vec<(i64, Uuid)>> {
@@ -233,6 +246,10 @@ pub struct StoredSession {
     pub expires_at: Option<i64>,
     /// Its idempotency records.
     pub keys: i64,
+    /// Its message rows.
+    pub messages: i64,
+    /// Its draft chunk rows (text of drafts not yet finished).
+    pub chunks: i64,
 }
 
 /// A session's row (and how many idempotency records it has), straight from the database at
@@ -248,12 +265,16 @@ pub async fn stored_session(url: &str, session: SessionId) -> Result<Option<Stor
         Option<i64>,
         Option<i64>,
         i64,
+        i64,
+        i64,
     );
     let row: Option<Row> = with_connection!(url, |connection, sql| {
         sqlx::query_as(sql(
             "SELECT title, metadata, prompt_tokens, completion_tokens, \
                     deleted_at IS NOT NULL, erased_at IS NOT NULL, ttl_seconds, expires_at, \
-                    (SELECT COUNT(*) FROM idempotency_keys k WHERE k.session_id = s.id) \
+                    (SELECT COUNT(*) FROM idempotency_keys k WHERE k.session_id = s.id), \
+                    (SELECT COUNT(*) FROM messages m WHERE m.session_id = s.id), \
+                    (SELECT COUNT(*) FROM message_chunks c WHERE c.session_id = s.id) \
              FROM sessions s WHERE id = {1}",
         ))
         .bind(session)
@@ -261,7 +282,19 @@ pub async fn stored_session(url: &str, session: SessionId) -> Result<Option<Stor
         .await?
     });
     Ok(row.map(
-        |(title, metadata, prompt, completion, deleted, erased, ttl_seconds, expires_at, keys)| {
+        |(
+            title,
+            metadata,
+            prompt,
+            completion,
+            deleted,
+            erased,
+            ttl_seconds,
+            expires_at,
+            keys,
+            messages,
+            chunks,
+        )| {
             StoredSession {
                 title,
                 metadata,
@@ -271,6 +304,8 @@ pub async fn stored_session(url: &str, session: SessionId) -> Result<Option<Stor
                 ttl_seconds,
                 expires_at,
                 keys,
+                messages,
+                chunks,
             }
         },
     ))

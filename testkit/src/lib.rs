@@ -25,8 +25,8 @@ pub mod history;
 mod postgres;
 
 pub use db::{
-    Backend, StoredSession, TestDb, assert_contiguous, created_session, passivated, stored_chunks,
-    stored_owner, stored_rows, stored_session,
+    Backend, StoredSession, TestDb, assert_contiguous, created_session, passivated, run_sql,
+    stored_chunks, stored_owner, stored_rows, stored_session,
 };
 pub use dir::TempDir;
 pub use postgres::{

@@ -100,7 +100,7 @@ impl Meta {
         match self {
             Meta::Absent => None,
             Meta::Object(n) => Some(json!({"n": n, "tag": "model"})),
-            Meta::Big => Some(json!({"blob": "x".repeat(70)})),
+            Meta::Big => Some(json!({"blob": "x".repeat(140)})),
             Meta::Array => Some(json!([1, 2])),
             Meta::Text => Some(json!("metadata")),
         }
@@ -247,7 +247,7 @@ fn messages() -> impl Strategy<Value = Vec<Msg>> {
 fn tool_calls_json(first: u8, n: u8) -> Value {
     Value::Array(
         (0..n)
-            .map(|index| json!({"id": format!("c{}", u16::from(first) + u16::from(index))}))
+            .map(|index| json!({"id": format!("c{}", u16::from(first) + u16::from(index)), "type": "t"}))
             .collect(),
     )
 }

@@ -59,9 +59,12 @@ fn limits() -> Limits {
     Limits {
         max_content_bytes: CONTENT,
         max_messages_per_append: 3,
-        max_json_bytes: 64,
+        // Five tool calls fit, six do not.
+        max_json_bytes: 130,
         max_text_bytes: SHORT,
         max_page_size: 4,
+        // Larger than any page generated: the byte bound has its own test.
+        max_page_bytes: 1 << 20,
         // Deeper than anything generated: nesting is checked by the unit tests of `RawJson`.
         max_json_depth: 100,
         max_import_messages: 8,

@@ -162,6 +162,37 @@ fn json_faults(value: &Option<RawJson>, want_object: bool, limit: usize) -> Vec<
     }
 }
 
+/// What is wrong with the shape of `tool_calls`, if an array (else `json_faults` says): at
+/// least one call, each an object with a non-empty string `id` (unique in the array) and a
+/// string `type`; a `function` call's `function` an object with a string `name`.
+fn tool_call_faults(value: &Option<RawJson>) -> Vec<Kind> {
+    let Some(serde_json::Value::Array(calls)) = value.as_ref().map(RawJson::to_value) else {
+        return Vec::new();
+    };
+    let mut ids = std::collections::HashSet::new();
+    let well_formed = !calls.is_empty()
+        && calls.iter().all(|call| {
+            let id = call
+                .get("id")
+                .and_then(|id| id.as_str())
+                .unwrap_or_default();
+            let kind = call.get("type").and_then(|kind| kind.as_str());
+            let named = call
+                .get("function")
+                .and_then(|function| function.get("name"))
+                .is_some_and(|name| name.is_string());
+            !id.is_empty()
+                && ids.insert(id.to_owned())
+                && kind.is_some()
+                && (kind != Some("function") || named)
+        });
+    if well_formed {
+        Vec::new()
+    } else {
+        vec![Kind::InvalidInput]
+    }
+}
+
 /// Whether `sent` is the message `stored` sent again (its id matched already): every field the
 /// client chose is the same; a draft's start matches its draft while the text sent is a prefix
 /// of the draft's (it may have grown, or ended, since).
@@ -254,6 +285,7 @@ impl Model {
             false,
             limits.max_json_bytes,
         ));
+        faults.extend(tool_call_faults(&message.tool_calls));
         faults.extend(json_faults(
             &message.function_call,
             true,
@@ -570,6 +602,7 @@ impl Model {
         usage: Option<Usage>,
     ) -> Expected<usize> {
         let mut faults = json_faults(&tool_calls, false, self.limits.max_json_bytes);
+        faults.extend(tool_call_faults(&tool_calls));
         if status == MessageStatus::InProgress {
             faults.push(Kind::InvalidInput);
         }
@@ -581,6 +614,11 @@ impl Model {
             .find(message)
             .ok_or_else(|| vec![Kind::MessageNotFound])?;
         let stored = &session.messages[seq].message;
+        if stored.role != Role::Assistant {
+            return Err(vec![Kind::MessageFinished(
+                stored.status.unwrap_or_default(),
+            )]);
+        }
         if !is_draft(stored) {
             let ended = stored.status.unwrap_or_default();
             let same = ended == status && (tool_calls.is_none() || stored.tool_calls == tool_calls);
