@@ -1,4 +1,4 @@
-//! Fault tests (issue 4): connections killed under the writer, a flooded mailbox, and a batch
+//! Fault tests: connections killed under the writer, a flooded mailbox, and a batch
 //! carrying one session that another writer changed. Each test states its pass criterion and
 //! prints its figures.
 
@@ -698,7 +698,7 @@ async fn retried<T, F: Future<Output = soloist::Result<T>>>(
     }
 }
 
-/// Streams under faults (issue 12): 4 drafts grow by 30 deltas each while their actors are
+/// Streams under faults: 4 drafts grow by 30 deltas each while their actors are
 /// made to panic at random (and, on PostgreSQL, the engine's connections are terminated);
 /// every failed delta, start and finish is retried with the same offset and id, and a reader
 /// per draft reads it all along.

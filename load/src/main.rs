@@ -1,6 +1,6 @@
 //! # soloist-load
 //!
-//! The load benchmark of issue 3: soloist under concurrent load, side by side with the
+//! The load benchmark: soloist under concurrent load, side by side with the
 //! strategies it replaces, on the same database, schema and pool size, each run bounded in time.
 //!
 //! ```text

@@ -297,7 +297,7 @@ impl Report {
         let _ = writeln!(out, "# soloist-load: {}\n", self.mode);
         self.write_context(&mut out);
         if !self.targets.is_empty() {
-            let _ = writeln!(out, "## Targets (issue 3)\n");
+            let _ = writeln!(out, "## Targets\n");
             let _ = writeln!(out, "| target | goal | measured | met |");
             let _ = writeln!(out, "|---|---|---|---|");
             for target in &self.targets {

@@ -2,7 +2,13 @@
 //! `per_second` requests a second, holding up to `burst` (GCRA, the `governor` crate). A request
 //! past it is refused before its body is read: `429 rate_limited`, with `Retry-After` the
 //! whole seconds until the bucket lets the next request through, as the limiter computes it.
+//!
+//! The buckets are bounded: a user's bucket is one of [`MAX_BUCKETS`], chosen by a keyed hash
+//! of the user id (a key drawn at start, so no client can choose ids that share a bucket with
+//! a given user's), and the buckets that are full again are forgotten every minute. However
+//! many user ids clients make up, the limiter holds at most that many buckets (a few MiB).
 
+use std::hash::BuildHasher;
 use std::num::NonZeroU32;
 
 use governor::clock::{Clock, DefaultClock};
@@ -10,11 +16,16 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::{ApiError, ErrorCode};
 
+/// Buckets at most: users beyond that many active at once share buckets, two or so each.
+pub const MAX_BUCKETS: u32 = 1 << 16;
+
 /// The buckets of every user seen lately.
 #[derive(Debug)]
 pub struct UserLimits {
-    limiter: DefaultKeyedRateLimiter<String>,
+    limiter: DefaultKeyedRateLimiter<u32>,
     clock: DefaultClock,
+    /// Picks a user's bucket.
+    hasher: std::collections::hash_map::RandomState,
 }
 
 impl UserLimits {
@@ -24,12 +35,15 @@ impl UserLimits {
         Self {
             limiter: RateLimiter::keyed(quota),
             clock: DefaultClock::default(),
+            hasher: std::collections::hash_map::RandomState::new(),
         }
     }
 
     /// Takes one request from `user`'s bucket, or refuses it with the time to wait.
     pub fn check(&self, user: &str) -> Result<(), ApiError> {
-        match self.limiter.check_key(&user.to_owned()) {
+        // The remainder of a division by a power of two: the hash's low bits.
+        let bucket = (self.hasher.hash_one(user) as u32) % MAX_BUCKETS;
+        match self.limiter.check_key(&bucket) {
             Ok(()) => Ok(()),
             Err(not_until) => {
                 let wait = not_until.wait_time_from(self.clock.now());
@@ -51,7 +65,7 @@ impl UserLimits {
         self.limiter.shrink_to_fit();
     }
 
-    /// Users with a bucket now.
+    /// Buckets held now (at most [`MAX_BUCKETS`]).
     pub fn users(&self) -> usize {
         self.limiter.len()
     }
@@ -77,5 +91,16 @@ mod tests {
         assert_eq!(limits.users(), 2);
         limits.forget_idle();
         assert_eq!(limits.users(), 2, "both buckets are still draining");
+    }
+
+    #[test]
+    fn made_up_users_cannot_grow_the_buckets_past_the_bound() {
+        let many = NonZeroU32::new(1000).expect("1000");
+        let limits = UserLimits::new(many, many);
+        for user in 0..(super::MAX_BUCKETS * 2) {
+            let _ = limits.check(&format!("made-up-{user}"));
+        }
+        assert!(limits.users() <= super::MAX_BUCKETS as usize);
+        assert!(limits.users() > super::MAX_BUCKETS as usize / 2);
     }
 }
