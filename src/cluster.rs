@@ -273,6 +273,9 @@ enum Wire {
 enum WireError {
     NotFound,
     Forbidden,
+    QuotaExceeded {
+        limit: u64,
+    },
     InvalidInput {
         field: String,
         reason: String,
@@ -342,6 +345,7 @@ impl From<Result<Reply>> for Answer {
             Err(error) => Wire::Error(match error {
                 Error::NotFound => WireError::NotFound,
                 Error::Forbidden => WireError::Forbidden,
+                Error::QuotaExceeded { limit } => WireError::QuotaExceeded { limit },
                 Error::InvalidInput { field, reason } => WireError::InvalidInput { field, reason },
                 Error::TooLarge { field, size, limit } => {
                     WireError::TooLarge { field, size, limit }
@@ -385,6 +389,7 @@ impl From<Answer> for Result<Reply> {
         Err(match error {
             WireError::NotFound => Error::NotFound,
             WireError::Forbidden => Error::Forbidden,
+            WireError::QuotaExceeded { limit } => Error::QuotaExceeded { limit },
             WireError::InvalidInput { field, reason } => Error::InvalidInput { field, reason },
             WireError::TooLarge { field, size, limit } => Error::TooLarge { field, size, limit },
             WireError::Conflict { message } => Error::Conflict(message),

@@ -155,6 +155,11 @@ pub struct EngineConfig {
     /// Expired sessions the purge reads per round; it goes on at once while rounds come back
     /// full. Default 100.
     pub purge_batch: usize,
+    /// Sessions (not deleted) a user may have: a create or an import of a new session past it
+    /// is refused with [`Error::QuotaExceeded`](crate::Error::QuotaExceeded). Counted with a
+    /// read before each new session, so sessions created at the same moment may pass it by
+    /// as many. `None` (the default): no bound.
+    pub max_sessions_per_user: Option<u64>,
     /// Input limits.
     pub limits: Limits,
 }
@@ -191,6 +196,7 @@ impl EngineConfig {
             default_session_ttl: None,
             purge_interval: Some(Duration::from_secs(60)),
             purge_batch: 100,
+            max_sessions_per_user: None,
             limits: Limits::default(),
         }
     }

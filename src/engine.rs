@@ -451,6 +451,24 @@ impl Engine {
         }
     }
 
+    /// Refuses a new session of a user who has [`EngineConfig::max_sessions_per_user`]
+    /// already (the session existing, the command is a repeat or is refused as usual).
+    async fn check_session_quota(&self, user_id: &str, session_id: SessionId) -> Result<()> {
+        let Some(limit) = self.config().max_sessions_per_user else {
+            return Ok(());
+        };
+        let store = &self.inner.shared.store;
+        self.within_command_timeout(async {
+            if store.count_user_sessions(user_id, limit).await? < limit
+                || store.version(session_id).await?.is_some()
+            {
+                return Ok(());
+            }
+            Err(Error::QuotaExceeded { limit })
+        })
+        .await
+    }
+
     /// Runs a command here, through its session's actor: validated here, whole, before it is
     /// sent.
     async fn run_here<C: SessionCommand>(&self, mut command: C) -> Result<C::Reply> {
@@ -460,6 +478,10 @@ impl Engine {
             command.settle_id(&self.inner.create_ids)?;
             command.validate(&self.config().limits)?;
             let session_id = command.session_id();
+            if command.may_create() {
+                self.check_session_quota(command.user_id(), session_id)
+                    .await?;
+            }
             self.ask(session_id, C::NAME, |respond| {
                 Box::new(command.into_request(keyed, respond))
             })

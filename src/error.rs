@@ -112,6 +112,14 @@ pub enum Error {
         /// The `tool_call_id`.
         id: String,
     },
+    /// The user has as many sessions as they may have
+    /// ([`EngineConfig::max_sessions_per_user`](crate::EngineConfig::max_sessions_per_user)):
+    /// a create or an import of a new session is refused until some are deleted. HTTP 403.
+    #[error("the user has {limit} sessions, the most allowed; delete some to create more")]
+    QuotaExceeded {
+        /// Sessions a user may have.
+        limit: u64,
+    },
     /// The command was conditional on the session's version (`If-Match`) and the session is at
     /// another one: it changed since the caller read it. Nothing was applied. HTTP 412.
     #[error("the session is at version {current}, not the one the command was conditional on")]
@@ -223,7 +231,7 @@ impl Error {
     pub fn http_status(&self) -> u16 {
         match self {
             Error::NotFound | Error::MessageNotFound => 404,
-            Error::Forbidden => 403,
+            Error::Forbidden | Error::QuotaExceeded { .. } => 403,
             Error::InvalidInput { .. } => 400,
             Error::TooLarge { .. } => 413,
             Error::Conflict(_)
@@ -252,6 +260,7 @@ impl Error {
         match self {
             Error::NotFound => "not_found",
             Error::Forbidden => "forbidden",
+            Error::QuotaExceeded { .. } => "quota_exceeded",
             Error::InvalidInput { .. } => "invalid_input",
             Error::TooLarge { .. } => "too_large",
             Error::Conflict(_) => "conflict",
@@ -278,9 +287,10 @@ impl Error {
 
     /// Every code [`Error::code`] returns, with the status [`Error::http_status`] gives it: what a
     /// server documents as its error codes.
-    pub const CODES: [(&'static str, u16); 23] = [
+    pub const CODES: [(&'static str, u16); 24] = [
         ("not_found", 404),
         ("forbidden", 403),
+        ("quota_exceeded", 403),
         ("invalid_input", 400),
         ("too_large", 413),
         ("conflict", 409),
@@ -331,6 +341,7 @@ mod tests {
         let all = vec![
             Error::NotFound,
             Error::Forbidden,
+            Error::QuotaExceeded { limit: 1 },
             Error::invalid("field", "reason"),
             Error::TooLarge {
                 field: "field".into(),
@@ -369,6 +380,7 @@ mod tests {
             match error {
                 Error::NotFound
                 | Error::Forbidden
+                | Error::QuotaExceeded { .. }
                 | Error::InvalidInput { .. }
                 | Error::TooLarge { .. }
                 | Error::Conflict(_)

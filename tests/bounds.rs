@@ -289,7 +289,68 @@ mod shared {
     on_shared_backends!(a_refused_row_fails_only_its_own_command);
 }
 
+/// A user's sessions are bounded: past `max_sessions_per_user`, a new session (created or
+/// imported) is `QuotaExceeded`; a keyed create's retry and a repeated import still answer;
+/// a deleted session makes room.
+async fn a_user_s_sessions_are_bounded(db: TestDb) {
+    let engine = db
+        .engine_with(EngineConfig {
+            max_sessions_per_user: Some(2),
+            ..db.config()
+        })
+        .await
+        .expect("engine");
+    let create = |key: Option<&str>| CreateSession {
+        user_id: "alice".into(),
+        idempotency_key: key.map(Into::into),
+        ..CreateSession::default()
+    };
+    let keyed = engine
+        .create_session(create(Some("chat-1")))
+        .await
+        .expect("1");
+    let plain = engine.create_session(create(None)).await.expect("2");
+    assert!(matches!(
+        engine.create_session(create(None)).await,
+        Err(Error::QuotaExceeded { limit: 2 })
+    ));
+    let import = |session_id| ImportSession {
+        user_id: "alice".into(),
+        session_id,
+        ..ImportSession::default()
+    };
+    assert!(matches!(
+        engine.import_session(import(SessionId::new())).await,
+        Err(Error::QuotaExceeded { limit: 2 })
+    ));
+    let retried = engine.create_session(create(Some("chat-1"))).await;
+    assert_eq!(retried.expect("a retry").session.id, keyed.session.id);
+    let repeated = engine.import_session(import(plain.session.id)).await;
+    assert!(!repeated.expect("a repeat").created);
+    engine
+        .create_session(CreateSession {
+            user_id: "bob".into(),
+            ..CreateSession::default()
+        })
+        .await
+        .expect("bob's own");
+    engine
+        .delete_session(DeleteSession {
+            user_id: "alice".into(),
+            session_id: plain.session.id,
+            ..DeleteSession::default()
+        })
+        .await
+        .expect("delete");
+    engine
+        .create_session(create(None))
+        .await
+        .expect("room again");
+    engine.shutdown().await;
+}
+
 on_every_backend!(
+    a_user_s_sessions_are_bounded,
     usage_is_bounded_per_command_and_in_total,
     no_one_imports_under_another_user_s_keyed_id,
 );

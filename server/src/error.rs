@@ -63,6 +63,8 @@ error_codes! {
     NotFound = "not_found", NOT_FOUND;
     /// The session belongs to another user (only when the server reveals foreign sessions).
     Forbidden = "forbidden", FORBIDDEN;
+    /// The user has as many sessions as they may have (`--max-sessions-per-user`).
+    QuotaExceeded = "quota_exceeded", FORBIDDEN;
     /// A field, a header, a path segment or a query parameter is invalid, or the body is not
     /// the JSON the route takes.
     InvalidInput = "invalid_input", BAD_REQUEST;
@@ -118,7 +120,8 @@ error_codes! {
     UnsupportedMediaType = "unsupported_media_type", UNSUPPORTED_MEDIA_TYPE;
     /// The request body arrived too slowly.
     BodyTimeout = "body_timeout", REQUEST_TIMEOUT;
-    /// Too many large request bodies are in flight; retry after `Retry-After` seconds.
+    /// Too many large request bodies, or large answers, are in flight; retry after
+    /// `Retry-After` seconds.
     Busy = "busy", SERVICE_UNAVAILABLE;
     /// The route does not take this method.
     MethodNotAllowed = "method_not_allowed", METHOD_NOT_ALLOWED;

@@ -253,6 +253,15 @@ struct SessionArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     purge_batch: u64,
+    /// Sessions (not deleted) a user may have; a create or import of another is answered
+    /// 403 `quota_exceeded`. 0: no bound.
+    #[arg(
+        long,
+        env = "SOLOIST_MAX_SESSIONS_PER_USER",
+        default_value_t = 100_000,
+        value_name = "N"
+    )]
+    max_sessions_per_user: u64,
 }
 
 /// The database and the writes.
@@ -426,6 +435,8 @@ impl Args {
             purge_interval: (sessions.purge_interval_ms > 0)
                 .then(|| Duration::from_millis(sessions.purge_interval_ms)),
             purge_batch: usize::try_from(sessions.purge_batch).unwrap_or(usize::MAX),
+            max_sessions_per_user: (sessions.max_sessions_per_user > 0)
+                .then_some(sessions.max_sessions_per_user),
             limits: Limits {
                 max_content_bytes: limits.max_content_bytes,
                 max_messages_per_append: limits.max_messages_per_append,

@@ -351,11 +351,12 @@ route_errors! {
     /// `GET /metrics`, `GET /openapi.json`.
     PlainErrors: [ANY];
     /// `POST /v1/sessions`.
-    CreateErrors: [ANY, USER, BODY, COMMAND, WRITE, &[IdempotencyKeyReused, SessionIdTaken]];
+    CreateErrors: [ANY, USER, BODY, COMMAND, WRITE,
+        &[IdempotencyKeyReused, SessionIdTaken, QuotaExceeded]];
     /// `GET /v1/sessions`.
-    ListErrors: [ANY, USER, COMMAND];
+    ListErrors: [ANY, USER, COMMAND, &[Busy]];
     /// `GET /v1/sessions/{id}`, `GET /v1/sessions/{id}/export`.
-    ReadErrors: [ANY, USER, SESSION, COMMAND];
+    ReadErrors: [ANY, USER, SESSION, COMMAND, &[Busy]];
     /// `PATCH /v1/sessions/{id}`.
     UpdateErrors: [ANY, USER, SESSION, BODY, COMMAND, WRITE,
         &[PreconditionFailed, IdempotencyKeyReused]];
@@ -375,7 +376,8 @@ route_errors! {
     DeltasErrors: [ANY, USER, SESSION, BODY, COMMAND, WRITE,
         &[MessageNotFound, MessageFinished, OffsetGap, OffsetConflict]];
     /// `POST /v1/sessions/{id}/messages/{message_id}/finish`.
-    FinishErrors: [ANY, USER, SESSION, BODY, COMMAND, WRITE, &[MessageNotFound, FinishConflict]];
+    FinishErrors: [ANY, USER, SESSION, BODY, COMMAND, WRITE,
+        &[MessageNotFound, MessageFinished, FinishConflict]];
     /// `GET /v1/sessions/{id}/events`.
     EventsErrors: [ANY, USER, SESSION, COMMAND];
     /// `DELETE /v1/users/me/sessions`.
@@ -384,6 +386,7 @@ route_errors! {
     ImportErrors: [ANY, USER, BODY, COMMAND, WRITE, &[
         NotFound,
         Forbidden,
+        QuotaExceeded,
         SessionIdTaken,
         MessageIdReused,
         UnknownToolCall,

@@ -153,3 +153,39 @@ async fn sessions_expire_are_purged_and_are_erased_on_request() {
     let anonymous = client.delete(server.url("/v1/users/me/sessions"));
     assert_eq!(send(anonymous).await.0, StatusCode::UNAUTHORIZED);
 }
+
+/// What one user may keep: `--max-sessions-per-user` new sessions, then `403 quota_exceeded`
+/// for a create (a keyed create's retry is still answered), until one is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_s_sessions_are_bounded() {
+    let server = Server::sqlite(&["--max-sessions-per-user", "2"]);
+    let client = client();
+    let keyed = || {
+        client
+            .post(server.url("/v1/sessions"))
+            .header("x-user-id", "alice")
+            .header("idempotency-key", "chat-1")
+            .json(&json!({"title": "first"}))
+    };
+    let (status, first) = send(keyed()).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let second = create(&client, &server, "alice").await;
+    assert_error(
+        post(&client, &server, "/v1/sessions", "alice", &json!({})).await,
+        StatusCode::FORBIDDEN,
+        "quota_exceeded",
+    );
+    let (status, again) = send(keyed()).await;
+    assert_eq!(status, StatusCode::CREATED, "a retry is answered: {again}");
+    assert_eq!(again["session_id"], first["session_id"]);
+    // Another user has their own.
+    create(&client, &server, "bob").await;
+    let (status, _) = send(
+        client
+            .delete(server.url(&format!("/v1/sessions/{second}")))
+            .header("x-user-id", "alice"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    create(&client, &server, "alice").await;
+}

@@ -73,6 +73,10 @@ impl SessionCommand for CreateSession {
         }
     }
 
+    fn may_create(&self) -> bool {
+        true
+    }
+
     /// Without an id, a keyed create derives one from the key, so that its retries reach the
     /// same session (and the record of the first answer).
     fn settle_id(&mut self, ids: &CreateIds) -> Result<()> {

@@ -69,6 +69,10 @@ impl SessionCommand for ImportSession {
 
     addressed!();
 
+    fn may_create(&self) -> bool {
+        true
+    }
+
     /// An id in the form keyed creates get (UUIDv8) is taken only if this server issued it to
     /// the importer: otherwise an import could take, before its owner, the id someone else's
     /// keyed create will get.

@@ -216,6 +216,12 @@ pub(crate) trait SessionCommand: Send + Sized + Into<Command> + 'static {
         self.session_id()
     }
 
+    /// Whether the command may create its session (a create, an import): it counts against
+    /// the user's sessions.
+    fn may_create(&self) -> bool {
+        false
+    }
+
     /// Fills in, or checks, the session id where it depends on the ids this server issues
     /// (see [`CreateIds`]): once the key's fingerprint is taken, before [`Self::validate`].
     fn settle_id(&mut self, ids: &CreateIds) -> Result<()> {

@@ -377,6 +377,9 @@ impl Store {
         /// The members whose heartbeat is younger than `lease_micros`, by id.
         fn live_members(&self, lease_micros: i64) -> Result<Vec<Member>, StorageError>;
 
+        /// How many sessions the user has that are not deleted, counting up to `bound`.
+        fn count_user_sessions(&self, user_id: &str, bound: u64) -> Result<u64, StorageError>;
+
         /// The stored version of a session, or `None` if there is no such row.
         fn version(&self, id: SessionId) -> Result<Option<i64>, StorageError>;
 

@@ -35,6 +35,9 @@ pub(crate) struct Queries {
     pub expired_sessions: SqlStr,
     /// A user's sessions not erased yet, after a cursor, by id. Binds: user, cursor id, limit.
     pub unerased_sessions: SqlStr,
+    /// How many sessions a user has that are not deleted, counting up to a bound. Binds:
+    /// user, bound.
+    pub count_user_sessions: SqlStr,
     /// A session's stored version. Binds: id.
     pub version: SqlStr,
     /// A session's head, once no write holds its row. Binds: owner, id.
@@ -129,6 +132,10 @@ impl Queries {
             unerased_sessions: d.render(
                 "SELECT id FROM sessions WHERE user_id = ? AND erased_at IS NULL AND id > ? \
                  ORDER BY id LIMIT ?",
+            ),
+            count_user_sessions: d.render(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM sessions \
+                 WHERE user_id = ? AND deleted_at IS NULL LIMIT ?) counted",
             ),
             version: d.render("SELECT version FROM sessions WHERE id = ?"),
             settled_head: d.render(&format!(

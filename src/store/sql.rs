@@ -468,6 +468,20 @@ where
             .collect())
     }
 
+    /// See [`Store::count_user_sessions`](super::Store::count_user_sessions).
+    pub async fn count_user_sessions(
+        &self,
+        user_id: &str,
+        bound: u64,
+    ) -> Result<u64, StorageError> {
+        let bound = i64::try_from(bound).unwrap_or(i64::MAX);
+        let args = Params::<DB>::new().add(user_id).add(bound).finish()?;
+        let count: i64 = sqlx::query_scalar_with(self.queries.count_user_sessions.clone(), args)
+            .fetch_one(&self.readers)
+            .await?;
+        Ok(u64::try_from(count).unwrap_or_default())
+    }
+
     /// See [`Store::version`](super::Store::version).
     pub async fn version(&self, id: SessionId) -> Result<Option<i64>, StorageError> {
         let args = Params::<DB>::new().add(id).finish()?;
