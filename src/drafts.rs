@@ -5,6 +5,10 @@
 //! and durable as any other. A draft found in progress when its session is activated (its
 //! process died, or handed the session over) starts its timeout then: deltas that keep coming
 //! (through any process) keep it streaming, and a stream that died ends within the timeout.
+//! Drafts of sessions that nobody activates again are found too: every process looks, now and
+//! then, for drafts in progress in sessions no process holds a lease on, and adopts them, so
+//! that a process that stopped mid-reply leaves no draft in progress (with its chunks) for
+//! longer than the lease, the look's period and the timeout.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -80,6 +84,37 @@ impl Drafts {
             .filter(|open| open.last.elapsed() >= timeout)
             .map(|open| (*open.key(), open.message_id, open.user_id.clone()))
             .collect()
+    }
+}
+
+/// Drafts one look for orphans adopts at most; the next look takes the rest.
+const ORPHANS_PER_LOOK: i64 = 1000;
+
+/// Adopts the drafts in progress in sessions that no process holds a lease on (their process
+/// stopped, or handed them over and nobody came back), so that [`finish_abandoned`] ends them
+/// here after their timeout. Looks at once, then every `period`, until `stop`.
+pub(crate) async fn adopt_orphans(
+    store: crate::store::Store,
+    drafts: Arc<Drafts>,
+    period: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        match store.orphaned_drafts(ORPHANS_PER_LOOK).await {
+            Ok(orphans) => {
+                if !orphans.is_empty() {
+                    debug!(count = orphans.len(), "adopted drafts no process holds");
+                }
+                for (session, message_id, user_id) in orphans {
+                    drafts.adopt(session, message_id, &user_id);
+                }
+            }
+            Err(error) => warn!(%error, "could not look for orphaned drafts; looking again later"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(period) => {}
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use soloist_actors::{AskError, Registry, RegistryConfig};
 use tokio_util::sync::CancellationToken;
@@ -210,6 +210,19 @@ impl Engine {
             }),
         };
         let inner = &engine.inner;
+        // As often as drafts time out (within bounds): an orphan ends within about twice the
+        // timeout once its lease has run out.
+        let look_for_orphans = inner
+            .shared
+            .config
+            .draft_timeout
+            .clamp(Duration::from_millis(100), Duration::from_secs(60));
+        inner.writers.spawn(crate::drafts::adopt_orphans(
+            inner.shared.store.clone(),
+            inner.shared.drafts.clone(),
+            look_for_orphans,
+            inner.stop_feed.clone(),
+        ));
         inner.writers.spawn(crate::drafts::finish_abandoned(
             Arc::downgrade(inner),
             inner.shared.drafts.clone(),

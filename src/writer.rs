@@ -215,9 +215,8 @@ impl WriterTask {
     }
 
     /// Flushes `writes` in one transaction (retrying transient failures), pushing each
-    /// write's result to `results` in order. When the database refuses a statement (an error
-    /// with its code that is not transient: a value it cannot store, say), nothing of the
-    /// transaction committed, and the writes are flushed again in halves until the refused
+    /// write's result to `results` in order. When the database refuses a statement for what
+    /// it carries (a value it cannot store, say), nothing of the transaction committed, and the writes are flushed again in halves until the refused
     /// one is alone: only its command fails, never the other sessions it was batched with.
     fn flush_isolating<'a>(
         &'a self,
@@ -228,7 +227,7 @@ impl WriterTask {
         Box::pin(async move {
             match self.flush_retrying(writes, span).await {
                 Ok(outcomes) => results.extend(outcomes.into_iter().map(Ok)),
-                Err(error) if writes.len() > 1 && error.code().is_some() => {
+                Err(error) if writes.len() > 1 && self.store.is_refused(&error) => {
                     debug!(parent: span, %error, sessions = writes.len(),
                         "a statement was refused; flushing the writes apart to find its session");
                     let (first, second) = writes.split_at(writes.len() / 2);

@@ -586,8 +586,81 @@ async fn abandoned_drafts_end_incomplete(db: TestDb) {
     engine.shutdown().await;
 }
 
+/// A draft left in progress by a process that stopped writing is finished `incomplete` by
+/// another process once the first one's lease on its session has run out, although nobody
+/// activates the session: the draft and its chunks do not wait for the next command on it.
+async fn an_orphaned_draft_ends_without_an_activation(db: TestDb) {
+    let lease = Duration::from_millis(200);
+    let stopped = db
+        .engine_with(soloist::EngineConfig {
+            draft_timeout: Duration::from_secs(3600),
+            ownership_lease: lease,
+            ..db.config()
+        })
+        .await
+        .expect("the process that stops");
+    let session = created_session(&stopped).await;
+    let (draft, seq) = session
+        .start_message(NewMessage::assistant("half"))
+        .await
+        .expect("start");
+    assert_eq!(
+        plain(session.append_delta(draft, 4, " a reply").await),
+        Ok(12)
+    );
+    let other = db
+        .engine_with(soloist::EngineConfig {
+            draft_timeout: Duration::from_millis(300),
+            ownership_lease: lease,
+            ..db.config()
+        })
+        .await
+        .expect("another process");
+    let started = std::time::Instant::now();
+    loop {
+        let statuses = soloist_testkit::stored_statuses(&db.url, session.id())
+            .await
+            .expect("statuses");
+        if statuses
+            .get(seq as usize)
+            .is_some_and(|(_, status)| status == "incomplete")
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still {statuses:?} after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("the orphaned draft ended after {:?}", started.elapsed());
+    let page = other
+        .session("alice", session.id())
+        .get(None, None)
+        .await
+        .expect("read");
+    assert_eq!(page.messages[seq as usize].text(), Some("half a reply"));
+    assert_eq!(
+        page.messages[seq as usize].status,
+        MessageStatus::Incomplete
+    );
+    assert!(
+        soloist_testkit::stored_chunks(&db.url, session.id())
+            .await
+            .expect("chunks")
+            .is_empty(),
+        "its chunks were folded into the message"
+    );
+    other.shutdown().await;
+    stopped.shutdown().await;
+}
+
 /// Two engines on one database: the backends they can share.
 mod shared {
     use super::*;
-    soloist_testkit::on_shared_backends!(abandoned_drafts_end_incomplete);
+    soloist_testkit::on_shared_backends!(
+        abandoned_drafts_end_incomplete,
+        an_orphaned_draft_ends_without_an_activation,
+    );
 }

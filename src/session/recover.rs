@@ -170,7 +170,7 @@ impl SessionActor {
             // The database refused a statement of this write (the writer has flushed it alone,
             // apart from the sessions it was batched with): nothing of it committed, and the
             // same write would be refused again.
-            Err(error) if error.code().is_some() && !self.shared.store.is_transient(&error) => {
+            Err(error) if self.shared.store.is_refused(&error) => {
                 return Err(Retry::GiveUp(Error::Storage(error)));
             }
             // The connection failed around the commit: ask the database what happened instead

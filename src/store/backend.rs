@@ -23,6 +23,12 @@ pub(crate) trait Backend: Database {
     /// Whether a failed flush may be retried as is: the database refused it before anything
     /// could have committed.
     fn is_transient(error: &StorageError) -> bool;
+
+    /// Whether the database refused a statement for what it carried (a value it cannot
+    /// store, a constraint, a trigger's refusal): the transaction stopped before its commit,
+    /// and the same write would be refused again. Never a lost connection, whose outcome may
+    /// be unknown.
+    fn is_refused(error: &StorageError) -> bool;
 }
 
 /// A statement's parameters, added in the order of its placeholders. The first value that

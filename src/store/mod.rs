@@ -377,6 +377,11 @@ impl Store {
         /// The members whose heartbeat is younger than `lease_micros`, by id.
         fn live_members(&self, lease_micros: i64) -> Result<Vec<Member>, StorageError>;
 
+        /// Up to `limit` drafts in progress, `(session, message, user)`, in sessions that no
+        /// process holds a lease on (its writer stopped, or it was handed over and left).
+        fn orphaned_drafts(&self, limit: i64)
+            -> Result<Vec<(SessionId, Uuid, String)>, StorageError>;
+
         /// How many sessions the user has that are not deleted, counting up to `bound`.
         fn count_user_sessions(&self, user_id: &str, bound: u64) -> Result<u64, StorageError>;
 
@@ -406,6 +411,13 @@ impl Store {
     /// could have committed (lock timeout, deadlock, serialization failure).
     pub fn is_transient(&self, error: &StorageError) -> bool {
         dispatch!(self, sql => sql.is_transient(error))
+    }
+
+    /// Whether the database refused a statement for what it carried (a value it cannot
+    /// store, a constraint, a trigger's refusal): nothing of the flush committed, and the same
+    /// write would be refused again.
+    pub fn is_refused(&self, error: &StorageError) -> bool {
+        dispatch!(self, sql => sql.is_refused(error))
     }
 
     /// Closes the connection pools.

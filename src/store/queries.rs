@@ -38,6 +38,8 @@ pub(crate) struct Queries {
     /// How many sessions a user has that are not deleted, counting up to a bound. Binds:
     /// user, bound.
     pub count_user_sessions: SqlStr,
+    /// Drafts in progress in sessions no process holds a lease on. Binds: now, limit.
+    pub orphaned_drafts: SqlStr,
     /// A session's stored version. Binds: id.
     pub version: SqlStr,
     /// A session's head, once no write holds its row. Binds: owner, id.
@@ -133,6 +135,13 @@ impl Queries {
                 "SELECT id FROM sessions WHERE user_id = ? AND erased_at IS NULL AND id > ? \
                  ORDER BY id LIMIT ?",
             ),
+            orphaned_drafts: d.render(&format!(
+                "SELECT m.session_id, m.message_id, s.user_id FROM messages m \
+                 JOIN sessions s ON s.id = m.session_id \
+                 WHERE m.status = 'in_progress' AND s.deleted_at IS NULL \
+                 AND (s.lease_until IS NULL OR s.lease_until < {now}) LIMIT ?",
+                now = d.now()
+            )),
             count_user_sessions: d.render(
                 "SELECT COUNT(*) FROM (SELECT 1 FROM sessions \
                  WHERE user_id = ? AND deleted_at IS NULL LIMIT ?) counted",

@@ -69,6 +69,11 @@ impl<DB: Backend> Sql<DB> {
         DB::is_transient(error)
     }
 
+    /// See [`Store::is_refused`](super::Store::is_refused).
+    pub fn is_refused(&self, error: &StorageError) -> bool {
+        DB::is_refused(error)
+    }
+
     /// Closes the connection pools.
     pub async fn close(&self) {
         self.readers.close().await;
@@ -101,6 +106,7 @@ where
     for<'r> (i64, bool, i64): FromRow<'r, DB::Row>,
     for<'r> (Uuid, String, i64, i64): FromRow<'r, DB::Row>,
     for<'r> (Uuid, String, i64): FromRow<'r, DB::Row>,
+    for<'r> (Uuid, Uuid, String): FromRow<'r, DB::Row>,
     for<'r> (String,): FromRow<'r, DB::Row>,
     for<'r> SessionRecord: FromRow<'r, DB::Row>,
     for<'r> MessageRecord: FromRow<'r, DB::Row>,
@@ -465,6 +471,22 @@ where
                 started_at: from_micros(started_at),
                 heartbeat_at: from_micros(heartbeat_at),
             })
+            .collect())
+    }
+
+    /// See [`Store::orphaned_drafts`](super::Store::orphaned_drafts).
+    pub async fn orphaned_drafts(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(SessionId, Uuid, String)>, StorageError> {
+        let args = Params::<DB>::new().now(now_micros()).add(limit).finish()?;
+        let rows: Vec<(Uuid, Uuid, String)> =
+            sqlx::query_as_with(self.queries.orphaned_drafts.clone(), args)
+                .fetch_all(&self.readers)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(session, message, user)| (SessionId::from_uuid(session), message, user))
             .collect())
     }
 

@@ -74,6 +74,15 @@ impl Backend for Sqlite {
             .and_then(|code| code.parse::<i32>().ok())
             .is_some_and(|code| matches!(code & 0xff, 5 | 6))
     }
+
+    fn is_refused(error: &StorageError) -> bool {
+        // SQLITE_TOOBIG, SQLITE_CONSTRAINT (a trigger's RAISE included), SQLITE_MISMATCH,
+        // SQLITE_RANGE, with any extended code.
+        error
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 18 | 19 | 20 | 25))
+    }
 }
 
 /// Whether `url` names a private in-memory database.

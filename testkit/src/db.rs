@@ -172,6 +172,20 @@ macro_rules! with_connection {
 }
 pub(crate) use with_connection;
 
+/// `(seq, status)` of a session's messages in sequence order, straight from the database at
+/// `url`.
+pub async fn stored_statuses(url: &str, session: SessionId) -> Result<Vec<(i64, String)>> {
+    with_connection!(url, |connection, sql| {
+        sqlx::query_as(sql(
+            "SELECT seq, status FROM messages WHERE session_id = {1} ORDER BY seq",
+        ))
+        .bind(session)
+        .fetch_all(&mut connection)
+        .await
+        .map_err(Error::from)
+    })
+}
+
 /// Runs `statements` (each whole, as written: a trigger's body may hold `;`) on the database
 /// at `url`, on one connection, in order.
 pub async fn run_sql(url: &str, statements: &[&str]) -> Result<()> {

@@ -26,7 +26,7 @@ mod postgres;
 
 pub use db::{
     Backend, StoredSession, TestDb, assert_contiguous, created_session, passivated, run_sql,
-    stored_chunks, stored_owner, stored_rows, stored_session,
+    stored_chunks, stored_owner, stored_rows, stored_session, stored_statuses,
 };
 pub use dir::TempDir;
 pub use postgres::{

@@ -80,6 +80,17 @@ impl Backend for Postgres {
         // rolled back by the server, so nothing of it committed.
         matches!(error.code(), Some("40001" | "40P01" | "55P03"))
     }
+
+    fn is_refused(error: &StorageError) -> bool {
+        // Data exceptions (22: a number out of range, say), integrity constraints (23),
+        // raised exceptions (P0: a trigger's refusal). Not the classes of a connection lost or
+        // cut (08, 57), of resources (53) or of a rolled-back transaction (40).
+        error.code().is_some_and(|code| {
+            ["22", "23", "P0"]
+                .iter()
+                .any(|class| code.starts_with(class))
+        })
+    }
 }
 
 /// The array type of a column of [`SqlType`].
