@@ -7,11 +7,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, assert_error, client, create, get, post};
+use common::{Server, assert_error, client, create, get, post, stalled_get};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
 /// Messages in the session, each with 60 KB of content: 9 MB in all.
 const MESSAGES: usize = 150;
@@ -20,19 +20,6 @@ const CONTENT: usize = 60_000;
 /// the connection buffers (the server's socket grows its send buffer to 4 MiB on loopback),
 /// so that a client that does not read leaves most of its answer in the server.
 const PAGE_BYTES: usize = 8 << 20;
-
-/// Sends `GET path` as alice with a receive buffer of a few KiB, and reads nothing yet.
-async fn stalled_get(address: &str, path: &str) -> TcpStream {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    let mut stream = socket
-        .connect(address.parse().expect("address"))
-        .await
-        .expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nhost: soloist\r\nx-user-id: alice\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("request");
-    stream
-}
 
 /// The status of the answer `stream` has started to receive.
 async fn status_of(stream: &mut TcpStream) -> u16 {

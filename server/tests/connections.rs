@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Server, client, create, get, post, read_response, read_until};
+use common::{Server, client, closed_within, create, get, post, read_response, read_until};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
@@ -42,23 +42,6 @@ async fn start_slow_post(address: &str) -> TcpStream {
     // The first byte of the body: the rest never comes, or comes late.
     stream.write_all(b"{").await.expect("first byte");
     stream
-}
-
-/// Waits until the server closes the connection (end of stream or reset), at most `limit`;
-/// how long that took.
-async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
-    let start = Instant::now();
-    let mut sink = [0u8; 1024];
-    tokio::time::timeout(limit, async {
-        loop {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => return start.elapsed(),
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .ok()
 }
 
 /// Whether the server has closed the connection, without waiting.

@@ -8,10 +8,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Server, client, create, post, read_response};
+use common::{Server, client, closed_within, create, post, read_response};
 use reqwest::StatusCode;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Sends the head of a POST declaring `length` body bytes, and no byte of the body.
@@ -115,19 +115,6 @@ fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-/// Whether the server closes `stream` within `within` (reading what it sends meanwhile).
-async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
-    let mut buffer = [0u8; 1024];
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
-            Err(_) => return false,
-            Ok(Ok(0)) | Ok(Err(_)) => return true,
-            Ok(Ok(_)) => {}
-        }
-    }
-}
-
 /// 200 connections that sent the peers' preface and then nothing, on a server capped at 20
 /// connections: they used to count as busy clients for 10 s and could not be evicted, so
 /// every request got 503 `too_many_connections`. Now they wait outside the cap, in a pool
@@ -161,7 +148,9 @@ async fn half_open_peer_handshakes_lock_nobody_out() {
     assert!(!session.is_empty());
     for mut stream in handshakes {
         assert!(
-            closed_within(&mut stream, Duration::from_secs(3)).await,
+            closed_within(&mut stream, Duration::from_secs(3))
+                .await
+                .is_some(),
             "a half-open handshake stayed open"
         );
     }

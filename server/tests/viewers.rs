@@ -7,11 +7,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Server, assert_error, client, create, get, post};
+use common::{Server, assert_error, client, create, get, post, stalled_get};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 use uuid::Uuid;
 
 /// Sessions, each with one viewer that stops reading.
@@ -25,21 +25,6 @@ const LARGE: usize = 60_000;
 /// One-byte deltas each draft grows by: more than the 1,024 events a session holds for its
 /// subscribers, so a stalled viewer lags and catches up from the session.
 const DELTAS: usize = 1_500;
-
-/// Opens `GET /v1/sessions/{id}/events` with a receive buffer of a few KiB, and reads nothing.
-async fn stalled_viewer(address: &str, session: &str) -> TcpStream {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    let mut stream = socket
-        .connect(address.parse().expect("address"))
-        .await
-        .expect("connect");
-    let request = format!(
-        "GET /v1/sessions/{session}/events HTTP/1.1\r\nhost: soloist\r\nx-user-id: alice\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.expect("request");
-    stream
-}
 
 /// Reads the viewer's stream until an event carries the draft as it ended (`end`: the end of
 /// its content, closing the JSON string), and returns its events `(name, data)` in order (the
@@ -136,7 +121,8 @@ async fn viewers_that_stop_reading_pin_a_bounded_amount() {
     }
     let mut viewers = Vec::new();
     for session in &sessions {
-        viewers.push(stalled_viewer(server.address(), session).await);
+        viewers
+            .push(stalled_get(server.address(), &format!("/v1/sessions/{session}/events")).await);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = server.memory();

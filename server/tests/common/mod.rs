@@ -385,3 +385,36 @@ pub async fn read_named_events(
     }
     events
 }
+
+/// Waits until the server closes the connection (end of stream or reset), at most `limit`,
+/// reading and dropping what it sends meanwhile; how long that took.
+pub async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    let mut sink = [0u8; 1024];
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return start.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+/// Sends `GET path` as alice on a connection with a receive buffer of a few KiB, and reads
+/// nothing: a client that stops reading fills it, and the server's socket, at once.
+pub async fn stalled_get(address: &str, path: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut stream = socket
+        .connect(address.parse().expect("address"))
+        .await
+        .expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nhost: soloist\r\nx-user-id: alice\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .expect("request");
+    stream
+}
