@@ -457,9 +457,12 @@ pub enum Op {
         prompt: u32,
         completion: u32,
     },
+    /// A delete, or an erase (`erase`: also what a delete keeps; allowed on its owner's
+    /// deleted session).
     Delete {
         session: usize,
         user: usize,
+        erase: bool,
     },
     List {
         user: usize,
@@ -535,7 +538,8 @@ fn op() -> impl Strategy<Value = Op> {
                 completion
             }
         ),
-        1 => (session(), user()).prop_map(|(session, user)| Op::Delete { session, user }),
+        1 => (session(), user(), any::<bool>())
+            .prop_map(|(session, user, erase)| Op::Delete { session, user, erase }),
         1 => (user(), proptest::option::weighted(0.8, 0usize..6))
             .prop_map(|(user, limit)| Op::List { user, limit }),
         1 => Just(Op::Restart),

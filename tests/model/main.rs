@@ -288,17 +288,22 @@ impl Run<'_> {
                     }
                 }
             }
-            Op::Delete { session, user } => {
+            Op::Delete {
+                session,
+                user,
+                erase,
+            } => {
                 let id = self.ids[*session];
                 let actual = self
                     .engine
                     .delete_session(DeleteSession {
                         user_id: USERS[*user].into(),
                         session_id: id,
+                        erase: *erase,
                         ..Default::default()
                     })
                     .await;
-                pair(&actual, self.model.delete(id, *user))?;
+                pair(&actual, self.model.delete(id, *user, *erase))?;
             }
             Op::List { user, limit } => self.check_listing(*user, *limit).await?,
             Op::Start {
@@ -573,6 +578,24 @@ impl Run<'_> {
         }
         for user in 0..USERS.len() {
             self.check_listing(user, None).await?;
+        }
+        // A deleted session keeps its row and nothing else: no message, no draft chunk (an
+        // erase, also no title, metadata, usage or idempotency record), whatever was in
+        // flight. Read from the database where another connection can.
+        if self.db.shareable() {
+            for &id in &self.ids {
+                let Some(erased) = self.model.deleted(id) else {
+                    continue;
+                };
+                let stored = soloist_testkit::stored_session(&self.db.url, id)
+                    .await
+                    .map_err(|error| format!("read {id}: {error:?}"))?
+                    .ok_or_else(|| format!("deleted session {id} has no row"))?;
+                let left = (stored.messages, stored.chunks);
+                if left != (0, 0) || (erased && (stored.keys, stored.tokens) != (0, (0, 0))) {
+                    return Err(format!("deleted session {id} left rows: {stored:?}"));
+                }
+            }
         }
         Ok(())
     }

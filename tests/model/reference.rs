@@ -92,6 +92,8 @@ pub struct ModelSession {
     /// Bumped by every committed write.
     version: i64,
     deleted: bool,
+    /// Erased too: what a delete keeps is gone.
+    erased: bool,
     created_at: Option<Timestamp>,
     /// `updated_at` as first seen at each version: one version, one timestamp.
     updated_at: HashMap<i64, Timestamp>,
@@ -385,6 +387,7 @@ impl Model {
                         calls: HashMap::new(),
                         version: 1,
                         deleted: false,
+                        erased: false,
                         created_at: None,
                         updated_at: HashMap::new(),
                     },
@@ -749,11 +752,37 @@ impl Model {
         Ok(())
     }
 
-    pub fn delete(&mut self, id: SessionId, user: usize) -> Expected<()> {
-        let session = self.access(id, user)?;
+    pub fn delete(&mut self, id: SessionId, user: usize, erase: bool) -> Expected<()> {
+        // Its owner may erase a deleted session: what the delete kept goes.
+        let owner_erases_tombstone = erase
+            && self
+                .sessions
+                .get(&id)
+                .is_some_and(|session| session.deleted && session.owner == user);
+        let session = if owner_erases_tombstone {
+            self.sessions
+                .get_mut(&id)
+                .ok_or_else(|| vec![Kind::NotFound])?
+        } else {
+            self.access(id, user)?
+        };
         session.deleted = true;
         session.version += 1;
+        if erase {
+            session.erased = true;
+            session.title = None;
+            session.metadata = RawJson::empty_object();
+            session.usage = Usage::default();
+        }
         Ok(())
+    }
+
+    /// Whether the session is deleted (`Some`), and erased.
+    pub fn deleted(&self, id: SessionId) -> Option<bool> {
+        self.sessions
+            .get(&id)
+            .filter(|session| session.deleted)
+            .map(|session| session.erased)
     }
 
     /// The user's live sessions, newest first (creation times as observed).
