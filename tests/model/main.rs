@@ -592,7 +592,11 @@ impl Run<'_> {
                     .map_err(|error| format!("read {id}: {error:?}"))?
                     .ok_or_else(|| format!("deleted session {id} has no row"))?;
                 let left = (stored.messages, stored.chunks);
-                if left != (0, 0) || (erased && (stored.keys, stored.tokens) != (0, (0, 0))) {
+                let kept = stored.keys > 0
+                    || stored.tokens != (0, 0)
+                    || stored.title.is_some()
+                    || stored.metadata != "{}";
+                if left != (0, 0) || (erased && kept) {
                     return Err(format!("deleted session {id} left rows: {stored:?}"));
                 }
             }
