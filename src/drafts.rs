@@ -6,9 +6,10 @@
 //! process died, or handed the session over) starts its timeout then: deltas that keep coming
 //! (through any process) keep it streaming, and a stream that died ends within the timeout.
 //! Drafts of sessions that nobody activates again are found too: every process looks, now and
-//! then, for drafts in progress in sessions no process holds a lease on, and adopts them, so
-//! that a process that stopped mid-reply leaves no draft in progress (with its chunks) for
-//! longer than the lease, the look's period and the timeout.
+//! then, for drafts in progress in sessions nobody wrote for longer than their lease and the
+//! draft timeout (a live owner finishes such a draft itself), and adopts them, so that a
+//! process that stopped mid-reply leaves no draft in progress (with its chunks) for longer than
+//! the lease, twice the timeout and the look's period.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -90,17 +91,20 @@ impl Drafts {
 /// Drafts one look for orphans adopts at most; the next look takes the rest.
 const ORPHANS_PER_LOOK: i64 = 1000;
 
-/// Adopts the drafts in progress in sessions that no process holds a lease on (their process
-/// stopped, or handed them over and nobody came back), so that [`finish_abandoned`] ends them
+/// Adopts the drafts in progress in sessions that nobody wrote for longer than their lease
+/// and the draft timeout (their process stopped, or handed them over and nobody came back: a
+/// live owner would have finished such a draft itself), so that [`finish_abandoned`] ends them
 /// here after their timeout. Looks at once, then every `period`, until `stop`.
 pub(crate) async fn adopt_orphans(
     store: crate::store::Store,
     drafts: Arc<Drafts>,
+    timeout: Duration,
     period: Duration,
     stop: CancellationToken,
 ) {
+    let silent_for = i64::try_from(timeout.as_micros()).unwrap_or(i64::MAX / 4);
     loop {
-        match store.orphaned_drafts(ORPHANS_PER_LOOK).await {
+        match store.orphaned_drafts(silent_for, ORPHANS_PER_LOOK).await {
             Ok(orphans) => {
                 if !orphans.is_empty() {
                     debug!(count = orphans.len(), "adopted drafts no process holds");

@@ -210,8 +210,7 @@ impl Engine {
             }),
         };
         let inner = &engine.inner;
-        // As often as drafts time out (within bounds): an orphan ends within about twice the
-        // timeout once its lease has run out.
+        // As often as drafts time out (within bounds).
         let look_for_orphans = inner
             .shared
             .config
@@ -220,6 +219,7 @@ impl Engine {
         inner.writers.spawn(crate::drafts::adopt_orphans(
             inner.shared.store.clone(),
             inner.shared.drafts.clone(),
+            inner.shared.config.draft_timeout,
             look_for_orphans,
             inner.stop_feed.clone(),
         ));

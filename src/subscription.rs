@@ -126,7 +126,8 @@ pub struct MessageStream {
     ready: VecDeque<(StreamEvent, Position)>,
     /// What commits, once the backlog has been caught up.
     live: Option<Listener<Published>>,
-    /// Re-subscriptions since an event was last given.
+    /// Re-subscriptions in a row that neither gave an event nor waited for the session (a
+    /// gap found at once, again and again): past a bound, the stream ends.
     fruitless: u32,
 }
 
@@ -219,10 +220,17 @@ impl MessageStream {
             match &mut self.live {
                 None => self.resubscribe().await?,
                 Some(live) => match live.recv().await {
-                    Ok(published) => self.buffer.push_back(published),
+                    // Waited for the session: re-subscribing after this is not a spin.
+                    Ok(published) => {
+                        self.fruitless = 0;
+                        self.buffer.push_back(published);
+                    }
                     // Fell behind past what the session holds for us, or the actor
                     // passivated / the session was deleted: start again from what was given.
-                    Err(Missed::Lagged | Missed::Closed) => self.live = None,
+                    Err(Missed::Lagged | Missed::Closed) => {
+                        self.fruitless = 0;
+                        self.live = None;
+                    }
                 },
             }
         }

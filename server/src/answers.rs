@@ -147,7 +147,10 @@ impl HttpBody for Permitted {
         loop {
             if !self.pending.is_empty() {
                 let length = self.pending.len().min(PIECE_BYTES);
-                let piece = self.pending.split_to(length);
+                // A copy: a slice would keep the whole answer alive in the connection's buffer
+                // after the permit is given back with the last piece.
+                let piece = Bytes::copy_from_slice(&self.pending[..length]);
+                self.pending = self.pending.split_off(length);
                 return Poll::Ready(Some(Ok(Frame::data(piece))));
             }
             match ready!(Pin::new(&mut self.body).poll_frame(cx)) {

@@ -3,10 +3,12 @@
 //! past it is refused before its body is read: `429 rate_limited`, with `Retry-After` the
 //! whole seconds until the bucket lets the next request through, as the limiter computes it.
 //!
-//! The buckets are bounded: a user's bucket is one of [`MAX_BUCKETS`], chosen by a keyed hash
-//! of the user id (a key drawn at start, so no client can choose ids that share a bucket with
-//! a given user's), and the buckets that are full again are forgotten every minute. However
-//! many user ids clients make up, the limiter holds at most that many buckets (a few MiB).
+//! The buckets are bounded: a user's bucket is keyed by a 64-bit hash of the user id, with a
+//! key drawn at start (so no client can choose ids that collide with a given user's), and the
+//! buckets that are full again are forgotten every minute. Only when [`MAX_BUCKETS`] users came
+//! within that minute (user ids made up, say) do new ones share buckets, one of a set of
+//! [`MAX_BUCKETS`], until the next forgetting: however many ids clients make up, the limiter
+//! holds at most twice that many buckets (a few MiB).
 
 use std::hash::BuildHasher;
 use std::num::NonZeroU32;
@@ -16,13 +18,13 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::{ApiError, ErrorCode};
 
-/// Buckets at most: users beyond that many active at once share buckets, two or so each.
-pub const MAX_BUCKETS: u32 = 1 << 16;
+/// Buckets past which new users share buckets until the idle ones are forgotten.
+pub const MAX_BUCKETS: u64 = 1 << 16;
 
 /// The buckets of every user seen lately.
 #[derive(Debug)]
 pub struct UserLimits {
-    limiter: DefaultKeyedRateLimiter<u32>,
+    limiter: DefaultKeyedRateLimiter<u64>,
     clock: DefaultClock,
     /// Picks a user's bucket.
     hasher: std::collections::hash_map::RandomState,
@@ -41,8 +43,12 @@ impl UserLimits {
 
     /// Takes one request from `user`'s bucket, or refuses it with the time to wait.
     pub fn check(&self, user: &str) -> Result<(), ApiError> {
-        // The remainder of a division by a power of two: the hash's low bits.
-        let bucket = (self.hasher.hash_one(user) as u32) % MAX_BUCKETS;
+        let mut bucket = self.hasher.hash_one(user);
+        if self.limiter.len() as u64 >= MAX_BUCKETS {
+            // That many users since the idle buckets were last forgotten (every minute): new
+            // ones share one of a bounded set until then.
+            bucket %= MAX_BUCKETS;
+        }
         match self.limiter.check_key(&bucket) {
             Ok(()) => Ok(()),
             Err(not_until) => {
@@ -65,7 +71,7 @@ impl UserLimits {
         self.limiter.shrink_to_fit();
     }
 
-    /// Buckets held now (at most [`MAX_BUCKETS`]).
+    /// Buckets held now (at most about twice [`MAX_BUCKETS`]).
     pub fn users(&self) -> usize {
         self.limiter.len()
     }
@@ -100,7 +106,6 @@ mod tests {
         for user in 0..(super::MAX_BUCKETS * 2) {
             let _ = limits.check(&format!("made-up-{user}"));
         }
-        assert!(limits.users() <= super::MAX_BUCKETS as usize);
-        assert!(limits.users() > super::MAX_BUCKETS as usize / 2);
+        assert!(limits.users() <= 2 * super::MAX_BUCKETS as usize);
     }
 }

@@ -254,11 +254,11 @@ struct SessionArgs {
     )]
     purge_batch: u64,
     /// Sessions (not deleted) a user may have; a create or import of another is answered
-    /// 403 `quota_exceeded`. 0: no bound.
+    /// 403 `quota_exceeded`. Each new session counts the user's, up to this many. 0: no bound.
     #[arg(
         long,
         env = "SOLOIST_MAX_SESSIONS_PER_USER",
-        default_value_t = 100_000,
+        default_value_t = 10_000,
         value_name = "N"
     )]
     max_sessions_per_user: u64,

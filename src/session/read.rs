@@ -18,8 +18,9 @@ use crate::model::{Message, MessageStatus};
 /// catches up from the session, from its own position.
 const SUBSCRIBER_BUFFER: usize = 1024;
 
-/// Bytes of events held per session for subscribers that have not taken them: what
-/// subscribers that stop reading can pin, whatever the session's writers send.
+/// Bytes of events held per session for subscribers that have not taken them (or four of the
+/// largest messages the limits allow, if more): what subscribers that stop reading can pin,
+/// whatever the session's writers send.
 pub(crate) const SUBSCRIBER_BUFFER_BYTES: usize = 1 << 20;
 
 /// The payload bytes of a page so far, against its bound.
@@ -163,7 +164,26 @@ impl SessionActor {
         }
     }
 
+    /// The backlog after a subscriber's position and a listener for what commits next. A
+    /// position this copy of the session does not reach is checked again against the stored
+    /// session (another process may have written what the subscriber saw) before it is
+    /// refused.
     async fn subscribe(
+        &mut self,
+        user_id: &str,
+        after_seq: i64,
+        draft: Option<(i64, u64)>,
+    ) -> Result<Subscribed> {
+        match self.subscribe_here(user_id, after_seq, draft).await {
+            Err(Error::InvalidInput { .. }) => {
+                self.catch_up().await?;
+                self.subscribe_here(user_id, after_seq, draft).await
+            }
+            subscribed => subscribed,
+        }
+    }
+
+    async fn subscribe_here(
         &mut self,
         user_id: &str,
         after_seq: i64,
@@ -189,7 +209,7 @@ impl SessionActor {
         }
         let mut backlog = Vec::new();
         if let Some((draft, offset)) = draft.filter(|&(draft, _)| draft <= after_seq) {
-            backlog = self.page(&read(draft - 1, 1)).await?.messages;
+            backlog = self.page(&read(draft.saturating_sub(1), 1)).await?.messages;
             let content = backlog
                 .first()
                 .filter(|message| message.seq == draft)
@@ -205,9 +225,14 @@ impl SessionActor {
             }
         }
         backlog.extend(page.messages);
+        let limits = &self.shared.config.limits;
+        // Room for a few of the largest messages, whatever the limits are raised to.
+        let largest =
+            2 * limits.max_content_bytes + 3 * limits.max_json_bytes + 3 * limits.max_text_bytes;
+        let bytes = SUBSCRIBER_BUFFER_BYTES.max(4 * largest);
         let events = self
             .events
-            .get_or_insert_with(|| Fanout::new(SUBSCRIBER_BUFFER_BYTES, SUBSCRIBER_BUFFER));
+            .get_or_insert_with(|| Fanout::new(bytes, SUBSCRIBER_BUFFER));
         Ok(Subscribed {
             caught_up: page.next_after_seq.is_none(),
             backlog,

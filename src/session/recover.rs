@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use tracing::debug;
+use tracing::{debug, warn};
 use uuid::Uuid;
 
 use super::SessionActor;
@@ -171,7 +171,14 @@ impl SessionActor {
             // apart from the sessions it was batched with): nothing of it committed, and the
             // same write would be refused again.
             Err(error) if self.shared.store.is_refused(&error) => {
-                return Err(Retry::GiveUp(Error::Storage(error)));
+                // Its cause is for the operator's log; the client learns that retrying the
+                // same command will not help.
+                warn!(session_id = %self.id, %error, "the database refused a write");
+                return Err(Retry::GiveUp(Error::invalid(
+                    "command",
+                    "the database refused what the command stores (a value it cannot hold, \
+                     or a rule of its own); retrying it cannot succeed",
+                )));
             }
             // The connection failed around the commit: ask the database what happened instead
             // of guessing.

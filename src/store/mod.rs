@@ -377,9 +377,10 @@ impl Store {
         /// The members whose heartbeat is younger than `lease_micros`, by id.
         fn live_members(&self, lease_micros: i64) -> Result<Vec<Member>, StorageError>;
 
-        /// Up to `limit` drafts in progress, `(session, message, user)`, in sessions that no
-        /// process holds a lease on (its writer stopped, or it was handed over and left).
-        fn orphaned_drafts(&self, limit: i64)
+        /// Up to `limit` drafts in progress, `(session, message, user)`, in live sessions
+        /// whose last write's lease ran out more than `silent_for` microseconds ago (their
+        /// writer stopped, or they were handed over and left), the longest silent first.
+        fn orphaned_drafts(&self, silent_for: i64, limit: i64)
             -> Result<Vec<(SessionId, Uuid, String)>, StorageError>;
 
         /// How many sessions the user has that are not deleted, counting up to `bound`.

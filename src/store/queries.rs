@@ -38,7 +38,8 @@ pub(crate) struct Queries {
     /// How many sessions a user has that are not deleted, counting up to a bound. Binds:
     /// user, bound.
     pub count_user_sessions: SqlStr,
-    /// Drafts in progress in sessions no process holds a lease on. Binds: now, limit.
+    /// Drafts in progress in live sessions whose last write's lease ran out a while ago.
+    /// Binds: now, how long ago (microseconds), now, limit.
     pub orphaned_drafts: SqlStr,
     /// A session's stored version. Binds: id.
     pub version: SqlStr,
@@ -139,7 +140,9 @@ impl Queries {
                 "SELECT m.session_id, m.message_id, s.user_id FROM messages m \
                  JOIN sessions s ON s.id = m.session_id \
                  WHERE m.status = 'in_progress' AND s.deleted_at IS NULL \
-                 AND (s.lease_until IS NULL OR s.lease_until < {now}) LIMIT ?",
+                 AND (s.lease_until IS NULL OR s.lease_until < {now} - ?) \
+                 AND (s.expires_at IS NULL OR s.expires_at > {now}) \
+                 ORDER BY s.lease_until LIMIT ?",
                 now = d.now()
             )),
             count_user_sessions: d.render(

@@ -477,9 +477,16 @@ where
     /// See [`Store::orphaned_drafts`](super::Store::orphaned_drafts).
     pub async fn orphaned_drafts(
         &self,
+        silent_for: i64,
         limit: i64,
     ) -> Result<Vec<(SessionId, Uuid, String)>, StorageError> {
-        let args = Params::<DB>::new().now(now_micros()).add(limit).finish()?;
+        let now = now_micros();
+        let args = Params::<DB>::new()
+            .now(now)
+            .add(silent_for)
+            .now(now)
+            .add(limit)
+            .finish()?;
         let rows: Vec<(Uuid, Uuid, String)> =
             sqlx::query_as_with(self.queries.orphaned_drafts.clone(), args)
                 .fetch_all(&self.readers)
