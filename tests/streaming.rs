@@ -664,3 +664,46 @@ mod shared {
         an_orphaned_draft_ends_without_an_activation,
     );
 }
+
+/// A draft that grows and ends through another process reaches this process's subscribers as
+/// it happens (PostgreSQL's change feed: the copy here catches up and tells what became of the
+/// drafts it had in progress), not only at their next re-subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_draft_grown_elsewhere_reaches_subscribers_here() {
+    let Some(db) = TestDb::new(soloist_testkit::Backend::Postgres)
+        .await
+        .expect("database")
+    else {
+        return;
+    };
+    let here = db.engine().await.expect("engine");
+    let elsewhere = db.engine().await.expect("engine");
+    let session = created_session(&here).await;
+    let (draft, seq) = session
+        .start_message(NewMessage::assistant("Hel"))
+        .await
+        .expect("start");
+    let mut stream = session.subscribe(None).await.expect("subscribe");
+    let next = event;
+    assert!(matches!(next(&mut stream).await, StreamEvent::Created(message) if message.seq == seq));
+    let there = elsewhere.session("alice", session.id());
+    assert_eq!(plain(there.append_delta(draft, 3, "lo").await), Ok(5));
+    assert_eq!(
+        next(&mut stream).await,
+        StreamEvent::Delta {
+            seq,
+            offset: 3,
+            content: "lo".into()
+        }
+    );
+    there
+        .finish_message(draft, MessageStatus::Completed, None)
+        .await
+        .expect("finish");
+    assert!(matches!(
+        next(&mut stream).await,
+        StreamEvent::Finished(message) if message.text() == Some("Hello")
+    ));
+    elsewhere.shutdown().await;
+    here.shutdown().await;
+}

@@ -135,12 +135,32 @@ impl SessionActor {
         Ok(())
     }
 
-    /// Reloads the session and publishes to subscribers the messages other processes added.
+    /// Reloads the session and publishes to subscribers what other processes committed: the
+    /// messages they added, and what became of the drafts this copy had in progress.
     pub(super) async fn catch_up(&mut self) -> Result<(), StorageError> {
         let known = self.state.as_ref().map_or(0, SessionState::message_count);
+        // The drafts this copy had in progress: what other processes added to them, or how
+        // they ended, is news too.
+        let drafts: Vec<Arc<Message>> = self
+            .state
+            .iter()
+            .flat_map(|state| state.tail.iter())
+            .filter(|message| message.status == MessageStatus::InProgress)
+            .cloned()
+            .collect();
         self.load(&[], false).await?;
         if let (Some(events), Some(state)) = (&self.events, &self.state) {
             if events.listener_count() > 0 {
+                for before in &drafts {
+                    let Some(after) = state.cached(&before.id).filter(|after| *after != before)
+                    else {
+                        continue;
+                    };
+                    for event in super::draft_news(Some(before), after) {
+                        let weight = event.weight();
+                        events.send(event, weight);
+                    }
+                }
                 for message in state.tail.iter().filter(|message| message.seq >= known) {
                     // A subscriber that finds a gap (messages older than the tail) reads them.
                     let event = Published::Message(message.clone());
