@@ -154,6 +154,12 @@ struct HttpArgs {
     #[arg(long, env = "SOLOIST_KEEP_ALIVE_TIMEOUT_MS", default_value = "75000", value_name = "MS",
           value_parser = clap::value_parser!(u64).range(1..))]
     keep_alive_timeout_ms: u64,
+    /// The longest an answer may wait for a client that reads none of it (the connection's
+    /// buffers full): past it the connection is closed, giving back what the answer held (a
+    /// stalled event stream's viewer resumes from its last event id).
+    #[arg(long, env = "SOLOIST_STALLED_READER_TIMEOUT_MS", default_value = "30000", value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    stalled_reader_timeout_ms: u64,
     /// Connections open at once; past it the longest-idle connection is closed, or, when every
     /// connection has a request in flight, the new one gets a 503 `too_many_connections`.
     /// Default: the open-file limit less 128 (at least half of it).
@@ -609,6 +615,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let serve_config = ServeConfig {
         header_read_timeout: Duration::from_millis(http.header_read_timeout_ms),
         keep_alive_timeout: Duration::from_millis(http.keep_alive_timeout_ms),
+        stalled_reader_timeout: Duration::from_millis(http.stalled_reader_timeout_ms),
         max_connections: http
             .max_connections
             .map_or_else(default_max_connections, |max| {

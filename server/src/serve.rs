@@ -101,6 +101,9 @@ pub struct ServeConfig {
     /// How long a connection that has been answered may wait for its next request (no byte of
     /// it yet) before it is closed.
     pub keep_alive_timeout: Duration,
+    /// How long an answer may wait for a client that takes none of it (every write refused,
+    /// the buffers full) before its connection is closed.
+    pub stalled_reader_timeout: Duration,
     /// Connections open at once; see [`default_max_connections`]. Lowered while serving if
     /// `accept` runs out of descriptors below it.
     pub max_connections: usize,
@@ -113,6 +116,7 @@ impl Default for ServeConfig {
         ServeConfig {
             header_read_timeout: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(75),
+            stalled_reader_timeout: Duration::from_secs(30),
             max_connections: default_max_connections(),
             shutdown_timeout: Duration::from_secs(30),
         }
@@ -188,6 +192,7 @@ pub async fn serve(
     let timeouts = Timeouts {
         header: config.header_read_timeout,
         keep_alive: config.keep_alive_timeout,
+        stalled_reader: config.stalled_reader_timeout,
     };
     let registry = Arc::new(Registry::new());
     let handshakes = Arc::new(Handshakes::new());
@@ -332,6 +337,7 @@ fn is_per_connection(error: &io::Error) -> bool {
 struct Timeouts {
     header: Duration,
     keep_alive: Duration,
+    stalled_reader: Duration,
 }
 
 /// Returns when the connection has waited too long for a request head: a new connection for
@@ -341,7 +347,20 @@ struct Timeouts {
 async fn idle_watch(tracked: &Tracked, timeouts: Timeouts) {
     loop {
         let wait = if tracked.in_flight.load(Ordering::Acquire) > 0 {
-            timeouts.header
+            // An answer the client takes none of: closed after the stalled-reader timeout.
+            let blocked = tracked.write_blocked_since.load(Ordering::Acquire);
+            if blocked == 0 {
+                timeouts.header.min(timeouts.stalled_reader)
+            } else {
+                let limit = u64::try_from(timeouts.stalled_reader.as_millis()).unwrap_or(u64::MAX);
+                let due = (blocked - 1).saturating_add(limit);
+                let now = millis_since(tracked.epoch);
+                if now >= due {
+                    debug!("closing a connection whose client took none of its answer");
+                    return;
+                }
+                Duration::from_millis(due - now)
+            }
         } else {
             let head = tracked.head_since.load(Ordering::Acquire);
             let (since, limit) = if !tracked.served.load(Ordering::Acquire) {
@@ -361,7 +380,9 @@ async fn idle_watch(tracked: &Tracked, timeouts: Timeouts) {
             }
             Duration::from_millis(due - now)
         };
-        tokio::time::sleep(wait).await;
+        // Looked at again within the stalled-reader timeout, whatever it waits for: a request
+        // may start meanwhile, and its answer stall.
+        tokio::time::sleep(wait.min(timeouts.stalled_reader)).await;
     }
 }
 
@@ -552,6 +573,20 @@ enum Intercept {
 }
 
 impl Lingering {
+    /// Notes whether a write went through, for the stalled-reader timeout ([`idle_watch`]).
+    fn note_write(&self, written: &Poll<io::Result<usize>>) {
+        let blocked = &self.tracked.write_blocked_since;
+        match written {
+            Poll::Pending => {
+                if blocked.load(Ordering::Relaxed) == 0 {
+                    let now = millis_since(self.tracked.epoch).saturating_add(1);
+                    blocked.store(now, Ordering::Release);
+                }
+            }
+            Poll::Ready(_) => blocked.store(0, Ordering::Release),
+        }
+    }
+
     /// Whether `last` (the last bytes hyper gives this write, after `before` others) ends with
     /// hyper's own answer. While a request is in flight the bytes are its answer's: hyper
     /// answers a head itself only between requests.
@@ -637,14 +672,16 @@ impl AsyncWrite for Lingering {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.poll_answer(cx))?;
-        match this.intercept(0, buf) {
+        let written = match this.intercept(0, buf) {
             Intercept::Pass => Pin::new(&mut this.stream).poll_write(cx, buf),
             Intercept::Before(start) => Pin::new(&mut this.stream).poll_write(cx, &buf[..start]),
             Intercept::Replace(answer) => {
                 this.replace(answer, cx)?;
                 Poll::Ready(Ok(buf.len()))
             }
-        }
+        };
+        this.note_write(&written);
+        written
     }
 
     fn poll_write_vectored(
@@ -659,7 +696,7 @@ impl AsyncWrite for Lingering {
             return Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
         };
         let before = bufs[..last].iter().map(|buf| buf.len()).sum();
-        match this.intercept(before, &bufs[last]) {
+        let written = match this.intercept(before, &bufs[last]) {
             Intercept::Pass => Pin::new(&mut this.stream).poll_write_vectored(cx, bufs),
             Intercept::Before(start) => {
                 let mut earlier = bufs[..last].to_vec();
@@ -670,7 +707,9 @@ impl AsyncWrite for Lingering {
                 this.replace(answer, cx)?;
                 Poll::Ready(Ok(bufs[last].len()))
             }
-        }
+        };
+        this.note_write(&written);
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -768,6 +807,9 @@ struct Tracked {
     /// 1 + the milliseconds since [`Registry::epoch`] at which the first bytes of the next
     /// request head arrived while no request was in flight; 0 while none have.
     head_since: AtomicU64,
+    /// 1 + the milliseconds since [`Registry::epoch`] since which every write was refused
+    /// (the client reads nothing, the buffers are full); 0 while writes go through.
+    write_blocked_since: AtomicU64,
     /// Cancelled to close the connection at once.
     evict: CancellationToken,
     /// The registry's epoch.
@@ -796,6 +838,7 @@ impl Registry {
             idle_since: AtomicU64::new(millis_since(self.epoch)),
             served: AtomicBool::new(false),
             head_since: AtomicU64::new(0),
+            write_blocked_since: AtomicU64::new(0),
             evict: CancellationToken::new(),
             epoch: self.epoch,
         });

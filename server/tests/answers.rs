@@ -1,7 +1,7 @@
 //! Large answers against the real binary: a page is bounded by bytes as well as by count
 //! (it ends early, with its cursor), and the large answers in flight share a memory budget,
 //! so clients that ask for large pages and stop reading them hold a bounded amount between
-//! them; the memory comes back when they go.
+//! them; the memory comes back when the stalled-reader timeout closes them.
 
 mod common;
 
@@ -41,6 +41,8 @@ async fn large_answers_are_bounded_by_bytes_and_share_a_budget() {
         &PAGE_BYTES.to_string(),
         "--answer-memory-bytes",
         "0",
+        "--stalled-reader-timeout-ms",
+        "3000",
     ]);
     let client = client();
     let session = create(&client, &server, "alice").await;
@@ -104,9 +106,13 @@ async fn large_answers_are_bounded_by_bytes_and_share_a_budget() {
     let grown_mib = during.rss_kib.saturating_sub(before.rss_kib) as f64 / 1024.0;
     let mut answered = 0;
     let mut busy = 0;
-    for stream in &mut stalled {
-        match status_of(stream).await {
-            200 => answered += 1,
+    let mut answered_streams = Vec::new();
+    for mut stream in stalled {
+        match status_of(&mut stream).await {
+            200 => {
+                answered += 1;
+                answered_streams.push(stream);
+            }
             503 => busy += 1,
             other => panic!("status {other}"),
         }
@@ -124,9 +130,17 @@ async fn large_answers_are_bounded_by_bytes_and_share_a_budget() {
         StatusCode::SERVICE_UNAVAILABLE,
         "busy",
     );
-    // Once they are gone, so is what they held.
-    drop(stalled);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Readers that take nothing for the stalled-reader timeout are closed, and what they
+    // held is given back, whether or not they ever read again.
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let (status, page) = get(&client, &server, &path, "alice").await;
     assert_eq!(status, StatusCode::OK, "{page}");
+    for stream in &mut answered_streams {
+        assert!(
+            common::closed_within(stream, Duration::from_secs(10))
+                .await
+                .is_some(),
+            "a stalled reader's connection stayed open"
+        );
+    }
 }

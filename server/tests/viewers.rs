@@ -102,7 +102,14 @@ fn dechunk(mut chunked: &[u8]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn viewers_that_stop_reading_pin_a_bounded_amount() {
     // The backlog in one page: the viewer listens for what commits while it is stuck in it.
-    let server = Server::sqlite(&["--max-page-bytes", "16777216"]);
+    // Stalled readers are kept for as long as the test takes (by default they are closed
+    // after 30 s; this test is about what they hold meanwhile).
+    let server = Server::sqlite(&[
+        "--max-page-bytes",
+        "16777216",
+        "--stalled-reader-timeout-ms",
+        "600000",
+    ]);
     let client = client();
     let large = "x".repeat(LARGE);
     let mut sessions = Vec::new();
