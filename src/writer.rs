@@ -216,30 +216,40 @@ impl WriterTask {
 
     /// Flushes `writes` in one transaction (retrying transient failures), pushing each
     /// write's result to `results` in order. When the database refuses a statement for what
-    /// it carries (a value it cannot store, say), nothing of the transaction committed, and the writes are flushed again in halves until the refused
-    /// one is alone: only its command fails, never the other sessions it was batched with.
-    fn flush_isolating<'a>(
+    /// it carries (a value it cannot store, say), nothing of the transaction committed, and
+    /// the writes are flushed again in halves until the refused one is alone: only its
+    /// command fails, never the other sessions it was batched with.
+    async fn flush_isolating(
+        &self,
+        writes: &[SessionWrite],
+        span: &tracing::Span,
+        results: &mut Vec<Result<FlushOutcome, StorageError>>,
+    ) {
+        match self.flush_retrying(writes, span).await {
+            Ok(outcomes) => results.extend(outcomes.into_iter().map(Ok)),
+            Err(error) if writes.len() > 1 && self.store.is_refused(&error) => {
+                debug!(parent: span, %error, sessions = writes.len(),
+                    "a statement was refused; flushing the writes apart to find its session");
+                let (first, second) = writes.split_at(writes.len() / 2);
+                self.flush_apart(first, span, results).await;
+                self.flush_apart(second, span, results).await;
+            }
+            Err(error) => {
+                warn!(parent: span, %error, sessions = writes.len(), "flush failed");
+                results.extend(writes.iter().map(|_| Err(error.clone())));
+            }
+        }
+    }
+
+    /// [`Self::flush_isolating`] of a part, boxed: only a refused flush recurses, so the
+    /// common flush allocates nothing for it.
+    fn flush_apart<'a>(
         &'a self,
         writes: &'a [SessionWrite],
         span: &'a tracing::Span,
         results: &'a mut Vec<Result<FlushOutcome, StorageError>>,
     ) -> futures::future::BoxFuture<'a, ()> {
-        Box::pin(async move {
-            match self.flush_retrying(writes, span).await {
-                Ok(outcomes) => results.extend(outcomes.into_iter().map(Ok)),
-                Err(error) if writes.len() > 1 && self.store.is_refused(&error) => {
-                    debug!(parent: span, %error, sessions = writes.len(),
-                        "a statement was refused; flushing the writes apart to find its session");
-                    let (first, second) = writes.split_at(writes.len() / 2);
-                    self.flush_isolating(first, span, results).await;
-                    self.flush_isolating(second, span, results).await;
-                }
-                Err(error) => {
-                    warn!(parent: span, %error, sessions = writes.len(), "flush failed");
-                    results.extend(writes.iter().map(|_| Err(error.clone())));
-                }
-            }
-        })
+        Box::pin(self.flush_isolating(writes, span, results))
     }
 
     /// Flushes `writes` in one transaction, again after a transient failure, a few times.
